@@ -1,0 +1,96 @@
+# moonlit — one binary, build/moonlit.  `make help` lists the targets.
+#
+# Lua 5.4, utf8proc, jansson, OpenBLAS and readline are linked statically so
+# the binary runs on machines without Debian's packages (the GPU machine).
+# CUDA objects are built when nvcc is found (make CUDA=0 to skip).
+
+CC      ?= cc
+NVCC    ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
+LIBDIR  := /usr/lib/x86_64-linux-gnu
+BUILD   ?= build
+SANITIZE ?=
+OPT     ?= -O2
+
+ifeq ($(NVCC),)
+CUDA ?= 0
+else
+CUDA ?= 1
+endif
+
+CFLAGS  := -std=c11 -D_GNU_SOURCE $(OPT) -g -Wall -Wextra -Wno-unused-parameter \
+           -Wno-missing-field-initializers -fno-strict-aliasing -pthread \
+           -I. -Ihost -Ikernels -I/usr/include/lua5.4 -I/usr/include/stb
+LDLIBS  := $(LIBDIR)/liblua5.4.a $(LIBDIR)/libutf8proc.a $(LIBDIR)/libjansson.a \
+           $(LIBDIR)/libreadline.a $(LIBDIR)/libtinfo.a \
+           $(LIBDIR)/libopenblas.a $(shell $(CC) -print-file-name=libgfortran.a) \
+           $(shell $(CC) -print-file-name=libquadmath.a) -lm -ldl -lpthread
+
+ifneq ($(SANITIZE),)
+CFLAGS  += -fsanitize=$(SANITIZE) -fno-omit-frame-pointer -O1
+LDFLAGS += -fsanitize=$(SANITIZE)
+BUILD   := build-$(SANITIZE)
+CUDA    := 0
+endif
+
+HOST_SRC   := $(wildcard host/*.c)
+BIND_SRC   := $(wildcard bindings/*.c)
+KCPU_SRC   := $(wildcard kernels/cpu/*.c)
+KCUDA_SRC  := $(wildcard kernels/cuda/*.cu)
+
+OBJS := $(patsubst %.c,$(BUILD)/%.o,$(HOST_SRC) $(BIND_SRC) $(KCPU_SRC))
+
+ifeq ($(CUDA),1)
+CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(NVCC))
+CFLAGS  += -DML_WITH_CUDA -I$(CUDA_HOME)/include
+NVFLAGS := -arch=sm_90 -O3 -std=c++17 -Xcompiler -fPIC -DML_WITH_CUDA -I. -Ihost -Ikernels
+OBJS    += $(patsubst %.cu,$(BUILD)/%.o,$(KCUDA_SRC))
+LDLIBS  += -L$(CUDA_HOME)/lib64 -lcudart -lcublas -lcublasLt -lcudnn -lnccl -lstdc++
+CUDA_MSG := ✓ CUDA ($(NVCC))
+else
+CUDA_MSG := ✗ CUDA (nvcc not found or CUDA=0): CPU only
+endif
+
+.PHONY: all deps run test test-c test-lua clean help fixtures
+all: $(BUILD)/moonlit
+
+$(BUILD)/moonlit: $(OBJS)
+	@echo "moonlit: $(CUDA_MSG); ✓ Lua 5.4 ✓ utf8proc ✓ jansson ✓ OpenBLAS (static)"
+	$(CC) $(LDFLAGS) -o $@ $(OBJS) $(LDLIBS)
+
+$(BUILD)/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -MMD -MP -c $< -o $@
+
+$(BUILD)/%.o: %.cu
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVFLAGS) -MMD -MP -c $< -o $@
+
+-include $(OBJS:.o=.d)
+
+# C unit tests: each tests/c/test_*.c is a program linked with the library objects.
+LIB_OBJS := $(filter-out $(BUILD)/host/main.o,$(OBJS))
+C_TESTS  := $(patsubst tests/c/%.c,$(BUILD)/tests/%,$(wildcard tests/c/test_*.c))
+$(BUILD)/tests/%: tests/c/%.c $(LIB_OBJS)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -Itests/c -o $@ $< $(LIB_OBJS) $(LDFLAGS) $(LDLIBS)
+
+deps:
+	@scripts/install_deps.sh
+
+fixtures:
+	@scripts/fetch_clip_vocab.sh
+
+run: deps all fixtures
+	$(BUILD)/moonlit examples/train_mlp.lua
+
+test: deps all fixtures $(C_TESTS)
+	@BUILD=$(BUILD) tests/run_all.sh
+
+clean:
+	rm -rf build build-*
+
+help:
+	@echo "make            build build/moonlit (CUDA=0 for CPU only)"
+	@echo "make run        run the embedded default job (examples/train_mlp.lua)"
+	@echo "make test       C + Lua tests; last line 'N passed, N failed'"
+	@echo "make test SANITIZE=address   the same under AddressSanitizer"

@@ -1,0 +1,21 @@
+/* lua_module.c — `require "moonlit.core"`: one table holding every binding
+ * part (tensor, ops, autograd, io, tokenizer, image, cuda). */
+#include "mlua.h"
+
+int luaopen_moonlit_core(lua_State *L) {
+    lua_newtable(L);
+    mlua_open_tensor(L);
+    mlua_open_ops(L);
+    mlua_open_autograd(L);
+    mlua_open_io(L);
+    mlua_open_tokenizer(L);
+    mlua_open_image(L);
+    mlua_open_cuda(L);
+#ifdef ML_WITH_CUDA
+    lua_pushboolean(L, 1);
+#else
+    lua_pushboolean(L, 0);
+#endif
+    lua_setfield(L, -2, "built_with_cuda");
+    return 1;
+}

@@ -1,0 +1,452 @@
+/* lua_ops.c — Lua bindings of host/ops.h: argument checks, 1-based dims,
+ * numbers accepted where a tensor operand is expected.  The Lua library
+ * (lua/moonlit/init.lua) arranges these into ml.F.* and tensor methods. */
+#include "mlua.h"
+#include "ops.h"
+#include "op_registry.h"
+#include <math.h>
+#include <string.h>
+
+/* ---- elementwise -------------------------------------------------------- */
+
+/* a op b where either side may be a Lua number. */
+static int binary_impl(lua_State *L, ml_binop op) {
+    bool an = lua_type(L, 1) == LUA_TNUMBER, bn = lua_type(L, 2) == LUA_TNUMBER;
+    if (an && bn) return luaL_error(L, "expected at least one tensor operand");
+    if (bn && (op == ML_ADD || op == ML_SUB || op == ML_MUL || op == ML_DIV || op == ML_POW)) {
+        ml_tensor *a = mlua_check_tensor(L, 1);
+        double s = lua_tonumber(L, 2);
+        if (op == ML_ADD) return mlua_push_tensor(L, ml_add_scalar(a, s));
+        if (op == ML_SUB) return mlua_push_tensor(L, ml_add_scalar(a, -s));
+        if (op == ML_MUL) return mlua_push_tensor(L, ml_mul_scalar(a, s));
+        if (op == ML_DIV) return mlua_push_tensor(L, ml_mul_scalar(a, 1.0 / s));
+        return mlua_push_tensor(L, ml_pow_scalar(a, s));
+    }
+    if (an && (op == ML_ADD || op == ML_MUL || op == ML_SUB || op == ML_DIV)) {
+        ml_tensor *b = mlua_check_tensor(L, 2);
+        double s = lua_tonumber(L, 1);
+        if (op == ML_ADD) return mlua_push_tensor(L, ml_add_scalar(b, s));
+        if (op == ML_MUL) return mlua_push_tensor(L, ml_mul_scalar(b, s));
+        if (op == ML_SUB) return mlua_push_tensor(L, ml_rsub_scalar(b, s));
+        return mlua_push_tensor(L, ml_rdiv_scalar(b, s));
+    }
+    ml_tensor *like = an ? mlua_check_tensor(L, 2) : mlua_check_tensor(L, 1);
+    ml_tensor *a = mlua_tensor_or_scalar(L, 1, like);
+    ml_tensor *b = mlua_tensor_or_scalar(L, 2, like);
+    ml_tensor *r = ml_binary(op, a, b);
+    ml_release(a);
+    ml_release(b);
+    return mlua_push_tensor(L, r);
+}
+
+static int l_binary(lua_State *L) { return binary_impl(L, (ml_binop)lua_tointeger(L, lua_upvalueindex(1))); }
+
+static int l_unary(lua_State *L) {
+    ml_tensor *x = mlua_check_tensor(L, 1);
+    return mlua_push_tensor(L, ml_unary((ml_unop)lua_tointeger(L, lua_upvalueindex(1)), x));
+}
+
+static int l_clamp(lua_State *L) {
+    ml_tensor *x = mlua_check_tensor(L, 1);
+    double lo = luaL_optnumber(L, 2, -INFINITY), hi = luaL_optnumber(L, 3, INFINITY);
+    return mlua_push_tensor(L, ml_clamp(x, lo, hi));
+}
+
+static int l_where(lua_State *L) {
+    ml_tensor *c = mlua_check_tensor(L, 1);
+    ml_tensor *like = lua_type(L, 2) == LUA_TNUMBER ? mlua_check_tensor(L, 3) : mlua_check_tensor(L, 2);
+    ml_tensor *a = mlua_tensor_or_scalar(L, 2, like), *b = mlua_tensor_or_scalar(L, 3, like);
+    ml_tensor *r = ml_where(c, a, b);
+    ml_release(a);
+    ml_release(b);
+    return mlua_push_tensor(L, r);
+}
+
+/* ---- in-place ----------------------------------------------------------- */
+
+static int l_add_(lua_State *L) {
+    ml_tensor *d = mlua_check_tensor(L, 1);
+    int rc;
+    if (lua_type(L, 2) == LUA_TNUMBER) rc = ml_add_scalar_(d, lua_tonumber(L, 2));
+    else rc = ml_add_(d, mlua_check_tensor(L, 2), luaL_optnumber(L, 3, 1.0));
+    if (rc < 0) return mlua_error(L, "add_");
+    lua_settop(L, 1);
+    return 1;
+}
+
+static int l_sub_(lua_State *L) {
+    ml_tensor *d = mlua_check_tensor(L, 1);
+    int rc;
+    if (lua_type(L, 2) == LUA_TNUMBER) rc = ml_add_scalar_(d, -lua_tonumber(L, 2));
+    else rc = ml_add_(d, mlua_check_tensor(L, 2), -luaL_optnumber(L, 3, 1.0));
+    if (rc < 0) return mlua_error(L, "sub_");
+    lua_settop(L, 1);
+    return 1;
+}
+
+static int l_mul_(lua_State *L) {
+    ml_tensor *d = mlua_check_tensor(L, 1);
+    int rc = lua_type(L, 2) == LUA_TNUMBER ? ml_mul_scalar_(d, lua_tonumber(L, 2))
+                                           : ml_mul_(d, mlua_check_tensor(L, 2));
+    if (rc < 0) return mlua_error(L, "mul_");
+    lua_settop(L, 1);
+    return 1;
+}
+
+static int l_div_(lua_State *L) {
+    ml_tensor *d = mlua_check_tensor(L, 1);
+    double s = luaL_checknumber(L, 2);
+    if (ml_mul_scalar_(d, 1.0 / s) < 0) return mlua_error(L, "div_");
+    lua_settop(L, 1);
+    return 1;
+}
+
+static int l_clamp_(lua_State *L) {
+    ml_tensor *d = mlua_check_tensor(L, 1);
+    if (ml_clamp_(d, luaL_optnumber(L, 2, -INFINITY), luaL_optnumber(L, 3, INFINITY)) < 0)
+        return mlua_error(L, "clamp_");
+    lua_settop(L, 1);
+    return 1;
+}
+
+/* adamw_step_(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step) */
+static int l_adamw_step_(lua_State *L) {
+    ml_tensor *p = mlua_check_tensor(L, 1), *g = mlua_check_tensor(L, 2);
+    ml_tensor *m = mlua_check_tensor(L, 3), *v = mlua_check_tensor(L, 4);
+    int rc = ml_adamw_step_(p, g, m, v, luaL_checknumber(L, 5), luaL_checknumber(L, 6), luaL_checknumber(L, 7),
+                            luaL_checknumber(L, 8), luaL_checknumber(L, 9), luaL_checkinteger(L, 10));
+    if (rc < 0) return mlua_error(L, "adamw_step_");
+    return 0;
+}
+
+/* ---- reductions --------------------------------------------------------- */
+
+/* dims argument: nil (all), a number, or a table of numbers (1-based). */
+static int check_dims(lua_State *L, int idx, int ndim, int *dims) {
+    if (lua_isnoneornil(L, idx)) return 0;
+    if (lua_type(L, idx) == LUA_TNUMBER) { dims[0] = mlua_check_dim(L, idx, ndim); return 1; }
+    luaL_checktype(L, idx, LUA_TTABLE);
+    int n = (int)luaL_len(L, idx);
+    if (n > ML_MAX_DIMS) luaL_argerror(L, idx, "too many dims");
+    for (int i = 0; i < n; i++) {
+        lua_geti(L, idx, i + 1);
+        dims[i] = mlua_check_dim(L, lua_gettop(L), ndim);
+        lua_pop(L, 1);
+    }
+    return n;
+}
+
+static int l_sum(lua_State *L) {
+    ml_tensor *x = mlua_check_tensor(L, 1);
+    int dims[ML_MAX_DIMS], n = check_dims(L, 2, x->ndim, dims);
+    return mlua_push_tensor(L, ml_sum(x, n, dims, lua_toboolean(L, 3)));
+}
+
+static int l_mean(lua_State *L) {
+    ml_tensor *x = mlua_check_tensor(L, 1);
+    int dims[ML_MAX_DIMS], n = check_dims(L, 2, x->ndim, dims);
+    return mlua_push_tensor(L, ml_mean(x, n, dims, lua_toboolean(L, 3)));
+}
+
+/* var(x, dims, {correction = 1, keepdim = false}) */
+static int l_var(lua_State *L) {
+    ml_tensor *x = mlua_check_tensor(L, 1);
+    int dims[ML_MAX_DIMS], n = check_dims(L, 2, x->ndim, dims);
+    int opts = lua_istable(L, 3) ? 3 : 0;
+    int corr = (int)mlua_opt_field_number(L, opts, "correction", 1);
+    bool keep = mlua_opt_field_bool(L, opts, "keepdim", 0);
+    return mlua_push_tensor(L, ml_var(x, n, dims, corr, keep));
+}
+
+/* max(x) -> value; max(x, dim, keepdim) -> values, indices (1-based) */
+static int l_max(lua_State *L) {
+    ml_tensor *x = mlua_check_tensor(L, 1);
+    bool keep = lua_toboolean(L, 3);
+    if (lua_isnoneornil(L, 2)) {
+        int64_t n = ml_numel(x);
+        ml_tensor *flat = ml_view(x, 1, &n);
+        if (!flat) return mlua_error(L, "max");
+        ml_tensor *r = ml_max(flat, 0, false);
+        ml_release(flat);
+        return mlua_push_tensor(L, r);
+    }
+    int d = mlua_check_dim(L, 2, x->ndim);
+    mlua_push_tensor(L, ml_max(x, d, keep));
+    ml_tensor *idx = ml_argmax(x, d, keep);
+    if (!idx) return mlua_error(L, "max");
+    ml_tensor *one = ml_add_scalar(idx, 1);
+    ml_release(idx);
+    mlua_push_tensor(L, one);
+    return 2;
+}
+
+static int l_argmax(lua_State *L) {
+    ml_tensor *x = mlua_check_tensor(L, 1);
+    int d = mlua_check_dim(L, 2, x->ndim);
+    ml_tensor *idx = ml_argmax(x, d, lua_toboolean(L, 3));
+    if (!idx) return mlua_error(L, "argmax");
+    ml_tensor *one = ml_add_scalar(idx, 1);   /* 1-based like every Lua index */
+    ml_release(idx);
+    return mlua_push_tensor(L, one);
+}
+
+/* norm(x, p = 2, dims = all, keepdim = false) */
+static int l_norm(lua_State *L) {
+    ml_tensor *x = mlua_check_tensor(L, 1);
+    double p = luaL_optnumber(L, 2, 2.0);
+    int dims[ML_MAX_DIMS], n = check_dims(L, 3, x->ndim, dims);
+    return mlua_push_tensor(L, ml_norm(x, p, n, dims, lua_toboolean(L, 4)));
+}
+
+/* ---- linear algebra and nn ---------------------------------------------- */
+
+static int l_matmul(lua_State *L) { return mlua_push_tensor(L, ml_matmul(mlua_check_tensor(L, 1), mlua_check_tensor(L, 2))); }
+
+static int l_linear(lua_State *L) {
+    return mlua_push_tensor(L, ml_linear(mlua_check_tensor(L, 1), mlua_check_tensor(L, 2), mlua_opt_tensor(L, 3)));
+}
+
+/* A pair option: a number n -> (n, n); a table {a, b}. */
+static void pair_opt(lua_State *L, int opts, const char *key, int def, int *a, int *b) {
+    *a = *b = def;
+    if (!opts) return;
+    lua_getfield(L, opts, key);
+    if (lua_type(L, -1) == LUA_TNUMBER) *a = *b = (int)lua_tointeger(L, -1);
+    else if (lua_istable(L, -1)) {
+        lua_geti(L, -1, 1); *a = (int)lua_tointeger(L, -1); lua_pop(L, 1);
+        lua_geti(L, -1, 2); *b = (int)lua_tointeger(L, -1); lua_pop(L, 1);
+    } else if (!lua_isnil(L, -1)) luaL_error(L, "option '%s' must be a number or {h, w}", key);
+    lua_pop(L, 1);
+}
+
+/* conv2d(x, w, b, {stride = 1, padding = 0}) — NHWC input, [O,kh,kw,I] weight */
+static int l_conv2d(lua_State *L) {
+    ml_tensor *x = mlua_check_tensor(L, 1), *w = mlua_check_tensor(L, 2), *b = mlua_opt_tensor(L, 3);
+    int opts = lua_istable(L, 4) ? 4 : 0;
+    int sh, sw, ph, pw;
+    pair_opt(L, opts, "stride", 1, &sh, &sw);
+    pair_opt(L, opts, "padding", 0, &ph, &pw);
+    return mlua_push_tensor(L, ml_conv2d(x, w, b, sh, sw, ph, pw));
+}
+
+/* group_norm(x, groups, weight, bias, eps = 1e-5, silu = false) */
+static int l_group_norm(lua_State *L) {
+    ml_tensor *x = mlua_check_tensor(L, 1);
+    int g = (int)luaL_checkinteger(L, 2);
+    return mlua_push_tensor(L, ml_group_norm(x, g, mlua_opt_tensor(L, 3), mlua_opt_tensor(L, 4),
+                                             luaL_optnumber(L, 5, 1e-5), lua_toboolean(L, 6)));
+}
+
+static int l_layer_norm(lua_State *L) {
+    ml_tensor *x = mlua_check_tensor(L, 1);
+    return mlua_push_tensor(L, ml_layer_norm(x, mlua_opt_tensor(L, 2), mlua_opt_tensor(L, 3), luaL_optnumber(L, 4, 1e-5)));
+}
+
+static int l_softmax(lua_State *L) {
+    ml_tensor *x = mlua_check_tensor(L, 1);
+    int d = lua_isnoneornil(L, 2) ? x->ndim - 1 : mlua_check_dim(L, 2, x->ndim);
+    return mlua_push_tensor(L, ml_softmax(x, d));
+}
+
+static int l_log_softmax(lua_State *L) {
+    ml_tensor *x = mlua_check_tensor(L, 1);
+    int d = lua_isnoneornil(L, 2) ? x->ndim - 1 : mlua_check_dim(L, 2, x->ndim);
+    return mlua_push_tensor(L, ml_log_softmax(x, d));
+}
+
+/* sdpa(q, k, v, {causal = false, scale = 1/sqrt(D)}) with BSHD tensors */
+static int l_sdpa(lua_State *L) {
+    ml_tensor *q = mlua_check_tensor(L, 1), *k = mlua_check_tensor(L, 2), *v = mlua_check_tensor(L, 3);
+    int opts = lua_istable(L, 4) ? 4 : 0;
+    return mlua_push_tensor(L, ml_sdpa(q, k, v, mlua_opt_field_bool(L, opts, "causal", 0),
+                                       mlua_opt_field_number(L, opts, "scale", 0)));
+}
+
+static int l_embedding(lua_State *L) {
+    return mlua_push_tensor(L, ml_embedding(mlua_check_tensor(L, 1), mlua_check_tensor(L, 2)));
+}
+
+/* cat({t1, t2, ...}, dim) / stack(...) */
+static int list_op(lua_State *L, bool stack) {
+    luaL_checktype(L, 1, LUA_TTABLE);
+    int n = (int)luaL_len(L, 1);
+    if (n == 0) return luaL_argerror(L, 1, "expected a non-empty list of tensors");
+    ml_tensor **ts = lua_newuserdatauv(L, n * sizeof *ts, 0);
+    for (int i = 0; i < n; i++) {
+        lua_geti(L, 1, i + 1);
+        ts[i] = mlua_check_tensor(L, -1);
+        lua_pop(L, 1);   /* the list keeps it alive */
+    }
+    int nd = ts[0]->ndim + (stack ? 1 : 0);
+    int d = lua_isnoneornil(L, 2) ? 0 : mlua_check_dim(L, 2, nd);
+    return mlua_push_tensor(L, stack ? ml_stack(n, ts, d) : ml_cat(n, ts, d));
+}
+static int l_cat(lua_State *L) { return list_op(L, false); }
+static int l_stack(lua_State *L) { return list_op(L, true); }
+
+/* gather/index_select take 1-based indices, as every Lua index is. */
+static ml_tensor *zero_based(lua_State *L, int idx) {
+    ml_tensor *i = mlua_check_tensor(L, idx);
+    ml_tensor *z = ml_add_scalar(i, -1);
+    if (!z) mlua_error(L, NULL);
+    return z;
+}
+
+static int l_gather(lua_State *L) {
+    ml_tensor *x = mlua_check_tensor(L, 1);
+    int d = mlua_check_dim(L, 2, x->ndim);
+    ml_tensor *i = zero_based(L, 3);
+    ml_tensor *r = ml_gather(x, d, i);
+    ml_release(i);
+    return mlua_push_tensor(L, r);
+}
+
+static int l_index_select(lua_State *L) {
+    ml_tensor *x = mlua_check_tensor(L, 1);
+    int d = mlua_check_dim(L, 2, x->ndim);
+    ml_tensor *i = zero_based(L, 3);
+    ml_tensor *r = ml_index_select(x, d, i);
+    ml_release(i);
+    return mlua_push_tensor(L, r);
+}
+
+static int l_upsample_nearest2d(lua_State *L) {
+    return mlua_push_tensor(L, ml_upsample_nearest2d(mlua_check_tensor(L, 1), (int)luaL_optinteger(L, 2, 2)));
+}
+
+static int l_mse_loss(lua_State *L) {
+    ml_tensor *a = mlua_check_tensor(L, 1), *b = mlua_check_tensor(L, 2);
+    const char *r = luaL_optstring(L, 3, "mean");
+    ml_reduction red = strcmp(r, "mean") == 0 ? ML_REDUCE_MEAN : strcmp(r, "sum") == 0 ? ML_REDUCE_SUM
+                     : strcmp(r, "none") == 0 ? ML_REDUCE_NONE : (ml_reduction)-1;
+    if ((int)red < 0) return luaL_argerror(L, 3, "reduction must be 'mean', 'sum' or 'none'");
+    return mlua_push_tensor(L, ml_mse_loss(a, b, red));
+}
+
+static int l_dropout(lua_State *L) {
+    ml_tensor *x = mlua_check_tensor(L, 1);
+    double p = luaL_optnumber(L, 2, 0.5);
+    if (p < 0 || p > 1) return luaL_argerror(L, 2, "dropout probability must be in [0, 1]");
+    bool train = lua_isnone(L, 3) ? true : lua_toboolean(L, 3);
+    return mlua_push_tensor(L, ml_dropout(x, p, train, NULL));
+}
+
+/* ---- random ------------------------------------------------------------- */
+
+static int random_impl(lua_State *L, int kind) {
+    int64_t shape[ML_MAX_DIMS];
+    int first = 1;
+    int64_t lo = 0, hi = 0;
+    if (kind == 2) {                    /* randint(low, high, shape, opts) */
+        lo = luaL_checkinteger(L, 1);
+        hi = luaL_checkinteger(L, 2);
+        if (hi <= lo) return luaL_error(L, "randint: high (%d) must be greater than low (%d)", (int)hi, (int)lo);
+        first = 3;
+    }
+    int n = mlua_check_shape(L, first, shape);
+    int next = lua_istable(L, first) ? first + 1 : first + n;
+    int opts = lua_istable(L, next) ? next : 0;
+    ml_device dev = mlua_opt_device(L, opts, ml_cpu());
+    if (kind == 2) return mlua_push_tensor(L, ml_randint(lo, hi, n, shape, mlua_opt_dtype(L, opts, ML_I64), dev, NULL));
+    ml_dtype dt = mlua_opt_dtype(L, opts, ML_F32);
+    ml_tensor *t = kind == 0 ? ml_randn(n, shape, dt, dev, NULL) : ml_rand(n, shape, dt, dev, NULL);
+    if (t && mlua_opt_field_bool(L, opts, "requires_grad", 0)) t->requires_grad = true;
+    return mlua_push_tensor(L, t);
+}
+static int l_randn(lua_State *L) { return random_impl(L, 0); }
+static int l_rand(lua_State *L) { return random_impl(L, 1); }
+static int l_randint(lua_State *L) { return random_impl(L, 2); }
+
+static int l_normal_(lua_State *L) {
+    ml_tensor *t = mlua_check_tensor(L, 1);
+    if (ml_normal_(t, luaL_optnumber(L, 2, 0), luaL_optnumber(L, 3, 1), NULL) < 0) return mlua_error(L, "normal_");
+    lua_settop(L, 1);
+    return 1;
+}
+
+static int l_uniform_(lua_State *L) {
+    ml_tensor *t = mlua_check_tensor(L, 1);
+    if (ml_uniform_(t, luaL_optnumber(L, 2, 0), luaL_optnumber(L, 3, 1), NULL) < 0) return mlua_error(L, "uniform_");
+    lua_settop(L, 1);
+    return 1;
+}
+
+static int l_manual_seed(lua_State *L) {
+    ml_manual_seed((uint64_t)luaL_checkinteger(L, 1));
+    return 0;
+}
+
+/* get_rng_state() -> seed, offset; set_rng_state(seed, offset): for resume. */
+static int l_get_rng_state(lua_State *L) {
+    ml_generator *g = ml_default_generator();
+    lua_pushinteger(L, (lua_Integer)g->seed);
+    lua_pushinteger(L, (lua_Integer)g->offset);
+    return 2;
+}
+
+static int l_set_rng_state(lua_State *L) {
+    ml_generator *g = ml_default_generator();
+    g->seed = (uint64_t)luaL_checkinteger(L, 1);
+    g->offset = (uint64_t)luaL_checkinteger(L, 2);
+    return 0;
+}
+
+/* ---- registry ----------------------------------------------------------- */
+
+static int l_op_registry(lua_State *L) {
+    lua_newtable(L);
+    int i = 0;
+#define PUSH_OP(name, diff, cuda)                                   \
+    lua_createtable(L, 0, 3);                                       \
+    lua_pushstring(L, #name); lua_setfield(L, -2, "name");          \
+    lua_pushboolean(L, diff); lua_setfield(L, -2, "differentiable");\
+    lua_pushboolean(L, cuda); lua_setfield(L, -2, "cuda");          \
+    lua_rawseti(L, -2, ++i);
+    ML_OP_LIST(PUSH_OP)
+#undef PUSH_OP
+    return 1;
+}
+
+static const struct { const char *name; int op; } binops[] = {
+    {"add", ML_ADD}, {"sub", ML_SUB}, {"mul", ML_MUL}, {"div", ML_DIV}, {"pow", ML_POW},
+    {"maximum", ML_MAXIMUM}, {"minimum", ML_MINIMUM}, {"eq", ML_EQ}, {"ne", ML_NE},
+    {"lt", ML_LT}, {"le", ML_LE}, {"gt", ML_GT}, {"ge", ML_GE},
+};
+
+static const struct { const char *name; int op; } unops[] = {
+    {"neg", ML_NEG}, {"sqrt", ML_SQRT}, {"rsqrt", ML_RSQRT}, {"exp", ML_EXP}, {"log", ML_LOG},
+    {"abs", ML_ABS}, {"sin", ML_SIN}, {"cos", ML_COS}, {"silu", ML_SILU}, {"gelu", ML_GELU},
+    {"gelu_tanh", ML_GELU_TANH}, {"quick_gelu", ML_QUICK_GELU}, {"sigmoid", ML_SIGMOID},
+    {"tanh", ML_TANH}, {"relu", ML_RELU}, {"square", ML_SQUARE}, {"round", ML_ROUND},
+    {"floor", ML_FLOOR}, {"sign", ML_SIGN},
+};
+
+static const luaL_Reg funcs[] = {
+    {"clamp", l_clamp}, {"where", l_where},
+    {"add_", l_add_}, {"sub_", l_sub_}, {"mul_", l_mul_}, {"div_", l_div_}, {"clamp_", l_clamp_},
+    {"adamw_step_", l_adamw_step_},
+    {"sum", l_sum}, {"mean", l_mean}, {"var", l_var}, {"max", l_max}, {"argmax", l_argmax}, {"norm", l_norm},
+    {"matmul", l_matmul}, {"linear", l_linear}, {"conv2d", l_conv2d}, {"group_norm", l_group_norm},
+    {"layer_norm", l_layer_norm}, {"softmax", l_softmax}, {"log_softmax", l_log_softmax},
+    {"scaled_dot_product_attention", l_sdpa}, {"embedding", l_embedding}, {"cat", l_cat},
+    {"stack", l_stack}, {"gather", l_gather}, {"index_select", l_index_select},
+    {"upsample_nearest2d", l_upsample_nearest2d}, {"mse_loss", l_mse_loss}, {"dropout", l_dropout},
+    {"randn", l_randn}, {"rand", l_rand}, {"randint", l_randint}, {"normal_", l_normal_},
+    {"uniform_", l_uniform_}, {"manual_seed", l_manual_seed}, {"get_rng_state", l_get_rng_state},
+    {"set_rng_state", l_set_rng_state}, {"op_registry", l_op_registry},
+    {NULL, NULL},
+};
+
+void mlua_open_ops(lua_State *L) {
+    for (size_t i = 0; i < sizeof binops / sizeof binops[0]; i++) {
+        lua_pushinteger(L, binops[i].op);
+        lua_pushcclosure(L, l_binary, 1);
+        lua_setfield(L, -2, binops[i].name);
+    }
+    for (size_t i = 0; i < sizeof unops / sizeof unops[0]; i++) {
+        lua_pushinteger(L, unops[i].op);
+        lua_pushcclosure(L, l_unary, 1);
+        lua_setfield(L, -2, unops[i].name);
+    }
+    luaL_setfuncs(L, funcs, 0);
+}

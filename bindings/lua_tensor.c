@@ -1,0 +1,622 @@
+/* lua_tensor.c — the Tensor userdata: lifetime, fields, views, conversions,
+ * construction from Lua tables, and the helpers every binding file shares
+ * (declared in mlua.h).  Lua-facing dims and indices are 1-based. */
+#include "mlua.h"
+#include "autograd.h"
+#include "ops.h"
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ---- shared helpers ----------------------------------------------------- */
+
+int mlua_error(lua_State *L, const char *op) {
+    const char *msg = ml_last_error();
+    if (!msg[0]) msg = "unknown error";
+    if (op) return luaL_error(L, "%s: %s", op, msg);
+    return luaL_error(L, "%s", msg);
+}
+
+int mlua_push_tensor(lua_State *L, ml_tensor *t) {
+    if (!t) return mlua_error(L, NULL);
+    mlua_tensor_box *b = lua_newuserdatauv(L, sizeof *b, 1);
+    b->t = t;
+    luaL_setmetatable(L, MLUA_TENSOR);
+    return 1;
+}
+
+ml_tensor *mlua_check_tensor(lua_State *L, int idx) {
+    mlua_tensor_box *b = luaL_testudata(L, idx, MLUA_TENSOR);
+    if (!b) {
+        const char *got = luaL_typename(L, idx);
+        luaL_argerror(L, idx, lua_pushfstring(L, "tensor expected, got %s", got));
+    }
+    if (!b->t) luaL_argerror(L, idx, "attempt to use a freed tensor");
+    return b->t;
+}
+
+ml_tensor *mlua_opt_tensor(lua_State *L, int idx) {
+    if (lua_isnoneornil(L, idx)) return NULL;
+    return mlua_check_tensor(L, idx);
+}
+
+ml_tensor *mlua_tensor_or_scalar(lua_State *L, int idx, const ml_tensor *like) {
+    if (lua_type(L, idx) == LUA_TNUMBER) {
+        ml_dtype dt = like ? like->dtype : ML_F32;
+        if (lua_isinteger(L, idx) && like && !ml_dtype_is_float(like->dtype)) dt = like->dtype;
+        else if (like && !ml_dtype_is_float(like->dtype)) dt = ML_F32;
+        ml_tensor *s = ml_scalar(lua_tonumber(L, idx), dt, like ? like->device : ml_cpu());
+        if (!s) mlua_error(L, NULL);
+        return s;
+    }
+    return ml_retain(mlua_check_tensor(L, idx));
+}
+
+int mlua_check_dim(lua_State *L, int idx, int ndim) {
+    lua_Integer d = luaL_checkinteger(L, idx);
+    int n = ndim > 0 ? ndim : 1;
+    if (d == 0 || d > n || d < -n)
+        luaL_argerror(L, idx, lua_pushfstring(L, "dimension %d out of range (tensor has %d dims; dims are 1-based, -1 is the last)",
+                                              (int)d, ndim));
+    return d > 0 ? (int)d - 1 : (int)(d + n);
+}
+
+int mlua_check_shape(lua_State *L, int idx, int64_t *shape) {
+    int n = 0;
+    if (lua_istable(L, idx)) {
+        n = (int)luaL_len(L, idx);
+        if (n > ML_MAX_DIMS) luaL_argerror(L, idx, "too many dimensions (at most 8)");
+        for (int i = 0; i < n; i++) {
+            lua_geti(L, idx, i + 1);
+            if (!lua_isinteger(L, -1)) {
+                lua_Number v = lua_tonumber(L, -1);
+                if (!lua_isnumber(L, -1) || v != floor(v))
+                    luaL_argerror(L, idx, "shape entries must be integers");
+                shape[i] = (int64_t)v;
+            } else shape[i] = lua_tointeger(L, -1);
+            lua_pop(L, 1);
+        }
+        return n;
+    }
+    int top = lua_gettop(L);
+    for (int i = idx; i <= top && lua_type(L, i) == LUA_TNUMBER; i++) {
+        if (n >= ML_MAX_DIMS) luaL_argerror(L, i, "too many dimensions (at most 8)");
+        shape[n++] = luaL_checkinteger(L, i);
+    }
+    return n;
+}
+
+static int opt_field(lua_State *L, int idx, const char *key) {
+    if (idx == 0 || !lua_istable(L, idx)) return 0;
+    lua_getfield(L, idx, key);
+    if (lua_isnil(L, -1)) { lua_pop(L, 1); return 0; }
+    return 1;
+}
+
+const char *mlua_opt_field_string(lua_State *L, int idx, const char *key, const char *def) {
+    if (!opt_field(L, idx, key)) return def;
+    if (!lua_isstring(L, -1)) luaL_error(L, "option '%s' must be a string", key);
+    const char *s = lua_tostring(L, -1);
+    lua_pop(L, 1);   /* the options table keeps the string alive */
+    return s;
+}
+
+double mlua_opt_field_number(lua_State *L, int idx, const char *key, double def) {
+    if (!opt_field(L, idx, key)) return def;
+    if (!lua_isnumber(L, -1)) luaL_error(L, "option '%s' must be a number", key);
+    double v = lua_tonumber(L, -1);
+    lua_pop(L, 1);
+    return v;
+}
+
+int mlua_opt_field_bool(lua_State *L, int idx, const char *key, int def) {
+    if (!opt_field(L, idx, key)) return def;
+    int v = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    return v;
+}
+
+ml_dtype mlua_opt_dtype(lua_State *L, int idx, ml_dtype def) {
+    const char *s = mlua_opt_field_string(L, idx, "dtype", NULL);
+    if (!s) return def;
+    int d = ml_dtype_parse(s);
+    if (d < 0) luaL_error(L, "unknown dtype '%s' (expected f32, f64, f16, bf16, i32, i64, u8 or bool)", s);
+    return (ml_dtype)d;
+}
+
+ml_device mlua_opt_device(lua_State *L, int idx, ml_device def) {
+    const char *s = mlua_opt_field_string(L, idx, "device", NULL);
+    if (!s) return def;
+    ml_device d;
+    if (ml_device_parse(s, &d) < 0) mlua_error(L, NULL);
+    return d;
+}
+
+/* ---- lifetime ----------------------------------------------------------- */
+
+static int t_free(lua_State *L) {
+    mlua_tensor_box *b = luaL_checkudata(L, 1, MLUA_TENSOR);
+    if (b->t) { ml_release(b->t); b->t = NULL; }
+    return 0;
+}
+
+static int t_is_freed(lua_State *L) {
+    mlua_tensor_box *b = luaL_checkudata(L, 1, MLUA_TENSOR);
+    lua_pushboolean(L, b->t == NULL);
+    return 1;
+}
+
+static int t_tostring(lua_State *L) {
+    mlua_tensor_box *b = luaL_checkudata(L, 1, MLUA_TENSOR);
+    if (!b->t) { lua_pushliteral(L, "tensor(<freed>)"); return 1; }
+    char *s = ml_tensor_repr(b->t);
+    if (!s) return mlua_error(L, "tostring");
+    lua_pushstring(L, s);
+    free(s);
+    return 1;
+}
+
+/* ---- queries ------------------------------------------------------------ */
+
+static int t_size(lua_State *L) {
+    ml_tensor *t = mlua_check_tensor(L, 1);
+    if (lua_isnoneornil(L, 2)) {
+        lua_createtable(L, t->ndim, 0);
+        for (int i = 0; i < t->ndim; i++) { lua_pushinteger(L, t->shape[i]); lua_rawseti(L, -2, i + 1); }
+        return 1;
+    }
+    int d = mlua_check_dim(L, 2, t->ndim);
+    lua_pushinteger(L, t->ndim ? t->shape[d] : 1);
+    return 1;
+}
+
+static int t_stride(lua_State *L) {
+    ml_tensor *t = mlua_check_tensor(L, 1);
+    if (lua_isnoneornil(L, 2)) {
+        lua_createtable(L, t->ndim, 0);
+        for (int i = 0; i < t->ndim; i++) { lua_pushinteger(L, t->strides[i]); lua_rawseti(L, -2, i + 1); }
+        return 1;
+    }
+    int d = mlua_check_dim(L, 2, t->ndim);
+    lua_pushinteger(L, t->strides[d]);
+    return 1;
+}
+
+static int t_dim(lua_State *L) { lua_pushinteger(L, mlua_check_tensor(L, 1)->ndim); return 1; }
+static int t_numel(lua_State *L) { lua_pushinteger(L, ml_numel(mlua_check_tensor(L, 1))); return 1; }
+static int t_is_contiguous(lua_State *L) { lua_pushboolean(L, ml_is_contiguous(mlua_check_tensor(L, 1))); return 1; }
+
+static int t_item(lua_State *L) {
+    ml_tensor *t = mlua_check_tensor(L, 1);
+    double v;
+    if (ml_item(t, &v) < 0) return mlua_error(L, NULL);
+    if (!ml_dtype_is_float(t->dtype) && t->dtype != ML_BOOL) lua_pushinteger(L, (lua_Integer)v);
+    else if (t->dtype == ML_BOOL) lua_pushboolean(L, v != 0);
+    else lua_pushnumber(L, v);
+    return 1;
+}
+
+static void push_elem(lua_State *L, const ml_tensor *t, double v) {
+    if (t->dtype == ML_BOOL) lua_pushboolean(L, v != 0);
+    else if (!ml_dtype_is_float(t->dtype)) lua_pushinteger(L, (lua_Integer)v);
+    else lua_pushnumber(L, v);
+}
+
+static void totable_rec(lua_State *L, const ml_tensor *t, const double *v, int d, int64_t *pos) {
+    lua_createtable(L, (int)t->shape[d], 0);
+    for (int64_t i = 0; i < t->shape[d]; i++) {
+        if (d == t->ndim - 1) push_elem(L, t, v[(*pos)++]);
+        else totable_rec(L, t, v, d + 1, pos);
+        lua_rawseti(L, -2, i + 1);
+    }
+}
+
+static int t_totable(lua_State *L) {
+    ml_tensor *t = mlua_check_tensor(L, 1);
+    double *v = ml_to_doubles(t);
+    if (!v) return mlua_error(L, "totable");
+    if (t->ndim == 0) push_elem(L, t, v[0]);
+    else { int64_t pos = 0; totable_rec(L, t, v, 0, &pos); }
+    free(v);
+    return 1;
+}
+
+/* ---- fields: t.grad, t.requires_grad, t.dtype, t.device, t.ndim ------- */
+
+static int t_index(lua_State *L) {
+    mlua_tensor_box *b = luaL_checkudata(L, 1, MLUA_TENSOR);
+    if (lua_type(L, 2) == LUA_TSTRING) {
+        const char *k = lua_tostring(L, 2);
+        /* methods first */
+        lua_getmetatable(L, 1);
+        lua_getfield(L, -1, "__methods");
+        lua_pushvalue(L, 2);
+        lua_rawget(L, -2);
+        if (!lua_isnil(L, -1)) return 1;
+        lua_pop(L, 3);
+        if (!b->t) return luaL_error(L, "attempt to use a freed tensor (field '%s')", k);
+        ml_tensor *t = b->t;
+        if (strcmp(k, "grad") == 0) {
+            if (!t->grad) { lua_pushnil(L); return 1; }
+            return mlua_push_tensor(L, ml_retain(t->grad));
+        }
+        if (strcmp(k, "requires_grad") == 0) { lua_pushboolean(L, t->requires_grad); return 1; }
+        if (strcmp(k, "is_leaf") == 0) { lua_pushboolean(L, t->grad_fn == NULL); return 1; }
+        if (strcmp(k, "grad_fn") == 0) {
+            if (t->grad_fn) lua_pushstring(L, t->grad_fn->name); else lua_pushnil(L);
+            return 1;
+        }
+        if (strcmp(k, "dtype") == 0) { lua_pushstring(L, ml_dtype_short(t->dtype)); return 1; }
+        if (strcmp(k, "device") == 0) {
+            char buf[32]; ml_device_str(t->device, buf, sizeof buf);
+            lua_pushstring(L, buf); return 1;
+        }
+        if (strcmp(k, "ndim") == 0) { lua_pushinteger(L, t->ndim); return 1; }
+        if (strcmp(k, "is_cuda") == 0) { lua_pushboolean(L, t->device.type == ML_CUDA); return 1; }
+        lua_pushnil(L);
+        return 1;
+    }
+    if (lua_isinteger(L, 2)) {          /* t[i] selects along the first dim (Torch7 style) */
+        ml_tensor *t = mlua_check_tensor(L, 1);
+        lua_Integer i = lua_tointeger(L, 2);
+        if (t->ndim == 0) return luaL_error(L, "cannot index a 0-dim tensor");
+        if (i == 0 || i > t->shape[0] || i < -t->shape[0])
+            return luaL_error(L, "index %d out of range for dim 1 of size %d", (int)i, (int)t->shape[0]);
+        return mlua_push_tensor(L, ml_select(t, 0, i > 0 ? i - 1 : i + t->shape[0]));
+    }
+    lua_pushnil(L);
+    return 1;
+}
+
+static int t_newindex(lua_State *L) {
+    ml_tensor *t = mlua_check_tensor(L, 1);
+    const char *k = luaL_checkstring(L, 2);
+    if (strcmp(k, "requires_grad") == 0) {
+        bool want = lua_toboolean(L, 3);
+        if (want && !ml_dtype_is_float(t->dtype))
+            return luaL_error(L, "only floating point tensors can require gradients (dtype %s)", ml_dtype_short(t->dtype));
+        if (!want && t->grad_fn)
+            return luaL_error(L, "requires_grad can only be cleared on leaf tensors (use detach())");
+        t->requires_grad = want;
+        return 0;
+    }
+    if (strcmp(k, "grad") == 0) {
+        ml_tensor *g = mlua_opt_tensor(L, 3);
+        if (g && !ml_same_shape(g, t)) {
+            char b1[128], b2[128];
+            return luaL_error(L, "assigned grad has shape %s but the tensor has shape %s",
+                              ml_shape_str(g, b1, sizeof b1), ml_shape_str(t, b2, sizeof b2));
+        }
+        ml_release(t->grad);
+        t->grad = g ? ml_retain(g) : NULL;
+        return 0;
+    }
+    return luaL_error(L, "cannot set field '%s' of a tensor", k);
+}
+
+/* ---- views -------------------------------------------------------------- */
+
+static int t_view(lua_State *L) {
+    ml_tensor *t = mlua_check_tensor(L, 1);
+    int64_t shape[ML_MAX_DIMS];
+    int n = mlua_check_shape(L, 2, shape);
+    return mlua_push_tensor(L, ml_view(t, n, shape));
+}
+
+static int t_permute(lua_State *L) {
+    ml_tensor *t = mlua_check_tensor(L, 1);
+    int perm[ML_MAX_DIMS];
+    int n = 0;
+    if (lua_istable(L, 2)) {
+        n = (int)luaL_len(L, 2);
+        for (int i = 0; i < n && i < ML_MAX_DIMS; i++) {
+            lua_geti(L, 2, i + 1);
+            lua_replace(L, 3);
+            perm[i] = mlua_check_dim(L, 3, t->ndim);
+        }
+    } else {
+        for (int i = 2; i <= lua_gettop(L) && n < ML_MAX_DIMS; i++) perm[n++] = mlua_check_dim(L, i, t->ndim);
+    }
+    if (n != t->ndim) return luaL_error(L, "permute: expected %d dims, got %d", t->ndim, n);
+    return mlua_push_tensor(L, ml_permute(t, perm));
+}
+
+static int t_transpose(lua_State *L) {
+    ml_tensor *t = mlua_check_tensor(L, 1);
+    if (lua_isnoneornil(L, 2)) {
+        if (t->ndim != 2) return luaL_error(L, "t(): expects a 2-D tensor (got %d dims); use transpose(d0, d1)", t->ndim);
+        return mlua_push_tensor(L, ml_transpose(t, 0, 1));
+    }
+    int a = mlua_check_dim(L, 2, t->ndim), b = mlua_check_dim(L, 3, t->ndim);
+    return mlua_push_tensor(L, ml_transpose(t, a, b));
+}
+
+static int t_narrow(lua_State *L) {
+    ml_tensor *t = mlua_check_tensor(L, 1);
+    int d = mlua_check_dim(L, 2, t->ndim);
+    lua_Integer start = luaL_checkinteger(L, 3), len = luaL_checkinteger(L, 4);
+    if (start == 0) return luaL_argerror(L, 3, "start is 1-based (got 0)");
+    return mlua_push_tensor(L, ml_narrow(t, d, start > 0 ? start - 1 : start, len));
+}
+
+static int t_select(lua_State *L) {
+    ml_tensor *t = mlua_check_tensor(L, 1);
+    int d = mlua_check_dim(L, 2, t->ndim);
+    lua_Integer i = luaL_checkinteger(L, 3);
+    if (i == 0) return luaL_argerror(L, 3, "index is 1-based (got 0)");
+    return mlua_push_tensor(L, ml_select(t, d, i > 0 ? i - 1 : i));
+}
+
+static int t_expand(lua_State *L) {
+    ml_tensor *t = mlua_check_tensor(L, 1);
+    int64_t shape[ML_MAX_DIMS];
+    int n = mlua_check_shape(L, 2, shape);
+    return mlua_push_tensor(L, ml_expand(t, n, shape));
+}
+
+static int t_squeeze(lua_State *L) {
+    ml_tensor *t = mlua_check_tensor(L, 1);
+    int d = lua_isnoneornil(L, 2) ? ML_ALL_DIMS : mlua_check_dim(L, 2, t->ndim);
+    return mlua_push_tensor(L, ml_squeeze(t, d));
+}
+
+static int t_unsqueeze(lua_State *L) {
+    ml_tensor *t = mlua_check_tensor(L, 1);
+    lua_Integer d = luaL_checkinteger(L, 2);
+    int n = t->ndim + 1;
+    if (d == 0 || d > n || d < -n) return luaL_argerror(L, 2, "dimension out of range (1-based)");
+    return mlua_push_tensor(L, ml_unsqueeze(t, d > 0 ? (int)d - 1 : (int)(d + n)));
+}
+
+static int t_contiguous(lua_State *L) { return mlua_push_tensor(L, ml_contiguous(mlua_check_tensor(L, 1))); }
+static int t_clone(lua_State *L) { return mlua_push_tensor(L, ml_clone(mlua_check_tensor(L, 1))); }
+static int t_detach(lua_State *L) { return mlua_push_tensor(L, ml_detach(mlua_check_tensor(L, 1))); }
+
+/* t:to("cuda"), t:to("bf16"), t:to{device=, dtype=}, t:to(other_tensor) */
+static int t_to(lua_State *L) {
+    ml_tensor *t = mlua_check_tensor(L, 1);
+    ml_dtype dt = t->dtype;
+    ml_device dev = t->device;
+    if (lua_istable(L, 2)) {
+        dt = mlua_opt_dtype(L, 2, dt);
+        dev = mlua_opt_device(L, 2, dev);
+    } else if (luaL_testudata(L, 2, MLUA_TENSOR)) {
+        ml_tensor *o = mlua_check_tensor(L, 2);
+        dt = o->dtype; dev = o->device;
+    } else {
+        for (int i = 2; i <= lua_gettop(L); i++) {
+            const char *s = luaL_checkstring(L, i);
+            int d = ml_dtype_parse(s);
+            if (d >= 0) dt = (ml_dtype)d;
+            else if (ml_device_parse(s, &dev) < 0)
+                return luaL_error(L, "to: '%s' is neither a dtype (f32, bf16, ...) nor a device (cpu, cuda:N)", s);
+        }
+    }
+    ml_tensor *a = ml_to_device(t, dev);
+    if (!a) return mlua_error(L, "to");
+    ml_tensor *b = ml_to_dtype(a, dt);
+    ml_release(a);
+    return mlua_push_tensor(L, b);
+}
+
+static int t_to_dtype_up(lua_State *L) {
+    ml_tensor *t = mlua_check_tensor(L, 1);
+    return mlua_push_tensor(L, ml_to_dtype(t, (ml_dtype)lua_tointeger(L, lua_upvalueindex(1))));
+}
+
+static int t_cpu(lua_State *L) { return mlua_push_tensor(L, ml_to_device(mlua_check_tensor(L, 1), ml_cpu())); }
+
+static int t_cuda(lua_State *L) {
+    ml_tensor *t = mlua_check_tensor(L, 1);
+    ml_device d = {ML_CUDA, (int8_t)luaL_optinteger(L, 2, 0)};
+    return mlua_push_tensor(L, ml_to_device(t, d));
+}
+
+/* ---- in-place basics ---------------------------------------------------- */
+
+static int t_copy_(lua_State *L) {
+    ml_tensor *t = mlua_check_tensor(L, 1), *s = mlua_check_tensor(L, 2);
+    if (ml_copy_(t, s) < 0) return mlua_error(L, "copy_");
+    t->version++;
+    lua_settop(L, 1);
+    return 1;
+}
+
+static int t_fill_(lua_State *L) {
+    ml_tensor *t = mlua_check_tensor(L, 1);
+    if (ml_fill_(t, luaL_checknumber(L, 2)) < 0) return mlua_error(L, "fill_");
+    t->version++;
+    lua_settop(L, 1);
+    return 1;
+}
+
+static int t_zero_(lua_State *L) {
+    ml_tensor *t = mlua_check_tensor(L, 1);
+    if (ml_fill_(t, 0) < 0) return mlua_error(L, "zero_");
+    t->version++;
+    lua_settop(L, 1);
+    return 1;
+}
+
+static int t_requires_grad_(lua_State *L) {
+    ml_tensor *t = mlua_check_tensor(L, 1);
+    bool on = lua_isnone(L, 2) ? true : lua_toboolean(L, 2);
+    if (on && !ml_dtype_is_float(t->dtype))
+        return luaL_error(L, "only floating point tensors can require gradients (dtype %s)", ml_dtype_short(t->dtype));
+    t->requires_grad = on;
+    lua_settop(L, 1);
+    return 1;
+}
+
+/* ---- construction ------------------------------------------------------- */
+
+/* Walk a nested Lua table to find its shape (first pass) and values. */
+static int table_shape(lua_State *L, int idx, int d, int *ndim, int64_t *shape) {
+    int n = (int)luaL_len(L, idx);
+    if (d >= ML_MAX_DIMS) return luaL_error(L, "tensor: table nested too deeply (max 8 dims)");
+    if (d >= *ndim) { *ndim = d + 1; shape[d] = n; }
+    else if (shape[d] != n) return luaL_error(L, "tensor: ragged nested table (dim %d has sizes %d and %d)",
+                                              d + 1, (int)shape[d], n);
+    if (n == 0) return 0;
+    lua_geti(L, idx, 1);
+    int sub = lua_istable(L, -1);
+    lua_pop(L, 1);
+    for (int i = 1; i <= n; i++) {
+        lua_geti(L, idx, i);
+        if (lua_istable(L, -1) != sub) return luaL_error(L, "tensor: ragged nested table (mixed numbers and tables)");
+        if (sub) table_shape(L, lua_gettop(L), d + 1, ndim, shape);
+        else if (d + 1 < *ndim) return luaL_error(L, "tensor: ragged nested table");
+        lua_pop(L, 1);
+    }
+    return 0;
+}
+
+static void table_fill(lua_State *L, int idx, double *out, int64_t *pos, bool *any_float) {
+    int n = (int)luaL_len(L, idx);
+    for (int i = 1; i <= n; i++) {
+        lua_geti(L, idx, i);
+        if (lua_istable(L, -1)) table_fill(L, lua_gettop(L), out, pos, any_float);
+        else if (lua_isboolean(L, -1)) out[(*pos)++] = lua_toboolean(L, -1);
+        else {
+            if (!lua_isnumber(L, -1)) luaL_error(L, "tensor: expected numbers, got %s", luaL_typename(L, -1));
+            if (!lua_isinteger(L, -1)) *any_float = true;
+            out[(*pos)++] = lua_tonumber(L, -1);
+        }
+        lua_pop(L, 1);
+    }
+}
+
+/* ml.tensor(table_or_number, {dtype=, device=, requires_grad=}) */
+static int l_tensor(lua_State *L) {
+    int opts = lua_istable(L, 2) ? 2 : 0;
+    ml_dtype dt = mlua_opt_dtype(L, opts, ML_F32);
+    ml_device dev = mlua_opt_device(L, opts, ml_cpu());
+    ml_tensor *t;
+    if (lua_type(L, 1) == LUA_TNUMBER || lua_isboolean(L, 1)) {
+        double v = lua_isboolean(L, 1) ? lua_toboolean(L, 1) : lua_tonumber(L, 1);
+        t = ml_from_doubles(&v, 0, NULL, dt);
+    } else {
+        luaL_checktype(L, 1, LUA_TTABLE);
+        int ndim = 0;
+        int64_t shape[ML_MAX_DIMS];
+        table_shape(L, 1, 0, &ndim, shape);
+        int64_t n = 1;
+        for (int i = 0; i < ndim; i++) n *= shape[i];
+        double *v = malloc((size_t)(n ? n : 1) * sizeof *v);
+        if (!v) return luaL_error(L, "tensor: out of memory");
+        int64_t pos = 0;
+        bool any_float = false;
+        table_fill(L, 1, v, &pos, &any_float);
+        t = ml_from_doubles(v, ndim, shape, dt);
+        free(v);
+    }
+    if (t && dev.type != ML_CPU) {
+        ml_tensor *g = ml_to_device(t, dev);
+        ml_release(t);
+        t = g;
+    }
+    if (t && mlua_opt_field_bool(L, opts, "requires_grad", 0)) t->requires_grad = true;
+    return mlua_push_tensor(L, t);
+}
+
+/* zeros/ones/empty/full(shape..., [value], opts) share one reader. */
+static int make_filled(lua_State *L, int mode) {
+    int64_t shape[ML_MAX_DIMS];
+    int n = mlua_check_shape(L, 1, shape);
+    int next = lua_istable(L, 1) ? 2 : 1 + n;
+    double v = mode == 1 ? 1.0 : 0.0;
+    if (mode == 3) v = luaL_checknumber(L, next++);
+    int opts = lua_istable(L, next) ? next : 0;
+    ml_dtype dt = mlua_opt_dtype(L, opts, ML_F32);
+    ml_device dev = mlua_opt_device(L, opts, ml_cpu());
+    ml_tensor *t = mode == 2 ? ml_empty(n, shape, dt, dev) : ml_full(n, shape, v, dt, dev);
+    if (t && mlua_opt_field_bool(L, opts, "requires_grad", 0)) t->requires_grad = true;
+    return mlua_push_tensor(L, t);
+}
+static int l_zeros(lua_State *L) { return make_filled(L, 0); }
+static int l_ones(lua_State *L) { return make_filled(L, 1); }
+static int l_empty(lua_State *L) { return make_filled(L, 2); }
+static int l_full(lua_State *L) { return make_filled(L, 3); }
+
+/* zeros_like(t, opts) etc.: same shape, dtype and device unless overridden. */
+static int make_like(lua_State *L, int mode) {
+    ml_tensor *t = mlua_check_tensor(L, 1);
+    int next = 2;
+    double v = mode == 1 ? 1.0 : 0.0;
+    if (mode == 3) v = luaL_checknumber(L, next++);
+    int opts = lua_istable(L, next) ? next : 0;
+    ml_dtype dt = mlua_opt_dtype(L, opts, t->dtype);
+    ml_device dev = mlua_opt_device(L, opts, t->device);
+    ml_tensor *o = mode == 2 ? ml_empty(t->ndim, t->shape, dt, dev) : ml_full(t->ndim, t->shape, v, dt, dev);
+    return mlua_push_tensor(L, o);
+}
+static int l_zeros_like(lua_State *L) { return make_like(L, 0); }
+static int l_ones_like(lua_State *L) { return make_like(L, 1); }
+static int l_empty_like(lua_State *L) { return make_like(L, 2); }
+static int l_full_like(lua_State *L) { return make_like(L, 3); }
+
+/* arange(end) / arange(start, end[, step], opts): end exclusive as in PyTorch. */
+static int l_arange(lua_State *L) {
+    int nnum = 0;
+    double a[3];
+    while (nnum < 3 && lua_type(L, nnum + 1) == LUA_TNUMBER) { a[nnum] = lua_tonumber(L, nnum + 1); nnum++; }
+    if (nnum == 0) return luaL_error(L, "arange: expected (end) or (start, end[, step])");
+    bool all_int = true;
+    for (int i = 1; i <= nnum; i++) if (!lua_isinteger(L, i)) all_int = false;
+    double start = nnum == 1 ? 0 : a[0], end = nnum == 1 ? a[0] : a[1], step = nnum == 3 ? a[2] : 1;
+    int opts = lua_istable(L, nnum + 1) ? nnum + 1 : 0;
+    ml_dtype dt = mlua_opt_dtype(L, opts, all_int ? ML_I64 : ML_F32);
+    ml_device dev = mlua_opt_device(L, opts, ml_cpu());
+    return mlua_push_tensor(L, ml_arange(start, end, step, dt, dev));
+}
+
+static int l_is_tensor(lua_State *L) {
+    mlua_tensor_box *b = luaL_testudata(L, 1, MLUA_TENSOR);
+    lua_pushboolean(L, b != NULL);
+    return 1;
+}
+
+static const luaL_Reg tensor_methods[] = {
+    {"free", t_free}, {"is_freed", t_is_freed},
+    {"size", t_size}, {"shape", t_size}, {"stride", t_stride}, {"dim", t_dim}, {"numel", t_numel},
+    {"is_contiguous", t_is_contiguous}, {"item", t_item}, {"totable", t_totable},
+    {"view", t_view}, {"reshape", t_view}, {"permute", t_permute}, {"transpose", t_transpose},
+    {"t", t_transpose}, {"narrow", t_narrow}, {"select", t_select}, {"expand", t_expand},
+    {"squeeze", t_squeeze}, {"unsqueeze", t_unsqueeze}, {"contiguous", t_contiguous},
+    {"clone", t_clone}, {"detach", t_detach}, {"to", t_to}, {"cpu", t_cpu}, {"cuda", t_cuda},
+    {"copy_", t_copy_}, {"fill_", t_fill_}, {"zero_", t_zero_}, {"requires_grad_", t_requires_grad_},
+    {NULL, NULL},
+};
+
+static const struct { const char *name; ml_dtype dt; } dtype_methods[] = {
+    {"float", ML_F32}, {"double", ML_F64}, {"half", ML_F16}, {"bf16", ML_BF16}, {"f32", ML_F32},
+    {"f64", ML_F64}, {"f16", ML_F16}, {"int", ML_I32}, {"long", ML_I64}, {"byte", ML_U8}, {"bool", ML_BOOL},
+};
+
+static const luaL_Reg tensor_funcs[] = {
+    {"tensor", l_tensor}, {"zeros", l_zeros}, {"ones", l_ones}, {"empty", l_empty}, {"full", l_full},
+    {"zeros_like", l_zeros_like}, {"ones_like", l_ones_like}, {"empty_like", l_empty_like},
+    {"full_like", l_full_like}, {"arange", l_arange}, {"is_tensor", l_is_tensor},
+    {NULL, NULL},
+};
+
+void mlua_open_tensor(lua_State *L) {
+    /* metatable with a __methods table the other binding files (and the Lua
+     * library) extend; __index consults it before fields. */
+    luaL_newmetatable(L, MLUA_TENSOR);
+    lua_newtable(L);
+    luaL_setfuncs(L, tensor_methods, 0);
+    for (size_t i = 0; i < sizeof dtype_methods / sizeof dtype_methods[0]; i++) {
+        lua_pushinteger(L, dtype_methods[i].dt);
+        lua_pushcclosure(L, t_to_dtype_up, 1);
+        lua_setfield(L, -2, dtype_methods[i].name);
+    }
+    lua_setfield(L, -2, "__methods");
+    lua_pushcfunction(L, t_index); lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, t_newindex); lua_setfield(L, -2, "__newindex");
+    lua_pushcfunction(L, t_free); lua_setfield(L, -2, "__gc");
+    lua_pushcfunction(L, t_free); lua_setfield(L, -2, "__close");
+    lua_pushcfunction(L, t_tostring); lua_setfield(L, -2, "__tostring");
+    lua_setfield(L, -2, "Tensor");   /* core.Tensor = the metatable */
+    luaL_setfuncs(L, tensor_funcs, 0);
+}

@@ -1,0 +1,62 @@
+/* mlua.h — shared glue of the Lua bindings.
+ *
+ * A tensor crosses into Lua as a full userdata holding one ml_tensor*
+ * reference (metatable "moonlit.Tensor").  t:free(), __gc and __close share
+ * one release path; a freed handle raises "attempt to use a freed tensor".
+ *
+ * Each bindings/lua_*.c file exports mlua_open_<part>(L), which adds its
+ * functions to the table on the top of the stack (the `moonlit.core`
+ * module); bindings/lua_module.c calls them all. */
+#ifndef ML_MLUA_H
+#define ML_MLUA_H
+
+#include <lua.h>
+#include <lauxlib.h>
+#include "tensor.h"
+
+#define MLUA_TENSOR "moonlit.Tensor"
+
+typedef struct { ml_tensor *t; } mlua_tensor_box;
+
+/* Push t as a Lua tensor, taking ownership of the reference.  If t is NULL,
+ * raises a Lua error with ml_last_error() (so `return mlua_push_tensor(L, op(...))`
+ * is the usual tail of a binding). Returns 1. */
+int mlua_push_tensor(lua_State *L, ml_tensor *t);
+/* Borrow the tensor at idx; raises an argument error if not a live tensor. */
+ml_tensor *mlua_check_tensor(lua_State *L, int idx);
+/* Tensor at idx, or NULL if it is nil/none; errors on other types. */
+ml_tensor *mlua_opt_tensor(lua_State *L, int idx);
+/* A tensor, or a Lua number converted to a 0-dim tensor like `like` (new ref). */
+ml_tensor *mlua_tensor_or_scalar(lua_State *L, int idx, const ml_tensor *like);
+/* Raise ml_last_error() as a Lua error (prefixed with the op name if given). */
+int mlua_error(lua_State *L, const char *op);
+/* If rc < 0 raise the host error. */
+#define MLUA_CHECK(L, rc) do { if ((rc) < 0) mlua_error((L), NULL); } while (0)
+
+/* Lua dims are 1-based (negative counts from the end, -1 = last).  Convert
+ * to the host's 0-based dim, raising a clear error if out of range. */
+int mlua_check_dim(lua_State *L, int idx, int ndim);
+/* Read a shape given as a table {2,3} or as varargs of integers from idx.
+ * Returns ndim. */
+int mlua_check_shape(lua_State *L, int idx, int64_t *shape);
+/* Read an options-table field (idx is the table's stack index, may be nil). */
+const char *mlua_opt_field_string(lua_State *L, int idx, const char *key, const char *def);
+double mlua_opt_field_number(lua_State *L, int idx, const char *key, double def);
+int mlua_opt_field_bool(lua_State *L, int idx, const char *key, int def);
+/* dtype/device options: {dtype="f32", device="cuda:0"}. */
+ml_dtype mlua_opt_dtype(lua_State *L, int idx, ml_dtype def);
+ml_device mlua_opt_device(lua_State *L, int idx, ml_device def);
+
+/* Parts (each adds functions to the table at the top of the stack). */
+void mlua_open_tensor(lua_State *L);
+void mlua_open_ops(lua_State *L);
+void mlua_open_autograd(lua_State *L);
+void mlua_open_io(lua_State *L);         /* safetensors, json */
+void mlua_open_tokenizer(lua_State *L);
+void mlua_open_image(lua_State *L);
+void mlua_open_cuda(lua_State *L);       /* device info, allocator stats */
+
+/* Entry point: require "moonlit.core". */
+int luaopen_moonlit_core(lua_State *L);
+
+#endif

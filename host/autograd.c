@@ -1,0 +1,344 @@
+/* autograd.c — recording nodes and running backward.
+ *
+ * The engine counts, for every node reachable from the root, how many edges
+ * feed it, then runs nodes whose count reaches zero (a topological order).
+ * Gradients for a leaf are summed first; hooks then see the total, it is
+ * accumulated into leaf->grad, and the grad-ready callback fires — the
+ * point where data-parallel training can start reducing that bucket. */
+#include "autograd.h"
+#include "ops.h"
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static _Thread_local bool g_grad_disabled;
+static ml_grad_ready_fn g_ready_fn;
+static void *g_ready_ctx;
+
+bool ml_grad_enabled(void) { return !g_grad_disabled; }
+bool ml_set_grad_enabled(bool on) { bool prev = !g_grad_disabled; g_grad_disabled = !on; return prev; }
+void ml_set_grad_ready_callback(ml_grad_ready_fn fn, void *ctx) { g_ready_fn = fn; g_ready_ctx = ctx; }
+
+bool ml_any_requires_grad(int n, ml_tensor *const *ts) {
+    if (g_grad_disabled) return false;
+    for (int i = 0; i < n; i++) if (ts[i] && ts[i]->requires_grad) return true;
+    return false;
+}
+
+ml_node *ml_node_begin(const char *name, ml_backward_fn bw, int n_inputs, ml_tensor *const *inputs) {
+    if (n_inputs > ML_NODE_MAX_INPUTS || !ml_any_requires_grad(n_inputs, inputs)) return NULL;
+    ml_node *n = calloc(1, sizeof *n);
+    if (!n) return NULL;   /* out of memory: the op result simply carries no history */
+    n->name = name;
+    n->refcount = 1;
+    n->backward = bw;
+    n->n_inputs = n_inputs;
+    for (int i = 0; i < n_inputs; i++) {
+        ml_tensor *t = inputs[i];
+        ml_edge *e = &n->next[i];
+        if (!t) continue;
+        e->ndim = t->ndim;
+        memcpy(e->shape, t->shape, sizeof e->shape);
+        e->dtype = t->dtype;
+        e->device = t->device;
+        if (!t->requires_grad) continue;
+        if (t->grad_fn) { e->fn = t->grad_fn; e->fn->refcount++; }
+        else e->leaf = ml_retain(t);
+    }
+    return n;
+}
+
+void ml_node_save(ml_node *n, ml_tensor *t) {
+    if (n->n_saved >= ML_NODE_MAX_SAVED) return;
+    n->saved[n->n_saved++] = t ? ml_detach(t) : NULL;
+}
+
+void ml_node_finish(ml_node *n, ml_tensor *out) {
+    if (out->grad_fn) ml_node_release(out->grad_fn);
+    out->grad_fn = n;
+    out->requires_grad = true;
+}
+
+bool ml_node_needs_grad(const ml_node *n, int i) {
+    return i < n->n_inputs && (n->next[i].fn || n->next[i].leaf);
+}
+
+static void drop_saved(ml_node *n) {
+    for (int i = 0; i < n->n_saved; i++) { ml_release(n->saved[i]); n->saved[i] = NULL; }
+    if (n->ctx_free && n->ctx) n->ctx_free(n->ctx);
+    n->ctx = NULL;
+    n->released = true;
+}
+
+/* Iterative so that very long chains cannot overflow the C stack. */
+void ml_node_release(ml_node *root) {
+    if (!root || --root->refcount > 0) return;
+    size_t cap = 64, top = 0;
+    ml_node **stack = malloc(cap * sizeof *stack);
+    if (!stack) return;
+    stack[top++] = root;
+    while (top) {
+        ml_node *n = stack[--top];
+        drop_saved(n);
+        ml_release(n->grad_acc);
+        for (int i = 0; i < n->n_inputs; i++) {
+            ml_release(n->next[i].leaf);
+            ml_node *c = n->next[i].fn;
+            if (c && --c->refcount == 0) {
+                if (top == cap) {
+                    ml_node **ns = realloc(stack, (cap *= 2) * sizeof *stack);
+                    if (!ns) continue;
+                    stack = ns;
+                }
+                stack[top++] = c;
+            }
+        }
+        free(n);
+    }
+    free(stack);
+}
+
+/* ---- hooks -------------------------------------------------------------- */
+
+int ml_add_hook(ml_tensor *leaf, ml_hook_fn fn, void *ctx, void (*ctx_free)(void *)) {
+    static int next_id = 1;
+    if (!leaf->requires_grad || leaf->grad_fn)
+        return ml_error("register_hook: only leaf tensors that require grad take hooks");
+    ml_hook *h = calloc(1, sizeof *h);
+    if (!h) return ml_error("out of memory");
+    h->fn = fn; h->ctx = ctx; h->ctx_free = ctx_free; h->id = next_id++;
+    ml_hook **p = &leaf->hooks;
+    while (*p) p = &(*p)->next;
+    *p = h;
+    return h->id;
+}
+
+void ml_remove_hook(ml_tensor *leaf, int id) {
+    for (ml_hook **p = &leaf->hooks; *p; p = &(*p)->next) {
+        if ((*p)->id == id) {
+            ml_hook *h = *p;
+            *p = h->next;
+            if (h->ctx_free) h->ctx_free(h->ctx);
+            free(h);
+            return;
+        }
+    }
+}
+
+/* ---- engine ------------------------------------------------------------- */
+
+typedef struct { ml_tensor *leaf; int pending; ml_tensor *acc; } leaf_slot;
+
+typedef struct {
+    ml_node **nodes; size_t n_nodes, cap_nodes;
+    leaf_slot *leaves; size_t n_leaves, cap_leaves;
+} graph;
+
+static int push_node(graph *g, ml_node *n) {
+    if (g->n_nodes == g->cap_nodes) {
+        size_t nc = g->cap_nodes ? g->cap_nodes * 2 : 256;
+        ml_node **nn = realloc(g->nodes, nc * sizeof *nn);
+        if (!nn) return ml_error("backward: out of memory");
+        g->nodes = nn; g->cap_nodes = nc;
+    }
+    g->nodes[g->n_nodes++] = n;
+    return 0;
+}
+
+/* Leaf lookup by linear scan would be quadratic for models with ~1000
+ * parameters; a pointer-keyed open-addressing table keeps it linear. */
+typedef struct { ml_tensor **keys; size_t *vals; size_t cap, n; } ptr_map;
+
+static size_t pm_hash(const void *p, size_t cap) { return ((uintptr_t)p >> 4) * 11400714819323198485ull & (cap - 1); }
+
+/* Returns the slot for k (inserting it with value SIZE_MAX if new), or NULL
+ * when out of memory. */
+static size_t *pm_slot(ptr_map *m, ml_tensor *k) {
+    if ((m->n + 1) * 2 > m->cap) {
+        size_t nc = m->cap ? m->cap * 2 : 128;
+        ml_tensor **nk = calloc(nc, sizeof *nk);
+        size_t *nv = calloc(nc, sizeof *nv);
+        if (!nk || !nv) { free(nk); free(nv); return NULL; }
+        for (size_t i = 0; i < m->cap; i++) {
+            if (!m->keys[i]) continue;
+            size_t j = pm_hash(m->keys[i], nc);
+            while (nk[j]) j = (j + 1) & (nc - 1);
+            nk[j] = m->keys[i]; nv[j] = m->vals[i];
+        }
+        free(m->keys); free(m->vals);
+        m->keys = nk; m->vals = nv; m->cap = nc;
+    }
+    size_t i = pm_hash(k, m->cap);
+    while (m->keys[i] && m->keys[i] != k) i = (i + 1) & (m->cap - 1);
+    if (!m->keys[i]) { m->keys[i] = k; m->vals[i] = SIZE_MAX; m->n++; }
+    return &m->vals[i];
+}
+
+static ml_tensor *accumulate(ml_tensor *acc, ml_tensor *g) {
+    if (!acc) return ml_retain(g);
+    ml_tensor *s = ml_add(acc, g);
+    ml_release(acc);
+    return s;
+}
+
+static int leaf_done(leaf_slot *s) {
+    ml_tensor *leaf = s->leaf, *g = s->acc;
+    s->acc = NULL;
+    if (!g) return 0;
+    for (ml_hook *h = leaf->hooks; h; h = h->next) {
+        int err = 0;
+        ml_tensor *ng = h->fn(h->ctx, g, &err);
+        if (err) { ml_release(g); return -1; }
+        if (ng) { ml_release(g); g = ng; }
+    }
+    if (!ml_same_shape(g, leaf) || g->dtype != leaf->dtype || !ml_device_eq(g->device, leaf->device)) {
+        ml_tensor *c = ml_to_dtype(g, leaf->dtype);
+        ml_release(g);
+        if (!c) return -1;
+        g = c;
+        if (!ml_same_shape(g, leaf)) {
+            char b1[128], b2[128];
+            ml_shape_str(g, b1, sizeof b1);
+            ml_release(g);
+            return ml_error("backward: gradient of shape %s for a parameter of shape %s",
+                            b1, ml_shape_str(leaf, b2, sizeof b2));
+        }
+    }
+    if (leaf->grad) {
+        int rc = ml_add_(leaf->grad, g, 1.0);
+        ml_release(g);
+        if (rc < 0) return -1;
+    } else if (g->refcount == 1 && ml_is_contiguous(g) && !g->grad_fn) {
+        leaf->grad = g;
+    } else {
+        leaf->grad = ml_clone(g);
+        ml_release(g);
+        if (!leaf->grad) return -1;
+    }
+    if (g_ready_fn) g_ready_fn(g_ready_ctx, leaf);
+    return 0;
+}
+
+int ml_backward(ml_tensor *root, ml_tensor *grad, bool retain_graph) {
+    if (!root->requires_grad)
+        return ml_error("backward: the tensor does not require grad and has no grad_fn");
+    bool prev = ml_set_grad_enabled(false);
+    int rc = -1;
+    graph g = {0};
+    ptr_map lm = {0};
+    ml_tensor *seed = NULL;
+    if (grad) {
+        if (!ml_same_shape(grad, root)) {
+            char b1[128], b2[128];
+            ml_error("backward: gradient shape %s does not match tensor shape %s",
+                     ml_shape_str(grad, b1, sizeof b1), ml_shape_str(root, b2, sizeof b2));
+            goto out;
+        }
+        seed = ml_retain(grad);
+    } else {
+        if (ml_numel(root) != 1) {
+            char b[128];
+            ml_error("backward: grad can be implicitly created only for one-element outputs (shape %s)",
+                     ml_shape_str(root, b, sizeof b));
+            goto out;
+        }
+        seed = ml_full(root->ndim, root->shape, 1.0, root->dtype, root->device);
+        if (!seed) goto out;
+    }
+    if (!root->grad_fn) {          /* a leaf: its gradient is the seed itself */
+        leaf_slot s = {root, 0, ml_retain(seed)};
+        rc = leaf_done(&s);
+        goto out;
+    }
+
+    /* Discover the graph and count incoming edges. */
+    if (push_node(&g, root->grad_fn) < 0) goto out;
+    root->grad_fn->deps = 0;
+    root->grad_fn->seq = -1;          /* mark visited */
+    for (size_t k = 0; k < g.n_nodes; k++) {
+        ml_node *n = g.nodes[k];
+        if (n->released) {
+            ml_error("backward: trying to backward through the graph a second time (node '%s'); "
+                     "pass retain_graph = true the first time", n->name);
+            goto reset;
+        }
+        for (int i = 0; i < n->n_inputs; i++) {
+            ml_node *c = n->next[i].fn;
+            if (c) {
+                if (c->seq != -1) { c->seq = -1; c->deps = 0; if (push_node(&g, c) < 0) goto reset; }
+                c->deps++;
+            } else if (n->next[i].leaf) {
+                size_t *slot = pm_slot(&lm, n->next[i].leaf);
+                if (!slot) { ml_error("backward: out of memory"); goto reset; }
+                if (*slot == SIZE_MAX) {
+                    if (g.n_leaves == g.cap_leaves) {
+                        size_t nc = g.cap_leaves ? g.cap_leaves * 2 : 64;
+                        leaf_slot *nl = realloc(g.leaves, nc * sizeof *nl);
+                        if (!nl) { ml_error("backward: out of memory"); goto reset; }
+                        g.leaves = nl; g.cap_leaves = nc;
+                    }
+                    *slot = g.n_leaves;
+                    g.leaves[g.n_leaves++] = (leaf_slot){n->next[i].leaf, 0, NULL};
+                }
+                g.leaves[*slot].pending++;
+            }
+        }
+    }
+
+    /* Run.  The ready list reuses the front of a separate array. */
+    ml_node **ready = malloc(g.n_nodes * sizeof *ready);
+    if (!ready) { ml_error("backward: out of memory"); goto reset; }
+    size_t top = 0;
+    root->grad_fn->grad_acc = ml_retain(seed);
+    ready[top++] = root->grad_fn;
+    rc = 0;
+    while (top && rc == 0) {
+        ml_node *n = ready[--top];
+        ml_tensor *gout = n->grad_acc;
+        n->grad_acc = NULL;
+        ml_tensor *gin[ML_NODE_MAX_INPUTS] = {0};
+        if (gout) {
+            if (n->backward(n, gout, gin) < 0) {
+                char msg[1024];
+                snprintf(msg, sizeof msg, "%s", ml_last_error());
+                ml_error("backward of '%s': %s", n->name, msg);
+                rc = -1;
+            }
+            ml_release(gout);
+        }
+        for (int i = 0; i < n->n_inputs; i++) {
+            ml_edge *e = &n->next[i];
+            if (rc == 0 && gin[i] && (e->fn || e->leaf) && gin[i]->ndim != e->ndim) {
+                rc = ml_error("backward of '%s' returned a gradient with %d dims for an input with %d",
+                              n->name, gin[i]->ndim, e->ndim);
+            }
+            if (e->fn) {
+                if (gin[i] && rc == 0) e->fn->grad_acc = accumulate(e->fn->grad_acc, gin[i]);
+                if (--e->fn->deps == 0) ready[top++] = e->fn;
+            } else if (e->leaf) {
+                leaf_slot *s = &g.leaves[*pm_slot(&lm, e->leaf)];
+                if (gin[i] && rc == 0) s->acc = accumulate(s->acc, gin[i]);
+                if (--s->pending == 0 && rc == 0 && leaf_done(s) < 0) rc = -1;
+            }
+            ml_release(gin[i]);
+        }
+    }
+    free(ready);
+reset:
+    for (size_t k = 0; k < g.n_nodes; k++) {
+        ml_node *n = g.nodes[k];
+        n->seq = 0;
+        ml_release(n->grad_acc);
+        n->grad_acc = NULL;
+        if (!retain_graph) drop_saved(n);
+    }
+    for (size_t i = 0; i < g.n_leaves; i++) ml_release(g.leaves[i].acc);
+out:
+    ml_release(seed);
+    free(g.nodes);
+    free(g.leaves);
+    free(lm.keys);
+    free(lm.vals);
+    ml_set_grad_enabled(prev);
+    return rc;
+}

@@ -1,0 +1,99 @@
+/* autograd.h — the tape: nodes recorded by ops, the backward engine, hooks.
+ *
+ * Every node has exactly one output (multi-output ops such as chunk/split
+ * are built from single-output views).  A node holds strong references to
+ * its inputs' nodes (or, for leaves, to the leaf tensor) and to the tensors
+ * it saved for backward.  Saved tensors are stored as detached aliases (same
+ * storage, no grad_fn), so no reference cycle can form.  When backward ends
+ * (without retain_graph) every visited node drops its saved tensors at once:
+ * memory never waits for Lua's garbage collector.
+ *
+ * Backward functions run with grad mode off: they may call ordinary ops. */
+#ifndef ML_AUTOGRAD_H
+#define ML_AUTOGRAD_H
+
+#include "tensor.h"
+
+#define ML_NODE_MAX_INPUTS 8
+#define ML_NODE_MAX_SAVED 8
+
+typedef struct ml_node ml_node;
+
+/* Compute grads for the node's inputs from `gout` (the gradient of its
+ * output).  Write a NEW reference into gin[i] for each i with
+ * ml_node_needs_grad(n, i); leave others NULL.  gin[i] must have the
+ * input's shape (use ml_sum_to_shape for broadcast inputs). Return 0 / -1. */
+typedef int (*ml_backward_fn)(ml_node *n, ml_tensor *gout, ml_tensor **gin);
+
+typedef struct {
+    ml_node *fn;          /* producer of this input (strong ref) or NULL */
+    ml_tensor *leaf;      /* leaf requiring grad (strong ref) or NULL */
+    int ndim;             /* the input's shape and dtype, for zero/sum_to_shape */
+    int64_t shape[ML_MAX_DIMS];
+    ml_dtype dtype;
+    ml_device device;
+} ml_edge;
+
+struct ml_node {
+    const char *name;
+    int refcount;
+    ml_backward_fn backward;
+    int n_inputs;
+    ml_edge next[ML_NODE_MAX_INPUTS];
+    int n_saved;
+    ml_tensor *saved[ML_NODE_MAX_SAVED];
+    /* op parameters a backward needs */
+    double f[8];
+    int64_t i[ML_MAX_DIMS * 2];
+    void *ctx;                       /* op-owned extra state */
+    void (*ctx_free)(void *ctx);
+    bool released;                   /* saved tensors already freed */
+    /* engine scratch */
+    int deps;
+    ml_tensor *grad_acc;
+    int64_t seq;
+};
+
+/* ---- grad mode (thread-local) ----------------------------------------- */
+bool ml_grad_enabled(void);
+bool ml_set_grad_enabled(bool on);   /* returns the previous value */
+
+/* ---- recording (used by ops) ------------------------------------------- */
+/* Returns a new node if grad mode is on and some input requires grad,
+ * else NULL (then the op records nothing).  Inputs may contain NULLs. */
+ml_node *ml_node_begin(const char *name, ml_backward_fn bw, int n_inputs, ml_tensor *const *inputs);
+/* Save a tensor for backward (stored as a detached alias). */
+void ml_node_save(ml_node *n, ml_tensor *t);
+/* Attach node as out's grad_fn (takes the node reference); out becomes a
+ * non-leaf requiring grad. */
+void ml_node_finish(ml_node *n, ml_tensor *out);
+bool ml_node_needs_grad(const ml_node *n, int i);
+void ml_node_release(ml_node *n);
+/* True if any of the tensors requires grad and grad mode is on. */
+bool ml_any_requires_grad(int n, ml_tensor *const *ts);
+
+/* ---- engine ------------------------------------------------------------ */
+/* Backpropagate from root.  grad may be NULL if root has one element (then
+ * ones).  Gradients of leaves accumulate into leaf->grad. */
+int ml_backward(ml_tensor *root, ml_tensor *grad, bool retain_graph);
+
+/* ---- hooks on leaf tensors --------------------------------------------- */
+/* Called with the incoming gradient before it is accumulated into .grad.
+ * Return a NEW reference to replace it, or NULL to keep it (set *err = 1 on
+ * failure, with ml_error). */
+typedef ml_tensor *(*ml_hook_fn)(void *ctx, ml_tensor *grad, int *err);
+typedef struct ml_hook {
+    ml_hook_fn fn;
+    void *ctx;
+    void (*ctx_free)(void *ctx);
+    int id;
+    struct ml_hook *next;
+} ml_hook;
+int ml_add_hook(ml_tensor *leaf, ml_hook_fn fn, void *ctx, void (*ctx_free)(void *));
+void ml_remove_hook(ml_tensor *leaf, int id);
+/* Called after a leaf's .grad has been fully accumulated for this backward
+ * (the data-parallel layer starts bucket all-reduce from here). */
+typedef void (*ml_grad_ready_fn)(void *ctx, ml_tensor *leaf);
+void ml_set_grad_ready_callback(ml_grad_ready_fn fn, void *ctx);
+
+#endif

@@ -1,0 +1,105 @@
+/* ops.h — every differentiable (and a few non-differentiable) tensor op.
+ *
+ * Each op: checks its arguments (clear error naming the op and the shapes),
+ * allocates the output on the inputs' device, dispatches to the CPU or CUDA
+ * kernel (kernels/cpu, kernels/cuda), and records an autograd node.
+ * All dims are 0-based here and may be negative.  All return NEW references
+ * (NULL + ml_error on failure).  The op list with backends lives in
+ * host/op_registry.h. */
+#ifndef ML_OPS_H
+#define ML_OPS_H
+
+#include "tensor.h"
+#include "autograd.h"
+
+/* ---- elementwise, broadcasting (host/ops_elementwise.c) ------------------ */
+typedef enum { ML_ADD, ML_SUB, ML_MUL, ML_DIV, ML_POW, ML_MAXIMUM, ML_MINIMUM,
+               ML_EQ, ML_NE, ML_LT, ML_LE, ML_GT, ML_GE } ml_binop;
+ml_tensor *ml_binary(ml_binop op, ml_tensor *a, ml_tensor *b);
+ml_tensor *ml_add(ml_tensor *a, ml_tensor *b);
+ml_tensor *ml_sub(ml_tensor *a, ml_tensor *b);
+ml_tensor *ml_mul(ml_tensor *a, ml_tensor *b);
+ml_tensor *ml_div(ml_tensor *a, ml_tensor *b);
+ml_tensor *ml_pow(ml_tensor *a, ml_tensor *b);
+ml_tensor *ml_add_scalar(ml_tensor *a, double s);
+ml_tensor *ml_mul_scalar(ml_tensor *a, double s);
+ml_tensor *ml_pow_scalar(ml_tensor *a, double p);
+ml_tensor *ml_rsub_scalar(ml_tensor *a, double s);   /* s - a */
+ml_tensor *ml_rdiv_scalar(ml_tensor *a, double s);   /* s / a */
+ml_tensor *ml_where(ml_tensor *cond, ml_tensor *a, ml_tensor *b);
+
+typedef enum { ML_NEG, ML_SQRT, ML_RSQRT, ML_EXP, ML_LOG, ML_ABS, ML_SIN, ML_COS,
+               ML_SILU, ML_GELU, ML_GELU_TANH, ML_QUICK_GELU, ML_SIGMOID, ML_TANH,
+               ML_RELU, ML_SQUARE, ML_ROUND, ML_FLOOR, ML_SIGN, ML_NUM_UNOPS } ml_unop;
+ml_tensor *ml_unary(ml_unop op, ml_tensor *x);
+ml_tensor *ml_clamp(ml_tensor *x, double lo, double hi);   /* use +-INFINITY for none */
+
+/* Sum a gradient down to `shape` (the reverse of broadcasting). */
+ml_tensor *ml_sum_to_shape(ml_tensor *g, int ndim, const int64_t *shape);
+
+/* ---- in-place (never recorded; error if a leaf requiring grad while grad mode is on) */
+int ml_add_(ml_tensor *dst, ml_tensor *src, double alpha);   /* dst += alpha*src (broadcast src) */
+int ml_mul_(ml_tensor *dst, ml_tensor *src);                 /* dst *= src */
+int ml_mul_scalar_(ml_tensor *dst, double s);
+int ml_add_scalar_(ml_tensor *dst, double s);
+int ml_clamp_(ml_tensor *dst, double lo, double hi);
+/* Fused AdamW update (PyTorch semantics, decoupled decay, bias correction):
+ * p -= lr*wd*p; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
+ * p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps). */
+int ml_adamw_step_(ml_tensor *p, ml_tensor *g, ml_tensor *m, ml_tensor *v,
+                   double lr, double b1, double b2, double eps, double wd, int64_t step);
+
+/* ---- reductions (host/ops_reduce.c); dims: list of 0-based dims, n=0 means all */
+ml_tensor *ml_sum(ml_tensor *x, int ndims, const int *dims, bool keepdim);
+ml_tensor *ml_mean(ml_tensor *x, int ndims, const int *dims, bool keepdim);
+ml_tensor *ml_var(ml_tensor *x, int ndims, const int *dims, int correction, bool keepdim);
+ml_tensor *ml_max(ml_tensor *x, int dim, bool keepdim);          /* values */
+ml_tensor *ml_argmax(ml_tensor *x, int dim, bool keepdim);       /* int64, no grad */
+ml_tensor *ml_norm(ml_tensor *x, double p, int ndims, const int *dims, bool keepdim);
+
+/* ---- matmul (host/ops_matmul.c) ----------------------------------------- */
+/* [..,n,k] @ [..,k,m] with batch broadcasting; 1-D operands as in PyTorch. */
+ml_tensor *ml_matmul(ml_tensor *a, ml_tensor *b);
+/* x [.., in] , w [out, in] (PyTorch layout), b [out] or NULL -> [.., out] */
+ml_tensor *ml_linear(ml_tensor *x, ml_tensor *w, ml_tensor *b);
+
+/* ---- NHWC conv / norms / softmax / attention (host/ops_nn.c) ------------ */
+/* x [N,H,W,C], w [O,kh,kw,C] (NHWC filter), b [O] or NULL -> [N,Ho,Wo,O] */
+ml_tensor *ml_conv2d(ml_tensor *x, ml_tensor *w, ml_tensor *b,
+                     int stride_h, int stride_w, int pad_h, int pad_w);
+/* x [N,...,C] (channels last), groups over C, weight/bias [C] or NULL */
+ml_tensor *ml_group_norm(ml_tensor *x, int groups, ml_tensor *w, ml_tensor *b,
+                         double eps, bool fuse_silu);
+/* normalise over the last dim; weight/bias [C] or NULL */
+ml_tensor *ml_layer_norm(ml_tensor *x, ml_tensor *w, ml_tensor *b, double eps);
+ml_tensor *ml_softmax(ml_tensor *x, int dim);
+ml_tensor *ml_log_softmax(ml_tensor *x, int dim);
+/* q [B,Sq,H,D], k/v [B,Sk,H,D] (BSHD: projection outputs used in place)
+ * -> [B,Sq,H,D].  scale <= 0 means 1/sqrt(D). */
+ml_tensor *ml_sdpa(ml_tensor *q, ml_tensor *k, ml_tensor *v, bool causal, double scale);
+
+/* ---- indexing / shape (host/ops_index.c) -------------------------------- */
+ml_tensor *ml_embedding(ml_tensor *weight, ml_tensor *ids);     /* [V,D], int ids [...] -> [...,D] */
+ml_tensor *ml_cat(int n, ml_tensor *const *ts, int dim);
+ml_tensor *ml_stack(int n, ml_tensor *const *ts, int dim);
+ml_tensor *ml_gather(ml_tensor *x, int dim, ml_tensor *index);
+ml_tensor *ml_index_select(ml_tensor *x, int dim, ml_tensor *index);
+ml_tensor *ml_upsample_nearest2d(ml_tensor *x, int scale);        /* NHWC */
+
+/* ---- losses / regularisation (host/ops_loss.c) -------------------------- */
+typedef enum { ML_REDUCE_NONE, ML_REDUCE_MEAN, ML_REDUCE_SUM } ml_reduction;
+ml_tensor *ml_mse_loss(ml_tensor *a, ml_tensor *b, ml_reduction r);
+
+/* ---- random (host/random.c): Philox4x32-10, counter based --------------- */
+typedef struct { uint64_t seed; uint64_t offset; } ml_generator;
+ml_generator *ml_default_generator(void);
+void ml_manual_seed(uint64_t seed);
+ml_tensor *ml_dropout(ml_tensor *x, double p, bool train, ml_generator *g);
+ml_tensor *ml_randn(int ndim, const int64_t *shape, ml_dtype dt, ml_device dev, ml_generator *g);
+ml_tensor *ml_rand(int ndim, const int64_t *shape, ml_dtype dt, ml_device dev, ml_generator *g);
+ml_tensor *ml_randint(int64_t low, int64_t high, int ndim, const int64_t *shape, ml_dtype dt,
+                      ml_device dev, ml_generator *g);
+int ml_normal_(ml_tensor *t, double mean, double std, ml_generator *g);
+int ml_uniform_(ml_tensor *t, double lo, double hi, ml_generator *g);
+
+#endif

@@ -1,0 +1,200 @@
+// runtime.cu — devices, the one compute stream per device, and the error
+// reporting every CUDA file uses (see runtime.h and common.cuh).  Nothing
+// here exits: failures become ml_error messages and -1.
+#include "common.cuh"
+
+#include <cstdio>
+#include <cstdlib>
+#include <dirent.h>
+#include <mutex>
+
+namespace {
+
+struct device_state {
+    cudaStream_t stream;   // created on first use
+    int sm_count;          // 0 until queried
+};
+
+std::once_flag g_count_once;
+int g_count = 0;
+char g_unavailable[256] = "";
+std::mutex g_mu;
+device_state *g_dev = nullptr;   // g_count entries; never freed (outlives static destructors)
+
+// The device this thread last selected through us (-1: none yet), to skip
+// redundant cudaSetDevice calls on the hot path.
+thread_local int tl_current = -1;
+
+void count_devices() {
+    int n = 0;
+    cudaError_t e = cudaGetDeviceCount(&n);
+    if (e != cudaSuccess) {
+        snprintf(g_unavailable, sizeof g_unavailable, "%s (%s)", cudaGetErrorString(e),
+                 cudaGetErrorName(e));
+        cudaGetLastError();
+        n = 0;
+    } else if (n == 0) {
+        snprintf(g_unavailable, sizeof g_unavailable, "no CUDA device found");
+    }
+    g_count = n;
+    if (n > 0) g_dev = (device_state *)calloc((size_t)n, sizeof *g_dev);
+    if (n > 0 && !g_dev) {
+        snprintf(g_unavailable, sizeof g_unavailable, "out of CPU memory for device state");
+        g_count = 0;
+    }
+}
+
+bool is_sticky(cudaError_t e) {
+    switch (e) {
+    case cudaErrorIllegalAddress:
+    case cudaErrorLaunchFailure:
+    case cudaErrorIllegalInstruction:
+    case cudaErrorMisalignedAddress:
+    case cudaErrorInvalidAddressSpace:
+    case cudaErrorInvalidPc:
+    case cudaErrorHardwareStackError:
+    case cudaErrorAssert:
+    case cudaErrorLaunchTimeout:
+    case cudaErrorECCUncorrectable:
+        return true;
+    default:
+        return false;
+    }
+}
+
+int check_index(int dev) {
+    int n = ml_cuda_device_count();
+    if (n == 0) return ml_error("cuda:%d requested but CUDA is not available: %s", dev, g_unavailable);
+    if (dev < 0 || dev >= n)
+        return ml_error("cuda:%d does not exist (this machine has %d CUDA device%s: cuda:0..cuda:%d)",
+                        dev, n, n == 1 ? "" : "s", n - 1);
+    return 0;
+}
+
+}  // namespace
+
+int ml_cuda_fail(cudaError_t e, const char *what, const char *file, int line) {
+    const char *base = strrchr(file, '/');
+    base = base ? base + 1 : file;
+    // Clear the non-sticky error so the next call starts clean.
+    cudaGetLastError();
+    return ml_error("CUDA error in %s:%d (%s): %s [%s]%s", base, line, what, cudaGetErrorString(e),
+                    cudaGetErrorName(e),
+                    is_sticky(e) ? "; the CUDA context is now unusable, restart moonlit" : "");
+}
+
+extern "C" int ml_cuda_device_count(void) {
+    std::call_once(g_count_once, count_devices);
+    return g_count;
+}
+
+extern "C" const char *ml_cuda_unavailable_reason(void) {
+    ml_cuda_device_count();
+    return g_unavailable;
+}
+
+extern "C" int ml_cuda_peek_device_count(void) {
+    DIR *d = opendir("/proc/driver/nvidia/gpus");
+    if (!d) return -1;
+    int n = 0;
+    for (struct dirent *e; (e = readdir(d));)
+        if (e->d_name[0] != '.') n++;
+    closedir(d);
+    const char *vis = getenv("CUDA_VISIBLE_DEVICES");
+    if (vis) {
+        // The runtime stops at the first invalid entry; count the entries
+        // up to there, capped by the GPUs present.
+        int listed = 0;
+        for (const char *p = vis; *p;) {
+            while (*p == ' ') p++;
+            if (!*p) break;
+            if (*p == '-') break;   // "-1" and friends hide everything after
+            listed++;
+            while (*p && *p != ',') p++;
+            if (*p == ',') p++;
+        }
+        if (listed < n) n = listed;
+    }
+    return n;
+}
+
+extern "C" int ml_cuda_set_device(int dev) {
+    if (check_index(dev) < 0) return -1;
+    if (tl_current == dev) return 0;
+    ML_CUDA_TRY(cudaSetDevice(dev));
+    tl_current = dev;
+    return 0;
+}
+
+extern "C" int ml_cuda_current_device(void) {
+    if (tl_current >= 0) return tl_current;
+    int dev = 0;
+    if (ml_cuda_device_count() == 0 || cudaGetDevice(&dev) != cudaSuccess) {
+        cudaGetLastError();
+        return 0;
+    }
+    return dev;
+}
+
+extern "C" int ml_cuda_enter(int dev, ml_cuda_stream_t *stream) {
+    if (ml_cuda_set_device(dev) < 0) return -1;
+    cudaStream_t s = g_dev[dev].stream;
+    if (!s) {
+        std::lock_guard<std::mutex> lock(g_mu);
+        if (!g_dev[dev].stream) {
+            // A blocking stream (not cudaStreamNonBlocking): it stays ordered
+            // with the legacy default stream, so a library call that forgot
+            // to take our stream is still correct, only slower.
+            ML_CUDA_TRY(cudaStreamCreateWithFlags(&g_dev[dev].stream, cudaStreamDefault));
+        }
+        s = g_dev[dev].stream;
+    }
+    if (stream) *stream = s;
+    return 0;
+}
+
+extern "C" int ml_cuda_synchronize(int dev) {
+    if (dev >= 0) {
+        cudaStream_t s;
+        if (ml_cuda_enter(dev, &s) < 0) return -1;
+        ML_CUDA_TRY(cudaStreamSynchronize(s));
+        return 0;
+    }
+    int n = ml_cuda_device_count();
+    for (int i = 0; i < n; i++) {
+        if (!g_dev[i].stream) continue;
+        if (ml_cuda_set_device(i) < 0) return -1;
+        ML_CUDA_TRY(cudaStreamSynchronize(g_dev[i].stream));
+    }
+    return 0;
+}
+
+int ml_cuda_sm_count(int dev) {
+    if (dev < 0 || dev >= ml_cuda_device_count()) return 1;
+    int n = g_dev[dev].sm_count;
+    if (n > 0) return n;
+    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n < 1) {
+        cudaGetLastError();
+        return 132;   // an H100 SXM's count: only sizes launches, never correctness
+    }
+    g_dev[dev].sm_count = n;
+    return n;
+}
+
+extern "C" int ml_cuda_get_device_info(int dev, ml_cuda_device_info *out) {
+    if (ml_cuda_set_device(dev) < 0) return -1;
+    cudaDeviceProp p;
+    ML_CUDA_TRY(cudaGetDeviceProperties(&p, dev));
+    memset(out, 0, sizeof *out);
+    snprintf(out->name, sizeof out->name, "%s", p.name);
+    out->cc_major = p.major;
+    out->cc_minor = p.minor;
+    out->sm_count = p.multiProcessorCount;
+    ML_CUDA_TRY(cudaMemGetInfo(&out->free_mem, &out->total_mem));
+    return 0;
+}
+
+int ml_cuda_prepare(const ml_tensor *t, const char *op, cudaStream_t *stream) {
+    if (t->device.type != ML_CUDA) return ml_error("%s: expected a cuda tensor, got a cpu one", op);
+    return ml_cuda_enter(t->device.index, stream);
+}

@@ -1,0 +1,112 @@
+-- moonlit — the Lua face of the tensor core.
+--   local ml = require "moonlit"
+-- Tensors and ops come from the C module moonlit.core; this file arranges
+-- them as PyTorch/Torch7 users expect: ml.tensor, ml.zeros, ..., operators
+-- and methods on tensors, ml.F (functional ops), ml.nn, ml.optim, and the
+-- lazily loaded ml.image, ml.sd, ml.data, ml.train, ml.dist.
+local core = require "moonlit.core"
+
+local ml = {core = core}
+for k, v in pairs(core) do ml[k] = v end
+
+local Tensor = core.Tensor
+local methods = Tensor.__methods
+
+Tensor.__add = core.add
+Tensor.__sub = core.sub
+Tensor.__mul = core.mul
+Tensor.__div = core.div
+Tensor.__pow = core.pow
+Tensor.__unm = core.neg
+Tensor.__len = function(t) return t:size(1) end
+
+-- Core functions whose first argument is a tensor double as methods.
+for _, name in ipairs {
+    "add", "sub", "mul", "div", "pow", "maximum", "minimum", "eq", "ne", "lt", "le", "gt", "ge",
+    "neg", "sqrt", "rsqrt", "exp", "log", "abs", "sin", "cos", "silu", "gelu", "gelu_tanh",
+    "quick_gelu", "sigmoid", "tanh", "relu", "square", "round", "floor", "sign", "clamp",
+    "sum", "mean", "var", "max", "argmax", "norm", "matmul", "softmax", "log_softmax",
+    "add_", "sub_", "mul_", "div_", "clamp_", "normal_", "uniform_",
+} do
+    methods[name] = core[name]
+end
+
+-- chunk(n, dim): n views along dim (the last may be smaller), as torch.chunk.
+function methods.chunk(t, n, dim)
+    dim = dim or 1
+    local size = t:size(dim)
+    local step = (size + n - 1) // n
+    local out = {}
+    local start = 1
+    while start <= size do
+        local len = math.min(step, size - start + 1)
+        out[#out + 1] = t:narrow(dim, start, len)
+        start = start + len
+    end
+    return table.unpack(out)
+end
+
+-- split(size, dim): views of `size` along dim (a table of sizes also works).
+function methods.split(t, size, dim)
+    dim = dim or 1
+    local total, out, start = t:size(dim), {}, 1
+    if type(size) == "table" then
+        for _, len in ipairs(size) do
+            out[#out + 1] = t:narrow(dim, start, len)
+            start = start + len
+        end
+        assert(start - 1 == total, "split: sizes do not sum to the dimension's size")
+    else
+        while start <= total do
+            local len = math.min(size, total - start + 1)
+            out[#out + 1] = t:narrow(dim, start, len)
+            start = start + len
+        end
+    end
+    return table.unpack(out)
+end
+
+function methods.flatten(t, first, last)
+    first, last = first or 1, last or -1
+    local nd = t:dim()
+    if first < 0 then first = first + nd + 1 end
+    if last < 0 then last = last + nd + 1 end
+    local shape, n = {}, 1
+    for i = 1, nd do
+        if i < first or i > last then shape[#shape + 1] = t:size(i)
+        else
+            n = n * t:size(i)
+            if i == last then shape[#shape + 1] = n end
+        end
+    end
+    return t:view(shape)
+end
+
+function methods.type(t) return t.dtype end
+
+ml.Tensor = Tensor
+ml.F = require "moonlit.functional"
+ml.nn = require "moonlit.nn"
+ml.optim = require "moonlit.optim"
+
+-- ml.no_grad(fn, ...) runs fn with gradient recording off and returns its results.
+ml.no_grad = core.no_grad
+ml.enable_grad = core.enable_grad
+
+-- Heavier parts load on first use.
+local lazy = {
+    image = "moonlit.image", sd = "moonlit.sd", data = "moonlit.data", train = "moonlit.train",
+    dist = "moonlit.dist", gradcheck = "moonlit.gradcheck", tokenizer = "moonlit.tokenizer",
+    cuda = "moonlit.cuda", io = "moonlit.io",
+}
+setmetatable(ml, {__index = function(t, k)
+    local mod = lazy[k]
+    if mod then
+        local m = require(mod)
+        rawset(t, k, m)
+        return m
+    end
+end})
+
+ml.version = "0.1.0"
+return ml

@@ -1,0 +1,427 @@
+-- moonlit.nn (ml.nn) — modules that own parameters, PyTorch style.
+--
+-- A module keeps parameters, buffers and children in registration order, so
+-- named_parameters() and state_dict() produce the dotted names PyTorch
+-- would ("down_blocks.0.resnets.1.conv1.weight"; list children count from 0
+-- exactly as torch.nn.ModuleList does, since the names must match files).
+-- Images are NHWC; Conv2d keeps its weight as [O, kh, kw, I]; state_dict
+-- and load_state_dict convert to/from PyTorch's [O, I, kh, kw] when asked
+-- with {layout = "torch"}.
+local core = require "moonlit.core"
+local F = require "moonlit.functional"
+
+local nn = {}
+
+-- ---- Module ---------------------------------------------------------------
+
+local Module = {}
+Module.__index = Module
+Module.__name = "Module"
+nn.Module = Module
+
+local function class_call(cls, ...)
+    local self = setmetatable({}, cls)
+    Module._init(self)
+    if cls.init then cls.init(self, ...) end
+    return self
+end
+
+-- Define a module class: local Foo = nn.Module:extend("Foo"); function Foo:init(...) end;
+-- function Foo:forward(...) end.  Foo(...) constructs.
+function Module:extend(name)
+    local cls = {}
+    for k, v in pairs(self) do if k:sub(1, 2) == "__" then cls[k] = v end end
+    cls.__index = cls
+    cls.__name = name
+    cls.__call = Module.__call
+    cls.super = self
+    return setmetatable(cls, {__index = self, __call = class_call})
+end
+
+function Module:_init()
+    rawset(self, "_param_names", {})
+    rawset(self, "_params", {})
+    rawset(self, "_buffer_names", {})
+    rawset(self, "_buffers", {})
+    rawset(self, "_child_names", {})
+    rawset(self, "_children", {})
+    rawset(self, "training", true)
+end
+
+function Module.__call(self, ...) return self:forward(...) end
+
+function Module:forward() error(self.__name .. ": forward is not implemented", 2) end
+
+function Module:register_parameter(name, t)
+    if t ~= nil then t.requires_grad = true end
+    if self._params[name] == nil then self._param_names[#self._param_names + 1] = name end
+    self._params[name] = t
+    rawset(self, name, t)
+    return t
+end
+
+function Module:register_buffer(name, t)
+    if self._buffers[name] == nil then self._buffer_names[#self._buffer_names + 1] = name end
+    self._buffers[name] = t
+    rawset(self, name, t)
+    return t
+end
+
+function Module:add_module(name, m)
+    name = tostring(name)
+    if self._children[name] == nil then self._child_names[#self._child_names + 1] = name end
+    self._children[name] = m
+    rawset(self, name, m)
+    return m
+end
+
+function Module:children()
+    local out = {}
+    for _, n in ipairs(self._child_names) do out[#out + 1] = self._children[n] end
+    return out
+end
+
+function Module:named_children()
+    local out = {}
+    for _, n in ipairs(self._child_names) do out[#out + 1] = {n, self._children[n]} end
+    return out
+end
+
+-- List of {name, tensor} in PyTorch's order: own parameters, then children.
+function Module:named_parameters(prefix, out)
+    out = out or {}
+    prefix = prefix or ""
+    for _, n in ipairs(self._param_names) do
+        local p = self._params[n]
+        if p ~= nil then out[#out + 1] = {prefix .. n, p} end
+    end
+    for _, c in ipairs(self._child_names) do
+        self._children[c]:named_parameters(prefix .. c .. ".", out)
+    end
+    return out
+end
+
+function Module:parameters()
+    local out = {}
+    for _, np in ipairs(self:named_parameters()) do out[#out + 1] = np[2] end
+    return out
+end
+
+function Module:named_buffers(prefix, out)
+    out = out or {}
+    prefix = prefix or ""
+    for _, n in ipairs(self._buffer_names) do
+        local b = self._buffers[n]
+        if b ~= nil then out[#out + 1] = {prefix .. n, b} end
+    end
+    for _, c in ipairs(self._child_names) do self._children[c]:named_buffers(prefix .. c .. ".", out) end
+    return out
+end
+
+function Module:named_modules(prefix, out)
+    out = out or {}
+    prefix = prefix or ""
+    out[#out + 1] = {prefix, self}
+    for _, c in ipairs(self._child_names) do
+        self._children[c]:named_modules(prefix == "" and c or prefix .. "." .. c, out)
+    end
+    return out
+end
+
+function Module:num_parameters()
+    local n = 0
+    for _, p in ipairs(self:parameters()) do n = n + p:numel() end
+    return n
+end
+
+function Module:train(on)
+    if on == nil then on = true end
+    for _, nm in ipairs(self:named_modules()) do rawset(nm[2], "training", on) end
+    return self
+end
+
+function Module:eval() return self:train(false) end
+
+function Module:zero_grad()
+    for _, p in ipairs(self:parameters()) do p.grad = nil end
+end
+
+function Module:requires_grad_(on)
+    if on == nil then on = true end
+    for _, p in ipairs(self:parameters()) do p.requires_grad = on end
+    return self
+end
+
+-- Replace every parameter and buffer by its conversion (device and/or
+-- dtype, as t:to accepts).  Build optimizers after moving a model.
+function Module:to(...)
+    local args = table.pack(...)
+    for _, nm in ipairs(self:named_modules()) do
+        local m = nm[2]
+        for _, n in ipairs(m._param_names) do
+            local p = m._params[n]
+            if p ~= nil then
+                local q = core.no_grad(function() return p:to(table.unpack(args, 1, args.n)) end)
+                if q ~= p then
+                    q = q:detach()
+                    q.requires_grad = p.requires_grad
+                    m._params[n] = q
+                    rawset(m, n, q)
+                end
+            end
+        end
+        for _, n in ipairs(m._buffer_names) do
+            local b = m._buffers[n]
+            if b ~= nil then
+                local q = b:to(table.unpack(args, 1, args.n))
+                m._buffers[n] = q
+                rawset(m, n, q)
+            end
+        end
+    end
+    return self
+end
+
+-- Module types whose 4-D weight is stored [O, kh, kw, I] here but
+-- [O, I, kh, kw] in PyTorch files.
+local function to_torch_layout(t) return t:permute(1, 4, 2, 3):contiguous() end
+local function from_torch_layout(t) return t:permute(1, 3, 4, 2):contiguous() end
+
+local function conv_weight_names(self)
+    local set = {}
+    for _, nm in ipairs(self:named_modules()) do
+        local m = nm[2]
+        if m._nhwc_weight then
+            set[(nm[1] == "" and "" or nm[1] .. ".") .. "weight"] = true
+        end
+    end
+    return set
+end
+
+-- state_dict{layout = "torch"|"nhwc", keep_vars = false} -> name -> tensor
+-- (plus an ordered list of names in field `_order`).
+function Module:state_dict(opts)
+    opts = opts or {}
+    local torch_layout = opts.layout == "torch"
+    local convs = torch_layout and conv_weight_names(self) or {}
+    local sd, order = {}, {}
+    local function add(n, t)
+        if convs[n] then t = to_torch_layout(t) end
+        if not opts.keep_vars then t = t:detach() end
+        sd[n] = t
+        order[#order + 1] = n
+    end
+    for _, np in ipairs(self:named_parameters()) do add(np[1], np[2]) end
+    for _, nb in ipairs(self:named_buffers()) do add(nb[1], nb[2]) end
+    return setmetatable(sd, {__index = {_order = order}})
+end
+
+local function shape_str(s) return "[" .. table.concat(s, ", ") .. "]" end
+
+-- load_state_dict(sd, {strict = true, layout = "torch"|"nhwc"}) copies values
+-- into the existing tensors (converting dtype/device).  Strict mode reports
+-- every missing, unexpected and mis-shaped tensor by name in one error.
+function Module:load_state_dict(sd, opts)
+    opts = opts or {}
+    local strict = opts.strict ~= false
+    local convs = opts.layout == "torch" and conv_weight_names(self) or {}
+    local targets = {}
+    for _, np in ipairs(self:named_parameters()) do targets[np[1]] = np[2] end
+    for _, nb in ipairs(self:named_buffers()) do targets[nb[1]] = nb[2] end
+    local missing, unexpected, mismatched = {}, {}, {}
+    for n, dst in pairs(targets) do
+        local src = sd[n]
+        if src == nil then missing[#missing + 1] = n
+        else
+            if convs[n] and src:dim() == 4 then src = from_torch_layout(src) end
+            local ds, ss = dst:size(), src:size()
+            if shape_str(ds) ~= shape_str(ss) then
+                mismatched[#mismatched + 1] = string.format("%s: checkpoint %s, model %s", n,
+                    shape_str(convs[n] and sd[n]:size() or ss), shape_str(convs[n] and to_torch_layout(dst):size() or ds))
+            else
+                targets[n] = {dst, src}
+            end
+        end
+    end
+    for n in pairs(sd) do
+        if type(n) == "string" and targets[n] == nil then unexpected[#unexpected + 1] = n end
+    end
+    table.sort(missing); table.sort(unexpected); table.sort(mismatched)
+    local problems = {}
+    if #mismatched > 0 then problems[#problems + 1] = "size mismatch:\n    " .. table.concat(mismatched, "\n    ") end
+    if strict and #missing > 0 then problems[#problems + 1] = "missing keys:\n    " .. table.concat(missing, "\n    ") end
+    if strict and #unexpected > 0 then problems[#problems + 1] = "unexpected keys:\n    " .. table.concat(unexpected, "\n    ") end
+    if #problems > 0 then
+        error("load_state_dict (" .. (self.__name or "Module") .. "): " .. table.concat(problems, "\n"), 2)
+    end
+    core.no_grad(function()
+        for _, pair in pairs(targets) do
+            if type(pair) == "table" then pair[1]:copy_(pair[2]) end
+        end
+    end)
+    return {missing = missing, unexpected = unexpected}
+end
+
+function Module:__tostring()
+    local lines = {(self.__name or "Module") .. "("}
+    for _, c in ipairs(self._child_names) do
+        local s = tostring(self._children[c]):gsub("\n", "\n  ")
+        lines[#lines + 1] = "  (" .. c .. "): " .. s
+    end
+    if #lines == 1 then return (self.__name or "Module") .. "(" .. (self.extra_repr and self:extra_repr() or "") .. ")" end
+    lines[#lines + 1] = ")"
+    return table.concat(lines, "\n")
+end
+
+-- ---- initialisation helpers (PyTorch defaults) ----------------------------
+
+nn.init = {}
+function nn.init.uniform_(t, lo, hi) return core.no_grad(function() return core.uniform_(t, lo, hi) end) end
+function nn.init.normal_(t, mean, std) return core.no_grad(function() return core.normal_(t, mean or 0, std or 1) end) end
+function nn.init.zeros_(t) return core.no_grad(function() return t:zero_() end) end
+function nn.init.ones_(t) return core.no_grad(function() return t:fill_(1) end) end
+-- kaiming_uniform_(a = sqrt(5)) as Linear/Conv2d use reduces to U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+local function default_uniform(t, fan_in)
+    local bound = fan_in > 0 and 1 / math.sqrt(fan_in) or 0
+    return nn.init.uniform_(t, -bound, bound)
+end
+
+local function opt(o, k, d) if o == nil or o[k] == nil then return d end return o[k] end
+
+-- ---- layers ---------------------------------------------------------------
+
+local Linear = Module:extend("Linear")
+nn.Linear = Linear
+-- Linear(in, out, {bias = true, dtype =, device =}); weight [out, in] as PyTorch.
+function Linear:init(in_features, out_features, o)
+    self.in_features, self.out_features = in_features, out_features
+    local topts = {dtype = opt(o, "dtype", "f32"), device = opt(o, "device", "cpu")}
+    self:register_parameter("weight", default_uniform(core.empty({out_features, in_features}, topts), in_features))
+    if opt(o, "bias", true) then
+        self:register_parameter("bias", default_uniform(core.empty({out_features}, topts), in_features))
+    end
+end
+function Linear:forward(x) return core.linear(x, self.weight, self.bias) end
+function Linear:extra_repr() return string.format("in=%d, out=%d, bias=%s", self.in_features, self.out_features, tostring(self.bias ~= nil)) end
+
+local Conv2d = Module:extend("Conv2d")
+nn.Conv2d = Conv2d
+-- Conv2d(in, out, kernel, {stride = 1, padding = 0, bias = true}) on NHWC input;
+-- weight [out, kh, kw, in].
+function Conv2d:init(cin, cout, k, o)
+    local kh, kw = type(k) == "table" and k[1] or k, type(k) == "table" and k[2] or k
+    self.in_channels, self.out_channels, self.kernel_size = cin, cout, {kh, kw}
+    self.stride = opt(o, "stride", 1)
+    self.padding = opt(o, "padding", 0)
+    rawset(self, "_nhwc_weight", true)
+    local topts = {dtype = opt(o, "dtype", "f32"), device = opt(o, "device", "cpu")}
+    local fan_in = cin * kh * kw
+    self:register_parameter("weight", default_uniform(core.empty({cout, kh, kw, cin}, topts), fan_in))
+    if opt(o, "bias", true) then self:register_parameter("bias", default_uniform(core.empty({cout}, topts), fan_in)) end
+end
+function Conv2d:forward(x)
+    return core.conv2d(x, self.weight, self.bias, {stride = self.stride, padding = self.padding})
+end
+function Conv2d:extra_repr()
+    return string.format("%d, %d, kernel=%dx%d, stride=%s, padding=%s", self.in_channels, self.out_channels,
+        self.kernel_size[1], self.kernel_size[2], tostring(self.stride), tostring(self.padding))
+end
+
+local GroupNorm = Module:extend("GroupNorm")
+nn.GroupNorm = GroupNorm
+-- GroupNorm(groups, channels, {eps = 1e-5, affine = true}) over channels-last input.
+function GroupNorm:init(groups, channels, o)
+    assert(channels % groups == 0, "GroupNorm: channels must be divisible by groups")
+    self.num_groups, self.num_channels, self.eps = groups, channels, opt(o, "eps", 1e-5)
+    if opt(o, "affine", true) then
+        local topts = {dtype = opt(o, "dtype", "f32"), device = opt(o, "device", "cpu")}
+        self:register_parameter("weight", core.ones({channels}, topts))
+        self:register_parameter("bias", core.zeros({channels}, topts))
+    end
+end
+-- forward(x, {silu = true}) fuses the SiLU that follows most norms in SD.
+function GroupNorm:forward(x, o)
+    return core.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, opt(o, "silu", false))
+end
+
+local LayerNorm = Module:extend("LayerNorm")
+nn.LayerNorm = LayerNorm
+function LayerNorm:init(dim, o)
+    self.eps = opt(o, "eps", 1e-5)
+    local topts = {dtype = opt(o, "dtype", "f32"), device = opt(o, "device", "cpu")}
+    if opt(o, "elementwise_affine", true) then
+        self:register_parameter("weight", core.ones({dim}, topts))
+        self:register_parameter("bias", core.zeros({dim}, topts))
+    end
+end
+function LayerNorm:forward(x) return core.layer_norm(x, self.weight, self.bias, self.eps) end
+
+local Embedding = Module:extend("Embedding")
+nn.Embedding = Embedding
+function Embedding:init(num, dim, o)
+    local topts = {dtype = opt(o, "dtype", "f32"), device = opt(o, "device", "cpu")}
+    self:register_parameter("weight", nn.init.normal_(core.empty({num, dim}, topts), 0, 1))
+end
+function Embedding:forward(ids) return core.embedding(self.weight, ids) end
+
+local Dropout = Module:extend("Dropout")
+nn.Dropout = Dropout
+function Dropout:init(p) self.p = p or 0.5 end
+function Dropout:forward(x)
+    if not self.training or self.p == 0 then return x end
+    return core.dropout(x, self.p, true)
+end
+
+local function activation(name, fn)
+    local cls = Module:extend(name)
+    cls.forward = function(_, x) return fn(x) end
+    nn[name] = cls
+end
+activation("SiLU", core.silu)
+activation("ReLU", core.relu)
+activation("Sigmoid", core.sigmoid)
+activation("Tanh", core.tanh)
+activation("QuickGELU", core.quick_gelu)
+activation("Identity", function(x) return x end)
+local GELU = Module:extend("GELU")
+nn.GELU = GELU
+function GELU:init(approximate) self.approximate = approximate or "none" end
+function GELU:forward(x) return F.gelu(x, {approximate = self.approximate}) end
+
+local Sequential = Module:extend("Sequential")
+nn.Sequential = Sequential
+function Sequential:init(...)
+    local mods = select("#", ...) == 1 and type((...)) == "table" and getmetatable(...) == nil and (...) or {...}
+    for i, m in ipairs(mods) do self:add_module(tostring(i - 1), m) end
+end
+function Sequential:forward(x)
+    for _, m in ipairs(self:children()) do x = m(x) end
+    return x
+end
+function Sequential:add(m) return self:add_module(tostring(#self._child_names), m) end
+
+local ModuleList = Module:extend("ModuleList")
+nn.ModuleList = ModuleList
+-- Children are named "0", "1", ... ; Lua access is 1-based: list[1] is child "0".
+function ModuleList:init(mods)
+    for _, m in ipairs(mods or {}) do self:append(m) end
+end
+function ModuleList:append(m)
+    local n = #self._child_names
+    self:add_module(tostring(n), m)
+    rawset(self, n + 1, m)
+    return self
+end
+function ModuleList:__len() return #self._child_names end
+function ModuleList:ipairs() return ipairs(self:children()) end
+
+-- All parameters of several modules, in order (for one optimizer).
+function nn.parameters(...)
+    local out = {}
+    for i = 1, select("#", ...) do
+        for _, p in ipairs((select(i, ...)):parameters()) do out[#out + 1] = p end
+    end
+    return out
+end
+
+return nn

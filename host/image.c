@@ -4,6 +4,7 @@
  * errors, EXIF orientation, PNG/JPEG metadata, atomic writes, and a
  * resampler that matches PIL and torch. */
 #include "image.h"
+#include "atomic_file.h"
 #include "error.h"
 
 #include <errno.h>
@@ -227,6 +228,20 @@ static int png_check(const uint8_t *d, size_t n, const char *name, int *orient) 
     return r;
 }
 
+/* A DHT segment's tables must each hold at most 256 codes and fit the
+ * segment: stb_image writes past its fixed-size tables otherwise. */
+static int dht_check(const uint8_t *p, size_t n) {
+    while (n > 0) {
+        if (n < 17 || (p[0] >> 4) > 1 || (p[0] & 15) > 3) return -1;
+        size_t codes = 0;
+        for (int i = 1; i <= 16; i++) codes += p[i];
+        if (codes > 256 || n < 17 + codes) return -1;
+        p += 17 + codes;
+        n -= 17 + codes;
+    }
+    return 0;
+}
+
 /* Walk the JPEG segments to the end-of-image marker: stb decodes a file cut
  * short inside its entropy-coded data as if the rest were zeros. */
 static int jpeg_check(const uint8_t *d, size_t n, const char *name, int *orient) {
@@ -243,6 +258,8 @@ static int jpeg_check(const uint8_t *d, size_t n, const char *name, int *orient)
         size_t len = (size_t)d[p] << 8 | d[p + 1];
         if (len < 2) return ml_error("cannot decode '%s': corrupt JPEG (segment length %zu at byte %zu)", name, len, p);
         if (p + len > n) break;
+        if (m == 0xC4 && dht_check(d + p + 2, len - 2) < 0)
+            return ml_error("cannot decode '%s': corrupt JPEG (bad Huffman table at byte %zu)", name, p);
         if (m == 0xE1 && len >= 8 && memcmp(d + p + 2, "Exif\0\0", 6) == 0)
             *orient = exif_orientation(d + p + 8, len - 8);
         p += len;
@@ -485,47 +502,6 @@ static int encode_jpeg(bytes *out, const char *path, const uint8_t *hwc, int h, 
     return 0;
 }
 
-/* Write `n` bytes to a temporary file beside `path`, then rename it over
- * `path`: readers see the old file or the new one, never a partial one. */
-static int write_atomic(const char *path, const uint8_t *data, size_t n) {
-    const char *slash = strrchr(path, '/');
-    size_t dirlen = slash ? (size_t)(slash - path) : 0;
-    const char *base = slash ? slash + 1 : path;
-    size_t cap = strlen(path) + 32;
-    char *tmp = malloc(cap), *dir = malloc(dirlen + 2);
-    if (!tmp || !dir) { free(tmp); free(dir); return ml_error("cannot save '%s': out of memory", path); }
-    if (slash) { memcpy(dir, path, dirlen ? dirlen : 1); dir[dirlen ? dirlen : 1] = 0; }
-    else strcpy(dir, ".");
-    snprintf(tmp, cap, "%.*s%s.%s.tmp-XXXXXX", (int)dirlen, path, slash ? "/" : "", base);
-    int fd = mkstemp(tmp);
-    if (fd < 0) {
-        int e = errno;
-        ml_error("cannot save '%s': cannot create a file in '%s': %s", path, dir, strerror(e));
-        free(tmp); free(dir);
-        return -1;
-    }
-    const char *fail = NULL;
-    int e = 0;
-    size_t done = 0;
-    while (done < n && !fail) {
-        ssize_t r = write(fd, data + done, n - done);
-        if (r < 0 && errno == EINTR) continue;
-        if (r < 0) { fail = "write failed"; e = errno; }
-        else done += (size_t)r;
-    }
-    /* mkstemp makes the file private (0600); an image is an ordinary file. */
-    if (!fail && fchmod(fd, 0644) != 0) { fail = "cannot set permissions"; e = errno; }
-    if (!fail && fsync(fd) != 0) { fail = "cannot flush to disk"; e = errno; }
-    if (close(fd) != 0 && !fail) { fail = "cannot close the file"; e = errno; }
-    if (!fail && rename(tmp, path) != 0) { fail = "cannot move the new file into place"; e = errno; }
-    if (fail) {
-        unlink(tmp);
-        ml_error("cannot save '%s': %s: %s", path, fail, strerror(e));
-    }
-    free(tmp); free(dir);
-    return fail ? -1 : 0;
-}
-
 int ml_image_save(const char *path, const uint8_t *hwc, int h, int w, int c,
                   const char **keys, const char **vals, int nkv, int jpeg_quality) {
     if (!path || !*path) return ml_error("cannot save '': empty file name");
@@ -555,7 +531,7 @@ int ml_image_save(const char *path, const uint8_t *hwc, int h, int w, int c,
     bytes out = {0};
     int rc = png ? encode_png(&out, path, hwc, h, w, c, keys, vals, nkv)
                  : encode_jpeg(&out, path, hwc, h, w, c, keys, vals, nkv, jpeg_quality);
-    if (rc == 0) rc = write_atomic(path, out.p, out.n);
+    if (rc == 0) rc = ml_write_file_atomic(path, out.p, out.n);
     free(out.p);
     return rc;
 }

@@ -246,10 +246,11 @@ static int read_line_tty(lua_State *L, const char *prompt)
 {
     /* SIGINT stays blocked except inside pselect, so a Ctrl-C cannot slip
      * between the flag test and the wait. */
-    sigset_t block, waitmask;
+    sigset_t block, oldmask, waitmask;
     sigemptyset(&block);
     sigaddset(&block, SIGINT);
-    sigprocmask(SIG_BLOCK, &block, &waitmask);
+    sigprocmask(SIG_BLOCK, &block, &oldmask);
+    waitmask = oldmask;
     sigdelset(&waitmask, SIGINT);
 
     prompt_interrupted = 0;
@@ -285,7 +286,7 @@ static int read_line_tty(lua_State *L, const char *prompt)
         fputc('\n', stdout);
         result = failed ? LINE_EOF : LINE_CANCELLED;
     }
-    sigprocmask(SIG_UNBLOCK, &block, NULL);
+    sigprocmask(SIG_SETMASK, &oldmask, NULL);
     return result;
 }
 
@@ -312,20 +313,20 @@ static int read_line(lua_State *L, int tty, const char *prompt)
     return tty ? read_line_tty(L, prompt) : read_line_pipe(L);
 }
 
+/* ~/.moonlit_history, "" when HOME is unset. */
+static char history_path[PATH_MAX];
+
+/* Add a chunk typed at the terminal to the history, and save it at once so
+ * a session that ends in os.exit or a crash keeps it. */
 static void remember(const char *chunk)
 {
-    const char *home = getenv("HOME");
     if (chunk[strspn(chunk, " \t")] == '\0')
         return;
     add_history(chunk);
-    if (home == NULL)
-        return;
-    char path[PATH_MAX];
-    snprintf(path, sizeof path, "%s/" HISTORY_FILE, home);
     /* append_history does not create the file; write_history does.  A
      * history that cannot be saved is not worth an error. */
-    if (append_history(1, path) != 0)
-        write_history(path);
+    if (history_path[0] && append_history(1, history_path) != 0)
+        write_history(history_path);
 }
 
 /* ---- REPL ----------------------------------------------------------------- */
@@ -424,7 +425,6 @@ static void preload_ml(lua_State *L)
 static int run_repl(lua_State *L)
 {
     int tty = isatty(STDIN_FILENO);
-    char history_path[PATH_MAX] = "";
     repl_sigint_flags = tty ? 0 : SA_RESTART;
     set_sigint_at_rest();
     if (tty) {

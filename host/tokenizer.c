@@ -74,12 +74,27 @@ struct ml_tokenizer {
     uint32_t cache_count;
 };
 
-/* Special-token names while loading, and where each came from (for errors). */
+/* Special-token names while loading, where each came from (for errors) and
+ * that source's precedence: tokenizer_config.json > special_tokens_map.json >
+ * tokenizer.json > the defaults. */
+enum { PRIO_JSON = 1, PRIO_MAP, PRIO_CONFIG };
 typedef struct {
     char *name[SP_COUNT];
     const char *from[SP_COUNT];
+    int prio[SP_COUNT];
     int max_length;
 } tok_config;
+
+static int config_set(tok_config *cfg, int k, const char *name, const char *from, int prio) {
+    if (prio <= cfg->prio[k]) return 0;
+    char *copy = strdup(name);
+    if (!copy) return ml_error("tokenizer: out of memory");
+    free(cfg->name[k]);
+    cfg->name[k] = copy;
+    cfg->from[k] = from;
+    cfg->prio[k] = prio;
+    return 0;
+}
 
 /* ---- small helpers ------------------------------------------------------- */
 
@@ -452,33 +467,27 @@ static int load_tokenizer_json(ml_tokenizer *tok, const char *path, tok_config *
             goto done;
     }
     const char *unk = json_string_value(json_object_get(model, "unk_token"));
-    if (unk) {
-        free(cfg->name[SP_UNK]);
-        cfg->name[SP_UNK] = strdup(unk);
-        cfg->from[SP_UNK] = path;
-    }
+    if (unk && config_set(cfg, SP_UNK, unk, path, PRIO_JSON) < 0) goto done;
     rc = 0;
 done:
     json_decref(root);
     return rc;
 }
 
-/* tokenizer_config.json / special_tokens_map.json: special-token names,
- * model_max_length, added_tokens_decoder.  Values already set by an earlier
- * file win unless `override`. */
-static int load_config_file(ml_tokenizer *tok, const char *path, tok_config *cfg, bool override) {
+/* tokenizer_config.json / special_tokens_map.json: special-token names
+ * (with precedence prio), model_max_length, added_tokens_decoder. */
+static int load_config_file(ml_tokenizer *tok, const char *path, tok_config *cfg, int prio) {
     json_t *root = ml_json_load_file(path);
     if (!root) return -1;
     int rc = -1;
     if (!json_is_object(root)) { ml_error("%s: expected a JSON object", path); goto done; }
     for (int k = 0; k < SP_COUNT; k++) {
         json_t *v = json_object_get(root, SP_KEY[k]);
-        if (!v || json_is_null(v) || (cfg->from[k] && !override)) continue;
-        const char *name;
-        if (config_token(v, path, SP_KEY[k], &name) < 0) goto done;
-        free(cfg->name[k]);
-        if (!(cfg->name[k] = strdup(name))) { ml_error("tokenizer: out of memory"); goto done; }
-        cfg->from[k] = path;
+        if (!v || json_is_null(v)) continue;
+        const char *name = NULL;
+        if (config_token(v, path, SP_KEY[k], &name) < 0 ||
+            config_set(cfg, k, name, path, prio) < 0)
+            goto done;
     }
     json_t *ml = json_object_get(root, "model_max_length");
     if (ml && !json_is_number(ml)) {
@@ -527,7 +536,6 @@ static int tok_finish(ml_tokenizer *tok, tok_config *cfg) {
     tok->info = (ml_tokenizer_info){sid[SP_BOS], sid[SP_EOS], sid[SP_PAD], sid[SP_UNK],
                                     cfg->max_length ? cfg->max_length : DEFAULT_MAX_LENGTH,
                                     tok->n_ids};
-    if (!tok->mslot && merges_reserve(tok, 0) < 0) return -1;
 
     for (int c = 0; c < BYTE_CHAR_LIMIT; c++) tok->char_byte[c] = -1;
     for (int b = 0; b < 256; b++) {
@@ -603,11 +611,8 @@ ml_tokenizer *ml_tokenizer_load(const char *dir) {
         ml_error("tokenizer: %s has neither vocab.json + merges.txt nor tokenizer.json", dir);
         goto fail;
     }
-    /* tokenizer_config.json wins over special_tokens_map.json, both over
-     * tokenizer.json's unk_token. */
-    for (int k = 0; k < SP_COUNT; k++) cfg.from[k] = NULL;
-    if (file_exists(conf) && load_config_file(tok, conf, &cfg, true) < 0) goto fail;
-    if (file_exists(map) && load_config_file(tok, map, &cfg, false) < 0) goto fail;
+    if (file_exists(conf) && load_config_file(tok, conf, &cfg, PRIO_CONFIG) < 0) goto fail;
+    if (file_exists(map) && load_config_file(tok, map, &cfg, PRIO_MAP) < 0) goto fail;
     if (tok_finish(tok, &cfg) < 0) goto fail;
     config_free(&cfg);
     free(vocab); free(merges); free(json); free(conf); free(map);
@@ -646,7 +651,7 @@ void ml_tokenizer_free(ml_tokenizer *tok) {
 
 /* ---- BPE ------------------------------------------------------------------- */
 
-typedef struct { int32_t rank, pos, left, right; } heap_item;
+typedef struct { int32_t rank, pos, left, right, id; } heap_item;
 
 static bool heap_less(const heap_item *a, const heap_item *b) {
     return a->rank != b->rank ? a->rank < b->rank : a->pos < b->pos;
@@ -676,7 +681,7 @@ static heap_item heap_pop(heap_item *h, int *n) {
 static void push_pair(const ml_tokenizer *tok, heap_item *h, int *nh, const int32_t *sym,
                       int pos, int next) {
     const merge_slot *m = merge_find(tok, sym[pos], sym[next]);
-    if (m) heap_push(h, nh, (heap_item){m->rank, pos, sym[pos], sym[next]});
+    if (m) heap_push(h, nh, (heap_item){m->rank, pos, sym[pos], sym[next], m->id});
 }
 
 /* BPE of one word (n >= 1 bytes) into out[]; returns the number of ids.
@@ -700,7 +705,7 @@ static int bpe_word(const ml_tokenizer *tok, const uint8_t *w, int n, int32_t *o
         int p = it.pos, r = next[p];
         /* Entries go stale when a neighbour merged first. */
         if (sym[p] != it.left || r < 0 || sym[r] != it.right) continue;
-        sym[p] = merge_find(tok, it.left, it.right)->id;
+        sym[p] = it.id;
         sym[r] = -1;
         next[p] = next[r];
         if (next[r] >= 0) prev[next[r]] = p;
@@ -959,7 +964,8 @@ int ml_tokenizer_encode_batch(ml_tokenizer *tok, const char *const *texts, const
 
 /* ---- decoding ---------------------------------------------------------------- */
 
-char *ml_tokenizer_decode(const ml_tokenizer *tok, const int32_t *ids, int n, bool skip_special) {
+char *ml_tokenizer_decode(const ml_tokenizer *tok, const int32_t *ids, int n, bool skip_special,
+                          size_t *len_out) {
     size_t cap = 16;
     for (int i = 0; i < n; i++) {
         if (ids[i] < 0 || ids[i] >= tok->n_ids || tok->tok_off[ids[i]] < 0)
@@ -1027,6 +1033,7 @@ char *ml_tokenizer_decode(const ml_tokenizer *tok, const int32_t *ids, int n, bo
     }
     memmove(txt, txt + a, b - a);
     txt[b - a] = 0;
+    if (len_out) *len_out = b - a;
     return txt;
 }
 

@@ -71,8 +71,11 @@ int ml_tokenizer_encode_batch(ml_tokenizer *tok, const char *const *texts, const
 /* ids -> text as HF decodes: tokens joined, byte characters turned back into
  * bytes (invalid UTF-8 becomes U+FFFD), every "</w>" a space, whitespace
  * stripped at both ends.  Special tokens are kept unless skip_special.
- * Returns a malloc'd string; NULL + error on an id outside the vocabulary. */
-char *ml_tokenizer_decode(const ml_tokenizer *tok, const int32_t *ids, int n, bool skip_special);
+ * Returns a malloc'd NUL-terminated string, its length in *len_out (if not
+ * NULL; the text itself may hold NUL bytes); NULL + error on an id outside
+ * the vocabulary. */
+char *ml_tokenizer_decode(const ml_tokenizer *tok, const int32_t *ids, int n, bool skip_special,
+                          size_t *len_out);
 
 /* Vocabulary lookups (tokens as stored, i.e. in byte characters: "dog</w>").
  * token_to_id returns -1 (no error recorded) for an unknown token;

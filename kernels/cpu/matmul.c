@@ -124,19 +124,19 @@ int ml_matmul_backward_cpu(ml_tensor *da, ml_tensor *db, const ml_tensor *dout,
 }
 
 int ml_linear_forward_cpu(ml_tensor *out, const ml_tensor *x, const ml_tensor *w, const ml_tensor *b) {
-    int64_t M = out->shape[0], O = out->shape[1], I = x->shape[1];
+    int64_t M = out->shape[0], O = out->shape[1], K = x->shape[1];
     if (b) ml_fill_rows_cpu(out->dtype, ml_data(out), ml_data(b), M, O);
-    return ml_gemm_cpu(out->dtype, false, true, M, O, I, 1, ml_data(x), I, ml_data(w), I,
+    return ml_gemm_cpu(out->dtype, false, true, M, O, K, 1, ml_data(x), K, ml_data(w), K,
                        b ? 1 : 0, ml_data(out), O);
 }
 
 int ml_linear_backward_cpu(ml_tensor *dx, ml_tensor *dw, ml_tensor *db, const ml_tensor *dout,
                            const ml_tensor *x, const ml_tensor *w) {
     ml_dtype dt = dout->dtype;
-    int64_t M = dout->shape[0], O = dout->shape[1], I = x->shape[1];
-    if (dx && ml_gemm_cpu(dt, false, false, M, I, O, 1, ml_data(dout), O, ml_data(w), I, 0, ml_data(dx), I) < 0)
+    int64_t M = dout->shape[0], O = dout->shape[1], K = x->shape[1];
+    if (dx && ml_gemm_cpu(dt, false, false, M, K, O, 1, ml_data(dout), O, ml_data(w), K, 0, ml_data(dx), K) < 0)
         return -1;
-    if (dw && ml_gemm_cpu(dt, true, false, O, I, M, 1, ml_data(dout), O, ml_data(x), I, 0, ml_data(dw), I) < 0)
+    if (dw && ml_gemm_cpu(dt, true, false, O, K, M, 1, ml_data(dout), O, ml_data(x), K, 0, ml_data(dw), K) < 0)
         return -1;
     return db ? ml_colsum_cpu(dt, ml_data(db), ml_data(dout), M, O, false) : 0;
 }

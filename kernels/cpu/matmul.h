@@ -2,8 +2,8 @@
  * matmul, linear, and the raw GEMM the conv and attention kernels share.
  *
  * Dimension letters: B batch, M rows of a product, N its columns, K the
- * reduced dim; for linear: M rows of x (all leading dims flattened), I in
- * features, O out features.
+ * reduced dim; for linear: M rows of x (all leading dims flattened), K in
+ * features (the reduced dim), O out features.
  *
  * Contract of the tensor kernels: every tensor is contiguous, float32 or
  * float64, all of one dtype (the host ops check this).  Gradients are
@@ -26,10 +26,10 @@ int ml_matmul_forward_cpu(ml_tensor *out, const ml_tensor *a, const ml_tensor *b
 int ml_matmul_backward_cpu(ml_tensor *da, ml_tensor *db, const ml_tensor *dout,
                            const ml_tensor *a, const ml_tensor *b, bool trans_a, bool trans_b);
 
-/* out [M, O] = x [M, I] @ w [O, I]^T + b [O] (b may be NULL): one GEMM with
+/* out [M, O] = x [M, K] @ w [O, K]^T + b [O] (b may be NULL): one GEMM with
  * the bias pre-filled. */
 int ml_linear_forward_cpu(ml_tensor *out, const ml_tensor *x, const ml_tensor *w, const ml_tensor *b);
-/* dx [M, I] = dout w;  dw [O, I] = dout^T x;  db [O] = column sums of dout. */
+/* dx [M, K] = dout w;  dw [O, K] = dout^T x;  db [O] = column sums of dout. */
 int ml_linear_backward_cpu(ml_tensor *dx, ml_tensor *dw, ml_tensor *db, const ml_tensor *dout,
                            const ml_tensor *x, const ml_tensor *w);
 

@@ -102,7 +102,8 @@ __device__ __forceinline__ float ml_ld(ml_bool_t v) { return v.x ? 1.0f : 0.0f; 
 
 // Store an f32 or f64 value into type T with the CPU's semantics
 // (ml_store_from_double): narrowing floats go through f32, integers
-// truncate toward zero, u8 wraps, bool is "non-zero".
+// truncate toward zero, u8 wraps, bool is "non-zero".  Integer targets take
+// a double (f32 widens exactly).
 template <typename T> struct ml_st;
 template <> struct ml_st<float> {
     __device__ static float from(float v) { return v; }
@@ -120,17 +121,25 @@ template <> struct ml_st<ml_bf16_t> {
     __device__ static ml_bf16_t from(float v) { return ml_bf16_t{ml_float_to_bf16_bits(v)}; }
     __device__ static ml_bf16_t from(double v) { return from((float)v); }
 };
+// NaN and out-of-range values become the "integer indefinite" value, as the
+// x86 conversion instructions behind the CPU's casts produce (the GPU's own
+// conversions would saturate instead).
+__device__ __forceinline__ int32_t ml_x86_i32(double v) {
+    return (v >= -2147483648.0 && v < 2147483648.0) ? (int32_t)v : INT32_MIN;
+}
+__device__ __forceinline__ int64_t ml_x86_i64(double v) {
+    return (v >= -9223372036854775808.0 && v < 9223372036854775808.0) ? (int64_t)v : INT64_MIN;
+}
 template <> struct ml_st<int32_t> {
-    __device__ static int32_t from(float v) { return (int32_t)v; }
-    __device__ static int32_t from(double v) { return (int32_t)v; }
+    __device__ static int32_t from(double v) { return ml_x86_i32(v); }
 };
 template <> struct ml_st<int64_t> {
-    __device__ static int64_t from(float v) { return (int64_t)v; }
-    __device__ static int64_t from(double v) { return (int64_t)v; }
+    __device__ static int64_t from(double v) { return ml_x86_i64(v); }
 };
+// u8 goes through a 32-bit conversion and keeps the low byte, as gcc's
+// (uint8_t)double does on x86.
 template <> struct ml_st<uint8_t> {
-    __device__ static uint8_t from(float v) { return (uint8_t)(int32_t)v; }
-    __device__ static uint8_t from(double v) { return (uint8_t)(int32_t)v; }
+    __device__ static uint8_t from(double v) { return (uint8_t)ml_x86_i32(v); }
 };
 template <> struct ml_st<ml_bool_t> {
     __device__ static ml_bool_t from(float v) { return ml_bool_t{(uint8_t)(v != 0.0f)}; }

@@ -97,7 +97,7 @@ extern "C" int ml_cuda_peek_device_count(void) {
     DIR *d = opendir("/proc/driver/nvidia/gpus");
     if (!d) return -1;
     int n = 0;
-    for (struct dirent *e; (e = readdir(d));)
+    for (struct dirent *e; (e = readdir(d)) != nullptr;)
         if (e->d_name[0] != '.') n++;
     closedir(d);
     const char *vis = getenv("CUDA_VISIBLE_DEVICES");

@@ -38,7 +38,7 @@ int ml_cuda_enter(int dev, ml_cuda_stream_t *stream);
 int ml_cuda_synchronize(int dev);
 
 typedef struct {
-    char name[128];
+    char name[256];
     size_t total_mem, free_mem;
     int cc_major, cc_minor, sm_count;
 } ml_cuda_device_info;

@@ -218,28 +218,39 @@ end
 
 local function shape_str(s) return "[" .. table.concat(s, ", ") .. "]" end
 
--- load_state_dict(sd, {strict = true, layout = "torch"|"nhwc"}) copies values
--- into the existing tensors (converting dtype/device).  Strict mode reports
--- every missing, unexpected and mis-shaped tensor by name in one error.
+-- load_state_dict(sd, {strict = true, layout = "torch"|"nhwc", assign = false})
+-- Strict mode reports every missing, unexpected and mis-shaped tensor by
+-- name in one error, before anything is changed.  By default values are
+-- copied into the existing tensors (converting dtype/device); with
+-- assign = true each parameter is replaced by the given tensor converted to
+-- the parameter's dtype and device (one copy at most: how large models load).
 function Module:load_state_dict(sd, opts)
     opts = opts or {}
     local strict = opts.strict ~= false
     local convs = opts.layout == "torch" and conv_weight_names(self) or {}
-    local targets = {}
-    for _, np in ipairs(self:named_parameters()) do targets[np[1]] = np[2] end
-    for _, nb in ipairs(self:named_buffers()) do targets[nb[1]] = nb[2] end
-    local missing, unexpected, mismatched = {}, {}, {}
+    local targets, owners = {}, {}
+    for _, nm in ipairs(self:named_modules()) do
+        local prefix = nm[1] == "" and "" or nm[1] .. "."
+        local m = nm[2]
+        for _, n in ipairs(m._param_names) do
+            if m._params[n] ~= nil then targets[prefix .. n] = m._params[n]; owners[prefix .. n] = {m, n, "_params"} end
+        end
+        for _, n in ipairs(m._buffer_names) do
+            if m._buffers[n] ~= nil then targets[prefix .. n] = m._buffers[n]; owners[prefix .. n] = {m, n, "_buffers"} end
+        end
+    end
+    local missing, unexpected, mismatched, pairs_ok = {}, {}, {}, {}
     for n, dst in pairs(targets) do
         local src = sd[n]
         if src == nil then missing[#missing + 1] = n
         else
-            if convs[n] and src:dim() == 4 then src = from_torch_layout(src) end
-            local ds, ss = dst:size(), src:size()
-            if shape_str(ds) ~= shape_str(ss) then
+            local want = dst:size()
+            if convs[n] then want = {want[1], want[4], want[2], want[3]} end
+            if shape_str(want) ~= shape_str(src:size()) then
                 mismatched[#mismatched + 1] = string.format("%s: checkpoint %s, model %s", n,
-                    shape_str(convs[n] and sd[n]:size() or ss), shape_str(convs[n] and to_torch_layout(dst):size() or ds))
+                    shape_str(src:size()), shape_str(want))
             else
-                targets[n] = {dst, src}
+                pairs_ok[n] = src
             end
         end
     end
@@ -255,8 +266,22 @@ function Module:load_state_dict(sd, opts)
         error("load_state_dict (" .. (self.__name or "Module") .. "): " .. table.concat(problems, "\n"), 2)
     end
     core.no_grad(function()
-        for _, pair in pairs(targets) do
-            if type(pair) == "table" then pair[1]:copy_(pair[2]) end
+        for n, src in pairs(pairs_ok) do
+            local dst = targets[n]
+            if convs[n] then src = from_torch_layout(src) end
+            if opts.assign then
+                -- the source may map a file read-only: the parameter must own its memory
+                local fresh = convs[n] or src.dtype ~= dst.dtype or src.device ~= dst.device
+                local q = src:to{dtype = dst.dtype, device = dst.device}
+                if not fresh then q = q:clone() end
+                q = q:detach()
+                q.requires_grad = dst.requires_grad
+                local m, name, field = table.unpack(owners[n])
+                m[field][name] = q
+                rawset(m, name, q)
+            else
+                dst:copy_(src)
+            end
         end
     end)
     return {missing = missing, unexpected = unexpected}
@@ -276,8 +301,25 @@ end
 -- ---- initialisation helpers (PyTorch defaults) ----------------------------
 
 nn.init = {}
-function nn.init.uniform_(t, lo, hi) return core.no_grad(function() return core.uniform_(t, lo, hi) end) end
-function nn.init.normal_(t, mean, std) return core.no_grad(function() return core.normal_(t, mean or 0, std or 1) end) end
+-- While nn.no_init(fn) runs, initialisers leave tensors uninitialised:
+-- models about to be loaded from a file skip the (slow) random fill.
+local skip_init = false
+function nn.no_init(fn, ...)
+    local prev = skip_init
+    skip_init = true
+    local res = table.pack(pcall(fn, ...))
+    skip_init = prev
+    if not res[1] then error(res[2], 0) end
+    return table.unpack(res, 2, res.n)
+end
+function nn.init.uniform_(t, lo, hi)
+    if skip_init then return t end
+    return core.no_grad(function() return core.uniform_(t, lo, hi) end)
+end
+function nn.init.normal_(t, mean, std)
+    if skip_init then return t end
+    return core.no_grad(function() return core.normal_(t, mean or 0, std or 1) end)
+end
 function nn.init.zeros_(t) return core.no_grad(function() return t:zero_() end) end
 function nn.init.ones_(t) return core.no_grad(function() return t:fill_(1) end) end
 -- kaiming_uniform_(a = sqrt(5)) as Linear/Conv2d use reduces to U(-1/sqrt(fan_in), 1/sqrt(fan_in)).

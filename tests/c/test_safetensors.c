@@ -434,10 +434,10 @@ static void save_two(const char *path, const char *a, const char *b, double va) 
 }
 
 static void test_sharded(void) {
-    char dir[600];
+    char dir[300], ema[300];
     snprintf(dir, sizeof dir, "%s/model", g_dir);
     mkdir(dir, 0777);
-    char p1[700], p2[700], idx[700];
+    char p1[1024], p2[1024], idx[1024], v1[1024];
     snprintf(p1, sizeof p1, "%s/diffusion_pytorch_model-00001-of-00002.safetensors", dir);
     snprintf(p2, sizeof p2, "%s/diffusion_pytorch_model-00002-of-00002.safetensors", dir);
     snprintf(idx, sizeof idx, "%s/diffusion_pytorch_model.safetensors.index.json", dir);
@@ -462,21 +462,20 @@ static void test_sharded(void) {
     ml_st_close(f);
 
     /* Variants: a single fp16 file, and a sharded one in diffusers' spelling. */
-    char v1[700];
     snprintf(v1, sizeof v1, "%s/diffusion_pytorch_model.fp16.safetensors", dir);
     save_two(v1, "only.weight", "only.bias", 5);
     f = ml_st_open_model(dir, "diffusion_pytorch_model", "fp16");
     CHECK(f && ml_st_count(f) == 2 && ml_st_find(f, "only.bias"), "fp16 variant file: %s", ml_last_error());
     ml_st_close(f);
-    snprintf(v1, sizeof v1, "%s/ema", g_dir);
-    mkdir(v1, 0777);
-    snprintf(p1, sizeof p1, "%s/model.ema-00001-of-00001.safetensors", v1);
+    snprintf(ema, sizeof ema, "%s/ema", g_dir);
+    mkdir(ema, 0777);
+    snprintf(p1, sizeof p1, "%s/model.ema-00001-of-00001.safetensors", ema);
     save_two(p1, "a", "b", 0);
-    snprintf(idx, sizeof idx, "%s/model.safetensors.index.ema.json", v1);
+    snprintf(idx, sizeof idx, "%s/model.safetensors.index.ema.json", ema);
     const char *index2 = "{\"weight_map\": {\"a\": \"model.ema-00001-of-00001.safetensors\","
                          "\"b\": \"model.ema-00001-of-00001.safetensors\"}}";
     write_bytes(idx, index2, strlen(index2));
-    f = ml_st_open_model(v1, NULL, "ema");
+    f = ml_st_open_model(ema, NULL, "ema");
     CHECK(f && ml_st_count(f) == 2, "sharded variant (diffusers spelling): %s", ml_last_error());
     ml_st_close(f);
 
@@ -490,7 +489,7 @@ static void test_sharded(void) {
         {"[1, 2]", "weight_map"},
         {"{\"weight_map\": {", "bad.index.json:1:"},
     };
-    snprintf(idx, sizeof idx, "%s/bad.index.json", v1);
+    snprintf(idx, sizeof idx, "%s/bad.index.json", ema);
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         write_bytes(idx, cases[i].json, strlen(cases[i].json));
         ml_clear_error();
@@ -499,7 +498,7 @@ static void test_sharded(void) {
         ml_st_close(f);
     }
     /* A tensor in two shards; a weight_map pointing at the wrong shard. */
-    snprintf(p2, sizeof p2, "%s/second.safetensors", v1);
+    snprintf(p2, sizeof p2, "%s/second.safetensors", ema);
     save_two(p2, "a", "c", 0);
     const char *dup = "{\"weight_map\": {\"a\": \"model.ema-00001-of-00001.safetensors\","
                       "\"c\": \"second.safetensors\"}}";

@@ -1,11 +1,13 @@
-/* ops_check.h — argument checks shared by the matmul, nn and index ops
- * (host/ops_matmul.c, host/ops_nn.c, host/ops_index.c): float dtypes the
- * device can compute in, operands on one device with one dtype, and the
- * error for a device whose kernel does not exist yet. */
-#ifndef ML_OPS_CHECK_H
-#define ML_OPS_CHECK_H
+/* ops_common.h — helpers shared by the matmul, nn and index ops
+ * (host/ops_matmul.c, host/ops_nn.c, host/ops_index.c): argument checks
+ * (float dtypes the device computes in, one device and dtype for all
+ * operands, index dtypes), kernel dispatch by device, and contiguous
+ * headers with another shape for the [N, L, C]-style views kernels take. */
+#ifndef ML_OPS_COMMON_H
+#define ML_OPS_COMMON_H
 
 #include "tensor.h"
+#include "autograd.h"
 
 /* t must be a float tensor the device has kernels for: the CPU computes in
  * float32 and float64 (float64 for gradient checks) only. */
@@ -54,5 +56,32 @@ static inline int ml_no_device_kernel(const char *op, ml_device dev) {
 /* Run the CPU kernel call for CPU tensors; other devices get the error above
  * until their kernels exist. */
 #define ML_KERNEL(op, dev, cpu_call) ((dev).type == ML_CPU ? (cpu_call) : ml_no_device_kernel((op), (dev)))
+
+/* A header over contiguous t's storage with another shape of the same
+ * numel (no autograd: for the kernels' views and for gradients). */
+static inline ml_tensor *ml_header_as(const ml_tensor *t, int ndim, const int64_t *shape) {
+    return ml_from_storage(t->storage, t->offset, ndim, shape, NULL, t->dtype);
+}
+
+/* A detached contiguous copy-or-alias of t (NULL stays NULL; *rc = -1 on
+ * failure): the kernels' input, never recorded by autograd. */
+static inline ml_tensor *ml_kernel_input(ml_tensor *t, int *rc) {
+    if (!t || *rc < 0) return NULL;
+    ml_tensor *d = ml_detach(t);
+    ml_tensor *c = d ? ml_contiguous(d) : NULL;
+    ml_release(d);
+    if (!c) *rc = -1;
+    return c;
+}
+
+/* A new uninitialised gradient like `like` when node input i needs one
+ * (NULL otherwise; *rc = -1 if the allocation fails). */
+static inline ml_tensor *ml_grad_buffer(ml_node *n, int i, int ndim, const int64_t *shape,
+                                        const ml_tensor *like, int *rc) {
+    if (*rc < 0 || !ml_node_needs_grad(n, i)) return NULL;
+    ml_tensor *g = ml_empty(ndim, shape, like->dtype, like->device);
+    if (!g) *rc = -1;
+    return g;
+}
 
 #endif

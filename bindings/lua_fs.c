@@ -1,0 +1,32 @@
+/* lua_fs.c — filesystem helpers for the Lua library: mkdir_p, is_dir,
+ * is_file, copy_file, list_dir. */
+#include "mlua.h"
+#include "fs.h"
+
+static int l_mkdir_p(lua_State *L) {
+    if (ml_mkdir_p(luaL_checkstring(L, 1)) < 0) return mlua_error(L, NULL);
+    return 0;
+}
+static int l_is_dir(lua_State *L) { lua_pushboolean(L, ml_is_dir(luaL_checkstring(L, 1))); return 1; }
+static int l_is_file(lua_State *L) { lua_pushboolean(L, ml_is_file(luaL_checkstring(L, 1))); return 1; }
+static int l_copy_file(lua_State *L) {
+    if (ml_copy_file(luaL_checkstring(L, 1), luaL_checkstring(L, 2)) < 0) return mlua_error(L, NULL);
+    return 0;
+}
+static int l_list_dir(lua_State *L) {
+    int n = 0;
+    char **list = ml_list_dir(luaL_checkstring(L, 1), &n);
+    if (!list) return mlua_error(L, NULL);
+    lua_createtable(L, n, 0);
+    for (int i = 0; i < n; i++) { lua_pushstring(L, list[i]); lua_rawseti(L, -2, i + 1); }
+    ml_free_list(list);
+    return 1;
+}
+
+void mlua_open_fs(lua_State *L) {
+    static const luaL_Reg f[] = {
+        {"mkdir_p", l_mkdir_p}, {"is_dir", l_is_dir}, {"is_file", l_is_file},
+        {"copy_file", l_copy_file}, {"list_dir", l_list_dir}, {NULL, NULL},
+    };
+    luaL_setfuncs(L, f, 0);
+}

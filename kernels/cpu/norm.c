@@ -1,0 +1,72 @@
+/* norm.c — CPU group norm (NHWC, optional fused SiLU) and layer norm.
+ * Layer norm is group norm with one group and one position per row, so
+ * both share one typed implementation (norm_t.h, instantiated for float
+ * and double below). */
+#include "norm.h"
+#include <stdlib.h>
+#include <tgmath.h>
+
+/* The gradient through SiLU at pre-activation v: g * s(v) (1 + v (1 - s(v))). */
+static inline double silu_grad(double g, double v) {
+    double s = 1.0 / (1.0 + exp(-v));
+    return g * s * (1.0 + v * (1.0 - s));
+}
+
+#define T float
+#define SFX(name) name##_f32
+#include "norm_t.h"
+#undef T
+#undef SFX
+#define T double
+#define SFX(name) name##_f64
+#include "norm_t.h"
+#undef T
+#undef SFX
+
+#define DATA(t) ((t) ? ml_data(t) : NULL)
+
+static int forward(ml_tensor *out, ml_tensor *mean, ml_tensor *rstd, const ml_tensor *x, const ml_tensor *w,
+                   const ml_tensor *b, int64_t N, int64_t L, int64_t C, int64_t G, double eps, bool silu) {
+    if (x->dtype == ML_F32)
+        return gn_forward_f32(ml_data(out), ml_data(mean), ml_data(rstd), ml_data(x), DATA(w), DATA(b),
+                              N, L, C, G, eps, silu);
+    if (x->dtype == ML_F64)
+        return gn_forward_f64(ml_data(out), ml_data(mean), ml_data(rstd), ml_data(x), DATA(w), DATA(b),
+                              N, L, C, G, eps, silu);
+    return ml_error("norm: the CPU computes in float32 or float64, not %s", ml_dtype_name(x->dtype));
+}
+
+static int backward(ml_tensor *dx, ml_tensor *dw, ml_tensor *db, const ml_tensor *dout, const ml_tensor *x,
+                    const ml_tensor *w, const ml_tensor *b, const ml_tensor *mean, const ml_tensor *rstd,
+                    int64_t N, int64_t L, int64_t C, int64_t G, bool silu) {
+    if (x->dtype == ML_F32)
+        return gn_backward_f32(DATA(dx), DATA(dw), DATA(db), ml_data(dout), ml_data(x), DATA(w), DATA(b),
+                               ml_data(mean), ml_data(rstd), N, L, C, G, silu);
+    if (x->dtype == ML_F64)
+        return gn_backward_f64(DATA(dx), DATA(dw), DATA(db), ml_data(dout), ml_data(x), DATA(w), DATA(b),
+                               ml_data(mean), ml_data(rstd), N, L, C, G, silu);
+    return ml_error("norm backward: the CPU computes in float32 or float64, not %s", ml_dtype_name(x->dtype));
+}
+
+int ml_group_norm_forward_cpu(ml_tensor *out, ml_tensor *mean, ml_tensor *rstd, const ml_tensor *x,
+                              const ml_tensor *w, const ml_tensor *b, int groups, double eps, bool fuse_silu) {
+    return forward(out, mean, rstd, x, w, b, x->shape[0], x->shape[1], x->shape[2], groups, eps, fuse_silu);
+}
+
+int ml_group_norm_backward_cpu(ml_tensor *dx, ml_tensor *dw, ml_tensor *db, const ml_tensor *dout,
+                               const ml_tensor *x, const ml_tensor *w, const ml_tensor *b,
+                               const ml_tensor *mean, const ml_tensor *rstd, int groups, bool fuse_silu) {
+    return backward(dx, dw, db, dout, x, w, b, mean, rstd, x->shape[0], x->shape[1], x->shape[2], groups,
+                    fuse_silu);
+}
+
+int ml_layer_norm_forward_cpu(ml_tensor *out, ml_tensor *mean, ml_tensor *rstd, const ml_tensor *x,
+                              const ml_tensor *w, const ml_tensor *b, double eps) {
+    return forward(out, mean, rstd, x, w, b, x->shape[0], 1, x->shape[1], 1, eps, false);
+}
+
+int ml_layer_norm_backward_cpu(ml_tensor *dx, ml_tensor *dw, ml_tensor *db, const ml_tensor *dout,
+                               const ml_tensor *x, const ml_tensor *w,
+                               const ml_tensor *mean, const ml_tensor *rstd) {
+    return backward(dx, dw, db, dout, x, w, NULL, mean, rstd, x->shape[0], 1, x->shape[1], 1, false);
+}

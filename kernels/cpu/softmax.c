@@ -1,0 +1,45 @@
+/* softmax.c — CPU softmax / log_softmax over any dim (typed bodies in
+ * softmax_t.h, instantiated for float and double). */
+#include "softmax.h"
+#include <stdlib.h>
+#include <tgmath.h>
+
+#define T float
+#define SFX(name) name##_f32
+#include "softmax_t.h"
+#undef T
+#undef SFX
+#define T double
+#define SFX(name) name##_f64
+#include "softmax_t.h"
+#undef T
+#undef SFX
+
+static void split_dims(const ml_tensor *t, int dim, int64_t *outer, int64_t *D, int64_t *inner) {
+    *outer = *inner = 1;
+    *D = t->ndim ? t->shape[dim] : 1;
+    for (int i = 0; i < dim; i++) *outer *= t->shape[i];
+    for (int i = dim + 1; i < t->ndim; i++) *inner *= t->shape[i];
+}
+
+int ml_softmax_forward_cpu(ml_tensor *out, const ml_tensor *x, int dim, bool log) {
+    int64_t outer, D, inner;
+    split_dims(x, dim, &outer, &D, &inner);
+    double *buf = malloc((size_t)(2 * inner) * sizeof *buf);
+    if (!buf) return ml_error("softmax: out of CPU memory");
+    if (x->dtype == ML_F32) softmax_rows_f32(ml_data(out), ml_data(x), outer, D, inner, log, buf);
+    else softmax_rows_f64(ml_data(out), ml_data(x), outer, D, inner, log, buf);
+    free(buf);
+    return 0;
+}
+
+int ml_softmax_backward_cpu(ml_tensor *dx, const ml_tensor *dout, const ml_tensor *out, int dim, bool log) {
+    int64_t outer, D, inner;
+    split_dims(out, dim, &outer, &D, &inner);
+    double *buf = malloc((size_t)inner * sizeof *buf);
+    if (!buf) return ml_error("softmax backward: out of CPU memory");
+    if (out->dtype == ML_F32) softmax_rows_backward_f32(ml_data(dx), ml_data(dout), ml_data(out), outer, D, inner, log, buf);
+    else softmax_rows_backward_f64(ml_data(dx), ml_data(dout), ml_data(out), outer, D, inner, log, buf);
+    free(buf);
+    return 0;
+}

@@ -1,0 +1,258 @@
+// copy.cu — moving bytes to, from and between GPUs, strided copies with
+// dtype conversion on one GPU, and fill.  Conversions round exactly as the
+// CPU's copy does (common.cuh), so t:to("cuda"):to(dtype):to("cpu") equals
+// t:to(dtype).
+#include "common.cuh"
+
+namespace {
+
+constexpr int kThreads = 256;
+
+// ---- kernels ---------------------------------------------------------------
+
+template <typename D, typename S>
+__global__ void convert_contig(D *__restrict__ dst, const S *__restrict__ src, int64_t n) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x)
+        dst[i] = ml_cvt<D, S>(src[i]);
+}
+
+template <typename D, typename S, typename Idx>
+__global__ void convert_strided(D *dst, const S *src, ml_indexer<2> ix, Idx n) {
+    for (Idx i = blockIdx.x * (Idx)blockDim.x + threadIdx.x; i < n; i += (Idx)gridDim.x * blockDim.x) {
+        int64_t off[2];
+        ix.offsets(i, off);
+        dst[off[0]] = ml_cvt<D, S>(src[off[1]]);
+    }
+}
+
+// Same dtype: only the element width matters, which keeps the number of
+// kernel instances small.
+template <typename U, typename Idx>
+__global__ void copy_bits_strided(U *dst, const U *src, ml_indexer<2> ix, Idx n) {
+    for (Idx i = blockIdx.x * (Idx)blockDim.x + threadIdx.x; i < n; i += (Idx)gridDim.x * blockDim.x) {
+        int64_t off[2];
+        ix.offsets(i, off);
+        dst[off[0]] = src[off[1]];
+    }
+}
+
+template <typename U> __global__ void fill_contig(U *dst, U v, int64_t n) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x)
+        dst[i] = v;
+}
+
+template <typename U, typename Idx> __global__ void fill_strided(U *dst, U v, ml_indexer<1> ix, Idx n) {
+    for (Idx i = blockIdx.x * (Idx)blockDim.x + threadIdx.x; i < n; i += (Idx)gridDim.x * blockDim.x) {
+        int64_t off[1];
+        ix.offsets(i, off);
+        dst[off[0]] = v;
+    }
+}
+
+// ---- helpers ---------------------------------------------------------------
+
+// Calls f(U{}) with U an unsigned integer type of the given byte width.
+template <typename F> int dispatch_width(size_t w, F &&f) {
+    switch (w) {
+    case 1: return f(uint8_t());
+    case 2: return f(uint16_t());
+    case 4: return f(uint32_t());
+    case 8: return f(uint64_t());
+    default: return ml_error("cuda copy: unsupported element size %zu", w);
+    }
+}
+
+// Byte range [lo, hi) a tensor's elements can touch.
+void byte_span(const ml_tensor *t, uintptr_t *lo, uintptr_t *hi) {
+    int64_t es = (int64_t)ml_dtype_size(t->dtype);
+    int64_t min_off = 0, max_off = 0;
+    for (int d = 0; d < t->ndim; d++) {
+        if (t->shape[d] == 0) { *lo = *hi = 0; return; }
+        int64_t span = (t->shape[d] - 1) * t->strides[d];
+        if (span < 0) min_off += span; else max_off += span;
+    }
+    uintptr_t base = (uintptr_t)ml_data(t);
+    *lo = base + (uintptr_t)(min_off * es);
+    *hi = base + (uintptr_t)((max_off + 1) * es);
+}
+
+bool same_view(const ml_tensor *a, const ml_tensor *b) {
+    if (ml_data(a) != ml_data(b) || a->dtype != b->dtype || a->ndim != b->ndim) return false;
+    for (int d = 0; d < a->ndim; d++)
+        if (a->shape[d] != b->shape[d] || (a->shape[d] > 1 && a->strides[d] != b->strides[d])) return false;
+    return true;
+}
+
+// src expanded to dst's shape (stride 0 on broadcast dims), as a header only.
+int broadcast_to(const ml_tensor *src, const ml_tensor *dst, ml_tensor *out) {
+    *out = *src;
+    int n = dst->ndim, lead = n - src->ndim;
+    if (lead < 0) goto bad;
+    out->ndim = n;
+    for (int i = 0; i < n; i++) {
+        int64_t s = i < lead ? 1 : src->shape[i - lead];
+        int64_t st = i < lead ? 0 : src->strides[i - lead];
+        if (s == dst->shape[i]) { out->shape[i] = s; out->strides[i] = st; }
+        else if (s == 1) { out->shape[i] = dst->shape[i]; out->strides[i] = 0; }
+        else goto bad;
+    }
+    return 0;
+bad:
+    char b1[128], b2[128];
+    return ml_error("copy: source shape %s cannot be broadcast to destination shape %s",
+                    ml_shape_str(src, b1, sizeof b1), ml_shape_str(dst, b2, sizeof b2));
+}
+
+// dst <- src on one device; the two do not overlap in memory.
+int copy_disjoint(ml_tensor *dst, const ml_tensor *src, cudaStream_t s) {
+    int dev = dst->device.index;
+    int64_t n = ml_numel(dst);
+    const int64_t *strides[2] = {dst->strides, src->strides};
+    ml_indexer<2> ix;
+    ml_indexer_make(&ix, dst->ndim, dst->shape, strides);
+    bool contig = ml_indexer_contiguous(ix);
+    unsigned grid = ml_grid_for(n, kThreads, dev);
+
+    if (dst->dtype == src->dtype) {
+        size_t es = ml_dtype_size(dst->dtype);
+        if (contig) {
+            ML_CUDA_TRY(cudaMemcpyAsync(ml_data(dst), ml_data(src), (size_t)n * es,
+                                        cudaMemcpyDeviceToDevice, s));
+            return 0;
+        }
+        return dispatch_width(es, [&](auto u) -> int {
+            typedef decltype(u) U;
+            if (ml_fits_u32(n))
+                copy_bits_strided<U, uint32_t><<<grid, kThreads, 0, s>>>(
+                    ml_ptr<U>(dst), ml_ptr<U>(src), ix, (uint32_t)n);
+            else
+                copy_bits_strided<U, int64_t><<<grid, kThreads, 0, s>>>(
+                    ml_ptr<U>(dst), ml_ptr<U>(src), ix, n);
+            ML_CUDA_LAUNCHED("copy_bits_strided");
+            return 0;
+        });
+    }
+    return ml_dispatch_all(dst->dtype, [&](auto dtag) -> int {
+        typedef decltype(dtag) D;
+        return ml_dispatch_all(src->dtype, [&](auto stag) -> int {
+            typedef decltype(stag) S;
+            if (contig)
+                convert_contig<D, S><<<grid, kThreads, 0, s>>>(ml_ptr<D>(dst), ml_ptr<S>(src), n);
+            else if (ml_fits_u32(n))
+                convert_strided<D, S, uint32_t><<<grid, kThreads, 0, s>>>(
+                    ml_ptr<D>(dst), ml_ptr<S>(src), ix, (uint32_t)n);
+            else
+                convert_strided<D, S, int64_t><<<grid, kThreads, 0, s>>>(
+                    ml_ptr<D>(dst), ml_ptr<S>(src), ix, n);
+            ML_CUDA_LAUNCHED("convert");
+            return 0;
+        });
+    });
+}
+
+}  // namespace
+
+extern "C" int ml_cuda_memcpy(void *dst, ml_device ddev, const void *src, ml_device sdev, size_t n) {
+    if (n == 0) return 0;
+    cudaStream_t s;
+    if (ddev.type == ML_CPU && sdev.type == ML_CPU) {
+        memmove(dst, src, n);
+        return 0;
+    }
+    if (sdev.type == ML_CPU) {   // host -> device
+        if (ml_cuda_enter(ddev.index, &s) < 0) return -1;
+        ML_CUDA_TRY(cudaMemcpyAsync(dst, src, n, cudaMemcpyHostToDevice, s));
+        // From pageable memory the call returns once the bytes are staged, so
+        // the caller may reuse its buffer.  From pinned memory the DMA reads
+        // the buffer later: wait, or the caller could overwrite it first.
+        cudaPointerAttributes a;
+        if (cudaPointerGetAttributes(&a, src) != cudaSuccess) cudaGetLastError();
+        else if (a.type == cudaMemoryTypeHost) ML_CUDA_TRY(cudaStreamSynchronize(s));
+        return 0;
+    }
+    if (ddev.type == ML_CPU) {   // device -> host: synchronous, as device.h promises
+        if (ml_cuda_enter(sdev.index, &s) < 0) return -1;
+        ML_CUDA_TRY(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToHost, s));
+        ML_CUDA_TRY(cudaStreamSynchronize(s));
+        return 0;
+    }
+    if (ddev.index == sdev.index) {
+        if (ml_cuda_enter(sdev.index, &s) < 0) return -1;
+        ML_CUDA_TRY(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToDevice, s));
+        return 0;
+    }
+    // Between GPUs: the destination's queued users must be done with it, and
+    // the source's stream orders the copy after the source was written.
+    // Rare (model placement), so plain synchronisation rather than events.
+    cudaStream_t ds;
+    if (ml_cuda_enter(ddev.index, &ds) < 0) return -1;
+    ML_CUDA_TRY(cudaStreamSynchronize(ds));
+    if (ml_cuda_enter(sdev.index, &s) < 0) return -1;
+    ML_CUDA_TRY(cudaMemcpyPeerAsync(dst, ddev.index, src, sdev.index, n, s));
+    ML_CUDA_TRY(cudaStreamSynchronize(s));
+    return 0;
+}
+
+extern "C" int ml_cuda_copy_strided(ml_tensor *dst, const ml_tensor *src) {
+    if (dst->device.type != ML_CUDA || !ml_device_eq(dst->device, src->device)) {
+        char a[32], b[32];
+        ml_device_str(dst->device, a, sizeof a);
+        ml_device_str(src->device, b, sizeof b);
+        return ml_error("cuda copy: both tensors must be on one cuda device (destination %s, source %s)", a, b);
+    }
+    ml_tensor sv;
+    if (broadcast_to(src, dst, &sv) < 0) return -1;
+    if (ml_numel(dst) == 0 || same_view(dst, &sv)) return 0;
+    cudaStream_t s;
+    if (ml_cuda_prepare(dst, "copy", &s) < 0) return -1;
+
+    uintptr_t dlo, dhi, slo, shi;
+    byte_span(dst, &dlo, &dhi);
+    byte_span(&sv, &slo, &shi);
+    if (dlo < shi && slo < dhi) {
+        // Overlapping views of one buffer: read everything before writing.
+        ml_tensor *tmp = ml_empty(sv.ndim, sv.shape, sv.dtype, sv.device);
+        if (!tmp) return -1;
+        int rc = copy_disjoint(tmp, &sv, s);
+        if (rc == 0) rc = copy_disjoint(dst, tmp, s);
+        ml_release(tmp);   // stream-ordered: safe to reuse right away
+        return rc;
+    }
+    return copy_disjoint(dst, &sv, s);
+}
+
+extern "C" int ml_cuda_fill(ml_tensor *t, double v) {
+    int64_t n = ml_numel(t);
+    if (n == 0) return 0;
+    cudaStream_t s;
+    if (ml_cuda_prepare(t, "fill", &s) < 0) return -1;
+    // Encode once on the host with the CPU's conversion; the kernel only
+    // stores bits.
+    uint64_t bits = 0;
+    ml_store_from_double(&bits, t->dtype, 0, v);
+    size_t es = ml_dtype_size(t->dtype);
+    const int64_t *strides[1] = {t->strides};
+    ml_indexer<1> ix;
+    ml_indexer_make(&ix, t->ndim, t->shape, strides);
+    bool contig = ml_indexer_contiguous(ix);
+    if (contig && (bits == 0 || es == 1)) {
+        ML_CUDA_TRY(cudaMemsetAsync(ml_data(t), (int)(bits & 0xff), (size_t)n * es, s));
+        return 0;
+    }
+    unsigned grid = ml_grid_for(n, kThreads, t->device.index);
+    return dispatch_width(es, [&](auto u) -> int {
+        typedef decltype(u) U;
+        U val;
+        memcpy(&val, &bits, sizeof val);
+        if (contig)
+            fill_contig<U><<<grid, kThreads, 0, s>>>(ml_ptr<U>(t), val, n);
+        else if (ml_fits_u32(n))
+            fill_strided<U, uint32_t><<<grid, kThreads, 0, s>>>(ml_ptr<U>(t), val, ix, (uint32_t)n);
+        else
+            fill_strided<U, int64_t><<<grid, kThreads, 0, s>>>(ml_ptr<U>(t), val, ix, n);
+        ML_CUDA_LAUNCHED("fill");
+        return 0;
+    });
+}

@@ -1,0 +1,193 @@
+-- moonlit.models.blocks — the building blocks diffusers' UNet and VAE share:
+-- ResnetBlock2D, Attention, BasicTransformerBlock, Transformer2DModel,
+-- Downsample2D, Upsample2D.  Parameter names equal diffusers' so that
+-- state_dict keys match the files.  All activations are NHWC.
+local core = require "moonlit.core"
+local nn = require "moonlit.nn"
+
+local B = {}
+
+-- ---- ResnetBlock2D --------------------------------------------------------
+
+local ResnetBlock2D = nn.Module:extend("ResnetBlock2D")
+B.ResnetBlock2D = ResnetBlock2D
+
+-- o: in_channels, out_channels, temb_channels (nil for the VAE), groups, eps,
+--    output_scale_factor
+function ResnetBlock2D:init(o)
+    local cin, cout = o.in_channels, o.out_channels or o.in_channels
+    self.output_scale_factor = o.output_scale_factor or 1
+    self:add_module("norm1", nn.GroupNorm(o.groups, cin, {eps = o.eps}))
+    self:add_module("conv1", nn.Conv2d(cin, cout, 3, {padding = 1}))
+    if o.temb_channels then self:add_module("time_emb_proj", nn.Linear(o.temb_channels, cout)) end
+    self:add_module("norm2", nn.GroupNorm(o.groups, cout, {eps = o.eps}))
+    self:add_module("conv2", nn.Conv2d(cout, cout, 3, {padding = 1}))
+    if cin ~= cout then self:add_module("conv_shortcut", nn.Conv2d(cin, cout, 1)) end
+end
+
+-- x [N,H,W,Cin], temb [N,T] (already silu'd by the caller? no: raw) -> [N,H,W,Cout]
+function ResnetBlock2D:forward(x, temb)
+    local h = self.norm1(x, {silu = true})
+    h = self.conv1(h)
+    if temb and self.time_emb_proj then
+        local t = self.time_emb_proj(core.silu(temb))            -- [N, Cout]
+        h = h + t:view(t:size(1), 1, 1, t:size(2))
+    end
+    h = self.norm2(h, {silu = true})
+    h = self.conv2(h)
+    local sc = self.conv_shortcut and self.conv_shortcut(x) or x
+    local out = sc + h
+    if self.output_scale_factor ~= 1 then out = out / self.output_scale_factor end
+    return out
+end
+
+-- ---- Attention ------------------------------------------------------------
+
+local Attention = nn.Module:extend("Attention")
+B.Attention = Attention
+
+-- o: query_dim, cross_attention_dim (nil = self), heads, dim_head, bias (q/k/v),
+--    group_norm_groups + eps (the VAE's mid-block attention normalises inside)
+function Attention:init(o)
+    local inner = o.heads * o.dim_head
+    self.heads, self.dim_head = o.heads, o.dim_head
+    self.residual = o.residual_connection or false
+    if o.norm_num_groups then
+        self:add_module("group_norm", nn.GroupNorm(o.norm_num_groups, o.query_dim, {eps = o.eps or 1e-6}))
+    end
+    local kv = o.cross_attention_dim or o.query_dim
+    self:add_module("to_q", nn.Linear(o.query_dim, inner, {bias = o.bias or false}))
+    self:add_module("to_k", nn.Linear(kv, inner, {bias = o.bias or false}))
+    self:add_module("to_v", nn.Linear(kv, inner, {bias = o.bias or false}))
+    local out = nn.ModuleList()
+    out:append(nn.Linear(inner, o.query_dim, {bias = true}))
+    out:append(nn.Dropout(0))
+    self:add_module("to_out", out)
+end
+
+-- x [B, S, C] (or [B,H,W,C] for the VAE form), context [B, S2, Cc] or nil
+function Attention:forward(x, context)
+    local residual = x
+    local shape4 = nil
+    if x:dim() == 4 then
+        shape4 = x:size()
+        if self.group_norm then x = self.group_norm(x) end
+        x = x:view(shape4[1], shape4[2] * shape4[3], shape4[4])
+    elseif self.group_norm then
+        x = self.group_norm(x)
+    end
+    local b, s = x:size(1), x:size(2)
+    context = context or x
+    local q = self.to_q(x):view(b, s, self.heads, self.dim_head)
+    local k = self.to_k(context):view(b, context:size(2), self.heads, self.dim_head)
+    local v = self.to_v(context):view(b, context:size(2), self.heads, self.dim_head)
+    local o = core.scaled_dot_product_attention(q, k, v)
+    o = self.to_out[1](o:view(b, s, self.heads * self.dim_head))
+    if shape4 then o = o:view(shape4) end
+    if self.residual then o = o + residual end
+    return o
+end
+
+-- ---- FeedForward with GEGLU ------------------------------------------------
+
+local GEGLU = nn.Module:extend("GEGLU")
+function GEGLU:init(din, dout) self:add_module("proj", nn.Linear(din, dout * 2)) end
+function GEGLU:forward(x)
+    local h = self.proj(x)
+    local half = h:size(-1) // 2
+    local hidden, gate = h:narrow(-1, 1, half), h:narrow(-1, half + 1, half)
+    return hidden * core.gelu(gate)
+end
+
+local FeedForward = nn.Module:extend("FeedForward")
+function FeedForward:init(dim, mult)
+    local inner = dim * (mult or 4)
+    local net = nn.ModuleList()
+    net:append(GEGLU(dim, inner))
+    net:append(nn.Dropout(0))
+    net:append(nn.Linear(inner, dim))
+    self:add_module("net", net)
+end
+function FeedForward:forward(x) return self.net[3](self.net[1](x)) end
+
+-- ---- BasicTransformerBlock / Transformer2DModel ----------------------------
+
+local BasicTransformerBlock = nn.Module:extend("BasicTransformerBlock")
+B.BasicTransformerBlock = BasicTransformerBlock
+function BasicTransformerBlock:init(o)
+    local dim = o.heads * o.dim_head
+    self:add_module("norm1", nn.LayerNorm(dim))
+    self:add_module("attn1", Attention {query_dim = dim, heads = o.heads, dim_head = o.dim_head})
+    self:add_module("norm2", nn.LayerNorm(dim))
+    self:add_module("attn2", Attention {query_dim = dim, cross_attention_dim = o.cross_attention_dim,
+                                        heads = o.heads, dim_head = o.dim_head})
+    self:add_module("norm3", nn.LayerNorm(dim))
+    self:add_module("ff", FeedForward(dim))
+end
+function BasicTransformerBlock:forward(x, context)
+    x = self.attn1(self.norm1(x)) + x
+    x = self.attn2(self.norm2(x), context) + x
+    x = self.ff(self.norm3(x)) + x
+    return x
+end
+
+local Transformer2DModel = nn.Module:extend("Transformer2DModel")
+B.Transformer2DModel = Transformer2DModel
+-- o: heads, dim_head, in_channels, groups, cross_attention_dim, use_linear_projection
+function Transformer2DModel:init(o)
+    local inner = o.heads * o.dim_head
+    self.use_linear_projection = o.use_linear_projection or false
+    self:add_module("norm", nn.GroupNorm(o.groups, o.in_channels, {eps = 1e-6}))
+    if self.use_linear_projection then
+        self:add_module("proj_in", nn.Linear(o.in_channels, inner))
+    else
+        self:add_module("proj_in", nn.Conv2d(o.in_channels, inner, 1))
+    end
+    local blocks = nn.ModuleList()
+    blocks:append(BasicTransformerBlock {heads = o.heads, dim_head = o.dim_head,
+                                         cross_attention_dim = o.cross_attention_dim})
+    self:add_module("transformer_blocks", blocks)
+    if self.use_linear_projection then
+        self:add_module("proj_out", nn.Linear(inner, o.in_channels))
+    else
+        self:add_module("proj_out", nn.Conv2d(inner, o.in_channels, 1))
+    end
+end
+
+-- x [N,H,W,C], context [N,S,Cc] -> [N,H,W,C].  In NHWC a 1x1 conv and a
+-- linear layer are the same map, so both projection styles need no transpose.
+function Transformer2DModel:forward(x, context)
+    local n, h, w, c = table.unpack(x:size())
+    local hs = self.norm(x)
+    hs = self.proj_in(hs)
+    local inner = hs:size(4)
+    hs = hs:view(n, h * w, inner)
+    for _, blk in ipairs(self.transformer_blocks:children()) do hs = blk(hs, context) end
+    hs = self.proj_out(hs:view(n, h, w, inner))
+    return hs + x
+end
+
+-- ---- Down/Upsample2D ------------------------------------------------------
+
+local Downsample2D = nn.Module:extend("Downsample2D")
+B.Downsample2D = Downsample2D
+-- padding 1: symmetric (UNet); padding 0: pad right/bottom by one first (VAE).
+function Downsample2D:init(channels, padding)
+    self.pad = padding
+    self:add_module("conv", nn.Conv2d(channels, channels, 3, {stride = 2, padding = padding}))
+end
+function Downsample2D:forward(x)
+    if self.pad == 0 then
+        return core.conv2d(x, self.conv.weight, self.conv.bias, {stride = 2, padding = {0, 1, 0, 1}})
+    end
+    return self.conv(x)
+end
+
+local Upsample2D = nn.Module:extend("Upsample2D")
+B.Upsample2D = Upsample2D
+function Upsample2D:init(channels)
+    self:add_module("conv", nn.Conv2d(channels, channels, 3, {padding = 1}))
+end
+function Upsample2D:forward(x) return self.conv(core.upsample_nearest2d(x, 2)) end
+
+return B

@@ -1,0 +1,98 @@
+-- moonlit.models.clip_text — transformers' CLIPTextModel (SD's text
+-- encoder), built from its config.json.
+--   te(input_ids [B,S] int) -> last_hidden_state [B,S,D]
+-- Parameter names are transformers' without the "text_model." prefix; the
+-- loader accepts both forms and files are written with the prefix.
+local core = require "moonlit.core"
+local nn = require "moonlit.nn"
+
+local M = {}
+
+local Embeddings = nn.Module:extend("CLIPTextEmbeddings")
+function Embeddings:init(cfg)
+    self:add_module("token_embedding", nn.Embedding(cfg.vocab_size, cfg.hidden_size))
+    self:add_module("position_embedding", nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size))
+end
+function Embeddings:forward(ids)
+    local s = ids:size(2)
+    if s > self.position_embedding.weight:size(1) then
+        error(string.format("CLIPTextModel: sequence of %d tokens is longer than max_position_embeddings %d",
+                            s, self.position_embedding.weight:size(1)), 2)
+    end
+    local pos = self.position_embedding.weight:narrow(1, 1, s)         -- [S, D]
+    return self.token_embedding(ids) + pos
+end
+
+local SelfAttention = nn.Module:extend("CLIPAttention")
+function SelfAttention:init(cfg)
+    local d = cfg.hidden_size
+    self.heads = cfg.num_attention_heads
+    self.head_dim = d // self.heads
+    self:add_module("k_proj", nn.Linear(d, d))
+    self:add_module("v_proj", nn.Linear(d, d))
+    self:add_module("q_proj", nn.Linear(d, d))
+    self:add_module("out_proj", nn.Linear(d, d))
+end
+function SelfAttention:forward(x)
+    local b, s = x:size(1), x:size(2)
+    local q = self.q_proj(x):view(b, s, self.heads, self.head_dim)
+    local k = self.k_proj(x):view(b, s, self.heads, self.head_dim)
+    local v = self.v_proj(x):view(b, s, self.heads, self.head_dim)
+    local o = core.scaled_dot_product_attention(q, k, v, {causal = true})
+    return self.out_proj(o:view(b, s, self.heads * self.head_dim))
+end
+
+local MLP = nn.Module:extend("CLIPMLP")
+function MLP:init(cfg)
+    self.act = cfg.hidden_act or "quick_gelu"
+    self:add_module("fc1", nn.Linear(cfg.hidden_size, cfg.intermediate_size))
+    self:add_module("fc2", nn.Linear(cfg.intermediate_size, cfg.hidden_size))
+end
+local acts = {quick_gelu = core.quick_gelu, gelu = core.gelu, gelu_new = core.gelu_tanh,
+              gelu_pytorch_tanh = core.gelu_tanh, relu = core.relu, silu = core.silu}
+function MLP:forward(x)
+    local act = acts[self.act] or error("CLIPTextModel: unsupported hidden_act '" .. tostring(self.act) .. "'")
+    return self.fc2(act(self.fc1(x)))
+end
+
+local Layer = nn.Module:extend("CLIPEncoderLayer")
+function Layer:init(cfg)
+    local eps = cfg.layer_norm_eps or 1e-5
+    self:add_module("self_attn", SelfAttention(cfg))
+    self:add_module("layer_norm1", nn.LayerNorm(cfg.hidden_size, {eps = eps}))
+    self:add_module("mlp", MLP(cfg))
+    self:add_module("layer_norm2", nn.LayerNorm(cfg.hidden_size, {eps = eps}))
+end
+function Layer:forward(x)
+    x = x + self.self_attn(self.layer_norm1(x))
+    return x + self.mlp(self.layer_norm2(x))
+end
+
+local Encoder = nn.Module:extend("CLIPEncoder")
+function Encoder:init(cfg)
+    local layers = nn.ModuleList()
+    for _ = 1, cfg.num_hidden_layers do layers:append(Layer(cfg)) end
+    self:add_module("layers", layers)
+end
+
+local CLIPTextModel = nn.Module:extend("CLIPTextModel")
+M.CLIPTextModel = CLIPTextModel
+
+function CLIPTextModel:init(cfg)
+    self.config = cfg
+    self:add_module("embeddings", Embeddings(cfg))
+    self:add_module("encoder", Encoder(cfg))
+    self:add_module("final_layer_norm", nn.LayerNorm(cfg.hidden_size, {eps = cfg.layer_norm_eps or 1e-5}))
+end
+
+-- ids [B,S] int32/int64 -> last_hidden_state [B,S,D].  opts.skip_layers
+-- (clip skip) returns the output of an earlier layer, final-normed.
+function CLIPTextModel:forward(ids, opts)
+    local h = self.embeddings(ids)
+    local layers = self.encoder.layers:children()
+    local n = #layers - ((opts and opts.skip_layers) or 0)
+    for i = 1, n do h = layers[i](h) end
+    return self.final_layer_norm(h)
+end
+
+return M

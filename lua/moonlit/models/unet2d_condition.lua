@@ -1,0 +1,243 @@
+-- moonlit.models.unet2d_condition — diffusers' UNet2DConditionModel (the
+-- Stable Diffusion 1.x / 2.x denoiser), built from its config.json.
+--   unet(sample [N,H,W,C] NHWC, timesteps [N] or number, context [N,S,D]) -> [N,H,W,C]
+local core = require "moonlit.core"
+local nn = require "moonlit.nn"
+local B = require "moonlit.models.blocks"
+
+local M = {}
+
+local function per_block(v, n)
+    if type(v) == "table" then return v end
+    local t = {}
+    for i = 1, n do t[i] = v end
+    return t
+end
+
+local function check_supported(cfg)
+    local function need(cond, what)
+        if not cond then error("UNet2DConditionModel: unsupported config: " .. what, 3) end
+    end
+    need((cfg.time_embedding_type or "positional") == "positional", "time_embedding_type " .. tostring(cfg.time_embedding_type))
+    need(cfg.class_embed_type == nil, "class_embed_type")
+    need(cfg.addition_embed_type == nil, "addition_embed_type (SDXL-style conditioning)")
+    need((cfg.resnet_time_scale_shift or "default") == "default", "resnet_time_scale_shift")
+    need((cfg.mid_block_type or "UNetMidBlock2DCrossAttn") == "UNetMidBlock2DCrossAttn", "mid_block_type " .. tostring(cfg.mid_block_type))
+    local tl = cfg.transformer_layers_per_block or 1
+    need(tl == 1 or (type(tl) == "table"), "transformer_layers_per_block")
+    if type(tl) == "table" then for _, v in ipairs(tl) do need(v == 1, "transformer_layers_per_block ~= 1") end end
+    need(not cfg.only_cross_attention or cfg.only_cross_attention == false, "only_cross_attention")
+    need(not cfg.dual_cross_attention, "dual_cross_attention")
+end
+
+-- ---- blocks ---------------------------------------------------------------
+
+local DownBlock = nn.Module:extend("DownBlock2D")
+function DownBlock:init(o)
+    local resnets = nn.ModuleList()
+    for j = 1, o.layers do
+        resnets:append(B.ResnetBlock2D {in_channels = j == 1 and o.cin or o.cout, out_channels = o.cout,
+                                        temb_channels = o.temb, groups = o.groups, eps = o.eps})
+    end
+    -- diffusers registers attentions before resnets; keep its parameter order
+    if o.cross then
+        local attns = nn.ModuleList()
+        for _ = 1, o.layers do
+            attns:append(B.Transformer2DModel {heads = o.heads, dim_head = o.cout // o.heads, in_channels = o.cout,
+                                               groups = o.groups, cross_attention_dim = o.cross_dim,
+                                               use_linear_projection = o.linear_proj})
+        end
+        self:add_module("attentions", attns)
+    end
+    self:add_module("resnets", resnets)
+    if o.downsample then
+        local ds = nn.ModuleList()
+        ds:append(B.Downsample2D(o.cout, o.downsample_padding))
+        self:add_module("downsamplers", ds)
+    end
+end
+
+-- returns h and the list of skip tensors it produced
+function DownBlock:forward(h, temb, context, skips)
+    local resnets = self.resnets:children()
+    for j, r in ipairs(resnets) do
+        h = r(h, temb)
+        if self.attentions then h = self.attentions[j](h, context) end
+        skips[#skips + 1] = h
+    end
+    if self.downsamplers then
+        h = self.downsamplers[1](h)
+        skips[#skips + 1] = h
+    end
+    return h
+end
+
+local UpBlock = nn.Module:extend("UpBlock2D")
+function UpBlock:init(o)
+    local resnets = nn.ModuleList()
+    for j = 1, o.layers + 1 do
+        local skip = j == o.layers + 1 and o.cin or o.cout
+        local rin = j == 1 and o.prev or o.cout
+        resnets:append(B.ResnetBlock2D {in_channels = rin + skip, out_channels = o.cout,
+                                        temb_channels = o.temb, groups = o.groups, eps = o.eps})
+    end
+    if o.cross then
+        local attns = nn.ModuleList()
+        for _ = 1, o.layers + 1 do
+            attns:append(B.Transformer2DModel {heads = o.heads, dim_head = o.cout // o.heads, in_channels = o.cout,
+                                               groups = o.groups, cross_attention_dim = o.cross_dim,
+                                               use_linear_projection = o.linear_proj})
+        end
+        self:add_module("attentions", attns)
+    end
+    self:add_module("resnets", resnets)
+    if o.upsample then
+        local us = nn.ModuleList()
+        us:append(B.Upsample2D(o.cout))
+        self:add_module("upsamplers", us)
+    end
+end
+
+function UpBlock:forward(h, temb, context, skips)
+    for j, r in ipairs(self.resnets:children()) do
+        local s = table.remove(skips)
+        h = r(core.cat({h, s}, 4), temb)       -- channels last: cat on dim 4
+        if self.attentions then h = self.attentions[j](h, context) end
+    end
+    if self.upsamplers then h = self.upsamplers[1](h) end
+    return h
+end
+
+local MidBlock = nn.Module:extend("UNetMidBlock2DCrossAttn")
+function MidBlock:init(o)
+    local resnets = nn.ModuleList()
+    for _ = 1, 2 do
+        resnets:append(B.ResnetBlock2D {in_channels = o.c, out_channels = o.c, temb_channels = o.temb,
+                                        groups = o.groups, eps = o.eps, output_scale_factor = o.scale})
+    end
+    local attns = nn.ModuleList()
+    attns:append(B.Transformer2DModel {heads = o.heads, dim_head = o.c // o.heads, in_channels = o.c,
+                                       groups = o.groups, cross_attention_dim = o.cross_dim,
+                                       use_linear_projection = o.linear_proj})
+    self:add_module("attentions", attns)
+    self:add_module("resnets", resnets)
+end
+function MidBlock:forward(h, temb, context)
+    h = self.resnets[1](h, temb)
+    h = self.attentions[1](h, context)
+    return self.resnets[2](h, temb)
+end
+
+-- ---- timestep embedding -----------------------------------------------------
+
+local TimestepEmbedding = nn.Module:extend("TimestepEmbedding")
+function TimestepEmbedding:init(cin, dim)
+    self:add_module("linear_1", nn.Linear(cin, dim))
+    self:add_module("linear_2", nn.Linear(dim, dim))
+end
+function TimestepEmbedding:forward(x) return self.linear_2(core.silu(self.linear_1(x))) end
+
+-- Sinusoidal embedding as diffusers' get_timestep_embedding: exponent
+-- -ln(10000) * i / (half - shift), sin then cos, swapped when flip_sin_to_cos.
+function M.timestep_embedding(t, dim, flip_sin_to_cos, shift, device)
+    local half = dim // 2
+    local exponent = core.arange(0, half, {dtype = "f32", device = device}) * (-math.log(10000) / (half - shift))
+    local freqs = exponent:exp()
+    local emb = t:float():view(-1, 1) * freqs:view(1, half)
+    local s, c = emb:sin(), emb:cos()
+    local out = flip_sin_to_cos and core.cat({c, s}, 2) or core.cat({s, c}, 2)
+    if dim % 2 == 1 then out = core.cat({out, core.zeros({out:size(1), 1}, {device = device})}, 2) end
+    return out
+end
+
+-- ---- the model ----------------------------------------------------------------
+
+local UNet = nn.Module:extend("UNet2DConditionModel")
+M.UNet2DConditionModel = UNet
+
+function UNet:init(cfg)
+    check_supported(cfg)
+    self.config = cfg
+    local boc = cfg.block_out_channels
+    local nb = #boc
+    local layers = cfg.layers_per_block or 2
+    local groups = cfg.norm_num_groups or 32
+    local eps = cfg.norm_eps or 1e-5
+    local cross = cfg.cross_attention_dim
+    -- diffusers reads attention_head_dim as the number of heads when
+    -- num_attention_heads is unset (a historical naming quirk it keeps).
+    local heads = per_block(cfg.num_attention_heads or cfg.attention_head_dim or 8, nb)
+    local linear_proj = cfg.use_linear_projection or false
+    local temb = boc[1] * 4
+    self.flip_sin_to_cos = cfg.flip_sin_to_cos ~= false
+    self.freq_shift = cfg.freq_shift or 0
+    self.time_proj_dim = boc[1]
+
+    self:add_module("conv_in", nn.Conv2d(cfg.in_channels, boc[1], cfg.conv_in_kernel or 3,
+                                         {padding = ((cfg.conv_in_kernel or 3) - 1) // 2}))
+    self:add_module("time_embedding", TimestepEmbedding(boc[1], temb))
+
+    local down = nn.ModuleList()
+    local cout = boc[1]
+    for i, btype in ipairs(cfg.down_block_types) do
+        local cin = cout
+        cout = boc[i]
+        if btype ~= "CrossAttnDownBlock2D" and btype ~= "DownBlock2D" then
+            error("UNet2DConditionModel: unsupported down block type " .. btype)
+        end
+        down:append(DownBlock {cin = cin, cout = cout, temb = temb, layers = layers, groups = groups, eps = eps,
+                               cross = btype == "CrossAttnDownBlock2D", heads = heads[i], cross_dim = cross,
+                               linear_proj = linear_proj, downsample = i < nb,
+                               downsample_padding = cfg.downsample_padding or 1})
+    end
+    self:add_module("down_blocks", down)
+
+    local up = nn.ModuleList()
+    local rev, rheads = {}, {}
+    for i = nb, 1, -1 do rev[#rev + 1] = boc[i]; rheads[#rheads + 1] = heads[i] end
+    local prev = rev[1]
+    for i, btype in ipairs(cfg.up_block_types) do
+        if btype ~= "CrossAttnUpBlock2D" and btype ~= "UpBlock2D" then
+            error("UNet2DConditionModel: unsupported up block type " .. btype)
+        end
+        local co = rev[i]
+        local ci = rev[math.min(i + 1, nb)]
+        up:append(UpBlock {prev = prev, cin = ci, cout = co, temb = temb, layers = layers, groups = groups, eps = eps,
+                           cross = btype == "CrossAttnUpBlock2D", heads = rheads[i], cross_dim = cross,
+                           linear_proj = linear_proj, upsample = i < nb})
+        prev = co
+    end
+    self:add_module("up_blocks", up)
+    self:add_module("mid_block", MidBlock {c = boc[nb], temb = temb, groups = groups, eps = eps,
+                                           scale = cfg.mid_block_scale_factor or 1, heads = heads[nb],
+                                           cross_dim = cross, linear_proj = linear_proj})
+    self:add_module("conv_norm_out", nn.GroupNorm(groups, boc[1], {eps = eps}))
+    self:add_module("conv_out", nn.Conv2d(boc[1], cfg.out_channels, cfg.conv_out_kernel or 3,
+                                          {padding = ((cfg.conv_out_kernel or 3) - 1) // 2}))
+end
+
+-- Children are registered in diffusers' order (conv_in, time_embedding,
+-- down_blocks, up_blocks, mid_block, ...), so named_parameters() lists
+-- tensors as PyTorch does: optimizer state and gradient buckets line up.
+function UNet:forward(sample, timesteps, context)
+    local n = sample:size(1)
+    local dev = sample.device
+    if type(timesteps) == "number" then
+        timesteps = core.full({n}, timesteps, {dtype = "f32", device = dev})
+    elseif timesteps:dim() == 0 or timesteps:numel() == 1 and n > 1 then
+        timesteps = timesteps:float():view(1):expand(n)
+    end
+    local t_emb = M.timestep_embedding(timesteps, self.time_proj_dim, self.flip_sin_to_cos, self.freq_shift, dev)
+    if t_emb.dtype ~= sample.dtype then t_emb = t_emb:to(sample.dtype) end
+    local emb = self.time_embedding(t_emb)
+
+    local h = self.conv_in(sample)
+    local skips = {h}
+    for _, blk in ipairs(self.down_blocks:children()) do h = blk(h, emb, context, skips) end
+    h = self.mid_block(h, emb, context)
+    for _, blk in ipairs(self.up_blocks:children()) do h = blk(h, emb, context, skips) end
+    h = self.conv_norm_out(h, {silu = true})
+    return self.conv_out(h)
+end
+
+return M

@@ -1,0 +1,89 @@
+-- moonlit.pipelines.stable_diffusion — text to image, as diffusers'
+-- StableDiffusionPipeline does it: classifier-free guidance with the
+-- unconditional (negative prompt) half first, the scheduler's
+-- init_noise_sigma and scale_model_input, VAE decode of latents / scaling.
+--
+-- generate(m, {prompt = "..." | {...}, negative_prompt = "" | {...},
+--              num_images_per_prompt = 1, height = 512, width = 512,
+--              num_inference_steps = 50, guidance_scale = 7.5, seed = nil,
+--              scheduler = nil (name: pndm, ddim, euler, ...), latents = nil (NHWC),
+--              callback = fn(step, t, latents)})
+--   -> images [B, H, W, 3] f32 in [0, 1] (CPU), plus info {seed, steps, ...}
+local core = require "moonlit.core"
+local schedulers = require "moonlit.schedulers"
+
+local P = {}
+
+local function as_list(v, n)
+    if type(v) == "table" then return v end
+    local out = {}
+    for i = 1, n do out[i] = v end
+    return out
+end
+
+function P.encode_prompts(m, prompts)
+    local ids = m.tokenizer:encode_batch(prompts, {padding = "max_length", max_length = 77, truncation = true})
+    local dev = m.device or "cpu"
+    return m.text_encoder(ids:to(dev))
+end
+
+function P.generate(m, o)
+    assert(m.unet and m.vae and m.text_encoder and m.tokenizer, "generate: the model needs unet, vae, text_encoder and tokenizer")
+    local prompts = type(o.prompt) == "table" and o.prompt or {o.prompt or ""}
+    local per = o.num_images_per_prompt or 1
+    local negs = as_list(o.negative_prompt or "", #prompts)
+    if #negs ~= #prompts then error("generate: negative_prompt list must match the prompt list", 2) end
+    local steps = o.num_inference_steps or o.steps or 50
+    local guidance = o.guidance_scale or 7.5
+    local ucfg = m.unet.config
+    local vae_scale = 2 ^ (#m.vae.config.block_out_channels - 1)
+    local height = o.height or ucfg.sample_size * vae_scale
+    local width = o.width or ucfg.sample_size * vae_scale
+    if height % vae_scale ~= 0 or width % vae_scale ~= 0 then
+        error(string.format("generate: height and width must be multiples of %d (got %dx%d)", vae_scale, height, width), 2)
+    end
+    local dev = m.device or "cpu"
+    local sch = o.scheduler and schedulers.from_config(m.scheduler.config, o.scheduler) or
+                schedulers.from_config(m.scheduler.config)
+    local seed = o.seed
+    if seed then core.manual_seed(seed) end
+
+    return core.no_grad(function()
+        local all_p, all_n = {}, {}
+        for i, p in ipairs(prompts) do
+            for _ = 1, per do all_p[#all_p + 1] = p; all_n[#all_n + 1] = negs[i] end
+        end
+        local b = #all_p
+        local cfg = guidance > 1
+        local cond = P.encode_prompts(m, all_p)
+        local context = cond
+        if cfg then context = core.cat({P.encode_prompts(m, all_n), cond}, 1) end
+
+        local lc = ucfg.in_channels
+        local latents = o.latents
+        if latents then
+            latents = latents:to{device = dev, dtype = "f32"}
+        else
+            latents = core.randn({b, height // vae_scale, width // vae_scale, lc}, {device = dev})
+        end
+        sch:set_timesteps(steps)
+        latents = latents * sch.init_noise_sigma
+        for i, t in ipairs(sch.timesteps) do
+            local x = cfg and core.cat({latents, latents}, 1) or latents
+            x = sch:scale_model_input(x, t)
+            local eps = m.unet(x, t, context)
+            if cfg then
+                local u, c = eps:chunk(2, 1)
+                eps = u + (c - u) * guidance
+            end
+            latents = sch:step(eps, t, latents)
+            if o.callback then o.callback(i, t, latents) end
+        end
+        local img = m.vae:decode(latents / m.vae.scaling_factor)
+        img = core.clamp(img / 2 + 0.5, 0, 1):to("cpu")
+        return img, {seed = seed, steps = steps, guidance = guidance, scheduler = sch.config._class_name,
+                     prompts = all_p, negative_prompts = all_n, height = height, width = width}
+    end)
+end
+
+return P

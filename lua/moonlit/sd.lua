@@ -1,0 +1,187 @@
+-- moonlit.sd (ml.sd) — Stable Diffusion folders in diffusers format.
+--   local m = ml.sd.load(dir, {device = "cpu", dtype = "f32", variant = nil, components = nil})
+--     -> {unet, vae, text_encoder, tokenizer, scheduler, config, dir}
+--   ml.sd.save(dir, m, {dtype = "f32"|"f16"|"bf16"})  -- a folder diffusers loads
+--   ml.sd.generate(m, {prompt = ..., ...})            -- see moonlit.pipelines.stable_diffusion
+-- Loading is strict: a missing, unexpected or mis-shaped tensor is reported
+-- by name.  Weights are read through a memory map and copied once.
+local core = require "moonlit.core"
+local nn = require "moonlit.nn"
+local schedulers = require "moonlit.schedulers"
+
+local sd = {}
+
+sd.models = {
+    CLIPTextModel = function() return require("moonlit.models.clip_text").CLIPTextModel end,
+    UNet2DConditionModel = function() return require("moonlit.models.unet2d_condition").UNet2DConditionModel end,
+    AutoencoderKL = function() return require("moonlit.models.autoencoder_kl").AutoencoderKL end,
+}
+
+local weight_base = {
+    text_encoder = "model", unet = "diffusion_pytorch_model", vae = "diffusion_pytorch_model",
+}
+local default_class = {
+    text_encoder = "CLIPTextModel", unet = "UNet2DConditionModel", vae = "AutoencoderKL",
+}
+
+local function join(a, b) return a:sub(-1) == "/" and a .. b or a .. "/" .. b end
+
+local function read_json(path, what)
+    if not core.is_file(path) then error(string.format("sd.load: %s missing: %s", what, path), 3) end
+    return core.json_load(path)
+end
+
+-- Weight names as this project's modules use them.  The text encoder's keys
+-- may carry transformers' "text_model." prefix (SD repos) or not (what
+-- transformers 5 writes); position_ids is a buffer older files include.
+local function normalise_key(component, k)
+    if component == "text_encoder" then
+        k = k:gsub("^text_model%.", "")
+        if k == "embeddings.position_ids" then return nil end
+    end
+    return k
+end
+
+-- Build a network from <dir>/config.json and load its weights.
+function sd.load_component(dir, component, opts)
+    opts = opts or {}
+    local cfg = read_json(join(dir, "config.json"), component .. " config")
+    local cls_name = cfg._class_name or (cfg.architectures and cfg.architectures[1]) or default_class[component]
+    local ctor = sd.models[cls_name]
+    if not ctor then error("sd.load: unsupported model class '" .. tostring(cls_name) .. "' in " .. join(dir, "config.json"), 2) end
+    local model = nn.no_init(function() return ctor()(cfg) end)
+    if opts.dtype or opts.device then
+        model:to{dtype = opts.dtype or "f32", device = opts.device or "cpu"}
+    end
+    local f = core.st_open_model(dir, weight_base[component], {variant = opts.variant})
+    local weights = {}
+    for _, k in ipairs(f:keys()) do
+        local name = normalise_key(component, k)
+        if name then weights[name] = f:get(k) end
+    end
+    local ok, err = pcall(model.load_state_dict, model, weights, {layout = "torch", assign = true})
+    f:close()
+    if not ok then error(string.format("sd.load: %s: %s", dir, tostring(err)), 2) end
+    model:eval()
+    model.config = cfg
+    model.component = component
+    return model
+end
+
+-- sd.load(dir, opts): opts.components limits what is loaded (a list of
+-- names among text_encoder, unet, vae, tokenizer, scheduler).
+function sd.load(dir, opts)
+    opts = opts or {}
+    if not core.is_dir(dir) then error("sd.load: model folder not found: " .. tostring(dir), 2) end
+    local index = read_json(join(dir, "model_index.json"), "model_index.json")
+    local want = {}
+    for _, c in ipairs(opts.components or {"text_encoder", "unet", "vae", "tokenizer", "scheduler"}) do want[c] = true end
+    local m = {dir = dir, config = index, device = opts.device or "cpu"}
+    if want.tokenizer then
+        m.tokenizer_dir = join(dir, "tokenizer")
+        m.tokenizer = core.tokenizer_load(m.tokenizer_dir)
+    end
+    if want.scheduler then
+        m.scheduler_config = read_json(join(dir, "scheduler/scheduler_config.json"), "scheduler config")
+        m.scheduler = schedulers.from_config(m.scheduler_config)
+    end
+    for _, c in ipairs {"text_encoder", "unet", "vae"} do
+        if want[c] then m[c] = sd.load_component(join(dir, c), c, opts) end
+    end
+    return m
+end
+
+-- ---- saving -------------------------------------------------------------------
+
+local DIFFUSERS_VERSION = "0.40.0"
+
+local function config_for_save(model, class_name, extra)
+    local cfg = {}
+    for k, v in pairs(model.config or {}) do cfg[k] = v end
+    if class_name == "CLIPTextModel" then
+        cfg.architectures = cfg.architectures or {"CLIPTextModel"}
+        cfg.model_type = cfg.model_type or "clip_text_model"
+    else
+        cfg._class_name = class_name
+        cfg._diffusers_version = cfg._diffusers_version or DIFFUSERS_VERSION
+    end
+    for k, v in pairs(extra or {}) do cfg[k] = v end
+    return cfg
+end
+
+local function save_component(dir, component, model, opts)
+    core.mkdir_p(dir)
+    local cls = default_class[component]
+    core.json_save(join(dir, "config.json"), config_for_save(model, cls), {indent = 2, sort_keys = true})
+    local state = model:state_dict{layout = "torch"}
+    local out = {}
+    for _, k in ipairs(state._order) do
+        local name = component == "text_encoder" and "text_model." .. k or k
+        out[name] = state[k]
+    end
+    local fname = weight_base[component] .. (opts.variant and "." .. opts.variant or "") .. ".safetensors"
+    local meta = {format = "pt"}
+    core.st_save(join(dir, fname), out, {dtype = opts.dtype, metadata = meta})
+end
+
+-- sd.save(dir, m, opts): writes every component present in m.
+function sd.save(dir, m, opts)
+    opts = opts or {}
+    core.mkdir_p(dir)
+    for _, c in ipairs {"text_encoder", "unet", "vae"} do
+        if m[c] then save_component(join(dir, c), c, m[c], opts) end
+    end
+    if m.tokenizer_dir then
+        core.mkdir_p(join(dir, "tokenizer"))
+        for _, f in ipairs {"vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"} do
+            local src = join(m.tokenizer_dir, f)
+            if core.is_file(src) then core.copy_file(src, join(join(dir, "tokenizer"), f)) end
+        end
+    end
+    if m.scheduler then
+        core.mkdir_p(join(dir, "scheduler"))
+        local cfg = {}
+        for k, v in pairs(m.scheduler.config) do cfg[k] = v end
+        cfg._diffusers_version = cfg._diffusers_version or DIFFUSERS_VERSION
+        core.json_save(join(dir, "scheduler/scheduler_config.json"), cfg, {indent = 2, sort_keys = true})
+    end
+    local index = {}
+    for k, v in pairs(m.config or {}) do index[k] = v end
+    index._class_name = index._class_name or "StableDiffusionPipeline"
+    index._diffusers_version = index._diffusers_version or DIFFUSERS_VERSION
+    if m.text_encoder then index.text_encoder = {"transformers", "CLIPTextModel"} end
+    if m.tokenizer_dir then index.tokenizer = {"transformers", "CLIPTokenizer"} end
+    if m.unet then index.unet = {"diffusers", "UNet2DConditionModel"} end
+    if m.vae then index.vae = {"diffusers", "AutoencoderKL"} end
+    if m.scheduler then index.scheduler = {"diffusers", m.scheduler.config._class_name} end
+    index.requires_safety_checker = false
+    core.json_save(join(dir, "model_index.json"), index, {indent = 2, sort_keys = true})
+end
+
+-- Models with fresh random weights from a folder of configs (tests, benchmarks).
+function sd.from_configs(dir, opts)
+    opts = opts or {}
+    local m = {dir = dir, config = read_json(join(dir, "model_index.json"), "model_index.json")}
+    if opts.seed then core.manual_seed(opts.seed) end
+    for _, c in ipairs {"text_encoder", "unet", "vae"} do
+        local cfg = read_json(join(dir, c .. "/config.json"), c .. " config")
+        local cls = cfg._class_name or (cfg.architectures and cfg.architectures[1]) or default_class[c]
+        m[c] = sd.models[cls]()(cfg)
+        m[c].config = cfg
+        if opts.device or opts.dtype then m[c]:to{device = opts.device or "cpu", dtype = opts.dtype or "f32"} end
+    end
+    local tdir = join(dir, "tokenizer")
+    if core.is_file(join(tdir, "vocab.json")) or core.is_file(join(tdir, "tokenizer.json")) then
+        m.tokenizer_dir = tdir
+        m.tokenizer = core.tokenizer_load(tdir)
+    end
+    m.scheduler_config = read_json(join(dir, "scheduler/scheduler_config.json"), "scheduler config")
+    m.scheduler = schedulers.from_config(m.scheduler_config)
+    return m
+end
+
+function sd.generate(m, opts)
+    return require("moonlit.pipelines.stable_diffusion").generate(m, opts)
+end
+
+return sd

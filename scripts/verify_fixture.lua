@@ -1,0 +1,275 @@
+-- verify_fixture.lua — check moonlit against a reference fixture folder made
+-- with diffusers/transformers (format: docs/fixtures.md).
+--
+--   moonlit scripts/verify_fixture.lua <fixture_dir> [--only name,name] [--device cpu]
+--
+-- Loads <fixture_dir>/pipeline with moonlit's own loaders, then checks the
+-- tokenizer, the three networks, every scheduler step, the pipeline image
+-- and one DreamBooth training step (loss, grad norm, every gradient after
+-- clipping, every parameter after one AdamW step).  Prints one line per
+-- check (name, relative L2 error, tolerance, ok/FAIL) and exits non-zero if
+-- any fails.  Sizes come from the configs: any fixture in this format works.
+local ml = require "moonlit"
+local core = ml.core
+
+local args = {dir = nil, only = nil, device = "cpu"}
+do
+    local i = 1
+    while i <= #arg do
+        local a = arg[i]
+        if a == "--only" then args.only = {} for n in arg[i + 1]:gmatch("[^,]+") do args.only[n] = true end i = i + 1
+        elseif a == "--device" then args.device = arg[i + 1] i = i + 1
+        elseif a == "-h" or a == "--help" then
+            print("usage: moonlit scripts/verify_fixture.lua <fixture_dir> [--only tokenizer,text_encoder,unet,vae,schedulers,pipeline,train] [--device cpu|cuda]")
+            os.exit(0)
+        elseif not args.dir then args.dir = a
+        else io.stderr:write("verify_fixture: unexpected argument " .. a .. "\n") os.exit(2) end
+        i = i + 1
+    end
+end
+if not args.dir then
+    io.stderr:write("usage: moonlit scripts/verify_fixture.lua <fixture_dir>\n")
+    os.exit(2)
+end
+
+local dir = args.dir
+local dev = args.device
+local TOL_MODULE, TOL_PIPE = 1e-5, 1e-4
+if dev ~= "cpu" then TOL_MODULE, TOL_PIPE = 1e-4, 1e-4 end
+local n_ok, n_fail = 0, 0
+
+local function report(name, err, tol, pass)
+    if pass == nil then pass = err <= tol end
+    if err ~= err then pass = false end
+    print(string.format("%-64s %10.3e  tol %.0e  %s", name, err, tol, pass and "ok" or "FAIL"))
+    if pass then n_ok = n_ok + 1 else n_fail = n_fail + 1 end
+    return pass
+end
+
+local function rel_l2(a, b)
+    local ad, bd = a:to("cpu"):double(), b:to("cpu"):double()
+    local num, den = (ad - bd):norm():item(), bd:norm():item()
+    return den > 0 and num / den or num, num, den
+end
+
+local function check(name, got, want, tol)
+    local gs, ws = table.concat(got:size(), "x"), table.concat(want:size(), "x")
+    if gs ~= ws then
+        print(string.format("%-64s shape %s vs reference %s  FAIL", name, gs, ws))
+        n_fail = n_fail + 1
+        return false
+    end
+    return report(name, (rel_l2(got, want)), tol)
+end
+
+local function nchw_to_nhwc(t) return t:permute(1, 3, 4, 2):contiguous() end
+local function nhwc_to_nchw(t) return t:permute(1, 4, 2, 3):contiguous() end
+
+local function path(f) return dir .. "/" .. f end
+local function want(name) return args.only == nil or args.only[name] end
+local function load(f) return core.st_load(path(f)) end
+
+local meta = core.json_load(path("meta.json"))
+local m = ml.sd.load(path("pipeline"), {device = dev})
+
+-- ---- tokenizer ------------------------------------------------------------------
+if want("tokenizer") and core.is_file(path("tokenizer.json")) then
+    local ref = core.json_load(path("tokenizer.json"))
+    local bad, bad_pad = 0, 0
+    for i, p in ipairs(ref.prompts) do
+        local ids = m.tokenizer:encode(p, {padding = false, truncation = false})
+        local exp = ref.ids[i]
+        local same = #ids == #exp
+        for j = 1, math.min(#ids, #exp) do if ids[j] ~= exp[j] then same = false end end
+        if not same then bad = bad + 1 print("  tokenizer mismatch: " .. p) end
+        local pad = m.tokenizer:encode(p, {padding = "max_length", max_length = 77, truncation = true})
+        local pexp = ref.padded_ids[i]
+        local psame = #pad == #pexp
+        for j = 1, math.min(#pad, #pexp) do if pad[j] ~= pexp[j] then psame = false end end
+        if not psame then bad_pad = bad_pad + 1 end
+    end
+    report(string.format("tokenizer.ids (%d prompts, mismatched fraction)", #ref.prompts), bad / #ref.prompts, 0)
+    report("tokenizer.padded_ids (mismatched fraction)", bad_pad / #ref.prompts, 0)
+end
+
+-- ---- networks -------------------------------------------------------------------
+ml.no_grad(function()
+    if want("text_encoder") then
+        local r = load("text_encoder.safetensors")
+        check("text_encoder.last_hidden_state", m.text_encoder(r.input_ids:to(dev)), r.last_hidden_state, TOL_MODULE)
+    end
+    if want("unet") then
+        local r = load("unet.safetensors")
+        local out = m.unet(nchw_to_nhwc(r.sample):to(dev), r.timesteps:to(dev), r.encoder_hidden_states:to(dev))
+        check("unet.out", nhwc_to_nchw(out), r.out, TOL_MODULE)
+    end
+    if want("vae") then
+        local r = load("vae.safetensors")
+        local post = m.vae:encode(nchw_to_nhwc(r.image):to(dev))
+        check("vae.encode.mean", nhwc_to_nchw(post.mean), r.mean, TOL_MODULE)
+        check("vae.encode.logvar", nhwc_to_nchw(post.logvar), r.logvar, TOL_MODULE)
+        check("vae.decode", nhwc_to_nchw(m.vae:decode(nchw_to_nhwc(r.latents):to(dev))), r.decoded, TOL_MODULE)
+    end
+end)
+
+-- ---- schedulers -----------------------------------------------------------------
+-- How each sampler was configured: the fixture may say so in the file's
+-- metadata ("configs": JSON name -> config); otherwise PNDM and DDIM are
+-- built from the pipeline's scheduler config (diffusers' from_config) and
+-- Euler / DPM++ 2M from their class defaults with the pipeline's betas.
+if want("schedulers") then
+    local S = require "moonlit.schedulers"
+    local r = load("schedulers.safetensors")
+    local f = core.st_open(path("schedulers.safetensors"))
+    local md = f:metadata() or {}
+    f:close()
+    local configs = md.configs and core.json_decode(md.configs) or {}
+    local pcfg = m.scheduler_config
+    local betas_only = {}
+    for _, k in ipairs {"num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type"} do
+        betas_only[k] = pcfg[k]
+    end
+    local classes = {pndm = "PNDMScheduler", ddim = "DDIMScheduler", euler = "EulerDiscreteScheduler",
+                     dpmpp2m = "DPMSolverMultistepScheduler"}
+    local function make(name)
+        if configs[name] then return S[classes[name]](configs[name]) end
+        if name == "pndm" or name == "ddim" then return S.from_config(pcfg, name) end
+        return S[classes[name]](betas_only)
+    end
+    local ddpm = S.DDPMScheduler(betas_only)
+    check("schedulers.alphas_cumprod", core.tensor(ddpm.alphas_cumprod), r.alphas_cumprod, TOL_MODULE)
+    local lat, noise = nchw_to_nhwc(r["add_noise.latents"]), nchw_to_nhwc(r["add_noise.noise"])
+    local ts = r["add_noise.timesteps"]
+    check("schedulers.add_noise", nhwc_to_nchw(ddpm:add_noise(lat, noise, ts)), r["add_noise.out"], TOL_MODULE)
+    if r["velocity.out"] then
+        check("schedulers.get_velocity", nhwc_to_nchw(ddpm:get_velocity(lat, noise, ts)), r["velocity.out"], TOL_MODULE)
+    end
+    for _, name in ipairs {"pndm", "ddim", "euler", "dpmpp2m"} do
+        if r[name .. ".timesteps"] then
+            local sch = make(name)
+            local n = 0
+            while r[name .. "." .. n .. ".prev_sample"] do n = n + 1 end
+            sch:set_timesteps(r[name .. ".timesteps"]:numel() == n and n or r[name .. ".timesteps"]:numel() - 1)
+            local exp_ts = r[name .. ".timesteps"]:totable()
+            local ts_ok = #exp_ts == #sch.timesteps
+            for i = 1, #exp_ts do if math.abs(exp_ts[i] - sch.timesteps[i]) > 1e-3 then ts_ok = false end end
+            report("schedulers." .. name .. ".timesteps", ts_ok and 0 or 1, 0)
+            report("schedulers." .. name .. ".init_noise_sigma",
+                   math.abs(sch.init_noise_sigma - r[name .. ".init_noise_sigma"]:item()) / r[name .. ".init_noise_sigma"]:item(), TOL_MODULE)
+            local x = nchw_to_nhwc(r[name .. ".init"]) * sch.init_noise_sigma
+            local worst_in, worst_out = 0, 0
+            for i = 0, n - 1 do
+                local t = sch.timesteps[i + 1]
+                local scaled = sch:scale_model_input(x, t)
+                worst_in = math.max(worst_in, (rel_l2(nhwc_to_nchw(scaled), r[name .. "." .. i .. ".scaled_input"])))
+                x = sch:step(nchw_to_nhwc(r[name .. "." .. i .. ".model_output"]), t, x)
+                worst_out = math.max(worst_out, (rel_l2(nhwc_to_nchw(x), r[name .. "." .. i .. ".prev_sample"])))
+            end
+            report(string.format("schedulers.%s.scaled_input (worst of %d steps)", name, n), worst_in, TOL_MODULE)
+            report(string.format("schedulers.%s.prev_sample (worst of %d steps)", name, n), worst_out, TOL_MODULE)
+        end
+    end
+end
+
+-- ---- pipeline -------------------------------------------------------------------
+if want("pipeline") and meta.pipeline_call then
+    local r = load("pipeline_out.safetensors")
+    local pc = meta.pipeline_call
+    local img = ml.sd.generate(m, {prompt = pc.prompt, negative_prompt = pc.negative_prompt,
+                                   num_inference_steps = pc.num_inference_steps, guidance_scale = pc.guidance_scale,
+                                   scheduler = pc.scheduler, latents = nchw_to_nhwc(r.latents),
+                                   height = r.image:size(2), width = r.image:size(3)})
+    check("pipeline.image", img, r.image, TOL_PIPE)
+end
+
+-- ---- one DreamBooth training step ------------------------------------------------
+if want("train") and core.is_file(path("train_step.safetensors")) then
+    local r = load("train_step.safetensors")
+    local tr = meta.train
+    local te, unet, vae = m.text_encoder, m.unet, m.vae
+    te:train(); unet:train()
+    local params = ml.nn.parameters(unet, te)
+    local opt = ml.optim.AdamW(params, {lr = tr.lr, betas = tr.betas, eps = tr.eps, weight_decay = tr.weight_decay})
+    local latents = ml.no_grad(function()
+        local post = vae:encode(nchw_to_nhwc(r.images):to(dev))
+        return post:sample(nchw_to_nhwc(r.vae_eps):to(dev)) * tr.vae_scaling
+    end)
+    check("train.latents", nhwc_to_nchw(latents), r.latents, TOL_MODULE)
+    local noise = nchw_to_nhwc(r.noise):to(dev)
+    local t = r.timesteps:to(dev)
+    local S = require "moonlit.schedulers"
+    local ddpm = S.from_config(m.scheduler_config, "ddpm")
+    local noisy = ddpm:add_noise(latents, noise, t)
+    local context = te(r.input_ids:to(dev))
+    local pred = unet(noisy, t, context)
+    check("train.model_pred", nhwc_to_nchw(pred), r.model_pred, TOL_PIPE)
+    local target = meta.prediction_type == "v_prediction" and ddpm:get_velocity(latents, noise, t) or noise
+    local half = pred:size(1) // 2
+    local loss = ml.F.mse_loss(pred:narrow(1, 1, half), target:narrow(1, 1, half)) +
+                 ml.F.mse_loss(pred:narrow(1, half + 1, half), target:narrow(1, half + 1, half)) * tr.prior_loss_weight
+    report("train.loss", math.abs(loss:item() - r.loss:item()) / math.abs(r.loss:item()), TOL_PIPE)
+    loss:backward()
+    local gnorm = ml.optim.clip_grad_norm(params, tr.max_grad_norm)
+    report("train.grad_norm", math.abs(gnorm - r.grad_norm:item()) / r.grad_norm:item(), TOL_PIPE)
+
+    -- gradients (after clipping) and parameters (after one AdamW step)
+    local named = {}
+    for _, pair in ipairs(unet:named_parameters()) do named[#named + 1] = {"unet", pair[1], pair[2]} end
+    for _, pair in ipairs(te:named_parameters()) do named[#named + 1] = {"text_encoder", pair[1], pair[2]} end
+    local conv = {}
+    for _, mod in ipairs {{"unet", unet}, {"text_encoder", te}} do
+        for _, nm in ipairs(mod[2]:named_modules()) do
+            if nm[2]._nhwc_weight then conv[mod[1] .. "." .. nm[1] .. ".weight"] = true end
+        end
+    end
+    local function torch_layout(key, tns)
+        if conv[key] then return tns:permute(1, 4, 2, 3):contiguous() end
+        return tns
+    end
+    local clip_norm = math.min(gnorm, tr.max_grad_norm)
+    local function compare_set(prefix, get, tol, atol)
+        local worst, worst_name, fails, count = 0, "", 0, 0
+        for _, e in ipairs(named) do
+            local key = e[1] .. "." .. e[2]
+            local mine = torch_layout(key, get(e[3]))
+            local ref = r[prefix .. key]
+            if ref then
+                count = count + 1
+                local _, num, den = rel_l2(mine, ref)
+                local pass = num <= tol * den + atol
+                local rel = den > 0 and num / den or num
+                if not pass then fails = fails + 1 print(string.format("  %s%s: rel %.3e (|diff| %.3e, |ref| %.3e)", prefix, key, rel, num, den)) end
+                if rel > worst and den > atol / tol then worst, worst_name = rel, key end
+            elseif r[prefix .. key .. ".head"] then
+                count = count + 1
+                local flat = mine:contiguous():view(-1):double()
+                local head = flat:narrow(1, 1, r[prefix .. key .. ".head"]:numel())
+                local _, num, den = rel_l2(head, r[prefix .. key .. ".head"])
+                local s = r[prefix .. key .. ".sum_sumsq_abssum"]:totable()
+                local stats = {flat:sum():item(), (flat * flat):sum():item(), flat:abs():sum():item()}
+                local pass = num <= tol * den + atol
+                for j = 1, 3 do
+                    local err = math.abs(stats[j] - s[j])
+                    if not (err <= tol * math.abs(s[j]) + atol * math.sqrt(flat:numel())) then pass = false end
+                end
+                if not pass then fails = fails + 1 print(string.format("  %s%s (head/stats) mismatch", prefix, key)) end
+            else
+                fails = fails + 1
+                print("  reference lacks " .. prefix .. key)
+            end
+        end
+        return worst, worst_name, fails, count
+    end
+    -- Gradients that are exactly zero in exact arithmetic hold only f32 noise
+    -- in the reference: compare with an absolute floor tied to the clipped
+    -- global gradient norm.
+    local atol = 1e-6 * clip_norm
+    local worst, wname, fails, count = compare_set("grad.", function(p) return p.grad end, TOL_PIPE, atol)
+    report(string.format("train.grads (%d tensors; worst %s)", count, wname), worst, TOL_PIPE, fails == 0)
+    opt:step()
+    local pworst, pname, pfails, pcount = compare_set("param.", function(p) return p end, TOL_PIPE, 1e-7)
+    report(string.format("train.params after AdamW (%d tensors; worst %s)", pcount, pname), pworst, TOL_PIPE, pfails == 0)
+end
+
+print(string.format("%d passed, %d failed", n_ok, n_fail))
+os.exit(n_fail == 0 and 0 or 1)

@@ -1,0 +1,312 @@
+/* test_cuda_core.c — the CUDA runtime below the ops: device checks, the
+ * caching allocator (reuse without cudaMalloc, split/merge, statistics, the
+ * out-of-memory message), host<->device and peer copies, strided copies
+ * converting between every pair of dtypes (bit-identical to the CPU's copy),
+ * and fill.  Without CUDA, or on a machine without a GPU, it reports that it
+ * skipped and passes. */
+#include "check.h"
+#include "tensor.h"
+#include "device.h"
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef ML_WITH_CUDA
+#include "cuda/runtime.h"
+#include "cuda/allocator.h"
+
+static const ml_device GPU0 = {ML_CUDA, 0};
+
+static ml_cuda_mem_stats stats(void) {
+    ml_cuda_mem_stats st;
+    CHECK(ml_cuda_memory_stats(0, &st) == 0, "memory_stats: %s", ml_last_error());
+    return st;
+}
+
+/* CPU copy of any tensor, contiguous, with its raw bytes. */
+static ml_tensor *to_cpu(ml_tensor *t) {
+    ml_tensor *c = ml_empty(t->ndim, t->shape, t->dtype, ml_cpu());
+    if (c && ml_copy_(c, t) < 0) { ml_release(c); return NULL; }
+    return c;
+}
+
+static bool same_bytes(const ml_tensor *a, const ml_tensor *b) {
+    return ml_numel(a) == ml_numel(b) && a->dtype == b->dtype &&
+           memcmp(ml_data(a), ml_data(b), (size_t)ml_numel(a) * ml_dtype_size(a->dtype)) == 0;
+}
+
+static void test_devices(void) {
+    int n = ml_cuda_device_count();
+    CHECK(ml_cuda_malloc(n, 16) == NULL, "malloc on a missing device must fail");
+    CHECK(strstr(ml_last_error(), "does not exist") != NULL, "missing device message: %s", ml_last_error());
+    CHECK(ml_cuda_set_device(0) == 0, "set_device(0): %s", ml_last_error());
+    CHECK(ml_cuda_current_device() == 0, "current device");
+    int peek = ml_cuda_peek_device_count();
+    CHECK(peek == n || getenv("CUDA_VISIBLE_DEVICES"), "peek count %d vs runtime %d", peek, n);
+    ml_cuda_device_info info;
+    CHECK(ml_cuda_get_device_info(0, &info) == 0 && info.total_mem > 0, "device info: %s", ml_last_error());
+    printf("cuda:0 = %s, sm_%d%d, %d SMs, %.1f GiB\n", info.name, info.cc_major, info.cc_minor,
+           info.sm_count, info.total_mem / 1073741824.0);
+}
+
+static void test_allocator(void) {
+    CHECK(ml_cuda_empty_cache(0) == 0, "empty_cache: %s", ml_last_error());
+    ml_cuda_mem_stats base = stats();
+
+    /* A freed block is handed out again at once, without cudaMalloc. */
+    void *p = ml_cuda_malloc(0, 1000);
+    CHECK(p != NULL, "malloc 1000: %s", ml_last_error());
+    ml_cuda_mem_stats a = stats();
+    CHECK(a.allocated == base.allocated + 1024, "1000 bytes round to 1024 (got %llu)",
+          (unsigned long long)(a.allocated - base.allocated));
+    ml_cuda_free(0, p, 1000);
+    void *q = ml_cuda_malloc(0, 1000);
+    CHECK(q == p, "same-size reuse returns the same block");
+    CHECK(stats().num_cudamalloc == a.num_cudamalloc, "reuse made no cudaMalloc");
+    ml_cuda_free(0, q, 1000);
+
+    /* Small blocks split one 2 MiB segment and merge back. */
+    void *s[4];
+    for (int i = 0; i < 4; i++) s[i] = ml_cuda_malloc(0, 256 << 10);
+    ml_cuda_mem_stats b = stats();
+    CHECK(b.num_cudamalloc <= a.num_cudamalloc + 1, "four 256 KiB blocks share a segment");
+    ml_cuda_free(0, s[1], 0);
+    ml_cuda_free(0, s[2], 0);
+    ml_cuda_free(0, s[0], 0);
+    ml_cuda_free(0, s[3], 0);
+    void *big = ml_cuda_malloc(0, 1 << 20);
+    CHECK(big != NULL && stats().num_cudamalloc == b.num_cudamalloc, "merged blocks serve 1 MiB");
+    ml_cuda_free(0, big, 0);
+
+    /* Large blocks: a cached 64 MiB segment serves a 3 MiB request by
+     * splitting; the rest stays cached. */
+    void *l = ml_cuda_malloc(0, 64 << 20);
+    ml_cuda_free(0, l, 0);
+    ml_cuda_mem_stats c = stats();
+    void *l2 = ml_cuda_malloc(0, 3 << 20);
+    void *l3 = ml_cuda_malloc(0, 5 << 20);
+    CHECK(l2 && l3 && stats().num_cudamalloc == c.num_cudamalloc, "splits of a cached large segment");
+    CHECK(stats().allocated == c.allocated + (8 << 20), "allocated counts 3 + 5 MiB");
+    ml_cuda_free(0, l2, 0);
+    ml_cuda_free(0, l3, 0);
+
+    /* Steady state: the same pattern of sizes 100 times makes no cudaMalloc
+     * after the first round and returns to the baseline. */
+    static const size_t sizes[] = {4, 1000, 4096, 300000, 1 << 20, (1 << 20) + 4, 3000000, 17 << 20};
+    enum { NS = sizeof sizes / sizeof sizes[0] };
+    uint64_t after_first = 0;
+    for (int it = 0; it < 100; it++) {
+        void *ptrs[NS];
+        for (int i = 0; i < NS; i++) ptrs[i] = ml_cuda_malloc(0, sizes[i]);
+        for (int i = NS - 1; i >= 0; i -= 2) ml_cuda_free(0, ptrs[i], sizes[i]);
+        for (int i = NS - 2; i >= 0; i -= 2) ml_cuda_free(0, ptrs[i], sizes[i]);
+        if (it == 0) after_first = stats().num_cudamalloc;
+    }
+    ml_cuda_mem_stats d = stats();
+    CHECK(d.num_cudamalloc == after_first, "no cudaMalloc in the steady state (%llu -> %llu)",
+          (unsigned long long)after_first, (unsigned long long)d.num_cudamalloc);
+    CHECK(d.allocated == base.allocated, "allocated back to baseline");
+    CHECK(d.active_blocks == base.active_blocks, "no live block leaked");
+    CHECK(d.peak >= base.allocated + (17 << 20), "peak saw the 17 MiB block");
+    CHECK(ml_cuda_reset_peak(0) == 0 && stats().peak == d.allocated, "reset_peak");
+
+    /* empty_cache gives every wholly free segment back. */
+    CHECK(ml_cuda_empty_cache(0) == 0, "empty_cache: %s", ml_last_error());
+    ml_cuda_mem_stats e = stats();
+    CHECK(e.reserved <= base.reserved, "reserved back to at most the baseline (%llu vs %llu)",
+          (unsigned long long)e.reserved, (unsigned long long)base.reserved);
+    CHECK(e.num_cudafree > base.num_cudafree, "segments were freed");
+
+    /* Out of memory: a clear message, and the allocator still works. */
+    void *huge = ml_cuda_malloc(0, (size_t)1 << 50);
+    CHECK(huge == NULL, "a 1 PiB allocation fails");
+    CHECK(strncmp(ml_last_error(), "out of GPU memory on cuda:0: asked for ", 39) == 0 &&
+          strstr(ml_last_error(), "asked for 1073741824.0 MiB, ") != NULL, "OOM message: %s", ml_last_error());
+    CHECK(strstr(ml_last_error(), "reserved by moonlit's cache") != NULL, "OOM names the cache");
+    void *after = ml_cuda_malloc(0, 4096);
+    CHECK(after != NULL, "allocation after OOM: %s", ml_last_error());
+    ml_cuda_free(0, after, 4096);
+
+    /* Zero bytes is a valid, distinct allocation. */
+    void *z = ml_cuda_malloc(0, 0);
+    CHECK(z != NULL, "malloc(0)");
+    ml_cuda_free(0, z, 0);
+}
+
+static void test_memcpy(void) {
+    enum { N = 1 << 20 };
+    float *h = malloc(N * sizeof *h), *back = malloc(N * sizeof *back);
+    for (int i = 0; i < N; i++) h[i] = (float)i * 0.5f;
+    void *d1 = ml_cuda_malloc(0, N * 4), *d2 = ml_cuda_malloc(0, N * 4);
+    CHECK(ml_cuda_memcpy(d1, GPU0, h, ml_cpu(), N * 4) == 0, "H2D: %s", ml_last_error());
+    memset(h, 0, N * sizeof *h);   /* pageable source: reusable right after the call */
+    CHECK(ml_cuda_memcpy(d2, GPU0, d1, GPU0, N * 4) == 0, "D2D: %s", ml_last_error());
+    CHECK(ml_cuda_memcpy(back, ml_cpu(), d2, GPU0, N * 4) == 0, "D2H: %s", ml_last_error());
+    int bad = 0;
+    for (int i = 0; i < N; i++) bad += back[i] != (float)i * 0.5f;
+    CHECK(bad == 0, "H2D/D2D/D2H round trip (%d wrong)", bad);
+
+    if (ml_cuda_device_count() > 1) {
+        ml_device g1 = {ML_CUDA, 1};
+        void *p1 = ml_cuda_malloc(1, N * 4);
+        CHECK(ml_cuda_memcpy(p1, g1, d2, GPU0, N * 4) == 0, "peer 0->1: %s", ml_last_error());
+        memset(back, 0, N * sizeof *back);
+        CHECK(ml_cuda_memcpy(back, ml_cpu(), p1, g1, N * 4) == 0, "D2H from cuda:1");
+        bad = 0;
+        for (int i = 0; i < N; i++) bad += back[i] != (float)i * 0.5f;
+        CHECK(bad == 0, "peer copy (%d wrong)", bad);
+        ml_cuda_free(1, p1, N * 4);
+    } else {
+        printf("one GPU: peer copy not tested\n");
+    }
+    ml_cuda_free(0, d1, N * 4);
+    ml_cuda_free(0, d2, N * 4);
+    free(h);
+    free(back);
+}
+
+/* Values every dtype pair converts without undefined behaviour (u8
+ * destinations get non-negative values below 256). */
+static double value_at(int i, bool for_u8) {
+    static const double v[] = {-3.7, 2.5, 300.25, -0.5, 1e-8, 1.5, -129.3, 0.1,
+                               3.14159, 70000.0, -2.5, 0.0, 7.0, -1e5, 65519.0, 1.0 / 3.0};
+    static const double u[] = {3.7, 2.5, 200.25, 0.5, 1e-8, 1.5, 129.3, 0.1,
+                               3.14159, 255.9, 2.5, 0.0, 7.0, 100.0, 65.0, 1.0 / 3.0};
+    return for_u8 ? u[i % 16] : v[i % 16];
+}
+
+/* Every (dst, src) dtype pair, through a non-contiguous source (permuted and
+ * narrowed), a broadcast source and a transposed destination, compared byte
+ * for byte with the CPU's copy. */
+static void test_copy_strided(void) {
+    const int64_t shape[3] = {5, 6, 7};
+    int bad_pairs = 0;
+    for (int sd = 0; sd < ML_NUM_DTYPES; sd++) {
+        for (int dd = 0; dd < ML_NUM_DTYPES; dd++) {
+            double vals[5 * 6 * 7];
+            for (int i = 0; i < 5 * 6 * 7; i++) vals[i] = value_at(i * 7 + sd, dd == ML_U8);
+            ml_tensor *src = ml_from_doubles(vals, 3, shape, (ml_dtype)sd);
+            const int perm[3] = {2, 0, 1};
+            ml_tensor *p = ml_permute(src, perm);              /* [7,5,6] */
+            ml_tensor *v = ml_narrow(p, 2, 1, 4);              /* [7,5,4] */
+            ml_tensor *ref = ml_empty(v->ndim, v->shape, (ml_dtype)dd, ml_cpu());
+            ml_copy_(ref, v);
+
+            ml_tensor *gsrc = ml_empty(3, shape, (ml_dtype)sd, GPU0);
+            ml_copy_(gsrc, src);
+            ml_tensor *gp = ml_permute(gsrc, perm);
+            ml_tensor *gv = ml_narrow(gp, 2, 1, 4);
+            ml_tensor *gdst = ml_empty(gv->ndim, gv->shape, (ml_dtype)dd, GPU0);
+            int rc = ml_copy_(gdst, gv);
+            ml_tensor *got = rc == 0 ? to_cpu(gdst) : NULL;
+            bool ok = got && same_bytes(got, ref);
+
+            /* Broadcast: a [5,1,7] slice expanded over dim 1 into a
+             * transposed destination. */
+            ml_tensor *row = ml_narrow(src, 1, 2, 1);
+            ml_tensor *grow = ml_narrow(gsrc, 1, 2, 1);
+            const int64_t bshape[3] = {5, 6, 7};
+            ml_tensor *bref = ml_empty(3, bshape, (ml_dtype)dd, ml_cpu());
+            ml_copy_(bref, row);
+            const int64_t tshape[3] = {7, 6, 5};
+            ml_tensor *gt = ml_empty(3, tshape, (ml_dtype)dd, GPU0);
+            ml_tensor *gtv = ml_transpose(gt, 0, 2);             /* [5,6,7] view, strides (1,5,30) */
+            rc = ml_copy_(gtv, grow);
+            ml_tensor *bgot = rc == 0 ? to_cpu(gtv) : NULL;
+            ok = ok && bgot && same_bytes(bgot, bref);
+            if (!ok) {
+                bad_pairs++;
+                printf("FAIL copy %s <- %s: %s\n", ml_dtype_short((ml_dtype)dd), ml_dtype_short((ml_dtype)sd),
+                       rc < 0 ? ml_last_error() : "values differ");
+            }
+            ml_tensor *all[] = {src, p, v, ref, gsrc, gp, gv, gdst, got, row, grow, bref, gt, gtv, bgot};
+            for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) ml_release(all[i]);
+        }
+    }
+    CHECK(bad_pairs == 0, "strided copies of all %d dtype pairs match the CPU", ML_NUM_DTYPES * ML_NUM_DTYPES);
+
+    /* Overlapping views of one buffer: x[1:] <- x[:-1] reads before writing. */
+    int64_t n = 100000;
+    ml_tensor *x = ml_arange(0, (double)n, 1, ML_F32, GPU0);
+    ml_tensor *dst = ml_narrow(x, 0, 1, n - 1), *src = ml_narrow(x, 0, 0, n - 1);
+    CHECK(ml_copy_(dst, src) == 0, "overlapping copy: %s", ml_last_error());
+    ml_tensor *h = to_cpu(x);
+    int bad = 0;
+    for (int64_t i = 1; i < n; i++) bad += ((float *)ml_data(h))[i] != (float)(i - 1);
+    CHECK(bad == 0 && ((float *)ml_data(h))[0] == 0.0f, "overlapping copy shifts by one (%d wrong)", bad);
+    ml_release(h); ml_release(dst); ml_release(src); ml_release(x);
+}
+
+static void test_fill(void) {
+    const int64_t shape[2] = {33, 65};
+    int bad = 0;
+    for (int dt = 0; dt < ML_NUM_DTYPES; dt++) {
+        const double vals[] = {0.0, 1.5, -2.25, 200.0};
+        for (int k = 0; k < 4; k++) {
+            if (dt == ML_U8 && vals[k] < 0) continue;
+            ml_tensor *g = ml_zeros(2, shape, (ml_dtype)dt, GPU0);
+            ml_tensor *c = ml_zeros(2, shape, (ml_dtype)dt, ml_cpu());
+            /* Fill a strided view (every other column, transposed) on both. */
+            ml_tensor *gv0 = ml_narrow(g, 1, 3, 40), *cv0 = ml_narrow(c, 1, 3, 40);
+            ml_tensor *gv = ml_transpose(gv0, 0, 1), *cv = ml_transpose(cv0, 0, 1);
+            int rc = ml_fill_(gv, vals[k]);
+            ml_fill_(cv, vals[k]);
+            ml_tensor *got = rc == 0 ? to_cpu(g) : NULL;
+            if (!got || !same_bytes(got, c)) {
+                bad++;
+                printf("FAIL fill %s %g: %s\n", ml_dtype_short((ml_dtype)dt), vals[k], rc < 0 ? ml_last_error() : "values differ");
+            }
+            /* Whole contiguous tensor too. */
+            ml_fill_(g, vals[k]);
+            ml_fill_(c, vals[k]);
+            ml_release(got);
+            got = to_cpu(g);
+            if (!got || !same_bytes(got, c)) { bad++; printf("FAIL contiguous fill %s %g\n", ml_dtype_short((ml_dtype)dt), vals[k]); }
+            ml_tensor *all[] = {g, c, gv0, cv0, gv, cv, got};
+            for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) ml_release(all[i]);
+        }
+    }
+    CHECK(bad == 0, "fill of every dtype matches the CPU (%d wrong)", bad);
+}
+
+/* More than 2^31 elements: the 64-bit index path of the strided kernels. */
+static void test_huge(void) {
+    int64_t n = ((int64_t)1 << 31) + 64;
+    const int64_t shape[2] = {2, n / 2};
+    ml_tensor *a = ml_empty(2, shape, ML_U8, GPU0);
+    if (!a) { printf("skip huge copy: %s\n", ml_last_error()); return; }
+    ml_tensor *b = ml_empty(2, shape, ML_U8, GPU0);
+    ml_tensor *row0 = ml_select(a, 0, 0), *row1 = ml_select(a, 0, 1);
+    int rc = ml_fill_(row0, 3) | ml_fill_(row1, 9);
+    /* b <- a through transposed [n/2, 2] views: no dims merge, so the
+     * strided kernel walks all of it with 64-bit indices. */
+    ml_tensor *bt = ml_transpose(b, 0, 1);      /* [n/2, 2] strides (1, n/2) */
+    ml_tensor *at = ml_transpose(a, 0, 1);
+    rc |= ml_copy_(bt, at);
+    ml_tensor *tail = ml_narrow(b, 1, n / 2 - 4, 4);
+    ml_tensor *h = rc == 0 ? to_cpu(tail) : NULL;
+    const uint8_t *p = h ? ml_data(h) : NULL;
+    CHECK(p && p[0] == 3 && p[3] == 3 && p[4] == 9 && p[7] == 9, "copy of 2^31+64 elements: %s",
+          rc ? ml_last_error() : "values differ");
+    ml_tensor *all[] = {a, b, row0, row1, bt, at, tail, h};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) ml_release(all[i]);
+}
+#endif
+
+int main(void) {
+#ifndef ML_WITH_CUDA
+    printf("skipped: moonlit built without CUDA\n");
+#else
+    if (ml_cuda_device_count() == 0) {
+        printf("skipped: no CUDA device (%s)\n", ml_cuda_unavailable_reason());
+        return check_summary();
+    }
+    test_devices();
+    test_allocator();
+    test_memcpy();
+    test_copy_strided();
+    test_fill();
+    test_huge();
+    CHECK(ml_cuda_synchronize(-1) == 0, "final synchronize: %s", ml_last_error());
+#endif
+    return check_summary();
+}

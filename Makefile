@@ -7,7 +7,6 @@
 CC      ?= cc
 NVCC    ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
 LIBDIR  := /usr/lib/x86_64-linux-gnu
-BUILD   ?= build
 SANITIZE ?=
 OPT     ?= -O2
 
@@ -15,6 +14,13 @@ ifeq ($(NVCC),)
 CUDA ?= 0
 else
 CUDA ?= 1
+endif
+
+# CPU-only objects live apart so the two configurations never mix.
+ifeq ($(CUDA),1)
+BUILD   ?= build
+else
+BUILD   ?= build-cpu
 endif
 
 CFLAGS  := -std=c11 -D_GNU_SOURCE $(OPT) -g -Wall -Wextra -Wno-unused-parameter \

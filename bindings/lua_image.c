@@ -119,7 +119,9 @@ static void meta_value_string(lua_State *L, const char *key) {
     if (ty != LUA_TSTRING && ty != LUA_TNUMBER && ty != LUA_TBOOLEAN)
         luaL_error(L, "image_save: meta.%s must be a string, number or boolean (got %s)", key,
                    luaL_typename(L, -1));
-    luaL_tolstring(L, -1, NULL);
+    size_t len;
+    const char *v = luaL_tolstring(L, -1, &len);
+    if (strlen(v) != len) luaL_error(L, "image_save: meta.%s contains a NUL byte", key);
     lua_replace(L, -2);
 }
 
@@ -157,6 +159,8 @@ static int l_image_save(lua_State *L) {
             for (lua_pushnil(L); lua_next(L, meta); lua_pop(L, 1)) {
                 if (lua_type(L, -2) != LUA_TSTRING)
                     return luaL_error(L, "image_save: meta keys must be strings (got %s)", luaL_typename(L, -2));
+                if (strlen(lua_tostring(L, -2)) != lua_rawlen(L, -2))
+                    return luaL_error(L, "image_save: a meta key contains a NUL byte");
                 n++;
             }
             keys = lua_newuserdatauv(L, sizeof(char *) * (size_t)(n + 1), 0);

@@ -8,7 +8,8 @@
  *   st_save(path, {name = tensor}, [{dtype=, metadata={k = "v"}}])
  *   handle:keys() sorted names, handle:has(name), handle:info(name) ->
  *     {dtype="f32" (or the file's spelling, e.g. "I8", when moonlit lacks
- *     it), st_dtype="F32", shape={2,4,8,8}, nbytes=, file=},
+ *     it), st_dtype="F32", shape={2,4,8,8}, nbytes=, file=} (an unknown
+ *     name is an error naming the nearest names; has() tests quietly),
  *     handle:get(name, {dtype=, device=}), handle:metadata(), handle:path(),
  *     handle:close() (also __close and __gc; tensors already loaded stay
  *     valid), #handle.
@@ -29,7 +30,9 @@
  *     non-ASCII text as UTF-8.  Tables: a __jsontype="array"/"object" field
  *     in the metatable decides; otherwise keys 1..n make an array, string
  *     keys an object, and an empty table is an object {}.  json_array(t) /
- *     json_object(t) mark t (or a new table).  json_null encodes as null. */
+ *     json_object(t) mark t (or a new table).  json_null encodes as null.
+ *     A config.json written by diffusers, loaded with {null=json_null} and
+ *     saved again, comes back byte for byte. */
 #include "mlua.h"
 #include "safetensors.h"
 #include "json_config.h"
@@ -38,7 +41,6 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 
 #define ST_META "moonlit.SafeTensors"
 #define JSON_ARRAY_MT "moonlit.json_array"

@@ -225,6 +225,14 @@ static int l_conv2d(lua_State *L) {
     int opts = lua_istable(L, 4) ? 4 : 0;
     int sh, sw, ph, pw;
     pair_opt(L, opts, "stride", 1, &sh, &sw);
+    if (opts) {   /* padding = {top, bottom, left, right}: asymmetric (the VAE's downsampler) */
+        lua_getfield(L, opts, "padding");
+        bool four = lua_istable(L, -1) && luaL_len(L, -1) == 4;
+        int p[4] = {0, 0, 0, 0};
+        for (int i = 0; four && i < 4; i++) { lua_geti(L, -1, i + 1); p[i] = (int)lua_tointeger(L, -1); lua_pop(L, 1); }
+        lua_pop(L, 1);
+        if (four) return mlua_push_tensor(L, ml_conv2d_ex(x, w, b, sh, sw, p[0], p[1], p[2], p[3]));
+    }
     pair_opt(L, opts, "padding", 0, &ph, &pw);
     return mlua_push_tensor(L, ml_conv2d(x, w, b, sh, sw, ph, pw));
 }

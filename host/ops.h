@@ -67,6 +67,10 @@ ml_tensor *ml_linear(ml_tensor *x, ml_tensor *w, ml_tensor *b);
 /* x [N,H,W,C], w [O,kh,kw,C] (NHWC filter), b [O] or NULL -> [N,Ho,Wo,O] */
 ml_tensor *ml_conv2d(ml_tensor *x, ml_tensor *w, ml_tensor *b,
                      int stride_h, int stride_w, int pad_h, int pad_w);
+/* The same with zero padding given per side (the VAE encoder's downsampling
+ * pads only bottom and right); ml_conv2d pads pad_h/pad_w on both sides. */
+ml_tensor *ml_conv2d_ex(ml_tensor *x, ml_tensor *w, ml_tensor *b, int stride_h, int stride_w,
+                        int pad_top, int pad_bottom, int pad_left, int pad_right);
 /* x [N,...,C] (channels last), groups over C, weight/bias [C] or NULL */
 ml_tensor *ml_group_norm(ml_tensor *x, int groups, ml_tensor *w, ml_tensor *b,
                          double eps, bool fuse_silu);

@@ -12,6 +12,16 @@
 #include "cpu/matmul.h"
 #include <string.h>
 
+#ifdef ML_WITH_CUDA
+ML_CUDA_TWIN int ml_matmul_forward_cuda(ml_tensor *out, const ml_tensor *a, const ml_tensor *b,
+                                        bool trans_a, bool trans_b);
+ML_CUDA_TWIN int ml_matmul_backward_cuda(ml_tensor *da, ml_tensor *db, const ml_tensor *dout,
+                                         const ml_tensor *a, const ml_tensor *b, bool trans_a, bool trans_b);
+ML_CUDA_TWIN int ml_linear_forward_cuda(ml_tensor *out, const ml_tensor *x, const ml_tensor *w, const ml_tensor *b);
+ML_CUDA_TWIN int ml_linear_backward_cuda(ml_tensor *dx, ml_tensor *dw, ml_tensor *db, const ml_tensor *dout,
+                                         const ml_tensor *x, const ml_tensor *w);
+#endif
+
 static int64_t prod(const int64_t *s, int n) {
     int64_t p = 1;
     for (int i = 0; i < n; i++) p *= s[i];
@@ -130,7 +140,7 @@ static int matmul_backward(ml_node *n, ml_tensor *g, ml_tensor **gin) {
     if (ml_node_needs_grad(n, 0) && !(da = ml_empty(3, ka->shape, ka->dtype, ka->device))) rc = -1;
     if (ml_node_needs_grad(n, 1) && !(db = ml_empty(3, kb->shape, kb->dtype, kb->device))) rc = -1;
     if (rc == 0)
-        rc = ML_KERNEL("matmul backward", g->device, ml_matmul_backward_cpu(da, db, g3, ka, kb, n->i[1], n->i[3]));
+        rc = ML_RUN(g->device, ml_matmul_backward, da, db, g3, ka, kb, n->i[1], n->i[3]);
     if (rc == 0 && da && !(gin[0] = operand_grad(da, &n->next[0], &n->i[0], nbo, bo))) rc = -1;
     if (rc == 0 && db && !(gin[1] = operand_grad(db, &n->next[1], &n->i[2], nbo, bo))) rc = -1;
     ml_release(da); ml_release(db); ml_release(g3);
@@ -162,7 +172,7 @@ static ml_tensor *matmul_nd(ml_tensor *a, ml_tensor *b) {
     ml_tensor *out = kb ? ml_empty(nbo + 2, oshape, a->dtype, a->device) : NULL;
     int64_t s3[3] = {prod(bo, nbo), M, N};
     ml_tensor *o3 = out ? ml_header_as(out, 3, s3) : NULL;
-    if (!o3 || ML_KERNEL("matmul", a->device, ml_matmul_forward_cpu(o3, ka, kb, ta, tb)) < 0) {
+    if (!o3 || ML_RUN(a->device, ml_matmul_forward, o3, ka, kb, ta, tb) < 0) {
         ml_release(ka); ml_release(kb); ml_release(out); ml_release(o3);
         return NULL;
     }
@@ -227,7 +237,7 @@ static int linear_backward(ml_node *n, ml_tensor *g, ml_tensor **gin) {
     if (ml_node_needs_grad(n, 0) && !(dx = ml_empty(2, xs, g->dtype, g->device))) rc = -1;
     if (ml_node_needs_grad(n, 1) && !(dw = ml_empty_like(w))) rc = -1;
     if (ml_node_needs_grad(n, 2) && !(db = ml_empty(1, &O, g->dtype, g->device))) rc = -1;
-    if (rc == 0) rc = ML_KERNEL("linear backward", g->device, ml_linear_backward_cpu(dx, dw, db, g2, x2, w));
+    if (rc == 0) rc = ML_RUN(g->device, ml_linear_backward, dx, dw, db, g2, x2, w);
     if (rc == 0 && dx) {
         gin[0] = ml_header_as(dx, n->next[0].ndim, n->next[0].shape);
         if (!gin[0]) rc = -1;
@@ -262,7 +272,7 @@ ml_tensor *ml_linear(ml_tensor *x, ml_tensor *w, ml_tensor *b) {
     ml_tensor *out = ml_empty(x->ndim, oshape, x->dtype, x->device);
     ml_tensor *o2 = out ? ml_header_as(out, 2, os) : NULL;
     int rc = x2 && wc && (bc || !b) && o2
-        ? ML_KERNEL("linear", x->device, ml_linear_forward_cpu(o2, x2, wc, bc)) : -1;
+        ? ML_RUN(x->device, ml_linear_forward, o2, x2, wc, bc) : -1;
     ml_release(xd); ml_release(wd); ml_release(bd); ml_release(xc); ml_release(bc); ml_release(o2);
     if (rc < 0) { ml_release(x2); ml_release(wc); ml_release(out); return NULL; }
     ml_tensor *ins[3] = {x, w, b};

@@ -6,7 +6,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <jansson.h>
-#include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -327,8 +326,11 @@ static int add_shard(ml_st_file *f, const char *path) {
                         "length", path, (unsigned long long)size);
     }
     /* Private and writable: in-place ops on zero-copy tensors get their own
-     * pages (copy-on-write) instead of faulting or changing the file. */
-    void *addr = mmap(NULL, (size_t)size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+     * pages (copy-on-write) instead of faulting or changing the file.
+     * NORESERVE: pages never written cost no commit charge, so mapping a
+     * checkpoint larger than RAM + swap still works. */
+    void *addr = mmap(NULL, (size_t)size, PROT_READ | PROT_WRITE,
+                      MAP_PRIVATE | MAP_NORESERVE, fd, 0);
     int map_errno = errno;
     close(fd);
     if (addr == MAP_FAILED) return ml_error("cannot map '%s': %s", path, strerror(map_errno));
@@ -580,12 +582,38 @@ ml_st_file *ml_st_open_model(const char *dir, const char *basename, const char *
 
 /* ---- conversion --------------------------------------------------------- */
 
-/* f16 -> f32 by table: 256 KiB once, then one load per element, which makes
- * loading an f16 checkpoint as f32 run at memory speed. */
-static float g_f16_table[65536];
-static pthread_once_t g_f16_once = PTHREAD_ONCE_INIT;
-static void f16_table_init(void) {
-    for (uint32_t i = 0; i < 65536; i++) g_f16_table[i] = ml_f16_to_f32((uint16_t)i);
+/* Bulk half-precision conversions without branches or tables, about twice
+ * as fast as the scalar ml_f16_to_f32 / ml_f32_to_f16 of dtype.c, whose
+ * results they reproduce bit for bit (checked over every input). */
+static inline float bits_f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static inline uint32_t f_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    uint32_t u = (uint32_t)(h & 0x7fff) << 13;          /* exponent+mantissa in f32 place */
+    uint32_t e = u & 0x0f800000u;
+    uint32_t normal = u + (112u << 23);                  /* rebias 15 -> 127 */
+    uint32_t infnan = u + (224u << 23);
+    /* Zero/subnormal: read the mantissa as 1.m * 2^-14, then subtract the
+     * implicit 2^-14 (exact in f32). */
+    uint32_t sub = f_bits(bits_f(u + (113u << 23)) - bits_f(113u << 23));
+    uint32_t r = e == 0x0f800000u ? infnan : (e == 0 ? sub : normal);
+    return bits_f(r | sign);
+}
+
+static inline uint16_t float_to_half(float f) {
+    uint32_t u = f_bits(f);
+    uint32_t sign = (u >> 16) & 0x8000u;
+    uint32_t a = u & 0x7fffffffu;
+    /* Normal results: round to nearest even at bit 13, then rebias. */
+    uint32_t norm = (a + 0xfffu + ((a >> 13) & 1u) - (112u << 23)) >> 13;
+    /* Subnormal results: adding 0.5 puts the 10 result bits at the bottom
+     * of the mantissa and the FPU rounds them to nearest even. */
+    uint32_t sub = f_bits(bits_f(a) + 0.5f) - 0x3f000000u;
+    uint32_t r = a < 0x38800000u ? sub : norm;
+    r = a >= 0x477ff000u ? 0x7c00u : r;                  /* overflow -> inf */
+    r = a > 0x7f800000u ? 0x7e00u : r;                   /* NaN */
+    return (uint16_t)(r | sign);
 }
 
 void ml_st_convert(void *dst, ml_dtype dd, const void *src, ml_dtype sd, int64_t n) {
@@ -597,12 +625,11 @@ void ml_st_convert(void *dst, ml_dtype dd, const void *src, ml_dtype sd, int64_t
     }
     /* Elements are read with memcpy: file data need not be aligned. */
     if (dd == ML_F32 && sd == ML_F16) {
-        pthread_once(&g_f16_once, f16_table_init);
         float *d = dst;
         for (int64_t i = 0; i < n; i++) {
             uint16_t h;
             memcpy(&h, s + 2 * i, 2);
-            d[i] = g_f16_table[h];
+            d[i] = half_to_float(h);
         }
         return;
     }
@@ -615,12 +642,21 @@ void ml_st_convert(void *dst, ml_dtype dd, const void *src, ml_dtype sd, int64_t
         }
         return;
     }
-    if (sd == ML_F32 && (dd == ML_F16 || dd == ML_BF16)) {
+    if (sd == ML_F32 && dd == ML_F16) {
         uint16_t *d = dst;
         for (int64_t i = 0; i < n; i++) {
             float x;
             memcpy(&x, s + 4 * i, 4);
-            d[i] = dd == ML_F16 ? ml_f32_to_f16(x) : ml_f32_to_bf16(x);
+            d[i] = float_to_half(x);
+        }
+        return;
+    }
+    if (sd == ML_F32 && dd == ML_BF16) {
+        uint16_t *d = dst;
+        for (int64_t i = 0; i < n; i++) {
+            float x;
+            memcpy(&x, s + 4 * i, 4);
+            d[i] = ml_f32_to_bf16(x);
         }
         return;
     }

@@ -727,7 +727,7 @@ static void sink_push(sink *s, int32_t id) {
 }
 
 typedef struct {
-    buf cps, cls, word, bpe, ids;
+    buf nfc, cps, cls, word, bpe, ids;
 } scratch;
 
 /* Look the word up in the cache, else run BPE and remember it. */
@@ -814,23 +814,53 @@ static bool cps_match(const int32_t *cps, int i, int m, const char *lit) {
     return true;
 }
 
+/* NFC of s[0..len) into out; returns its length or -1.
+ * utf8proc (2.8) wrongly composes a Hangul LV syllable with U+11A7, which is
+ * no trailing consonant, and drops it.  U+11A7 is a starter that composes
+ * with nothing, so normalising the text between its occurrences separately
+ * gives the true NFC. */
+static int64_t nfc(const char *s, size_t len, buf *out) {
+    static const char T_BASE[] = "\xE1\x86\xA7";
+    size_t n = 0;
+    for (;;) {
+        const char *t = memmem(s, len, T_BASE, 3);
+        size_t piece = t ? (size_t)(t - s) : len;
+        if (piece) {
+            utf8proc_uint8_t *m;
+            utf8proc_ssize_t k = utf8proc_map((const utf8proc_uint8_t *)s, (utf8proc_ssize_t)piece,
+                                              &m, UTF8PROC_STABLE | UTF8PROC_COMPOSE);
+            if (k < 0) return ml_error("tokenizer: NFC failed: %s", utf8proc_errmsg(k));
+            char *o = buf_need(out, n + (size_t)k + 3);
+            if (o) memcpy(o + n, m, (size_t)k);
+            free(m);
+            if (!o) return -1;
+            n += (size_t)k;
+        }
+        if (!t) return (int64_t)n;
+        char *o = buf_need(out, n + 3);
+        if (!o) return -1;
+        memcpy(o + n, T_BASE, 3);
+        n += 3;
+        s = t + 3;
+        len -= piece + 3;
+    }
+}
+
 /* One stretch of text between added tokens: normalise, split, BPE. */
 static int encode_segment(ml_tokenizer *tok, const char *text, size_t len, sink *out, scratch *sc) {
     bool ascii = true;
     for (size_t i = 0; i < len && ascii; i++) ascii = (uint8_t)text[i] < 0x80;
-    utf8proc_uint8_t *nfc = NULL;
     const uint8_t *s = (const uint8_t *)text;
     if (!ascii) {
-        utf8proc_ssize_t n = utf8proc_map((const utf8proc_uint8_t *)text, (utf8proc_ssize_t)len,
-                                          &nfc, UTF8PROC_STABLE | UTF8PROC_COMPOSE);
-        if (n < 0) return ml_error("tokenizer: NFC failed: %s", utf8proc_errmsg(n));
-        s = nfc;
+        int64_t n = nfc(text, len, &sc->nfc);
+        if (n < 0) return -1;
+        s = sc->nfc.p;
         len = (size_t)n;
     }
     /* Lowercasing can add a code point (U+0130), at most one per byte. */
     int32_t *cps = buf_need(&sc->cps, (len + 1) * sizeof *cps);
     uint8_t *cls = cps ? buf_need(&sc->cls, len + 1) : NULL;
-    if (!cls) { free(nfc); return -1; }
+    if (!cls) return -1;
     int m = 0;
     for (size_t i = 0; i < len;) {
         int32_t c;
@@ -846,7 +876,6 @@ static int encode_segment(ml_tokenizer *tok, const char *text, size_t len, sink 
         }
         cps[m++] = c;
     }
-    free(nfc);
     for (int i = 0; i < m; i++) cls[i] = cps[i] < 0x80 && cps[i] > 0x20 ?
         ((cps[i] >= 'a' && cps[i] <= 'z') || (cps[i] >= 'A' && cps[i] <= 'Z') ? CL_LETTER :
          cps[i] >= '0' && cps[i] <= '9' ? CL_NUMBER : CL_OTHER) : cp_class(cps[i]);
@@ -923,7 +952,7 @@ int ml_tokenizer_encode(ml_tokenizer *tok, const char *text, size_t len, int32_t
         pos = at + mlen;
     }
     sink_push(&out, tok->info.eos_id);
-    free(sc.cps.p); free(sc.cls.p); free(sc.word.p); free(sc.bpe.p); free(sc.ids.p);
+    free(sc.nfc.p); free(sc.cps.p); free(sc.cls.p); free(sc.word.p); free(sc.bpe.p); free(sc.ids.p);
     if (rc < 0) return -1;
     *n_out = out.n;
     return 0;

@@ -26,6 +26,8 @@ Options:
                        scripts/fetch_clip_vocab.sh)
   --strip-vocab        remove vocab.json, merges.txt and tokenizer.json from
                        pipeline/tokenizer at the end (they are not committed)
+  --compare-to DIR     print per file the largest relative L2 distance to the
+                       same tensor in DIR; exit 1 past --tolerance (1e-5)
 
 Needs: torch, diffusers, transformers, safetensors (pip).  Run from anywhere;
 relative paths are taken from the current directory.
@@ -39,9 +41,11 @@ import sys
 import zlib
 
 import numpy as np
-import torch
+
+# Quiet the import-time notices about optional image backends this never uses.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+import torch  # noqa: E402
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import diffusers
@@ -267,6 +271,11 @@ def build_tokenizer(cfg, vocab_dir, max_len, weights_from):
 
 
 def save_pipeline(out, unet, vae, te, tok, sched, vocab_dir):
+    # tokenizer.json as SD repos carry it: fixed 77-token padding with the
+    # pad token, truncation at 77.
+    n = tok.model_max_length
+    tok.backend_tokenizer.enable_truncation(max_length=n)
+    tok.backend_tokenizer.enable_padding(length=n, pad_id=tok.pad_token_id, pad_token=tok.pad_token)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet,
                                    scheduler=sched, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
@@ -571,6 +580,8 @@ def main():
     ap.add_argument("--weights-from", help="pipeline folder whose weights to use instead of random ones")
     ap.add_argument("--inputs-from", help="fixture folder whose inputs to reuse")
     ap.add_argument("--compare-to", help="fixture folder to compare the result with")
+    ap.add_argument("--tolerance", type=float, default=1e-5,
+                    help="with --compare-to, exit 1 past this relative L2 (default 1e-5)")
     ap.add_argument("--strip-vocab", action="store_true")
     args = ap.parse_args()
     # The overlong prompt is there on purpose; keep the output to what matters.
@@ -628,6 +639,8 @@ def main():
         worst, same = compare(args.out, args.compare_to)
         print("make_fixture: worst relative L2 over all tensors %.3g, tokenizer %s"
               % (worst, "identical" if same else "differs"))
+        if worst > args.tolerance or not same:
+            sys.exit(1)
 
 
 if __name__ == "__main__":

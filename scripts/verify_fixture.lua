@@ -115,7 +115,8 @@ end)
 -- ---- schedulers -----------------------------------------------------------------
 -- How each sampler was configured: the fixture may say so in the file's
 -- metadata ("configs": JSON name -> config); otherwise PNDM and DDIM are
--- built from the pipeline's scheduler config (diffusers' from_config) and
+-- built from the pipeline's scheduler config (diffusers' from_config, DDIM
+-- with clip_sample = false as Stable Diffusion's own configs set it) and
 -- Euler / DPM++ 2M from their class defaults with the pipeline's betas.
 if want("schedulers") then
     local S = require "moonlit.schedulers"
@@ -133,7 +134,8 @@ if want("schedulers") then
                      dpmpp2m = "DPMSolverMultistepScheduler"}
     local function make(name)
         if configs[name] then return S[classes[name]](configs[name]) end
-        if name == "pndm" or name == "ddim" then return S.from_config(pcfg, name) end
+        if name == "pndm" then return S.from_config(pcfg, name) end
+        if name == "ddim" then return S.from_config(pcfg, name, {clip_sample = false}) end
         return S[classes[name]](betas_only)
     end
     local ddpm = S.DDPMScheduler(betas_only)
@@ -149,14 +151,21 @@ if want("schedulers") then
             local sch = make(name)
             local n = 0
             while r[name .. "." .. n .. ".prev_sample"] do n = n + 1 end
-            sch:set_timesteps(r[name .. ".timesteps"]:numel() == n and n or r[name .. ".timesteps"]:numel() - 1)
+            -- the number of inference steps that yields the stored schedule
+            -- (PNDM's PLMS warm-up makes one more timestep than steps)
             local exp_ts = r[name .. ".timesteps"]:totable()
+            local k = #exp_ts
+            for cand = #exp_ts, 1, -1 do
+                sch:set_timesteps(cand)
+                if #sch.timesteps == #exp_ts then k = cand break end
+            end
+            sch:set_timesteps(k)
             local ts_ok = #exp_ts == #sch.timesteps
             for i = 1, #exp_ts do if math.abs(exp_ts[i] - sch.timesteps[i]) > 1e-3 then ts_ok = false end end
             report("schedulers." .. name .. ".timesteps", ts_ok and 0 or 1, 0)
             report("schedulers." .. name .. ".init_noise_sigma",
                    math.abs(sch.init_noise_sigma - r[name .. ".init_noise_sigma"]:item()) / r[name .. ".init_noise_sigma"]:item(), TOL_MODULE)
-            local x = nchw_to_nhwc(r[name .. ".init"]) * sch.init_noise_sigma
+            local x = nchw_to_nhwc(r[name .. ".init"])     -- already scaled by init_noise_sigma
             local worst_in, worst_out = 0, 0
             for i = 0, n - 1 do
                 local t = sch.timesteps[i + 1]
@@ -236,10 +245,11 @@ if want("train") and core.is_file(path("train_step.safetensors")) then
             if ref then
                 count = count + 1
                 local _, num, den = rel_l2(mine, ref)
-                local pass = num <= tol * den + atol
+                local a = type(atol) == "function" and atol(key, ref) or atol
+                local pass = num <= tol * den + a
                 local rel = den > 0 and num / den or num
                 if not pass then fails = fails + 1 print(string.format("  %s%s: rel %.3e (|diff| %.3e, |ref| %.3e)", prefix, key, rel, num, den)) end
-                if rel > worst and den > atol / tol then worst, worst_name = rel, key end
+                if rel > worst and den * tol > a then worst, worst_name = rel, key end
             elseif r[prefix .. key .. ".head"] then
                 count = count + 1
                 local flat = mine:contiguous():view(-1):double()
@@ -247,10 +257,11 @@ if want("train") and core.is_file(path("train_step.safetensors")) then
                 local _, num, den = rel_l2(head, r[prefix .. key .. ".head"])
                 local s = r[prefix .. key .. ".sum_sumsq_abssum"]:totable()
                 local stats = {flat:sum():item(), (flat * flat):sum():item(), flat:abs():sum():item()}
-                local pass = num <= tol * den + atol
+                local a = type(atol) == "function" and atol(key, nil) or atol
+                local pass = num <= tol * den + a
                 for j = 1, 3 do
                     local err = math.abs(stats[j] - s[j])
-                    if not (err <= tol * math.abs(s[j]) + atol * math.sqrt(flat:numel())) then pass = false end
+                    if not (err <= tol * math.abs(s[j]) + a * math.sqrt(flat:numel())) then pass = false end
                 end
                 if not pass then fails = fails + 1 print(string.format("  %s%s (head/stats) mismatch", prefix, key)) end
             else
@@ -267,7 +278,15 @@ if want("train") and core.is_file(path("train_step.safetensors")) then
     local worst, wname, fails, count = compare_set("grad.", function(p) return p.grad end, TOL_PIPE, atol)
     report(string.format("train.grads (%d tensors; worst %s)", count, wname), worst, TOL_PIPE, fails == 0)
     opt:step()
-    local pworst, pname, pfails, pcount = compare_set("param.", function(p) return p end, TOL_PIPE, 1e-7)
+    -- A parameter whose reference gradient is only rounding noise moves by
+    -- up to lr per element in one AdamW step, in a direction the noise
+    -- decides: such tensors get a floor of lr * sqrt(numel).
+    local function param_atol(key, ref)
+        local g = r["grad." .. key]
+        if g and ref and g:norm():item() <= atol then return tr.lr * math.sqrt(ref:numel()) end
+        return 1e-7
+    end
+    local pworst, pname, pfails, pcount = compare_set("param.", function(p) return p end, TOL_PIPE, param_atol)
     report(string.format("train.params after AdamW (%d tensors; worst %s)", pcount, pname), pworst, TOL_PIPE, pfails == 0)
 end
 

@@ -128,12 +128,25 @@ static void ew_run(int nop, int ndim, const int64_t *shape, const ew_operand *op
     DEF_BIN(bin_min_##tn, T, T, (x < y || x != x) ? x : y)      \
     BIN_COMPARE(T, tn)
 
+/* x^y for integers by squaring, wrapping like the multiplication; a
+ * negative exponent gives 0 except for bases 1 and -1. */
+static inline int64_t ipow64(int64_t x, int64_t y) {
+    if (y < 0) return x == 1 ? 1 : x == -1 ? (y & 1 ? -1 : 1) : 0;
+    uint64_t r = 1, b = (uint64_t)x;
+    for (uint64_t e = (uint64_t)y; e; e >>= 1) {
+        if (e & 1) r *= b;
+        b *= b;
+    }
+    return (int64_t)r;
+}
+
 /* Integer add/sub/mul wrap around (through the unsigned type U) as in
  * PyTorch, without C's signed-overflow undefined behaviour. */
 #define BIN_INT(T, U, tn)                                       \
     DEF_BIN(bin_add_##tn, T, T, (U)x + (U)y)                    \
     DEF_BIN(bin_sub_##tn, T, T, (U)x - (U)y)                    \
     DEF_BIN(bin_mul_##tn, T, T, (U)x * (U)y)                    \
+    DEF_BIN(bin_pow_##tn, T, T, ipow64(x, y))                   \
     DEF_BIN(bin_max_##tn, T, T, x > y ? x : y)                  \
     DEF_BIN(bin_min_##tn, T, T, x < y ? x : y)                  \
     BIN_COMPARE(T, tn)
@@ -156,7 +169,8 @@ BIN_COMPARE(uint8_t, b)
     [ML_MINIMUM] = bin_min_##tn, BIN_ROW_COMPARE(tn) }
 #define BIN_ROW_INT(tn) { \
     [ML_ADD] = bin_add_##tn, [ML_SUB] = bin_sub_##tn, [ML_MUL] = bin_mul_##tn, \
-    [ML_MAXIMUM] = bin_max_##tn, [ML_MINIMUM] = bin_min_##tn, BIN_ROW_COMPARE(tn) }
+    [ML_POW] = bin_pow_##tn, [ML_MAXIMUM] = bin_max_##tn, [ML_MINIMUM] = bin_min_##tn, \
+    BIN_ROW_COMPARE(tn) }
 
 static const ew_fn k_bin[ML_NUM_DTYPES][ML_GE + 1] = {
     [ML_F32] = BIN_ROW_FLOAT(f32),

@@ -19,7 +19,7 @@
 #include "tensor.h"
 #include "ops.h"
 
-/* out = a op b.  Floats: every op.  i32/i64/u8: all but DIV and POW.
+/* out = a op b.  Floats: every op.  i32/i64/u8: all but DIV (POW wraps).
  * bool: ADD (or), MUL (and), MAXIMUM (or), MINIMUM (and), comparisons. */
 int ml_binary_cpu(ml_binop op, ml_tensor *out, const ml_tensor *a, const ml_tensor *b);
 /* out = a op s, or s op a when scalar_first; s is first converted to a's

@@ -92,14 +92,14 @@ static void gather_add(void *vc, int64_t i, int64_t src) {
 }
 
 int ml_gather_forward_cpu(ml_tensor *out, const ml_tensor *x, int dim, const ml_tensor *index) {
-    if (check_range("gather", index, x->ndim ? x->shape[dim] : 1, "a dim of size") < 0) return -1;
+    if (check_range("gather", index, x->shape[dim], "a dim of size") < 0) return -1;
     walk_ctx c = {ml_data(out), ml_data(x), ml_dtype_size(x->dtype), x->dtype};
     gather_walk(x, dim, index, gather_copy, &c);
     return 0;
 }
 
 int ml_gather_backward_cpu(ml_tensor *dx, const ml_tensor *dout, int dim, const ml_tensor *index) {
-    if (check_grad_dtype("gather", dx) < 0 || check_range("gather", index, dx->ndim ? dx->shape[dim] : 1, "a dim of size") < 0)
+    if (check_grad_dtype("gather", dx) < 0 || check_range("gather", index, dx->shape[dim], "a dim of size") < 0)
         return -1;
     walk_ctx c = {ml_data(dx), ml_data(dout), ml_dtype_size(dx->dtype), dx->dtype};
     memset(c.dst, 0, (size_t)ml_numel(dx) * c.es);
@@ -110,7 +110,7 @@ int ml_gather_backward_cpu(ml_tensor *dx, const ml_tensor *dout, int dim, const 
 /* ---- index_select ------------------------------------------------------- */
 
 int ml_index_select_forward_cpu(ml_tensor *out, const ml_tensor *x, int dim, const ml_tensor *index) {
-    int64_t X = x->ndim ? x->shape[dim] : 1, n = ml_numel(index);
+    int64_t X = x->shape[dim], n = ml_numel(index);
     if (check_range("index_select", index, X, "a dim of size") < 0) return -1;
     int64_t outer = prod_range(x, 0, dim), inner = prod_range(x, dim + 1, x->ndim);
     size_t blk = (size_t)inner * ml_dtype_size(x->dtype);
@@ -123,7 +123,7 @@ int ml_index_select_forward_cpu(ml_tensor *out, const ml_tensor *x, int dim, con
 }
 
 int ml_index_select_backward_cpu(ml_tensor *dx, const ml_tensor *dout, int dim, const ml_tensor *index) {
-    int64_t X = dx->ndim ? dx->shape[dim] : 1, n = ml_numel(index);
+    int64_t X = dx->shape[dim], n = ml_numel(index);
     if (check_grad_dtype("index_select", dx) < 0 || check_range("index_select", index, X, "a dim of size") < 0)
         return -1;
     int64_t outer = prod_range(dx, 0, dim), inner = prod_range(dx, dim + 1, dx->ndim);

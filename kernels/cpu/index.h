@@ -2,8 +2,8 @@
  *
  * Indices are int32 or int64 and bounds-checked here (the message names the
  * bad index and the valid range).  Forwards copy elements of any dtype;
- * backwards scatter-add and need float32 or float64.  Tensors contiguous;
- * gradients are written (=).  Return 0 / -1. */
+ * backwards scatter-add and need float32 or float64.  Tensors contiguous,
+ * with at least one dim; gradients are written (=).  Return 0 / -1. */
 #ifndef ML_KERNELS_CPU_INDEX_H
 #define ML_KERNELS_CPU_INDEX_H
 

@@ -11,7 +11,8 @@
 #pragma GCC optimize("O3")
 
 #include "cpu/optim.h"
-#include <math.h>
+/* tgmath: sqrt of a float stays a float, as in PyTorch's f32 kernels. */
+#include <tgmath.h>
 
 #define DEF_ADAMW(T, tn)                                                                    \
     static void adamw_##tn(int64_t n, T *p, const T *g, T *m, T *v, double lr, double b1,  \

@@ -16,6 +16,7 @@ extern "C" {
 #include "tensor.h"
 #include "error.h"
 #include "device.h"
+#include "ops.h"
 }
 #include "runtime.h"
 
@@ -150,6 +151,30 @@ template <> struct ml_st<ml_bool_t> {
 template <typename D, typename S> __device__ __forceinline__ D ml_cvt(S v) {
     return ml_st<D>::from(ml_ld(v));
 }
+
+// The arithmetic of elementwise ops: f16/bf16 compute in f32 (rounded back
+// once per op, as the CPU path through f32 does), every other type in itself
+// (bool as a 0/1 byte).
+template <typename T> struct ml_ctype { typedef T type; };
+template <> struct ml_ctype<ml_f16_t> { typedef float type; };
+template <> struct ml_ctype<ml_bf16_t> { typedef float type; };
+template <> struct ml_ctype<ml_bool_t> { typedef uint8_t type; };
+
+template <typename T> __device__ __forceinline__ T ml_to_c(T v) { return v; }
+__device__ __forceinline__ float ml_to_c(ml_f16_t v) { return ml_ld(v); }
+__device__ __forceinline__ float ml_to_c(ml_bf16_t v) { return ml_ld(v); }
+__device__ __forceinline__ uint8_t ml_to_c(ml_bool_t v) { return v.x; }
+
+template <typename T> __device__ __forceinline__ T ml_from_c(typename ml_ctype<T>::type v) { return (T)v; }
+template <> __device__ __forceinline__ ml_f16_t ml_from_c<ml_f16_t>(float v) { return ml_st<ml_f16_t>::from(v); }
+template <> __device__ __forceinline__ ml_bf16_t ml_from_c<ml_bf16_t>(float v) { return ml_st<ml_bf16_t>::from(v); }
+template <> __device__ __forceinline__ ml_bool_t ml_from_c<ml_bool_t>(uint8_t v) { return ml_bool_t{(uint8_t)(v != 0)}; }
+
+template <typename T> struct ml_is_floating { static constexpr bool v = false; };
+template <> struct ml_is_floating<float> { static constexpr bool v = true; };
+template <> struct ml_is_floating<double> { static constexpr bool v = true; };
+template <> struct ml_is_floating<ml_f16_t> { static constexpr bool v = true; };
+template <> struct ml_is_floating<ml_bf16_t> { static constexpr bool v = true; };
 
 // ---- dtype dispatch ------------------------------------------------------
 

@@ -2,6 +2,7 @@
  * save/load round trips, PNG/JPEG metadata, errors on bad files, atomic
  * saves, and the resampler against Pillow's own output. */
 #include <dirent.h>
+#include <pthread.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -303,6 +304,14 @@ static void test_bad_files(void) {
     expect_load_error(tmp_path("head.jpg"), "truncated JPEG");
     spit(tmp_path("noeoi.jpg"), d, n - 2);              /* only the end marker missing */
     expect_load_error(tmp_path("noeoi.jpg"), "truncated JPEG");
+    /* A Huffman table claiming more than 256 codes (stb would overrun). */
+    uint8_t *dht = memmem(d, n, "\xff\xc4", 2);
+    CHECK(dht != NULL, "photo.jpg has a DHT segment");
+    if (dht) {
+        memset(dht + 5, 0x20, 16);
+        spit(tmp_path("dht.jpg"), d, n);
+        expect_load_error(tmp_path("dht.jpg"), "bad Huffman table");
+    }
     free(d);
 
     d = slurp(FIX "photo.png", &n);
@@ -437,6 +446,39 @@ static void test_resize(void) {
           "zero output size: %s", ml_last_error());
 }
 
+/* Dataset loader threads decode concurrently: same pixels, same errors. */
+typedef struct { const uint8_t *want[2]; int bad; } thread_job;
+
+static void *load_many(void *arg) {
+    thread_job *j = arg;
+    static const char *files[2] = {FIX "photo.png", FIX "photo.jpg"};
+    for (int it = 0; it < 20; it++) {
+        uint8_t *p;
+        int h, w;
+        if (ml_image_load(files[it & 1], &p, &h, &w) < 0) { j->bad++; continue; }
+        j->bad += memcmp(p, j->want[it & 1], 64 * 64 * 3) != 0;
+        free(p);
+        if (ml_image_load(FIX "missing.png", &p, &h, &w) == 0 || !has(ml_last_error(), "missing.png")) j->bad++;
+    }
+    return NULL;
+}
+
+static void test_threads(void) {
+    int h, w;
+    uint8_t *png = load(FIX "photo.png", &h, &w), *jpg = load(FIX "photo.jpg", &h, &w);
+    if (!png || !jpg) { free(png); free(jpg); return; }
+    pthread_t th[4];
+    thread_job jobs[4];
+    for (int i = 0; i < 4; i++) {
+        jobs[i] = (thread_job){{png, jpg}, 0};
+        pthread_create(&th[i], NULL, load_many, &jobs[i]);
+    }
+    int bad = 0;
+    for (int i = 0; i < 4; i++) { pthread_join(th[i], NULL); bad += jobs[i].bad; }
+    CHECK(bad == 0, "%d wrong results from concurrent loads", bad);
+    free(png); free(jpg);
+}
+
 static void cleanup(void) {
     DIR *d = opendir(tmpdir);
     struct dirent *e;
@@ -459,6 +501,7 @@ int main(void) {
     test_bad_files();
     test_save_errors();
     test_resize();
+    test_threads();
     cleanup();
     return check_summary();
 }

@@ -1,10 +1,18 @@
 -- test_cli.lua — the moonlit command line and REPL, driven as a separate
 -- process through pipes, files and a fifo (POSIX sh, mkfifo, kill, grep).
-local BIN = os.getenv("MOONLIT_BIN") or "build/moonlit"
-
 local function sh_quote(s)
     return "'" .. s:gsub("'", "'\\''") .. "'"
 end
+
+-- The binary under test: MOONLIT_BIN, else the interpreter running this
+-- suite (the lowest index of `arg`), else build/moonlit.
+local function running_interpreter()
+    if type(arg) ~= "table" or arg[-1] == nil then return nil end
+    local i = -1
+    while arg[i - 1] ~= nil do i = i - 1 end
+    return arg[i]
+end
+local BIN = sh_quote(os.getenv("MOONLIT_BIN") or running_interpreter() or "build/moonlit")
 
 local function read_file(path)
     local f = assert(io.open(path, "rb"))

@@ -22,6 +22,9 @@ for t in "$BUILD"/tests/test_*; do
     [ -x "$t" ] || continue
     run_one "$(basename "$t")" "$t"
 done
+MOONLIT_BIN="$BUILD/moonlit"; export MOONLIT_BIN
 run_one "lua suite" "$BUILD/moonlit" tests/lua/run.lua
+run_one "sd1-tiny fixture" "$BUILD/moonlit" scripts/verify_fixture.lua tests/fixtures/sd1-tiny
+run_one "sd2-tiny fixture" "$BUILD/moonlit" scripts/verify_fixture.lua tests/fixtures/sd2-tiny
 echo "$total_pass passed, $total_fail failed"
 [ "$total_fail" = 0 ]

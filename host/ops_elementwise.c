@@ -16,7 +16,11 @@
 #include <math.h>
 #include <string.h>
 
+/* The twins' header checks the signatures; the weak redeclarations (see
+ * dispatch.h) let a CUDA build link before every twin exists. */
 #ifdef ML_WITH_CUDA
+#include "cuda/elementwise.h"
+#include "cuda/optim.h"
 ML_CUDA_TWIN int ml_binary_cuda(ml_binop op, ml_tensor *out, const ml_tensor *a, const ml_tensor *b);
 ML_CUDA_TWIN int ml_binary_scalar_cuda(ml_binop op, ml_tensor *out, const ml_tensor *a, double s,
                                        bool scalar_first);

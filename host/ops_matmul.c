@@ -129,21 +129,17 @@ static int matmul_backward(ml_node *n, ml_tensor *g, ml_tensor **gin) {
     ml_tensor *ka = n->saved[0], *kb = n->saved[1];
     int nbo = (int)n->i[4];
     const int64_t *bo = &n->i[5];
-    ml_tensor *gc = ml_contiguous(g);
-    if (!gc) return -1;
     int64_t gs[3] = {prod(bo, nbo), g->shape[g->ndim - 2], g->shape[g->ndim - 1]};
-    ml_tensor *g3 = ml_header_as(gc, 3, gs);
-    ml_release(gc);
-    if (!g3) return -1;
-    ml_tensor *da = NULL, *db = NULL;
     int rc = 0;
-    if (ml_node_needs_grad(n, 0) && !(da = ml_empty(3, ka->shape, ka->dtype, ka->device))) rc = -1;
-    if (ml_node_needs_grad(n, 1) && !(db = ml_empty(3, kb->shape, kb->dtype, kb->device))) rc = -1;
-    if (rc == 0)
-        rc = ML_RUN(g->device, ml_matmul_backward, da, db, g3, ka, kb, n->i[1], n->i[3]);
+    ml_tensor *gc = ml_kernel_input(g, &rc);
+    ml_tensor *g3 = gc ? ml_header_as(gc, 3, gs) : NULL;
+    ml_tensor *da = ml_grad_buffer(n, 0, 3, ka->shape, g, &rc);
+    ml_tensor *db = ml_grad_buffer(n, 1, 3, kb->shape, g, &rc);
+    if (rc == 0 && !g3) rc = -1;
+    if (rc == 0) rc = ML_RUN(g->device, ml_matmul_backward, da, db, g3, ka, kb, n->i[1], n->i[3]);
     if (rc == 0 && da && !(gin[0] = operand_grad(da, &n->next[0], &n->i[0], nbo, bo))) rc = -1;
     if (rc == 0 && db && !(gin[1] = operand_grad(db, &n->next[1], &n->i[2], nbo, bo))) rc = -1;
-    ml_release(da); ml_release(db); ml_release(g3);
+    ml_release(gc); ml_release(g3); ml_release(da); ml_release(db);
     return rc;
 }
 
@@ -225,25 +221,18 @@ ml_tensor *ml_matmul(ml_tensor *a, ml_tensor *b) {
 /* saved: x as [M, K], w [O, K]. */
 static int linear_backward(ml_node *n, ml_tensor *g, ml_tensor **gin) {
     ml_tensor *x2 = n->saved[0], *w = n->saved[1];
-    int64_t M = x2->shape[0], K = x2->shape[1], O = w->shape[0];
-    ml_tensor *gc = ml_contiguous(g);
-    if (!gc) return -1;
-    int64_t gs[2] = {M, O}, xs[2] = {M, K};
-    ml_tensor *g2 = ml_header_as(gc, 2, gs);
-    ml_release(gc);
-    if (!g2) return -1;
-    ml_tensor *dx = NULL, *dw = NULL, *db = NULL;
+    int64_t M = x2->shape[0], O = w->shape[0], gs[2] = {M, O};
     int rc = 0;
-    if (ml_node_needs_grad(n, 0) && !(dx = ml_empty(2, xs, g->dtype, g->device))) rc = -1;
-    if (ml_node_needs_grad(n, 1) && !(dw = ml_empty_like(w))) rc = -1;
-    if (ml_node_needs_grad(n, 2) && !(db = ml_empty(1, &O, g->dtype, g->device))) rc = -1;
+    ml_tensor *gc = ml_kernel_input(g, &rc);
+    ml_tensor *g2 = gc ? ml_header_as(gc, 2, gs) : NULL;
+    ml_tensor *dx = ml_grad_buffer(n, 0, 2, x2->shape, g, &rc);
+    ml_tensor *dw = ml_grad_buffer(n, 1, 2, w->shape, g, &rc);
+    ml_tensor *db = ml_grad_buffer(n, 2, 1, &O, g, &rc);
+    if (rc == 0 && !g2) rc = -1;
     if (rc == 0) rc = ML_RUN(g->device, ml_linear_backward, dx, dw, db, g2, x2, w);
-    if (rc == 0 && dx) {
-        gin[0] = ml_header_as(dx, n->next[0].ndim, n->next[0].shape);
-        if (!gin[0]) rc = -1;
-    }
+    if (rc == 0 && dx && !(gin[0] = ml_header_as(dx, n->next[0].ndim, n->next[0].shape))) rc = -1;
     if (rc == 0) { gin[1] = dw; gin[2] = db; dw = db = NULL; }
-    ml_release(dx); ml_release(dw); ml_release(db); ml_release(g2);
+    ml_release(gc); ml_release(g2); ml_release(dx); ml_release(dw); ml_release(db);
     return rc;
 }
 
@@ -265,15 +254,14 @@ ml_tensor *ml_linear(ml_tensor *x, ml_tensor *w, ml_tensor *b) {
     memcpy(oshape, x->shape, (size_t)x->ndim * sizeof *oshape);
     oshape[x->ndim - 1] = O;
 
-    ml_tensor *xd = ml_detach(x), *wd = ml_detach(w), *bd = b ? ml_detach(b) : NULL;
-    ml_tensor *xc = xd ? ml_contiguous(xd) : NULL, *wc = wd ? ml_contiguous(wd) : NULL;
-    ml_tensor *bc = bd ? ml_contiguous(bd) : NULL;
+    int rc = 0;
+    ml_tensor *xc = ml_kernel_input(x, &rc), *wc = ml_kernel_input(w, &rc), *bc = ml_kernel_input(b, &rc);
     ml_tensor *x2 = xc ? ml_header_as(xc, 2, xs) : NULL;
     ml_tensor *out = ml_empty(x->ndim, oshape, x->dtype, x->device);
     ml_tensor *o2 = out ? ml_header_as(out, 2, os) : NULL;
-    int rc = x2 && wc && (bc || !b) && o2
-        ? ML_RUN(x->device, ml_linear_forward, o2, x2, wc, bc) : -1;
-    ml_release(xd); ml_release(wd); ml_release(bd); ml_release(xc); ml_release(bc); ml_release(o2);
+    if (rc == 0 && (!x2 || !o2)) rc = -1;
+    if (rc == 0) rc = ML_RUN(x->device, ml_linear_forward, o2, x2, wc, bc);
+    ml_release(xc); ml_release(bc); ml_release(o2);
     if (rc < 0) { ml_release(x2); ml_release(wc); ml_release(out); return NULL; }
     ml_tensor *ins[3] = {x, w, b};
     ml_node *n = ml_node_begin("linear", linear_backward, 3, ins);

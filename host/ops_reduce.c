@@ -12,7 +12,10 @@
 #include <math.h>
 #include <string.h>
 
+/* The twins' header checks the signatures; the weak redeclarations (see
+ * dispatch.h) let a CUDA build link before every twin exists. */
 #ifdef ML_WITH_CUDA
+#include "cuda/reduce.h"
 ML_CUDA_TWIN int ml_sum_cuda(ml_tensor *out, const ml_tensor *x, double scale);
 ML_CUDA_TWIN int ml_var_cuda(ml_tensor *out, const ml_tensor *x, double correction);
 ML_CUDA_TWIN int ml_norm_cuda(ml_tensor *out, const ml_tensor *x, double p);
@@ -65,8 +68,7 @@ static ml_tensor *grad_keepdim(ml_tensor *g, int ndim, const int64_t *kshape) {
  * keepdim result returned in the compute dtype `ct`.  New reference. */
 typedef enum { RED_SUM, RED_VAR, RED_NORM } red_kind;
 
-static ml_tensor *run_reduce(red_kind kind, const char *op, ml_tensor *x, const red_spec *s, ml_dtype ct,
-                             double prm) {
+static ml_tensor *run_reduce(red_kind kind, ml_tensor *x, const red_spec *s, ml_dtype ct, double prm) {
     ml_dtype kt = oc_kernel_dtype(ct, x->device);
     ml_dtype ot = ml_dtype_is_float(kt) ? kt : ML_I64;
     ml_tensor *cx = oc_cast(x, ml_dtype_is_float(kt) ? kt : x->dtype, x->device);
@@ -124,7 +126,7 @@ static ml_tensor *sum_mean(const char *op, ml_tensor *x, int ndims, const int *d
     if (mean && !fl)
         return ml_error_null("mean: needs a float tensor (got %s); convert it first", ml_dtype_name(x->dtype));
     double scale = mean ? 1.0 / (double)s.count : 1.0;
-    ml_tensor *k = run_reduce(RED_SUM, op, x, &s, fl ? x->dtype : ML_I64, scale);
+    ml_tensor *k = run_reduce(RED_SUM, x, &s, fl ? x->dtype : ML_I64, scale);
     if (!k) return NULL;
     ml_node *n = fl ? ml_node_begin(op, sum_backward, 1, &x) : NULL;
     if (n) n->f[0] = scale;
@@ -166,7 +168,7 @@ ml_tensor *ml_var(ml_tensor *x, int ndims, const int *dims, int correction, bool
         return ml_error_null("var: needs a float tensor (got %s)", ml_dtype_name(x->dtype));
     red_spec s;
     if (make_spec("var", x, ndims, dims, keepdim, &s) < 0) return NULL;
-    ml_tensor *k = run_reduce(RED_VAR, "var", x, &s, x->dtype, correction);
+    ml_tensor *k = run_reduce(RED_VAR, x, &s, x->dtype, correction);
     if (!k) return NULL;
     ml_node *n = ml_node_begin("var", var_backward, 1, &x);
     if (n) {
@@ -225,7 +227,7 @@ ml_tensor *ml_norm(ml_tensor *x, double p, int ndims, const int *dims, bool keep
     if (!(p > 0) || !isfinite(p)) return ml_error_null("norm: p must be finite and > 0 (got %g)", p);
     red_spec s;
     if (make_spec("norm", x, ndims, dims, keepdim, &s) < 0) return NULL;
-    ml_tensor *k = run_reduce(RED_NORM, "norm", x, &s, x->dtype, p);
+    ml_tensor *k = run_reduce(RED_NORM, x, &s, x->dtype, p);
     if (!k) return NULL;
     ml_node *n = ml_node_begin("norm", norm_backward, 1, &x);
     if (n) {

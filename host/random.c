@@ -12,7 +12,10 @@
 #include "philox.h"
 #include "cpu/random.h"
 
+/* The twins' header checks the signatures; the weak redeclarations (see
+ * dispatch.h) let a CUDA build link before every twin exists. */
 #ifdef ML_WITH_CUDA
+#include "cuda/random.h"
 ML_CUDA_TWIN int ml_uniform_cuda(ml_tensor *out, uint64_t seed, uint64_t offset, double lo, double hi);
 ML_CUDA_TWIN int ml_normal_cuda(ml_tensor *out, uint64_t seed, uint64_t offset, double mean, double std);
 ML_CUDA_TWIN int ml_randint_cuda(ml_tensor *out, uint64_t seed, uint64_t offset, int64_t low, int64_t high);

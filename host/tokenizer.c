@@ -623,14 +623,19 @@ fail:
     return fail(tok, &cfg);
 }
 
-void ml_tokenizer_clear_cache(ml_tokenizer *tok) {
-    if (!tok || !tok->cache) return;
-    pthread_mutex_lock(&tok->lock);
+/* Empty the word cache; the caller holds tok->lock. */
+static void cache_drop_all(ml_tokenizer *tok) {
     for (uint32_t i = 0; i < CACHE_SLOTS; i++) {
         free(tok->cache[i].ids);
         tok->cache[i] = (cache_slot){0};
     }
     tok->cache_count = 0;
+}
+
+void ml_tokenizer_clear_cache(ml_tokenizer *tok) {
+    if (!tok || !tok->cache) return;
+    pthread_mutex_lock(&tok->lock);
+    cache_drop_all(tok);
     pthread_mutex_unlock(&tok->lock);
 }
 
@@ -760,13 +765,7 @@ static int encode_word(ml_tokenizer *tok, const uint8_t *w, int n, sink *out, sc
     memcpy(entry, ids, (size_t)k * sizeof *entry);
     memcpy(entry + k, w, (size_t)n);
     pthread_mutex_lock(&tok->lock);
-    if (tok->cache_count >= CACHE_MAX) {
-        for (uint32_t i = 0; i < CACHE_SLOTS; i++) {
-            free(tok->cache[i].ids);
-            tok->cache[i] = (cache_slot){0};
-        }
-        tok->cache_count = 0;
-    }
+    if (tok->cache_count >= CACHE_MAX) cache_drop_all(tok);
     uint32_t i = (uint32_t)h & (CACHE_SLOTS - 1);
     while (tok->cache[i].ids) {
         cache_slot *c = &tok->cache[i];
@@ -935,6 +934,8 @@ static size_t find_added(const ml_tokenizer *tok, const char *text, size_t len, 
 int ml_tokenizer_encode(ml_tokenizer *tok, const char *text, size_t len, int32_t *ids, int cap,
                         int *n_out) {
     const uint8_t *u = (const uint8_t *)text;
+    /* Code point counts are ints (lowercasing may double them). */
+    if (len > (size_t)1 << 28) return ml_error("tokenizer: text of %zu bytes is too long", len);
     for (size_t i = 0; i < len;) {
         int bad, k = utf8_seq(u + i, len - i, &bad);
         if (!k) return ml_error("tokenizer: text is not valid UTF-8 (byte %zu: 0x%02x)", i, u[i]);

@@ -16,6 +16,12 @@
  *   5. BOS ... EOS around the whole.
  * ids are the vocabulary's (0-based) token ids, e.g. 49406 = <|startoftext|>.
  *
+ * Unicode properties (categories, lowercase, NFC) come from utf8proc, whose
+ * Debian 12 build knows Unicode 15.0; HF's tokenizers 0.23 knows Unicode 16.
+ * Code points assigned since 15.0 (new scripts, CJK extension J, more
+ * hieroglyphs: about 5000) therefore split and lowercase differently; every
+ * other code point tokenizes as HF's does.
+ *
  * A tokenizer may be shared between threads: its only mutable state, the
  * word -> BPE cache, is locked. */
 #ifndef ML_TOKENIZER_H

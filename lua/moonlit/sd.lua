@@ -26,9 +26,20 @@ local default_class = {
 
 local function join(a, b) return a:sub(-1) == "/" and a .. b or a .. "/" .. b end
 
+-- A config as written (JSON null kept as core.json_null, so it saves back
+-- unchanged) and a clean copy with nulls removed for building models.
+local function without_nulls(v)
+    if v == core.json_null then return nil end
+    if type(v) ~= "table" then return v end
+    local out = setmetatable({}, getmetatable(v))
+    for k, x in pairs(v) do out[k] = without_nulls(x) end
+    return out
+end
+
 local function read_json(path, what)
     if not core.is_file(path) then error(string.format("sd.load: %s missing: %s", what, path), 3) end
-    return core.json_load(path)
+    local raw = core.json_load(path, {null = core.json_null})
+    return without_nulls(raw), raw
 end
 
 -- Weight names as this project's modules use them.  The text encoder's keys
@@ -42,13 +53,34 @@ local function normalise_key(component, k)
     return k
 end
 
+-- Config keys each network cannot be built without.
+local required = {
+    CLIPTextModel = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "max_position_embeddings"},
+    UNet2DConditionModel = {"in_channels", "out_channels", "block_out_channels", "down_block_types",
+                            "up_block_types", "cross_attention_dim"},
+    AutoencoderKL = {"latent_channels", "block_out_channels", "down_block_types", "up_block_types"},
+}
+
+local function check_config(cfg, cls_name, path)
+    local missing = {}
+    for _, k in ipairs(required[cls_name] or {}) do
+        if cfg[k] == nil then missing[#missing + 1] = k end
+    end
+    if #missing > 0 then
+        error(string.format("sd.load: %s: config key(s) missing for %s: %s", path, cls_name,
+                            table.concat(missing, ", ")), 3)
+    end
+end
+
 -- Build a network from <dir>/config.json and load its weights.
 function sd.load_component(dir, component, opts)
     opts = opts or {}
-    local cfg = read_json(join(dir, "config.json"), component .. " config")
+    local cfg, raw = read_json(join(dir, "config.json"), component .. " config")
     local cls_name = cfg._class_name or (cfg.architectures and cfg.architectures[1]) or default_class[component]
     local ctor = sd.models[cls_name]
     if not ctor then error("sd.load: unsupported model class '" .. tostring(cls_name) .. "' in " .. join(dir, "config.json"), 2) end
+    check_config(cfg, cls_name, join(dir, "config.json"))
     local model = nn.no_init(function() return ctor()(cfg) end)
     if opts.dtype or opts.device then
         model:to{dtype = opts.dtype or "f32", device = opts.device or "cpu"}
@@ -64,6 +96,7 @@ function sd.load_component(dir, component, opts)
     if not ok then error(string.format("sd.load: %s: %s", dir, tostring(err)), 2) end
     model:eval()
     model.config = cfg
+    model.raw_config = raw
     model.component = component
     return model
 end
@@ -73,16 +106,16 @@ end
 function sd.load(dir, opts)
     opts = opts or {}
     if not core.is_dir(dir) then error("sd.load: model folder not found: " .. tostring(dir), 2) end
-    local index = read_json(join(dir, "model_index.json"), "model_index.json")
+    local index, index_raw = read_json(join(dir, "model_index.json"), "model_index.json")
     local want = {}
     for _, c in ipairs(opts.components or {"text_encoder", "unet", "vae", "tokenizer", "scheduler"}) do want[c] = true end
-    local m = {dir = dir, config = index, device = opts.device or "cpu"}
+    local m = {dir = dir, config = index, raw_config = index_raw, device = opts.device or "cpu"}
     if want.tokenizer then
         m.tokenizer_dir = join(dir, "tokenizer")
         m.tokenizer = core.tokenizer_load(m.tokenizer_dir)
     end
     if want.scheduler then
-        m.scheduler_config = read_json(join(dir, "scheduler/scheduler_config.json"), "scheduler config")
+        m.scheduler_config, m.scheduler_raw_config = read_json(join(dir, "scheduler/scheduler_config.json"), "scheduler config")
         m.scheduler = schedulers.from_config(m.scheduler_config)
     end
     for _, c in ipairs {"text_encoder", "unet", "vae"} do
@@ -97,7 +130,7 @@ local DIFFUSERS_VERSION = "0.40.0"
 
 local function config_for_save(model, class_name, extra)
     local cfg = {}
-    for k, v in pairs(model.config or {}) do cfg[k] = v end
+    for k, v in pairs(model.raw_config or model.config or {}) do cfg[k] = v end
     if class_name == "CLIPTextModel" then
         cfg.architectures = cfg.architectures or {"CLIPTextModel"}
         cfg.model_type = cfg.model_type or "clip_text_model"
@@ -141,12 +174,13 @@ function sd.save(dir, m, opts)
     if m.scheduler then
         core.mkdir_p(join(dir, "scheduler"))
         local cfg = {}
+        for k, v in pairs(m.scheduler_raw_config or {}) do cfg[k] = v end
         for k, v in pairs(m.scheduler.config) do cfg[k] = v end
         cfg._diffusers_version = cfg._diffusers_version or DIFFUSERS_VERSION
         core.json_save(join(dir, "scheduler/scheduler_config.json"), cfg, {indent = 2, sort_keys = true})
     end
     local index = {}
-    for k, v in pairs(m.config or {}) do index[k] = v end
+    for k, v in pairs(m.raw_config or m.config or {}) do index[k] = v end
     index._class_name = index._class_name or "StableDiffusionPipeline"
     index._diffusers_version = index._diffusers_version or DIFFUSERS_VERSION
     if m.text_encoder then index.text_encoder = {"transformers", "CLIPTextModel"} end
@@ -161,13 +195,16 @@ end
 -- Models with fresh random weights from a folder of configs (tests, benchmarks).
 function sd.from_configs(dir, opts)
     opts = opts or {}
-    local m = {dir = dir, config = read_json(join(dir, "model_index.json"), "model_index.json")}
+    local m = {dir = dir}
+    m.config, m.raw_config = read_json(join(dir, "model_index.json"), "model_index.json")
     if opts.seed then core.manual_seed(opts.seed) end
     for _, c in ipairs {"text_encoder", "unet", "vae"} do
-        local cfg = read_json(join(dir, c .. "/config.json"), c .. " config")
+        local cfg, raw = read_json(join(dir, c .. "/config.json"), c .. " config")
         local cls = cfg._class_name or (cfg.architectures and cfg.architectures[1]) or default_class[c]
+        check_config(cfg, cls, join(dir, c .. "/config.json"))
         m[c] = sd.models[cls]()(cfg)
         m[c].config = cfg
+        m[c].raw_config = raw
         if opts.device or opts.dtype then m[c]:to{device = opts.device or "cpu", dtype = opts.dtype or "f32"} end
     end
     local tdir = join(dir, "tokenizer")
@@ -175,7 +212,7 @@ function sd.from_configs(dir, opts)
         m.tokenizer_dir = tdir
         m.tokenizer = core.tokenizer_load(tdir)
     end
-    m.scheduler_config = read_json(join(dir, "scheduler/scheduler_config.json"), "scheduler config")
+    m.scheduler_config, m.scheduler_raw_config = read_json(join(dir, "scheduler/scheduler_config.json"), "scheduler config")
     m.scheduler = schedulers.from_config(m.scheduler_config)
     return m
 end

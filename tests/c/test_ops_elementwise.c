@@ -487,6 +487,14 @@ static void bench(void) {
     }
     printf("bench: add of 1e7 f32: %.2f ms (%.1f GB/s incl. allocation); add_ in place: %.2f ms (%.1f GB/s)\n",
            best_alloc * 1e3, 12e7 / best_alloc / 1e9, best * 1e3, 12e7 / best / 1e9);
+    static const ml_unop ops[3] = {ML_SILU, ML_GELU, ML_GELU_TANH};
+    for (int k = 0; k < 3; k++) {
+        double t0 = now();
+        ml_tensor *y = ml_unary(ops[k], a);
+        double t = now() - t0;
+        ml_release(y);
+        printf("bench: %s of 1e7 f32: %.2f ms\n", ml_unop_name(ops[k]), t * 1e3);
+    }
     ml_release(a); ml_release(b); ml_release(out);
 }
 

@@ -13,6 +13,7 @@
 #include "error.h"
 
 #include <jansson.h>
+#include <limits.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -338,6 +339,41 @@ static void check_errors(void) {
     rmdir(dir);
 }
 
+/* SD 2.x pads with "!": as in HF, it is then a special token, cut out of
+ * the text (id 0, not the word "!</w>") and dropped by skip_special. */
+static void check_bang_pad(void) {
+    char dir[] = "/tmp/moonlit-tok-XXXXXX", path[PATH_MAX + 64], real[PATH_MAX];
+    if (!mkdtemp(dir)) { CHECK(0, "mkdtemp"); return; }
+    const char *files[] = {"vocab.json", "merges.txt"};
+    for (int i = 0; i < 2; i++) {
+        snprintf(path, sizeof path, "%s/%s", TOK_DIR, files[i]);
+        char *r = realpath(path, real);
+        snprintf(path, sizeof path, "%s/%s", dir, files[i]);
+        CHECK(r && symlink(real, path) == 0, "link %s", files[i]);
+    }
+    snprintf(path, sizeof path, "%s/special_tokens_map.json", dir);
+    write_file(path, "{\"pad_token\": \"!\"}");
+    ml_tokenizer *tok = ml_tokenizer_load(dir);
+    CHECK(tok != NULL, "tokenizer with pad \"!\": %s", tok ? "" : ml_last_error());
+    if (tok) {
+        int32_t ids[16], want[] = {49406, 3306, 0, 320, 0, 321, 0, 0, 0, 49407};
+        int n;
+        CHECK(ml_tokenizer_encode(tok, "hello! a!b !!!", 14, ids, 16, &n) == 0 && n == 10 &&
+              same(ids, want, 10), "\"!\" is the pad token");
+        char *s = ml_tokenizer_decode(tok, want, 10, true, NULL);
+        CHECK(s && strcmp(s, "hello a b") == 0, "decode skips the pad \"!\": \"%s\"", s ? s : "");
+        free(s);
+        ml_tokenizer_free(tok);
+    }
+    for (int i = 0; i < 2; i++) {
+        snprintf(path, sizeof path, "%s/%s", dir, files[i]);
+        remove(path);
+    }
+    snprintf(path, sizeof path, "%s/special_tokens_map.json", dir);
+    remove(path);
+    rmdir(dir);
+}
+
 static double now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -404,6 +440,7 @@ int main(void) {
     ml_tokenizer_free(from_files);
     ml_tokenizer_free(from_json);
     check_errors();
+    check_bang_pad();
     free_fixture(&f);
     json_decref(root);
     return check_summary();

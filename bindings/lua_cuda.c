@@ -6,6 +6,7 @@
  * without CUDA every function exists: cuda_available() returns false plus
  * the reason, the counts are 0, and the others raise a clear error. */
 #include "mlua.h"
+#include <time.h>
 
 #ifdef ML_WITH_CUDA
 #include "cuda/runtime.h"
@@ -88,6 +89,20 @@ static int l_cuda_empty_cache(lua_State *L) {
     return 0;
 }
 
+/* cuda_time(fn, ...): seconds fn(...) takes, with every device synchronised
+ * before and after, so queued GPU work is counted (for benchmarks). */
+static int l_cuda_time(lua_State *L) {
+    luaL_checktype(L, 1, LUA_TFUNCTION);
+    struct timespec t0, t1;
+    MLUA_CHECK(L, ml_cuda_synchronize(-1));
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    lua_call(L, lua_gettop(L) - 1, 0);
+    MLUA_CHECK(L, ml_cuda_synchronize(-1));
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    lua_pushnumber(L, (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec));
+    return 1;
+}
+
 static int l_cuda_device_info(lua_State *L) {
     ml_cuda_device_info info;
     MLUA_CHECK(L, ml_cuda_get_device_info(check_device(L, 1), &info));
@@ -151,12 +166,14 @@ void mlua_open_cuda(lua_State *L) {
         {"cuda_reset_peak", l_cuda_reset_peak},
         {"cuda_empty_cache", l_cuda_empty_cache},
         {"cuda_device_info", l_cuda_device_info},
+        {"cuda_time", l_cuda_time},
         {NULL, NULL},
     };
     luaL_setfuncs(L, gpu, 0);
 #else
     static const char *const gpu[] = {"cuda_set_device", "cuda_synchronize", "cuda_memory_stats",
-                                      "cuda_reset_peak", "cuda_empty_cache", "cuda_device_info"};
+                                      "cuda_reset_peak", "cuda_empty_cache", "cuda_device_info",
+                                      "cuda_time"};
     for (size_t i = 0; i < sizeof gpu / sizeof gpu[0]; i++) {
         lua_pushstring(L, gpu[i]);
         lua_pushcclosure(L, no_cuda, 1);

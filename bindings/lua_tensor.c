@@ -4,6 +4,7 @@
 #include "mlua.h"
 #include "autograd.h"
 #include "ops.h"
+#include <limits.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -17,11 +18,28 @@ int mlua_error(lua_State *L, const char *op) {
     return luaL_error(L, "%s", msg);
 }
 
+/* Bytes of fresh tensor memory handed to Lua since the last GC step.  A box
+ * is a few bytes of Lua heap holding perhaps megabytes of tensor memory, so
+ * Lua's collector, paced by its own heap, would let dead temporaries pile
+ * up (a training loop's RSS grew ~13 MB before levelling off).  Reporting
+ * that memory as if Lua had allocated it paces the collector by real use. */
+static _Thread_local size_t gc_debt;
+#define GC_DEBT_STEP (64 * 1024)
+
 int mlua_push_tensor(lua_State *L, ml_tensor *t) {
     if (!t) return mlua_error(L, NULL);
     mlua_tensor_box *b = lua_newuserdatauv(L, sizeof *b, 1);
     b->t = t;
     luaL_setmetatable(L, MLUA_TENSOR);
+    /* only storage this box alone owns: views and retained tensors were counted when created */
+    if (t->refcount == 1 && t->storage && t->storage->refcount == 1 && !t->storage->release) {
+        gc_debt += t->storage->nbytes;
+        if (gc_debt >= GC_DEBT_STEP) {
+            size_t kb = gc_debt >> 10;
+            gc_debt = 0;
+            lua_gc(L, LUA_GCSTEP, kb > INT_MAX ? INT_MAX : (int)kb);
+        }
+    }
     return 1;
 }
 

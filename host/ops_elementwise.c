@@ -104,7 +104,7 @@ static int binary_backward(ml_node *n, ml_tensor *g, ml_tensor **gin) {
     case ML_POW: {
         /* d/da = g b a^(b-1), 0 where b == 0; d/db = g a^b log a, 0 where a == 0 and b >= 0
          * (PyTorch's masks: no NaN from 0 * log 0). */
-        ml_tensor *out = n->saved[2];
+        ml_tensor *y = n->saved[2];
         if (!(z = ml_scalar(0, g->dtype, ml_cpu()))) goto out;
         if (need_a) {
             ml_tensor *bm1 = ml_add_scalar(b, -1), *p = bm1 ? ml_pow(a, bm1) : NULL;
@@ -115,7 +115,7 @@ static int binary_backward(ml_node *n, ml_tensor *g, ml_tensor **gin) {
             if (!ga) goto out;
         }
         if (need_b) {
-            ml_tensor *la = ml_unary(ML_LOG, a), *p = la ? ml_mul(out, la) : NULL;
+            ml_tensor *la = ml_unary(ML_LOG, a), *p = la ? ml_mul(y, la) : NULL;
             ml_tensor *r = p ? ml_mul(p, g) : NULL;
             ml_tensor *m1 = r ? ml_scalar_op(ML_EQ, a, 0, false) : NULL;
             ml_tensor *m2 = m1 ? ml_scalar_op(ML_GE, b, 0, false) : NULL;
@@ -518,7 +518,7 @@ static int inplace_binary(const char *name, ml_binop op, ml_tensor *dst, ml_tens
     ml_tensor *ds[2] = {dst, src};
     ml_device dev;
     if (oc_common_device(name, 2, ds, &dev) < 0) return -1;
-    if (!ml_device_eq(dev, dst->device)) return ml_error("%s: the destination must be on %s's device", name, name);
+    if (!ml_device_eq(dev, dst->device)) return ml_error("%s: the source is on another device than the destination", name);
     int nd;
     int64_t shape[ML_MAX_DIMS];
     if (ml_broadcast_shape(dst->ndim, dst->shape, src->ndim, src->shape, &nd, shape) < 0 || nd != dst->ndim ||

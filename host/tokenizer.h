@@ -3,14 +3,17 @@
  * backed one, transformers >= 5 / CLIPTokenizerFast before) produces.
  *
  * Text -> ids, in HF's order:
- *   1. added tokens (<|startoftext|>, <|endoftext|>, the pad/unk tokens and
- *      any added_tokens of tokenizer.json) are cut out of the raw text;
+ *   1. added tokens (bos/eos/pad/unk, tokenizer.json's added_tokens,
+ *      tokenizer_config.json's added_tokens_decoder) are cut out of the raw
+ *      text, longest first; so is SD 2's pad token "!", as in HF;
  *   2. every other stretch is NFC-normalised and lowercased (full Unicode
  *      lowercase, so U+0130 becomes "i" + U+0307); no accent stripping, no
  *      ftfy;
  *   3. it is split into words like the regex
  *        <\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+
- *      (whitespace = Unicode White_Space, dropped);
+ *      (whitespace = Unicode White_Space, dropped; a special-token name
+ *      made by normalising, e.g. from "<|ENDOFTEXT|>", becomes the words
+ *      "<|", "endoftext", "|>" as HF's byte-level stage re-splits it);
  *   4. each word's UTF-8 bytes become GPT-2 byte characters, the last one
  *      carrying "</w>", and are merged pair by pair in merges order;
  *   5. BOS ... EOS around the whole.

@@ -12,12 +12,7 @@ image.load = core.image_load
 image.resize = core.image_resize
 image.png_text = core.image_png_text
 
-function image.save(path, t, opts)
-    opts = opts or {}
-    local meta = {}
-    for k, v in pairs(opts.meta or {}) do meta[k] = tostring(v) end
-    return core.image_save(path, t, {meta = meta, quality = opts.quality})
-end
+image.save = core.image_save
 
 -- Save each image of a batch; `pattern` takes the 1-based index, e.g. "out-%03d.png".
 function image.save_batch(pattern, images, opts)

@@ -329,8 +329,8 @@ static int t_permute(lua_State *L) {
         n = (int)luaL_len(L, 2);
         for (int i = 0; i < n && i < ML_MAX_DIMS; i++) {
             lua_geti(L, 2, i + 1);
-            lua_replace(L, 3);
-            perm[i] = mlua_check_dim(L, 3, t->ndim);
+            perm[i] = mlua_check_dim(L, lua_gettop(L), t->ndim);
+            lua_pop(L, 1);
         }
     } else {
         for (int i = 2; i <= lua_gettop(L) && n < ML_MAX_DIMS; i++) perm[n++] = mlua_check_dim(L, i, t->ndim);
@@ -351,18 +351,27 @@ static int t_transpose(lua_State *L) {
 
 static int t_narrow(lua_State *L) {
     ml_tensor *t = mlua_check_tensor(L, 1);
+    if (t->ndim == 0) return luaL_error(L, "narrow: cannot narrow a 0-dim tensor");
     int d = mlua_check_dim(L, 2, t->ndim);
     lua_Integer start = luaL_checkinteger(L, 3), len = luaL_checkinteger(L, 4);
     if (start == 0) return luaL_argerror(L, 3, "start is 1-based (got 0)");
-    return mlua_push_tensor(L, ml_narrow(t, d, start > 0 ? start - 1 : start, len));
+    /* checked here so the message speaks of the caller's 1-based start */
+    int64_t size = t->shape[d], s0 = start > 0 ? start - 1 : start + size;
+    if (s0 < 0 || len < 0 || s0 + len > size)
+        return luaL_error(L, "narrow: start %d length %d out of range for dim %d of size %d",
+                          (int)start, (int)len, d + 1, (int)size);
+    return mlua_push_tensor(L, ml_narrow(t, d, s0, len));
 }
 
 static int t_select(lua_State *L) {
     ml_tensor *t = mlua_check_tensor(L, 1);
+    if (t->ndim == 0) return luaL_error(L, "select: cannot index a 0-dim tensor");
     int d = mlua_check_dim(L, 2, t->ndim);
     lua_Integer i = luaL_checkinteger(L, 3);
     if (i == 0) return luaL_argerror(L, 3, "index is 1-based (got 0)");
-    return mlua_push_tensor(L, ml_select(t, d, i > 0 ? i - 1 : i));
+    if (i > t->shape[d] || i < -t->shape[d])
+        return luaL_error(L, "select: index %d out of range for dim %d of size %d", (int)i, d + 1, (int)t->shape[d]);
+    return mlua_push_tensor(L, ml_select(t, d, i > 0 ? i - 1 : i + t->shape[d]));
 }
 
 static int t_expand(lua_State *L) {

@@ -384,7 +384,8 @@ static int load_chunk(lua_State *L, int tty)
 }
 
 /* Run the compiled chunk on the top of the stack; print what it returns
- * with the global print (so tensors show through their __tostring). */
+ * with ml.repl_print when the library provides it (tables shown by value),
+ * else the global print (tensors show through their __tostring). */
 static int run_and_print(lua_State *L)
 {
     int base = lua_gettop(L);
@@ -393,7 +394,12 @@ static int run_and_print(lua_State *L)
     if (status != LUA_OK || n <= 0)
         return status;
     luaL_checkstack(L, LUA_MINSTACK, "too many results to print");
-    lua_getglobal(L, "print");
+    if (lua_getglobal(L, "ml") == LUA_TTABLE && lua_getfield(L, -1, "repl_print") == LUA_TFUNCTION) {
+        lua_remove(L, -2);
+    } else {
+        lua_pop(L, lua_gettop(L) - base - n + 1);
+        lua_getglobal(L, "print");
+    }
     lua_insert(L, -(n + 1));
     return docall(L, n, 0);
 }

@@ -50,13 +50,13 @@
     ML_OP(log_softmax, 1, 0)       \
     ML_OP(sdpa, 1, 0)              \
     ML_OP(embedding, 1, 0)         \
-    ML_OP(cat, 1, 0)               \
-    ML_OP(stack, 1, 0)             \
+    ML_OP(cat, 1, 1)               \
+    ML_OP(stack, 1, 1)             \
     ML_OP(gather, 1, 0)            \
     ML_OP(index_select, 1, 0)      \
     ML_OP(upsample_nearest2d, 1, 0)\
-    ML_OP(mse_loss, 1, 0)          \
-    ML_OP(dropout, 1, 0)           \
+    ML_OP(mse_loss, 1, 1)          \
+    ML_OP(dropout, 1, 1)           \
     ML_OP(view, 1, 1)              \
     ML_OP(permute, 1, 1)           \
     ML_OP(narrow, 1, 1)            \

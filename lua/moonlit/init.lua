@@ -108,5 +108,33 @@ setmetatable(ml, {__index = function(t, k)
     end
 end})
 
+-- How the REPL shows results: tensors by __tostring, tables by value
+-- (sequences as {1, 2}, records as {k = v}), nested two levels deep.
+local function show(v, depth)
+    if type(v) == "string" then return depth > 0 and string.format("%q", v) or v end
+    if type(v) ~= "table" or getmetatable(v) and getmetatable(v).__tostring then return tostring(v) end
+    if depth >= 2 then return "{...}" end
+    local parts, n = {}, #v
+    for i = 1, math.min(n, 20) do parts[#parts + 1] = show(v[i], depth + 1) end
+    if n > 20 then parts[#parts + 1] = "... (" .. n .. " items)" end
+    local keys = {}
+    for k in pairs(v) do
+        if not (math.type(k) == "integer" and k >= 1 and k <= n) then keys[#keys + 1] = k end
+    end
+    table.sort(keys, function(a, b) return tostring(a) < tostring(b) end)
+    for i, k in ipairs(keys) do
+        if i > 20 then parts[#parts + 1] = "..." break end
+        local ks = type(k) == "string" and k:match("^[%a_][%w_]*$") and k or "[" .. show(k, 2) .. "]"
+        parts[#parts + 1] = ks .. " = " .. show(v[k], depth + 1)
+    end
+    return "{" .. table.concat(parts, ", ") .. "}"
+end
+
+function ml.repl_print(...)
+    local out = {}
+    for i = 1, select("#", ...) do out[i] = show((select(i, ...)), 0) end
+    print(table.concat(out, "\t"))
+end
+
 ml.version = "0.1.0"
 return ml

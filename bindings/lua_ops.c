@@ -277,6 +277,7 @@ static int l_embedding(lua_State *L) {
 /* cat({t1, t2, ...}, dim) / stack(...) */
 static int list_op(lua_State *L, bool stack) {
     luaL_checktype(L, 1, LUA_TTABLE);
+    lua_settop(L, 2);   /* the scratch array below must not land in the dim slot */
     int n = (int)luaL_len(L, 1);
     if (n == 0) return luaL_argerror(L, 1, "expected a non-empty list of tensors");
     ml_tensor **ts = lua_newuserdatauv(L, n * sizeof *ts, 0);

@@ -128,12 +128,14 @@ static bool is_py_space(int32_t c) {          /* Python's str.isspace (what stri
 /* The byte-level alphabet: printable Latin-1 bytes stand for themselves, the
  * 68 others (controls, space, DEL, NBSP, soft hyphen) take 256, 257, ... in
  * byte order, so a word's bytes never contain whitespace or controls. */
+static bool byte_is_printable(int b) {
+    return (b >= 0x21 && b <= 0x7E) || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF);
+}
+
 static int32_t byte_char(int b) {
-    if ((b >= 0x21 && b <= 0x7E) || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF))
-        return b;
+    if (byte_is_printable(b)) return b;
     int k = 0;
-    for (int i = 0; i < b; i++)
-        if (!((i >= 0x21 && i <= 0x7E) || (i >= 0xA1 && i <= 0xAC) || (i >= 0xAE && i <= 0xFF))) k++;
+    for (int i = 0; i < b; i++) k += !byte_is_printable(i);
     return 256 + k;
 }
 

@@ -95,10 +95,12 @@ ml.enable_grad = core.enable_grad
 
 -- Heavier parts load on first use.
 local lazy = {
-    image = "moonlit.image", sd = "moonlit.sd", data = "moonlit.data", train = "moonlit.train",
-    dist = "moonlit.dist", gradcheck = "moonlit.gradcheck", tokenizer = "moonlit.tokenizer",
-    cuda = "moonlit.cuda", io = "moonlit.io",
+    image = "moonlit.image", sd = "moonlit.sd", gradcheck = "moonlit.gradcheck",
+    schedulers = "moonlit.schedulers",
 }
+
+-- The CLIP tokenizer of a model folder (vocab.json + merges.txt or tokenizer.json).
+ml.load_tokenizer = core.tokenizer_load
 setmetatable(ml, {__index = function(t, k)
     local mod = lazy[k]
     if mod then

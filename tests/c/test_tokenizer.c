@@ -3,11 +3,11 @@
  * tests/fixtures/sd1-tiny/tokenizer.json holds prompts (unicode, overlong,
  * literal special tokens) with the ids HF's CLIPTokenizer gave, unpadded and
  * padded to 77; every one must match exactly, whichever file format the
- * vocabulary is read from.  Then edge cases checked against HF by hand,
+ * vocabulary is read from; sd2-tiny's (pad token "!") too.  Then edge cases checked against HF by hand,
  * decoding, errors, and a throughput figure (printed, not asserted).
  *
  * The vocabulary itself is not in the repository: `make fixtures` rebuilds
- * it into tests/fixtures/sd1-tiny/pipeline/tokenizer/. */
+ * it into tests/fixtures/sd{1,2}-tiny/pipeline/tokenizer/. */
 #include "check.h"
 #include "tokenizer.h"
 #include "error.h"
@@ -23,6 +23,8 @@
 
 #define TOK_DIR "tests/fixtures/sd1-tiny/pipeline/tokenizer"
 #define FIXTURE "tests/fixtures/sd1-tiny/tokenizer.json"
+#define SD2_DIR "tests/fixtures/sd2-tiny/pipeline/tokenizer"
+#define SD2_FIXTURE "tests/fixtures/sd2-tiny/tokenizer.json"
 #define MAXLEN 77
 #define CAP 512
 
@@ -41,10 +43,10 @@ static int32_t *int_array(json_t *a, int *n) {
     return v;
 }
 
-static json_t *load_fixture(fixture *f) {
+static json_t *load_fixture(fixture *f, const char *path) {
     json_error_t err;
-    json_t *root = json_load_file(FIXTURE, 0, &err);
-    if (!root) { CHECK(0, "%s: %s", FIXTURE, err.text); return NULL; }
+    json_t *root = json_load_file(path, 0, &err);
+    if (!root) { CHECK(0, "%s: %s", path, err.text); return NULL; }
     json_t *prompts = json_object_get(root, "prompts"), *ids = json_object_get(root, "ids"),
            *padded = json_object_get(root, "padded_ids");
     f->n = (int)json_array_size(prompts);
@@ -339,6 +341,22 @@ static void check_errors(void) {
     rmdir(dir);
 }
 
+/* The sd2-tiny fixture: SD 2's tokenizer pads with "!" (id 0). */
+static void check_sd2(void) {
+    fixture f = {0};
+    json_t *root = load_fixture(&f, SD2_FIXTURE);
+    if (!root) return;
+    ml_tokenizer *tok = ml_tokenizer_load(SD2_DIR);
+    CHECK(tok != NULL, "load %s: %s", SD2_DIR, tok ? "" : ml_last_error());
+    if (tok) {
+        CHECK(ml_tokenizer_get_info(tok).pad_id == 0, "sd2 pad id");
+        check_fixture(tok, &f, "sd2-tiny");
+    }
+    ml_tokenizer_free(tok);
+    free_fixture(&f);
+    json_decref(root);
+}
+
 /* SD 2.x pads with "!": as in HF, it is then a special token, cut out of
  * the text (id 0, not the word "!</w>") and dropped by skip_special. */
 static void check_bang_pad(void) {
@@ -400,13 +418,13 @@ static void throughput(ml_tokenizer *tok, const fixture *f) {
 
 int main(void) {
     struct stat st;
-    if (stat(TOK_DIR "/vocab.json", &st) != 0) {
-        CHECK(0, "%s/vocab.json is missing: run `make fixtures` (it rebuilds CLIP's vocabulary)",
-              TOK_DIR);
+    if (stat(TOK_DIR "/vocab.json", &st) != 0 || stat(SD2_DIR "/vocab.json", &st) != 0) {
+        CHECK(0, "%s/vocab.json or %s/vocab.json is missing: run `make fixtures` (it rebuilds "
+              "CLIP's vocabulary)", TOK_DIR, SD2_DIR);
         return check_summary();
     }
     fixture f = {0};
-    json_t *root = load_fixture(&f);
+    json_t *root = load_fixture(&f, FIXTURE);
     if (!root) return check_summary();
 
     double t0 = now();
@@ -441,6 +459,7 @@ int main(void) {
     ml_tokenizer_free(from_json);
     check_errors();
     check_bang_pad();
+    check_sd2();
     free_fixture(&f);
     json_decref(root);
     return check_summary();

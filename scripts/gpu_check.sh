@@ -1,0 +1,74 @@
+#!/bin/sh
+# gpu_check.sh — every GPU test and benchmark in one go, for the GPU machine.
+#
+# Builds nothing: build moonlit where the CUDA toolkit is (`make`, and
+# `make build/tests/test_cuda_core` for the C runtime test), send the
+# repository with build/, and run from the repository root:
+#
+#     scripts/gpu_check.sh            # logs under build/gpu_check/
+#     LOG_DIR=/some/dir scripts/gpu_check.sh
+#
+# Steps: GPU summary (nvidia-smi), the C test of the CUDA runtime and
+# allocator (if built), the CPU-vs-GPU parity suite, the kernel bandwidth
+# benchmark, then any bench/*.lua.  Ends with a table of the steps and exits
+# non-zero if one failed.
+set -u
+BIN=${BIN:-build/moonlit}
+LOG_DIR=${LOG_DIR:-build/gpu_check}
+mkdir -p "$LOG_DIR"
+
+# NVLink multicast off in every process (it can take a shared host's GPUs
+# out of service); the CUDA libraries live under /usr/local/cuda there.
+export NCCL_NVLS_ENABLE=0
+[ -d /usr/local/cuda/lib64 ] && export LD_LIBRARY_PATH="/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+
+echo "== GPUs"
+if command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi --query-gpu=index,name,driver_version,memory.total,memory.used,temperature.gpu --format=csv
+else
+    echo "nvidia-smi not found"
+fi
+
+if [ ! -x "$BIN" ]; then
+    echo "gpu_check: $BIN is missing; build it first (make)" >&2
+    exit 2
+fi
+
+TABLE="$LOG_DIR/table.txt"
+: > "$TABLE"
+failed=0
+
+# step NAME LOGFILE COMMAND...: run, keep the log, record status, seconds
+# and the last "N passed, N failed" (or last) line.
+step() {
+    name=$1; log=$2; shift 2
+    echo
+    echo "== $name: $*"
+    t0=$(date +%s)
+    "$@" > "$LOG_DIR/$log" 2>&1
+    rc=$?
+    t1=$(date +%s)
+    cat "$LOG_DIR/$log"
+    summary=$(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$LOG_DIR/$log" | tail -1)
+    [ -n "$summary" ] || summary=$(grep -v '^[[:space:]]*$' "$LOG_DIR/$log" | tail -1 | cut -c1-60)
+    if [ $rc -eq 0 ]; then status=ok; else status="FAIL($rc)"; failed=1; fi
+    printf '%-24s %-9s %6ss  %s\n' "$name" "$status" $((t1 - t0)) "$summary" >> "$TABLE"
+}
+
+if [ -x build/tests/test_cuda_core ]; then
+    step "cuda runtime (C)" cuda_core.log build/tests/test_cuda_core
+else
+    printf '%-24s %-9s %7s  %s\n' "cuda runtime (C)" skipped "" "build/tests/test_cuda_core not built" >> "$TABLE"
+fi
+step "parity cpu vs gpu" parity.log "$BIN" tests/gpu/test_parity.lua
+step "kernel bandwidth" bench_kernels.log "$BIN" tests/gpu/bench_kernels.lua
+for f in bench/*.lua; do
+    [ -f "$f" ] || continue
+    step "$(basename "$f" .lua)" "$(basename "$f" .lua).log" "$BIN" "$f"
+done
+
+echo
+echo "== summary (logs in $LOG_DIR)"
+printf '%-24s %-9s %7s  %s\n' step status time result
+cat "$TABLE"
+exit $failed

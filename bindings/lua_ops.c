@@ -30,7 +30,9 @@ static int binary_impl(lua_State *L, ml_binop op) {
         if (op == ML_SUB) return mlua_push_tensor(L, ml_rsub_scalar(b, s));
         return mlua_push_tensor(L, ml_rdiv_scalar(b, s));
     }
+    /* check both operands before taking references: an error must not leak one */
     ml_tensor *like = an ? mlua_check_tensor(L, 2) : mlua_check_tensor(L, 1);
+    if (!an && !bn) mlua_check_tensor(L, 2);
     ml_tensor *a = mlua_tensor_or_scalar(L, 1, like);
     ml_tensor *b = mlua_tensor_or_scalar(L, 2, like);
     ml_tensor *r = ml_binary(op, a, b);
@@ -55,6 +57,7 @@ static int l_clamp(lua_State *L) {
 static int l_where(lua_State *L) {
     ml_tensor *c = mlua_check_tensor(L, 1);
     ml_tensor *like = lua_type(L, 2) == LUA_TNUMBER ? mlua_check_tensor(L, 3) : mlua_check_tensor(L, 2);
+    if (lua_type(L, 3) != LUA_TNUMBER) mlua_check_tensor(L, 3);   /* before any reference is taken */
     ml_tensor *a = mlua_tensor_or_scalar(L, 2, like), *b = mlua_tensor_or_scalar(L, 3, like);
     ml_tensor *r = ml_where(c, a, b);
     ml_release(a);
@@ -69,7 +72,7 @@ static int l_add_(lua_State *L) {
     int rc;
     if (lua_type(L, 2) == LUA_TNUMBER) rc = ml_add_scalar_(d, lua_tonumber(L, 2));
     else rc = ml_add_(d, mlua_check_tensor(L, 2), luaL_optnumber(L, 3, 1.0));
-    if (rc < 0) return mlua_error(L, "add_");
+    if (rc < 0) return mlua_error(L, NULL);
     lua_settop(L, 1);
     return 1;
 }
@@ -79,7 +82,7 @@ static int l_sub_(lua_State *L) {
     int rc;
     if (lua_type(L, 2) == LUA_TNUMBER) rc = ml_add_scalar_(d, -lua_tonumber(L, 2));
     else rc = ml_add_(d, mlua_check_tensor(L, 2), -luaL_optnumber(L, 3, 1.0));
-    if (rc < 0) return mlua_error(L, "sub_");
+    if (rc < 0) return mlua_error(L, NULL);
     lua_settop(L, 1);
     return 1;
 }
@@ -88,7 +91,7 @@ static int l_mul_(lua_State *L) {
     ml_tensor *d = mlua_check_tensor(L, 1);
     int rc = lua_type(L, 2) == LUA_TNUMBER ? ml_mul_scalar_(d, lua_tonumber(L, 2))
                                            : ml_mul_(d, mlua_check_tensor(L, 2));
-    if (rc < 0) return mlua_error(L, "mul_");
+    if (rc < 0) return mlua_error(L, NULL);
     lua_settop(L, 1);
     return 1;
 }
@@ -96,7 +99,7 @@ static int l_mul_(lua_State *L) {
 static int l_div_(lua_State *L) {
     ml_tensor *d = mlua_check_tensor(L, 1);
     double s = luaL_checknumber(L, 2);
-    if (ml_mul_scalar_(d, 1.0 / s) < 0) return mlua_error(L, "div_");
+    if (ml_mul_scalar_(d, 1.0 / s) < 0) return mlua_error(L, NULL);
     lua_settop(L, 1);
     return 1;
 }
@@ -104,7 +107,7 @@ static int l_div_(lua_State *L) {
 static int l_clamp_(lua_State *L) {
     ml_tensor *d = mlua_check_tensor(L, 1);
     if (ml_clamp_(d, luaL_optnumber(L, 2, -INFINITY), luaL_optnumber(L, 3, INFINITY)) < 0)
-        return mlua_error(L, "clamp_");
+        return mlua_error(L, NULL);
     lua_settop(L, 1);
     return 1;
 }
@@ -115,7 +118,7 @@ static int l_adamw_step_(lua_State *L) {
     ml_tensor *m = mlua_check_tensor(L, 3), *v = mlua_check_tensor(L, 4);
     int rc = ml_adamw_step_(p, g, m, v, luaL_checknumber(L, 5), luaL_checknumber(L, 6), luaL_checknumber(L, 7),
                             luaL_checknumber(L, 8), luaL_checknumber(L, 9), luaL_checkinteger(L, 10));
-    if (rc < 0) return mlua_error(L, "adamw_step_");
+    if (rc < 0) return mlua_error(L, NULL);
     return 0;
 }
 
@@ -283,7 +286,11 @@ static int list_op(lua_State *L, bool stack) {
     ml_tensor **ts = lua_newuserdatauv(L, n * sizeof *ts, 0);
     for (int i = 0; i < n; i++) {
         lua_geti(L, 1, i + 1);
-        ts[i] = mlua_check_tensor(L, -1);
+        mlua_tensor_box *b = luaL_testudata(L, -1, MLUA_TENSOR);
+        if (!b || !b->t)
+            return luaL_argerror(L, 1, lua_pushfstring(L, "element %d is not a live tensor (got %s)",
+                                                       i + 1, b ? "a freed tensor" : luaL_typename(L, -1)));
+        ts[i] = b->t;
         lua_pop(L, 1);   /* the list keeps it alive */
     }
     int nd = ts[0]->ndim + (stack ? 1 : 0);

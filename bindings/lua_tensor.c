@@ -441,9 +441,20 @@ static int t_cuda(lua_State *L) {
 
 /* ---- in-place basics ---------------------------------------------------- */
 
+/* The rule the in-place ops of host/ follow: writes are not recorded, so a
+ * tensor autograd tracks may only be overwritten with grad mode off. */
+static void check_inplace(lua_State *L, const char *op, const ml_tensor *t) {
+    if (!ml_grad_enabled() || !t->requires_grad) return;
+    if (!t->grad_fn)
+        luaL_error(L, "%s: in-place op on a leaf tensor that requires grad (run it under no_grad)", op);
+    luaL_error(L, "%s: in-place op on a tensor that is part of an autograd graph "
+                  "(in-place ops are not recorded; use the out-of-place op)", op);
+}
+
 static int t_copy_(lua_State *L) {
     ml_tensor *t = mlua_check_tensor(L, 1), *s = mlua_check_tensor(L, 2);
-    if (ml_copy_(t, s) < 0) return mlua_error(L, "copy_");
+    check_inplace(L, "copy_", t);
+    if (ml_copy_(t, s) < 0) return mlua_error(L, NULL);   /* the host message names copy */
     t->version++;
     lua_settop(L, 1);
     return 1;
@@ -451,7 +462,9 @@ static int t_copy_(lua_State *L) {
 
 static int t_fill_(lua_State *L) {
     ml_tensor *t = mlua_check_tensor(L, 1);
-    if (ml_fill_(t, luaL_checknumber(L, 2)) < 0) return mlua_error(L, "fill_");
+    double v = luaL_checknumber(L, 2);
+    check_inplace(L, "fill_", t);
+    if (ml_fill_(t, v) < 0) return mlua_error(L, "fill_");
     t->version++;
     lua_settop(L, 1);
     return 1;
@@ -459,6 +472,7 @@ static int t_fill_(lua_State *L) {
 
 static int t_zero_(lua_State *L) {
     ml_tensor *t = mlua_check_tensor(L, 1);
+    check_inplace(L, "zero_", t);
     if (ml_fill_(t, 0) < 0) return mlua_error(L, "zero_");
     t->version++;
     lua_settop(L, 1);
@@ -514,10 +528,19 @@ static void table_fill(lua_State *L, int idx, double *out, int64_t *pos, bool *a
 }
 
 /* ml.tensor(table_or_number, {dtype=, device=, requires_grad=}) */
+/* The requires_grad option of a constructor, refused for non-float dtypes. */
+static int opt_requires_grad(lua_State *L, int opts, ml_dtype dt) {
+    int on = mlua_opt_field_bool(L, opts, "requires_grad", 0);
+    if (on && !ml_dtype_is_float(dt))
+        luaL_error(L, "only floating point tensors can require gradients (dtype %s)", ml_dtype_short(dt));
+    return on;
+}
+
 static int l_tensor(lua_State *L) {
     int opts = lua_istable(L, 2) ? 2 : 0;
     ml_dtype dt = mlua_opt_dtype(L, opts, ML_F32);
     ml_device dev = mlua_opt_device(L, opts, ml_cpu());
+    int rg = opt_requires_grad(L, opts, dt);
     ml_tensor *t;
     if (lua_type(L, 1) == LUA_TNUMBER || lua_isboolean(L, 1)) {
         double v = lua_isboolean(L, 1) ? lua_toboolean(L, 1) : lua_tonumber(L, 1);
@@ -529,20 +552,20 @@ static int l_tensor(lua_State *L) {
         table_shape(L, 1, 0, &ndim, shape);
         int64_t n = 1;
         for (int i = 0; i < ndim; i++) n *= shape[i];
-        double *v = malloc((size_t)(n ? n : 1) * sizeof *v);
-        if (!v) return luaL_error(L, "tensor: out of memory");
+        /* Lua owns the scratch buffer: table_fill may raise an error */
+        double *v = lua_newuserdatauv(L, (size_t)(n ? n : 1) * sizeof *v, 0);
         int64_t pos = 0;
         bool any_float = false;
         table_fill(L, 1, v, &pos, &any_float);
         t = ml_from_doubles(v, ndim, shape, dt);
-        free(v);
+        lua_pop(L, 1);
     }
     if (t && dev.type != ML_CPU) {
         ml_tensor *g = ml_to_device(t, dev);
         ml_release(t);
         t = g;
     }
-    if (t && mlua_opt_field_bool(L, opts, "requires_grad", 0)) t->requires_grad = true;
+    if (t && rg) t->requires_grad = true;
     return mlua_push_tensor(L, t);
 }
 
@@ -556,8 +579,9 @@ static int make_filled(lua_State *L, int mode) {
     int opts = lua_istable(L, next) ? next : 0;
     ml_dtype dt = mlua_opt_dtype(L, opts, ML_F32);
     ml_device dev = mlua_opt_device(L, opts, ml_cpu());
+    int rg = opt_requires_grad(L, opts, dt);
     ml_tensor *t = mode == 2 ? ml_empty(n, shape, dt, dev) : ml_full(n, shape, v, dt, dev);
-    if (t && mlua_opt_field_bool(L, opts, "requires_grad", 0)) t->requires_grad = true;
+    if (t && rg) t->requires_grad = true;
     return mlua_push_tensor(L, t);
 }
 static int l_zeros(lua_State *L) { return make_filled(L, 0); }

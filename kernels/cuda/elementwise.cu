@@ -2,13 +2,19 @@
 // elementwise.h).
 //
 // One launcher (ew_run) serves every op: it merges the dims of all operands
-// (common.cuh's indexer), then runs either a vectorised kernel — when every
-// operand is contiguous and 16-byte aligned, each thread moves 16 bytes of
-// the widest operand per step — or a grid-stride strided kernel (32-bit
-// index arithmetic when the element count allows).  The op is a runtime
-// field of the functor, not a template parameter: the switch is uniform
-// across the grid and costs nothing next to memory traffic, and it keeps
-// the number of kernel instances (and the build time) small.
+// (common.cuh's indexer), then runs one of three kernels:
+//   contiguous  every operand contiguous and 16-byte aligned: each thread
+//               moves 16 bytes of the widest operand per step;
+//   inner-vec   the innermost dim is contiguous in the output and either
+//               contiguous or broadcast (stride 0) in each input — a bias
+//               [C] or a per-image embedding [N,1,1,C] added to [N,H,W,C]:
+//               the same vectors along rows, one index division per vector;
+//   strided     anything else, element by element (32-bit index arithmetic
+//               when the element count allows).
+// The arithmetic and activation ops are template parameters (one compact
+// kernel each: a runtime switch inlined into the vectorised loops made
+// large kernels that ran compute-bound); comparisons, bool ops and integer
+// unary ops, which are cold, take the op at run time.
 //
 // Arithmetic follows the CPU kernels expression for expression; f16/bf16
 // compute in f32.  Transcendental functions come from CUDA's libdevice, so
@@ -70,7 +76,70 @@ __global__ void __launch_bounds__(kThreads)
     }
 }
 
+// A vector of V elements at p + off, or one element repeated (broadcast).
+template <int V, typename T>
+__device__ __forceinline__ vec_t<T, V> load_or_bcast(const T *p, int64_t off, bool bcast) {
+    vec_t<T, V> r;
+    if (bcast) {
+        T x = p[off];
+#pragma unroll
+        for (int k = 0; k < V; k++) r.v[k] = x;
+    } else {
+        r = *reinterpret_cast<const vec_t<T, V> *>(p + off);
+    }
+    return r;
+}
+
+template <int V, typename Op, typename TO, typename... TI, size_t... Is>
+__device__ __forceinline__ void inner_vec_step(const Op &op, const int64_t *off, unsigned bcast, TO *o,
+                                               std::index_sequence<Is...>, const TI *...in) {
+    vec_t<TO, V> r;
+    apply_vec<V>(op, r, load_or_bcast<V>(in, off[Is + 1], (bcast >> Is) & 1u)...);
+    *reinterpret_cast<vec_t<TO, V> *>(o + off[0]) = r;
+}
+
+// nvec vectors of V elements along the innermost dim (its size is a
+// multiple of V); bit k of bcast: input k has stride 0 there.
+template <int V, typename Op, typename TO, typename... TI>
+__global__ void __launch_bounds__(kThreads)
+    ew_inner_vec(Op op, ml_indexer<1 + sizeof...(TI)> ix, uint32_t nvec, unsigned bcast, TO *o, const TI *...in) {
+    for (uint32_t j = blockIdx.x * blockDim.x + threadIdx.x; j < nvec; j += gridDim.x * blockDim.x) {
+        int64_t off[1 + sizeof...(TI)];
+        ix.offsets(j * (uint32_t)V, off);
+        inner_vec_step<V>(op, off, bcast, o, std::index_sequence_for<TI...>{}, in...);
+    }
+}
+
 template <typename T> bool aligned(const T *p, int v) { return (uintptr_t)p % (sizeof(T) * v) == 0; }
+
+// Whether the inner-vec kernel applies: the innermost dim's size is a
+// multiple of V and it has stride 1 in the output and stride 0 or 1 in each
+// input; every operand read or written as vectors starts V-aligned at each
+// row (aligned pointer, other strides multiples of V).  Sets the bits of
+// the broadcast inputs in *bcast.
+template <int N, typename T> bool row_aligned(const ml_indexer<N> &ix, int k, const T *p, int v) {
+    if (!aligned(p, v)) return false;
+    for (int d = 0; d < ix.ndim; d++)
+        if (ix.stride[k][d] % v != 0 && d != ix.ndim - 1) return false;
+    return true;
+}
+
+template <int N, typename TO, typename... TI>
+bool inner_vec_ok(const ml_indexer<N> &ix, int v, const TO *o, unsigned *bcast, const TI *...in) {
+    int last = ix.ndim - 1;
+    if (last < 0 || ix.size[last] % v != 0 || ix.stride[0][last] != 1 || !row_aligned(ix, 0, o, v)) return false;
+    bool ok = true;
+    int k = 1;
+    // Each input: broadcast (stride 0: any alignment) or unit stride (aligned rows).
+    auto check = [&](auto p) {
+        int64_t st = ix.stride[k][last];
+        if (st == 0) *bcast |= 1u << (k - 1);
+        else if (st != 1 || !row_aligned(ix, k, p, v)) ok = false;
+        k++;
+    };
+    (check(in), ...);
+    return ok;
+}
 
 // out[i] = op(in_0[i], in_1[i], ...) over out's shape.  ins: the input
 // tensors (for device, shape and strides), in: their typed data pointers.
@@ -102,8 +171,12 @@ int ew_run(const char *name, const Op &op, const ml_tensor *out, const ml_tensor
     bool al = aligned(o, V);
     bool ins_al[] = {aligned(in, V)...};
     for (bool b : ins_al) al = al && b;
+    unsigned bcast = 0;
     if (ml_indexer_contiguous(ix) && al) {
         ew_contig<V><<<ml_grid_for((n + V - 1) / V, kThreads, dev), kThreads, 0, s>>>(op, n, o, in...);
+    } else if (V > 1 && ml_fits_u32(n) && inner_vec_ok(ix, V, o, &bcast, in...)) {
+        ew_inner_vec<V><<<ml_grid_for(n / V, kThreads, dev), kThreads, 0, s>>>(op, ix, (uint32_t)(n / V), bcast,
+                                                                              o, in...);
     } else if (ml_fits_u32(n)) {
         ew_strided<uint32_t><<<ml_grid_for(n, kThreads, dev), kThreads, 0, s>>>(op, ix, (uint32_t)n, o, in...);
     } else {
@@ -156,15 +229,14 @@ template <typename C> __device__ __forceinline__ C bin_pow(C x, C y) { return (C
 __device__ __forceinline__ float bin_pow(float x, float y) { return d_pow(x, y); }
 __device__ __forceinline__ double bin_pow(double x, double y) { return d_pow(x, y); }
 
-// Arithmetic binary ops on storage type T (not for bool).
-template <typename T> struct bin_arith {
+// Arithmetic binary op OP on storage type T (not for bool).
+template <typename T, int OP> struct bin_arith {
     typedef T out_t;
-    int op;
     __device__ __forceinline__ T operator()(T a, T b) const {
         typedef typename ml_ctype<T>::type C;
         typedef typename uwrap<C>::t U;
         C x = ml_to_c(a), y = ml_to_c(b), r;
-        switch (op) {
+        switch (OP) {
         case ML_ADD: r = (C)((U)x + (U)y); break;
         case ML_SUB: r = (C)((U)x - (U)y); break;
         case ML_MUL: r = (C)((U)x * (U)y); break;
@@ -216,6 +288,8 @@ template <typename F, typename T> struct with_scalar {
 
 bool is_compare(ml_binop op) { return op >= ML_EQ && op <= ML_GE; }
 
+template <int V> using op_c = std::integral_constant<int, V>;
+
 // Calls run(functor) with the binary functor for (op, T); errors for
 // combinations the CPU does not support either.
 template <typename T, typename Run> int with_binop(ml_binop op, Run &&run) {
@@ -224,10 +298,35 @@ template <typename T, typename Run> int with_binop(ml_binop op, Run &&run) {
     if constexpr (std::is_same<T, ml_bool_t>::value) {
         if (op == ML_ADD || op == ML_MUL || op == ML_MAXIMUM || op == ML_MINIMUM) return run(bin_bool{(int)op});
     } else {
-        if (ml_is_floating<T>::v || op != ML_DIV) return run(bin_arith<T>{(int)op});
+        switch (op) {
+        case ML_ADD: return run(bin_arith<T, ML_ADD>{});
+        case ML_SUB: return run(bin_arith<T, ML_SUB>{});
+        case ML_MUL: return run(bin_arith<T, ML_MUL>{});
+        case ML_DIV:
+            if constexpr (ml_is_floating<T>::v) return run(bin_arith<T, ML_DIV>{});
+            break;
+        case ML_POW: return run(bin_arith<T, ML_POW>{});
+        case ML_MAXIMUM: return run(bin_arith<T, ML_MAXIMUM>{});
+        case ML_MINIMUM: return run(bin_arith<T, ML_MINIMUM>{});
+        default: break;
+        }
     }
     return ml_error("%s (cuda): dtype %s is not supported", ml_binop_name(op),
                     ml_dtype_name(ml_dtype_of<T>::v));
+}
+
+// Calls f(op_c<OP>{}) for a float unary op.
+template <typename F> int with_unop(ml_unop op, F &&f) {
+    switch (op) {
+#define ML_UNOP_CASE(o) case o: return f(op_c<o>{});
+        ML_UNOP_CASE(ML_NEG) ML_UNOP_CASE(ML_SQRT) ML_UNOP_CASE(ML_RSQRT) ML_UNOP_CASE(ML_EXP)
+        ML_UNOP_CASE(ML_LOG) ML_UNOP_CASE(ML_ABS) ML_UNOP_CASE(ML_SIN) ML_UNOP_CASE(ML_COS)
+        ML_UNOP_CASE(ML_SILU) ML_UNOP_CASE(ML_GELU) ML_UNOP_CASE(ML_GELU_TANH) ML_UNOP_CASE(ML_QUICK_GELU)
+        ML_UNOP_CASE(ML_SIGMOID) ML_UNOP_CASE(ML_TANH) ML_UNOP_CASE(ML_RELU) ML_UNOP_CASE(ML_SQUARE)
+        ML_UNOP_CASE(ML_ROUND) ML_UNOP_CASE(ML_FLOOR) ML_UNOP_CASE(ML_SIGN)
+#undef ML_UNOP_CASE
+    default: return ml_error("unary kernel (cuda): bad op %d", (int)op);
+    }
 }
 
 int check_binary_out(ml_binop op, const ml_tensor *out, ml_dtype in) {
@@ -241,8 +340,8 @@ int check_binary_out(ml_binop op, const ml_tensor *out, ml_dtype in) {
 // ---- unary ----------------------------------------------------------------
 
 // Float unary ops, computed in C (f32 or f64) exactly as the CPU writes them.
-template <typename C> __device__ __forceinline__ C unary_f(int op, C x) {
-    switch (op) {
+template <int OP, typename C> __device__ __forceinline__ C unary_f(C x) {
+    switch (OP) {
     case ML_NEG: return -x;
     case ML_SQRT: return d_sqrt(x);
     case ML_RSQRT: return (C)1 / d_sqrt(x);
@@ -269,8 +368,8 @@ template <typename C> __device__ __forceinline__ C unary_f(int op, C x) {
 }
 
 // dx = g * op'(x), the CPU's closed forms.
-template <typename C> __device__ __forceinline__ C unary_backward_f(int op, C g, C x) {
-    switch (op) {
+template <int OP, typename C> __device__ __forceinline__ C unary_backward_f(C g, C x) {
+    switch (OP) {
     case ML_NEG: return -g;
     case ML_SQRT: return g * (C)0.5 / d_sqrt(x);
     case ML_RSQRT: return g * (C)-0.5 / (x * d_sqrt(x));
@@ -313,15 +412,13 @@ template <typename C> __device__ __forceinline__ C unary_backward_f(int op, C g,
     }
 }
 
-template <typename T> struct unary_float {
-    int op;
-    __device__ __forceinline__ T operator()(T a) const { return ml_from_c<T>(unary_f(op, ml_to_c(a))); }
+template <typename T, int OP> struct unary_float {
+    __device__ __forceinline__ T operator()(T a) const { return ml_from_c<T>(unary_f<OP>(ml_to_c(a))); }
 };
 
-template <typename T> struct unary_backward_float {
-    int op;
+template <typename T, int OP> struct unary_backward_float {
     __device__ __forceinline__ T operator()(T g, T x) const {
-        return ml_from_c<T>(unary_backward_f(op, ml_to_c(g), ml_to_c(x)));
+        return ml_from_c<T>(unary_backward_f<OP>(ml_to_c(g), ml_to_c(x)));
     }
 };
 
@@ -437,7 +534,9 @@ extern "C" int ml_unary_cuda(ml_unop op, ml_tensor *out, const ml_tensor *x) {
     if (is_float_dtype(x->dtype))
         return ml_dispatch_float(x->dtype, name, [&](auto tag) -> int {
             typedef decltype(tag) T;
-            return ew_run(name, unary_float<T>{(int)op}, out, ins, ml_ptr<T>(out), ml_ptr<T>(x));
+            return with_unop(op, [&](auto c) -> int {
+                return ew_run(name, unary_float<T, decltype(c)::value>{}, out, ins, ml_ptr<T>(out), ml_ptr<T>(x));
+            });
         });
     bool int_ok = op == ML_NEG || op == ML_ABS || op == ML_SQUARE || op == ML_RELU || op == ML_SIGN ||
                   op == ML_ROUND || op == ML_FLOOR;
@@ -455,8 +554,10 @@ extern "C" int ml_unary_backward_cuda(ml_unop op, ml_tensor *dx, const ml_tensor
     const char *name = ml_unop_name(op);
     return ml_dispatch_float(x->dtype, name, [&](auto tag) -> int {
         typedef decltype(tag) T;
-        return ew_run(name, unary_backward_float<T>{(int)op}, dx, ins, ml_ptr<T>(dx), ml_ptr<T>(dy),
-                      ml_ptr<T>(x));
+        return with_unop(op, [&](auto c) -> int {
+            return ew_run(name, unary_backward_float<T, decltype(c)::value>{}, dx, ins, ml_ptr<T>(dx),
+                          ml_ptr<T>(dy), ml_ptr<T>(x));
+        });
     });
 }
 

@@ -62,13 +62,15 @@ function AdamW:state_dict()
     return {lr = self.lr, betas = self.betas, eps = self.eps, weight_decay = self.weight_decay, state = self.state}
 end
 
+-- Copies the state (as torch does): the optimizer that produced sd, or a
+-- second one loaded from it, must not update this one's moments.
 function AdamW:load_state_dict(sd)
-    self.lr, self.betas, self.eps, self.weight_decay = sd.lr, sd.betas, sd.eps, sd.weight_decay
+    self.lr, self.betas, self.eps, self.weight_decay = sd.lr, {sd.betas[1], sd.betas[2]}, sd.eps, sd.weight_decay
     self.state = {}
     for i, s in pairs(sd.state) do
         local p = self.params[i]
         if not p then error("AdamW:load_state_dict: state for parameter " .. i .. " but only " .. #self.params .. " parameters") end
-        self.state[i] = {step = s.step, exp_avg = s.exp_avg:to(p), exp_avg_sq = s.exp_avg_sq:to(p)}
+        self.state[i] = {step = s.step, exp_avg = s.exp_avg:to(p):clone(), exp_avg_sq = s.exp_avg_sq:to(p):clone()}
     end
 end
 

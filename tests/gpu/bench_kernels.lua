@@ -16,7 +16,7 @@ if not ok then
 end
 
 local DEV = "cuda"
-local N = 64 * 1024 * 1024          -- elements of the large operands
+local N = 1280 * 51200               -- elements of the large operands (65.5M)
 local ITERS = 20
 
 local function gbps(bytes, seconds) return bytes / seconds / 1e9 end

@@ -3,6 +3,7 @@
 -- one registry op (broadcast and non-contiguous inputs where they mean
 -- something), and a test fails if any differentiable op of
 -- moonlit.core.op_registry() has none.  Also tests ml.gradcheck itself.
+-- GRADCHECK_VERBOSE=1 prints every case with its summary.
 local ml = require "moonlit"
 local F = ml.F
 local gradcheck = require "moonlit.gradcheck"

@@ -429,6 +429,7 @@ function tests.cat_stack(t)
     near_list(t, ml.stack({a[1], b[1]}, 2), {{1, 3}, {2, 4}}, 0)
     t:assertEq(ml.stack({ml.ones(2, 3), ml.ones(2, 3)}, -1):size(), {2, 3, 2})
     t:assert(has(error_of(ml.cat, {}), "non-empty"))
+    t:assert(has(error_of(ml.cat, {a, 5}), "element 2 is not a live tensor"))
 end
 
 function tests.gather_index_select_one_based(t)

@@ -1,8 +1,9 @@
 -- moonlit.schedulers.common — what every diffusers-style scheduler shares:
 -- the beta schedule, alphas_cumprod, timestep spacing, add_noise and
 -- get_velocity.  Per-step coefficients are Lua numbers; tensors only carry
--- samples.  The schedule itself is computed with float32 rounding at each
--- step (via string.pack) so it matches PyTorch's float32 tensors.
+-- samples.  The schedule itself is rounded to float32 (via string.pack)
+-- wherever PyTorch rounds it, so betas, alphas_cumprod and the timesteps
+-- come out bit-identical to diffusers'.
 local core = require "moonlit.core"
 
 local C = {}
@@ -22,12 +23,14 @@ function C.defaults(cfg, extra)
 end
 
 -- betas and alphas_cumprod as Lua arrays indexed by timestep + 1.
-function C.make_schedule(cfg)
+function C.make_schedule(cfg, name)
     local n = cfg.num_train_timesteps
     local betas = {}
     if cfg.trained_betas then
         for i, b in ipairs(cfg.trained_betas) do betas[i] = f32(b) end
-        if #betas ~= n then error(string.format("scheduler: trained_betas has %d entries, num_train_timesteps is %d", #betas, n)) end
+        if #betas ~= n then
+            error(string.format("%s: trained_betas has %d entries, num_train_timesteps is %d", name, #betas, n), 0)
+        end
     elseif cfg.beta_schedule == "linear" or cfg.beta_schedule == "scaled_linear" then
         local a, b = cfg.beta_start, cfg.beta_end
         if cfg.beta_schedule == "scaled_linear" then a, b = math.sqrt(a), math.sqrt(b) end
@@ -44,12 +47,14 @@ function C.make_schedule(cfg)
             betas[i + 1] = f32(math.min(1 - abar((i + 1) / n) / abar(i / n), 0.999))
         end
     else
-        error("scheduler: unsupported beta_schedule '" .. tostring(cfg.beta_schedule) .. "'")
+        error(string.format("%s: unsupported beta_schedule '%s' (expected linear, scaled_linear or squaredcos_cap_v2)",
+                            name, tostring(cfg.beta_schedule)), 0)
     end
+    -- torch.cumprod on CPU accumulates float32 in double and rounds each output
     local ac, prod = {}, 1.0
     for i = 1, n do
-        prod = f32(prod * f32(1 - betas[i]))
-        ac[i] = prod
+        prod = prod * f32(1 - betas[i])
+        ac[i] = f32(prod)
     end
     return betas, ac
 end
@@ -61,13 +66,25 @@ function C.round_even(x)
     return r
 end
 
+-- np.linspace(a, b, n): i * step + a, the last one exactly b
 local function linspace(a, b, n)
-    local out = {}
     if n == 1 then return {a} end
-    for i = 0, n - 1 do out[i + 1] = a + (b - a) * i / (n - 1) end
+    local out, step = {}, (b - a) / (n - 1)
+    for i = 0, n - 1 do out[i + 1] = i * step + a end
+    out[n] = b
     return out
 end
 C.linspace = linspace
+
+-- np.arange(start, 0, -step): ceil(start / step) values start + i * delta,
+-- delta being the distance between the first two (as numpy fills it)
+function C.arange_down(start, step)
+    local len = math.ceil(start / step)
+    local delta = (start - step) - start
+    local out = {}
+    for i = 0, len - 1 do out[i + 1] = start + i * delta end
+    return out
+end
 
 local function reverse(t)
     local out = {}
@@ -76,26 +93,49 @@ local function reverse(t)
 end
 C.reverse = reverse
 
--- Discrete timesteps (descending) for DDPM/DDIM/PNDM-style schedulers.
-function C.spaced_timesteps(cfg, n)
+-- A number of inference steps set_timesteps accepts.
+function C.check_steps(name, cfg, n)
+    if math.type(n) ~= "integer" and not (type(n) == "number" and n == math.floor(n)) then
+        error(string.format("%s: set_timesteps: num_inference_steps must be an integer, got %s", name, tostring(n)), 0)
+    end
+    if n < 1 then
+        error(string.format("%s: set_timesteps: %d inference steps (need at least 1)", name, n), 0)
+    end
+    if n > cfg.num_train_timesteps then
+        error(string.format("%s: set_timesteps: %d inference steps exceed num_train_timesteps %d",
+                            name, n, cfg.num_train_timesteps), 0)
+    end
+    return math.tointeger(n)
+end
+
+local function spacing_error(name, sp)
+    error(string.format("%s: unsupported timestep_spacing '%s' (expected leading, trailing or linspace)",
+                        name, tostring(sp)), 0)
+end
+
+-- Inference timesteps, descending, as diffusers' DDPM/DDIM/Euler compute
+-- them (unrounded for linspace: the discrete schedulers round them).
+function C.spaced(cfg, n, name)
     local N = cfg.num_train_timesteps
-    if n > N then error(string.format("scheduler: %d inference steps exceed num_train_timesteps %d", n, N)) end
-    local ts = {}
     local sp = cfg.timestep_spacing
     if sp == "linspace" then
-        for i, v in ipairs(linspace(0, N - 1, n)) do ts[i] = C.round_even(v) end
-        ts = reverse(ts)
+        return reverse(linspace(0, N - 1, n))
     elseif sp == "leading" then
-        local ratio = N // n
-        for i = 0, n - 1 do ts[i + 1] = i * ratio + cfg.steps_offset end
-        ts = reverse(ts)
+        local ratio, ts = N // n, {}
+        for i = n - 1, 0, -1 do ts[#ts + 1] = i * ratio + cfg.steps_offset end
+        return ts
     elseif sp == "trailing" then
-        local ratio = N / n
-        local v = N
-        while v > 0 do ts[#ts + 1] = C.round_even(v) - 1; v = v - ratio end
-    else
-        error("scheduler: unsupported timestep_spacing '" .. tostring(sp) .. "'")
+        local ts = C.arange_down(N, N / n)
+        for i, v in ipairs(ts) do ts[i] = C.round_even(v) - 1 end
+        return ts
     end
+    spacing_error(name, sp)
+end
+
+-- Integer timesteps (descending) for DDPM/DDIM-style schedulers.
+function C.spaced_timesteps(cfg, n, name)
+    local ts = C.spaced(cfg, n, name)
+    for i, v in ipairs(ts) do ts[i] = math.tointeger(C.round_even(v)) end
     return ts
 end
 
@@ -139,22 +179,53 @@ end
 
 function Base:scale_model_input(sample) return sample end
 
--- Class helper: a constructor that fills config and schedule.
+-- Config checks shared by every class: a value outside what is implemented
+-- is an error here, never silently another behaviour.
+function C.check_choice(name, cfg, key, allowed)
+    for _, v in ipairs(allowed) do if cfg[key] == v then return end end
+    error(string.format("%s: unsupported %s '%s' (expected %s)", name, key, tostring(cfg[key]),
+                        table.concat(allowed, ", ")), 0)
+end
+
+function C.check_off(name, cfg, keys)
+    for _, k in ipairs(keys) do
+        if cfg[k] then error(string.format("%s: %s = %s is not implemented", name, k, tostring(cfg[k])), 0) end
+    end
+end
+
+-- Class helper: a constructor that checks the config and fills the
+-- schedule.  cls.predictions lists the prediction types the class takes;
+-- cls.check(self) adds the class's own config checks.
 function C.class(name, extra_defaults)
     local cls = {}
     cls.__index = cls
     cls.__name = name
+    cls.predictions = {"epsilon", "v_prediction", "sample"}
     setmetatable(cls, {__index = Base, __call = function(c, cfg)
         local self = setmetatable({}, c)
         self.config = C.defaults(cfg, extra_defaults)
         self.config._class_name = name
-        self.num_train_timesteps = self.config.num_train_timesteps
-        self.betas, self.alphas_cumprod = C.make_schedule(self.config)
+        local conf = self.config
+        C.check_choice(name, conf, "prediction_type", c.predictions)
+        C.check_choice(name, conf, "timestep_spacing", {"leading", "trailing", "linspace"})
+        -- dynamic thresholding needs per-sample quantiles; zero-SNR rescaling
+        -- changes the betas: neither is implemented, so both are refused
+        C.check_off(name, conf, {"thresholding", "rescale_betas_zero_snr"})
+        if c.check then c.check(self) end
+        self.num_train_timesteps = conf.num_train_timesteps
+        self.betas, self.alphas_cumprod = C.make_schedule(conf, name)
         self.init_noise_sigma = 1.0
         if c.setup then c.setup(self) end
         return self
     end})
     return cls
+end
+
+-- The error a step before set_timesteps gets.
+function C.need_timesteps(self)
+    if not self.timesteps then
+        error(self.__name .. ": step called before set_timesteps", 3)
+    end
 end
 
 return C

@@ -6,17 +6,29 @@ local C = require "moonlit.schedulers.common"
 local DDPM = C.class("DDPMScheduler", {variance_type = "fixed_small", clip_sample = true,
                                        clip_sample_range = 1.0, thresholding = false})
 
-function DDPM:set_timesteps(n)
-    self.num_inference_steps = n
-    self.timesteps = C.spaced_timesteps(self.config, n)
+-- the learned variances need a model that predicts them (twice the channels)
+function DDPM:check()
+    C.check_choice(self.__name, self.config, "variance_type", {"fixed_small", "fixed_small_log", "fixed_large"})
 end
 
+function DDPM:set_timesteps(n)
+    n = C.check_steps(self.__name, self.config, n)
+    self.num_inference_steps = n
+    self.timesteps = C.spaced_timesteps(self.config, n, self.__name)
+end
+
+-- The timestep a step lands on: the next one of the schedule (-1 after the
+-- last), or t - 1 when no schedule was set (stepping through all of them).
 function DDPM:previous_timestep(t)
-    local n = self.num_inference_steps or self.num_train_timesteps
-    return t - self.num_train_timesteps // n
+    if not self.timesteps then return t - 1 end
+    for i, v in ipairs(self.timesteps) do
+        if v == t then return self.timesteps[i + 1] or -1 end
+    end
+    error(string.format("%s: timestep %s is not in the schedule", self.__name, tostring(t)), 3)
 end
 
 -- step(model_output, t, sample, {noise = tensor}) -> prev_sample, pred_original_sample
+-- Without set_timesteps the chain runs over every training timestep.
 function DDPM:step(model_output, t, sample, o)
     local cfg = self.config
     local prev_t = self:previous_timestep(t)
@@ -30,17 +42,16 @@ function DDPM:step(model_output, t, sample, o)
         x0 = (sample - model_output * math.sqrt(beta)) / math.sqrt(a)
     elseif cfg.prediction_type == "v_prediction" then
         x0 = sample * math.sqrt(a) - model_output * math.sqrt(beta)
-    elseif cfg.prediction_type == "sample" then
-        x0 = model_output
     else
-        error("DDPMScheduler: unsupported prediction_type " .. tostring(cfg.prediction_type))
+        x0 = model_output
     end
     if cfg.clip_sample then x0 = core.clamp(x0, -cfg.clip_sample_range, cfg.clip_sample_range) end
     local c0 = math.sqrt(a_prev) * cur_beta / beta
     local cs = math.sqrt(cur_alpha) * beta_prev / beta
     local prev = x0 * c0 + sample * cs
     if t > 0 then
-        local var = math.max(beta_prev / beta * cur_beta, 1e-20)
+        local var = cur_beta
+        if cfg.variance_type ~= "fixed_large" then var = math.max(beta_prev / beta * cur_beta, 1e-20) end
         local noise = o and o.noise or core.randn(sample:size(), {dtype = sample.dtype, device = sample.device})
         prev = prev + noise * math.sqrt(var)
     end

@@ -1,6 +1,6 @@
 -- moonlit.schedulers.dpmpp_2m — DPMSolverMultistepScheduler in its DPM++ 2M
 -- form (algorithm_type "dpmsolver++", solver_order 2, midpoint solver,
--- lower-order final steps, final sigma zero).
+-- lower-order final steps, final sigma zero or sigma_min).
 local C = require "moonlit.schedulers.common"
 
 local f32 = C.f32
@@ -18,33 +18,39 @@ local function interp(x, ys)
     return ys[i + 1] + (ys[i + 2] - ys[i + 1]) * (x - i)
 end
 
-function DPM:setup()
-    local cfg = self.config
-    if cfg.algorithm_type ~= "dpmsolver++" or cfg.solver_order ~= 2 or cfg.solver_type ~= "midpoint" then
-        error("DPMSolverMultistepScheduler: only DPM++ 2M (dpmsolver++, order 2, midpoint) is implemented")
+function DPM:check()
+    local cfg, name = self.config, self.__name
+    C.check_choice(name, cfg, "algorithm_type", {"dpmsolver++"})
+    C.check_choice(name, cfg, "solver_order", {2})
+    C.check_choice(name, cfg, "solver_type", {"midpoint"})
+    C.check_choice(name, cfg, "final_sigmas_type", {"zero", "sigma_min"})
+    C.check_off(name, cfg, {"use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
+                            "use_flow_sigmas", "variance_type"})
+    if cfg.lambda_min_clipped and cfg.lambda_min_clipped > -math.huge then
+        error(name .. ": lambda_min_clipped is not implemented", 0)
     end
-    if cfg.use_karras_sigmas then error("DPMSolverMultistepScheduler: use_karras_sigmas is not implemented") end
+end
+
+function DPM:setup()
     self.train_sigmas = {}
     for i, a in ipairs(self.alphas_cumprod) do self.train_sigmas[i] = f32(math.sqrt(f32(f32(1 - a) / a))) end
 end
 
+-- DPM-Solver spaces n + 1 points and drops the last (t = 0) one.
 function DPM:set_timesteps(n)
     local cfg = self.config
+    n = C.check_steps(self.__name, cfg, n)
     local N = cfg.num_train_timesteps
     self.num_inference_steps = n
     local ts = {}
     if cfg.timestep_spacing == "linspace" then
         local l = C.linspace(0, N - 1, n + 1)
-        for i = n + 1, 2, -1 do ts[#ts + 1] = C.round_even(l[i]) end
+        for i = n + 1, 2, -1 do ts[#ts + 1] = math.tointeger(C.round_even(l[i])) end
     elseif cfg.timestep_spacing == "leading" then
         local ratio = N // (n + 1)
-        for i = n, 1, -1 do ts[#ts + 1] = C.round_even(i * ratio) + cfg.steps_offset end
-    elseif cfg.timestep_spacing == "trailing" then
-        local ratio = N / n
-        local v = N
-        while v > 0 do ts[#ts + 1] = C.round_even(v) - 1; v = v - ratio end
+        for i = n, 1, -1 do ts[#ts + 1] = i * ratio + cfg.steps_offset end
     else
-        error("DPMSolverMultistepScheduler: unsupported timestep_spacing " .. tostring(cfg.timestep_spacing))
+        ts = C.spaced_timesteps(cfg, n, self.__name)
     end
     self.timesteps = ts
     self.sigmas = {}
@@ -63,24 +69,24 @@ end
 
 local function lambda(a, s) return math.log(a) - math.log(s) end
 
+-- step(model_output, t, sample) -> prev_sample, pred_original_sample
 function DPM:step(model_output, t, sample)
+    C.need_timesteps(self)
     if not self.step_index then
         for i, v in ipairs(self.timesteps) do if v == t then self.step_index = i break end end
-        if not self.step_index then error("DPMSolverMultistepScheduler: timestep " .. t .. " not in the schedule") end
+        if not self.step_index then error(self.__name .. ": timestep " .. tostring(t) .. " is not in the schedule", 2) end
     end
     local i, n = self.step_index, #self.timesteps
     local cfg = self.config
     local lower_final = i == n and (cfg.euler_at_final or (cfg.lower_order_final and n < 15)
                                     or cfg.final_sigmas_type == "zero")
-    local lower_second = i == n - 1 and cfg.lower_order_final and n < 15
 
     -- the data prediction x0 the solver works with
     local a_s, s_s = alpha_sigma(self.sigmas[i])
     local x0
     if cfg.prediction_type == "epsilon" then x0 = (sample - model_output * s_s) / a_s
     elseif cfg.prediction_type == "v_prediction" then x0 = sample * a_s - model_output * s_s
-    elseif cfg.prediction_type == "sample" then x0 = model_output
-    else error("DPMSolverMultistepScheduler: unsupported prediction_type " .. tostring(cfg.prediction_type)) end
+    else x0 = model_output end
     self.model_outputs[1] = self.model_outputs[2]
     self.model_outputs[2] = x0
 

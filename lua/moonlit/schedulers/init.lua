@@ -31,7 +31,7 @@ end
 -- them too, but each class then applies its own defaults for keys it lacks).
 local carried = {"num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
                  "prediction_type", "timestep_spacing", "steps_offset", "set_alpha_to_one", "clip_sample",
-                 "skip_prk_steps"}
+                 "clip_sample_range", "skip_prk_steps", "rescale_betas_zero_snr"}
 
 -- from_config(cfg, [name], [overrides]): cfg as read from scheduler_config.json.
 function S.from_config(cfg, name, overrides)

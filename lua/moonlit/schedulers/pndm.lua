@@ -1,8 +1,13 @@
--- moonlit.schedulers.pndm — PNDMScheduler with skip_prk_steps (the PLMS
--- linear multistep sampler Stable Diffusion ships with).
+-- moonlit.schedulers.pndm — PNDMScheduler: pseudo numerical methods for
+-- diffusion models.  With skip_prk_steps (what Stable Diffusion ships) it is
+-- the PLMS linear multistep sampler warmed up by repeating a timestep;
+-- without, the first 12 steps are Runge-Kutta (PRK) steps, 4 per timestep.
 local C = require "moonlit.schedulers.common"
 
 local PNDM = C.class("PNDMScheduler", {skip_prk_steps = false, set_alpha_to_one = false})
+PNDM.predictions = {"epsilon", "v_prediction"}
+
+local ORDER = 4   -- PRK's stages per timestep and PLMS's history length
 
 function PNDM:setup()
     self.final_alpha_cumprod = self.config.set_alpha_to_one and 1.0 or self.alphas_cumprod[1]
@@ -10,35 +15,44 @@ end
 
 function PNDM:set_timesteps(n)
     local cfg = self.config
-    if not cfg.skip_prk_steps then
-        error("PNDMScheduler: only skip_prk_steps = true (PLMS, as Stable Diffusion uses) is implemented")
+    n = C.check_steps(self.__name, cfg, n)
+    if not cfg.skip_prk_steps and n < ORDER then
+        error(string.format("%s: the Runge-Kutta warm-up needs %d or more inference steps, got %d "
+                            .. "(or set skip_prk_steps)", self.__name, ORDER, n), 0)
     end
     self.num_inference_steps = n
-    local N = cfg.num_train_timesteps
-    local base = {}
-    if cfg.timestep_spacing == "linspace" then
-        for i, v in ipairs(C.linspace(0, N - 1, n)) do base[i] = C.round_even(v) end
-    elseif cfg.timestep_spacing == "leading" then
-        local ratio = N // n
-        for i = 0, n - 1 do base[i + 1] = i * ratio + cfg.steps_offset end
-    elseif cfg.timestep_spacing == "trailing" then
-        local ratio = N / n
-        local v = N
-        local tmp = {}
-        while v > 0 do tmp[#tmp + 1] = C.round_even(v) - 1; v = v - ratio end
-        base = C.reverse(tmp)
+    local base = C.reverse(C.spaced_timesteps(cfg, n, self.__name))   -- ascending
+    local out = {}
+    if cfg.skip_prk_steps then
+        -- PLMS warms up by repeating the second-to-last timestep (as diffusers does)
+        for i = #base, 1, -1 do
+            out[#out + 1] = base[i]
+            if i == #base - 1 then out[#out + 1] = base[i] end
+        end
+        self.prk_timesteps = {}
     else
-        error("PNDMScheduler: unsupported timestep_spacing " .. tostring(cfg.timestep_spacing))
+        -- the last ORDER timesteps, each with its half step above, every
+        -- value twice but the outermost two
+        local half = cfg.num_train_timesteps // n // 2
+        local pairs_ = {}
+        for i = #base - ORDER + 1, #base do
+            pairs_[#pairs_ + 1] = base[i]
+            pairs_[#pairs_ + 1] = base[i] + half
+        end
+        pairs_[#pairs_] = nil
+        local twice = {}
+        for _, v in ipairs(pairs_) do twice[#twice + 1] = v; twice[#twice + 1] = v end
+        local prk = {}
+        for i = #twice - 1, 2, -1 do prk[#prk + 1] = twice[i] end
+        self.prk_timesteps = prk
+        for _, v in ipairs(prk) do out[#out + 1] = v end
+        for i = #base - 3, 1, -1 do out[#out + 1] = base[i] end
     end
-    -- PLMS warms up by repeating the second-to-last timestep (as diffusers does)
-    local plms = {}
-    for i = 1, #base - 1 do plms[#plms + 1] = base[i] end
-    plms[#plms + 1] = base[#base - 1]
-    plms[#plms + 1] = base[#base]
-    self.timesteps = C.reverse(plms)
+    self.timesteps = out
     self.ets = {}
     self.counter = 0
     self.cur_sample = nil
+    self.cur_model_output = nil
 end
 
 function PNDM:_prev_sample(sample, t, prev_t, eps)
@@ -47,15 +61,39 @@ function PNDM:_prev_sample(sample, t, prev_t, eps)
     local beta, beta_prev = 1 - a, 1 - a_prev
     if self.config.prediction_type == "v_prediction" then
         eps = eps * math.sqrt(a) + sample * math.sqrt(beta)
-    elseif self.config.prediction_type ~= "epsilon" then
-        error("PNDMScheduler: unsupported prediction_type " .. tostring(self.config.prediction_type))
     end
     local sample_coeff = math.sqrt(a_prev / a)
     local denom = a * math.sqrt(beta_prev) + math.sqrt(a * beta * a_prev)
     return sample * sample_coeff - eps * ((a_prev - a) / denom)
 end
 
+-- One Runge-Kutta stage: stages 1-3 evaluate the model at the timestep and
+-- its half step, stage 4 combines them (1/6, 1/3, 1/3, 1/6) from the
+-- sample the timestep started at.
+function PNDM:_step_prk(model_output, t, sample)
+    local k = self.counter
+    local prev_t = t - (k % 2 == 1 and 0 or self.num_train_timesteps // self.num_inference_steps // 2)
+    t = self.prk_timesteps[k // 4 * 4 + 1]
+    local stage = k % 4
+    if stage == 0 then
+        self.cur_model_output = model_output * (1 / 6)
+        self.ets[#self.ets + 1] = model_output
+        self.cur_sample = sample
+    elseif stage == 1 or stage == 2 then
+        self.cur_model_output = self.cur_model_output + model_output * (1 / 3)
+    else
+        model_output = self.cur_model_output + model_output * (1 / 6)
+        self.cur_model_output = nil
+    end
+    local prev = self:_prev_sample(self.cur_sample or sample, t, prev_t, model_output)
+    self.counter = k + 1
+    return prev
+end
+
+-- step(model_output, t, sample) -> prev_sample
 function PNDM:step(model_output, t, sample)
+    C.need_timesteps(self)
+    if self.counter < #self.prk_timesteps then return self:_step_prk(model_output, t, sample) end
     local ratio = self.num_train_timesteps // self.num_inference_steps
     local prev_t = t - ratio
     local ets = self.ets

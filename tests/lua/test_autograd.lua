@@ -1,0 +1,225 @@
+-- test_autograd.lua — the autograd engine as Lua sees it: accumulation,
+-- retain_graph, no_grad, detach, hooks, requires_grad rules, in-place
+-- restrictions and .grad assignment.
+local ml = require "moonlit"
+
+local tests = {}
+
+local function error_of(f, ...)
+    local ok, err = pcall(f, ...)
+    if ok then return nil end
+    return tostring(err)
+end
+
+local function has(s, pattern)
+    return s ~= nil and s:find(pattern, 1, true) ~= nil
+end
+
+function tests.backward_computes_leaf_gradients(t)
+    local x = ml.tensor({1, 2, 3}, {requires_grad = true})
+    local w = ml.tensor({4, 5, 6}, {requires_grad = true})
+    local y = (x * w):sum() + (x ^ 2):sum()
+    y:backward()
+    t:assertEq(x.grad:totable(), {4 + 2, 5 + 4, 6 + 6}, "d/dx = w + 2x")
+    t:assertEq(w.grad:totable(), {1, 2, 3}, "d/dw = x")
+    t:assert(x.is_leaf and not y.is_leaf)
+    t:assertEq(y.grad_fn, "add", "grad_fn names the producing op")
+end
+
+function tests.backward_with_an_explicit_gradient(t)
+    local x = ml.tensor({1, 2}, {requires_grad = true})
+    local y = x * 2
+    y:backward(ml.tensor({1, 10}))
+    t:assertEq(x.grad:totable(), {2, 20})
+    local e = error_of(function() (x * 2):backward() end)
+    t:assert(has(e, "one-element"), "non-scalar needs a gradient: " .. tostring(e))
+    e = error_of(function() ml.tensor({1}):backward() end)
+    t:assert(has(e, "does not require grad"), tostring(e))
+end
+
+function tests.gradients_accumulate_across_backward_calls(t)
+    local x = ml.tensor({1, 2, 3}, {requires_grad = true})
+    ml.sum(x * 2):backward()
+    t:assertEq(x.grad:totable(), {2, 2, 2})
+    ml.sum(x * x):backward()
+    t:assertEq(x.grad:totable(), {4, 6, 8}, "second backward adds")
+    x.grad = nil
+    ml.sum(x * 3):backward()
+    t:assertEq(x.grad:totable(), {3, 3, 3}, "after clearing, starts over")
+end
+
+function tests.one_input_used_twice_sums_both_paths(t)
+    local x = ml.tensor({2}, {requires_grad = true})
+    local y = x * x * x + x:exp():log()
+    y:sum():backward()
+    t:assertNear(x.grad:item(), 3 * 4 + 1, 1e-5)
+end
+
+function tests.retain_graph_and_second_backward(t)
+    local x = ml.tensor({1, 2, 3}, {requires_grad = true})
+    local y = (x * x):sum()
+    y:backward({retain_graph = true})
+    t:assertEq(x.grad:totable(), {2, 4, 6})
+    y:backward()
+    t:assertEq(x.grad:totable(), {4, 8, 12}, "the retained graph runs again")
+    local e = error_of(y.backward, y)
+    t:assert(has(e, "second time") and has(e, "retain_graph"), "third backward: " .. tostring(e))
+    local z = (x * 2):sum()
+    z:backward(ml.tensor(1), {retain_graph = true})
+    z:backward(ml.tensor(1))
+    t:assertEq(x.grad:totable(), {8, 12, 16}, "explicit gradient and options together")
+end
+
+function tests.no_grad_records_nothing_and_returns_values(t)
+    local x = ml.tensor({1, 2}, {requires_grad = true})
+    local y, extra = ml.no_grad(function(a, b) return a * 3, b end, x, "passed")
+    t:assertEq(y:totable(), {3, 6}, "values computed")
+    t:assertEq(extra, "passed", "arguments and results pass through")
+    t:assert(not y.requires_grad, "no history")
+    t:assertEq(y.grad_fn, nil)
+    t:assert(ml.is_grad_enabled(), "restored afterwards")
+    t:assert(has(error_of(ml.no_grad, function() error("boom") end), "boom"), "errors propagate")
+    t:assert(ml.is_grad_enabled(), "restored after an error")
+    local inner = ml.no_grad(function()
+        t:assert(not ml.is_grad_enabled())
+        return ml.enable_grad(function() return (x * 2).requires_grad end)
+    end)
+    t:assert(inner, "enable_grad inside no_grad records")
+    local prev = ml.set_grad_enabled(false)
+    t:assert(prev == true and not ml.is_grad_enabled())
+    t:assert(not (x * 2).requires_grad)
+    ml.set_grad_enabled(true)
+end
+
+function tests.detach(t)
+    local x = ml.tensor({1, 2}, {requires_grad = true})
+    local y = x * 2
+    local d = y:detach()
+    t:assert(not d.requires_grad and d.is_leaf and d.grad_fn == nil)
+    t:assertEq(d:totable(), {2, 4})
+    local z = (d * x):sum()
+    z:backward()
+    t:assertEq(x.grad:totable(), {2, 4}, "no gradient flows through the detached factor")
+    -- detached tensors share storage
+    ml.no_grad(function() d:fill_(0) end)
+    t:assertEq(y:totable(), {0, 0})
+end
+
+function tests.hooks_modify_and_remove(t)
+    local x = ml.tensor({1, 2, 3}, {requires_grad = true})
+    local seen
+    local id = x:register_hook(function(g)
+        seen = g:totable()
+        return g * 10
+    end)
+    t:assertEq(math.type(id), "integer")
+    ml.sum(x * 2):backward()
+    t:assertEq(seen, {2, 2, 2}, "the hook sees the incoming gradient")
+    t:assertEq(x.grad:totable(), {20, 20, 20}, "its result replaces it")
+    x:remove_hook(id)
+    x.grad = nil
+    ml.sum(x * 2):backward()
+    t:assertEq(x.grad:totable(), {2, 2, 2}, "removed hooks no longer run")
+    local calls = 0
+    x.grad = nil
+    x:register_hook(function() calls = calls + 1 end)
+    x:sum():backward()
+    t:assertEq(calls, 1)
+    t:assertEq(x.grad:totable(), {1, 1, 1}, "a hook returning nil keeps the gradient")
+end
+
+function tests.hook_errors_surface_in_backward(t)
+    local x = ml.tensor({1}, {requires_grad = true})
+    x:register_hook(function() error("bad hook") end)
+    local e = error_of(function() (x * 2):sum():backward() end)
+    t:assert(has(e, "gradient hook failed") and has(e, "bad hook"), tostring(e))
+    local y = ml.tensor({1}, {requires_grad = true})
+    y:register_hook(function() return "nope" end)
+    t:assert(has(error_of(function() y:sum():backward() end), "tensor or nil"))
+    local h = ml.tensor({1}, {requires_grad = true}) * 2
+    t:assert(has(error_of(h.register_hook, h, function() end), "leaf"), "hooks are for leaves")
+end
+
+function tests.requires_grad_rules(t)
+    local i = ml.tensor({1, 2}, {dtype = "i64"})
+    t:assert(has(error_of(function() i.requires_grad = true end), "floating point"), "int tensors can't")
+    t:assert(has(error_of(i.requires_grad_, i), "floating point"))
+    t:assert(has(error_of(ml.tensor, {1}, {dtype = "i32", requires_grad = true}), "floating point"))
+    t:assert(has(error_of(ml.zeros, 2, {dtype = "i64", requires_grad = true}), "floating point"))
+    t:assert(has(error_of(ml.full, {2}, 1, {dtype = "bool", requires_grad = true}), "floating point"))
+    local f = ml.zeros(2)
+    t:assert(rawequal(f:requires_grad_(), f), "requires_grad_ returns self")
+    t:assert(f.requires_grad)
+    f:requires_grad_(false)
+    t:assert(not f.requires_grad)
+    for _, dt in ipairs {"f64", "f16", "bf16"} do
+        local x = ml.zeros(2, {dtype = dt})
+        x.requires_grad = true
+        t:assert(x.requires_grad, dt)
+    end
+    local x = ml.tensor({1}, {requires_grad = true})
+    local y = x * 2
+    t:assert(y.requires_grad, "results of ops on tensors requiring grad require grad")
+    t:assert(not (ml.tensor({1}) * 2).requires_grad, "and only those")
+    t:assert(has(error_of(function() y.requires_grad = false end), "leaf"), "can't clear on a non-leaf")
+end
+
+function tests.in_place_on_leaves_requiring_grad(t)
+    local x = ml.tensor({1, 2}, {requires_grad = true})
+    for _, f in ipairs {
+        function() x:add_(1) end, function() x:mul_(2) end, function() x:sub_(ml.ones(2)) end,
+        function() x:div_(2) end, function() x:clamp_(0, 1) end, function() x:fill_(3) end,
+        function() x:zero_() end, function() x:copy_(ml.ones(2)) end,
+    } do
+        t:assert(has(error_of(f), "leaf tensor that requires grad"))
+    end
+    t:assertEq(x:totable(), {1, 2}, "nothing was written")
+    ml.no_grad(function()
+        x:add_(1)
+        x:mul_(2)
+    end)
+    t:assertEq(x:totable(), {4, 6}, "works under no_grad")
+    t:assert(x.requires_grad, "and keeps requires_grad")
+    local y = x * 2
+    t:assert(has(error_of(y.add_, y, 1), "part of an autograd graph"), "non-leaf in a graph")
+    t:assertNoError(function() ml.zeros(2):add_(1) end, "plain tensors are free to change")
+end
+
+function tests.grad_assignment(t)
+    local x = ml.tensor({1, 2}, {requires_grad = true})
+    x.grad = ml.tensor({5, 5})
+    t:assertEq(x.grad:totable(), {5, 5})
+    x:sum():backward()
+    t:assertEq(x.grad:totable(), {6, 6}, "backward accumulates into an assigned grad")
+    x.grad = nil
+    t:assertEq(x.grad, nil)
+    local e = error_of(function() x.grad = ml.zeros(3) end)
+    t:assert(has(e, "[3]") and has(e, "[2]"), tostring(e))
+    -- .grad is the same tensor each time: in-place updates stick
+    x.grad = ml.zeros(2)
+    x.grad:add_(1)
+    t:assertEq(x.grad:totable(), {1, 1})
+end
+
+function tests.views_pass_gradients_to_their_base(t)
+    local x = ml.randn({3, 4}, {requires_grad = true})
+    local y = x:t():narrow(1, 2, 2):select(2, 3)    -- x[3][2..3]
+    ml.sum(y * ml.tensor({10, 20})):backward()
+    local want = ml.zeros(3, 4)
+    want[3]:narrow(1, 2, 2):copy_(ml.tensor({10, 20}))
+    t:assertTensorEq(x.grad, want, 0)
+end
+
+function tests.graph_is_released_after_backward(t)
+    -- saved tensors are dropped by backward: freeing the leaf box afterwards
+    -- leaves nothing the graph still needs
+    local x = ml.randn({4}, {requires_grad = true})
+    local y = (x:exp() * x):sum()
+    y:backward()
+    local g = x.grad:clone()
+    x:free()
+    t:assert(has(error_of(y.backward, y), "second time"))
+    t:assertEq(g:size(), {4})
+end
+
+return tests

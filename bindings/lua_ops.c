@@ -216,6 +216,9 @@ static void pair_opt(lua_State *L, int opts, const char *key, int def, int *a, i
     lua_getfield(L, opts, key);
     if (lua_type(L, -1) == LUA_TNUMBER) *a = *b = (int)lua_tointeger(L, -1);
     else if (lua_istable(L, -1)) {
+        if (luaL_len(L, -1) != 2)
+            luaL_error(L, "option '%s' must be a number or {h, w}%s", key,
+                       strcmp(key, "padding") == 0 ? " or {top, bottom, left, right}" : "");
         lua_geti(L, -1, 1); *a = (int)lua_tointeger(L, -1); lua_pop(L, 1);
         lua_geti(L, -1, 2); *b = (int)lua_tointeger(L, -1); lua_pop(L, 1);
     } else if (!lua_isnil(L, -1)) luaL_error(L, "option '%s' must be a number or {h, w}", key);

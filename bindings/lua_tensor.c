@@ -621,6 +621,17 @@ static int l_arange(lua_State *L) {
     return mlua_push_tensor(L, ml_arange(start, end, step, dt, dev));
 }
 
+/* memory_stats() -> {storages =, cpu_bytes =, cuda_bytes =} (live, owned by tensors) */
+static int l_memory_stats(lua_State *L) {
+    long long n, cpu, cuda;
+    ml_storage_stats(&n, &cpu, &cuda);
+    lua_createtable(L, 0, 3);
+    lua_pushinteger(L, n); lua_setfield(L, -2, "storages");
+    lua_pushinteger(L, cpu); lua_setfield(L, -2, "cpu_bytes");
+    lua_pushinteger(L, cuda); lua_setfield(L, -2, "cuda_bytes");
+    return 1;
+}
+
 static int l_is_tensor(lua_State *L) {
     mlua_tensor_box *b = luaL_testudata(L, 1, MLUA_TENSOR);
     lua_pushboolean(L, b != NULL);
@@ -648,6 +659,7 @@ static const luaL_Reg tensor_funcs[] = {
     {"tensor", l_tensor}, {"zeros", l_zeros}, {"ones", l_ones}, {"empty", l_empty}, {"full", l_full},
     {"zeros_like", l_zeros_like}, {"ones_like", l_ones_like}, {"empty_like", l_empty_like},
     {"full_like", l_full_like}, {"arange", l_arange}, {"is_tensor", l_is_tensor},
+    {"memory_stats", l_memory_stats},
     {NULL, NULL},
 };
 

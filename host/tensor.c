@@ -80,6 +80,16 @@ int ml_device_memcpy(void *dst, ml_device ddev, const void *src, ml_device sdev,
 
 /* ---- storage ------------------------------------------------------------ */
 
+/* Live storages and the bytes they own, per device type: tests use them to
+ * prove that training loops release everything they allocate. */
+static _Atomic long long g_live_storages, g_live_bytes[2];
+
+void ml_storage_stats(long long *count, long long *cpu_bytes, long long *cuda_bytes) {
+    if (count) *count = g_live_storages;
+    if (cpu_bytes) *cpu_bytes = g_live_bytes[ML_CPU];
+    if (cuda_bytes) *cuda_bytes = g_live_bytes[ML_CUDA];
+}
+
 ml_storage *ml_storage_new(size_t nbytes, ml_device dev) {
     ml_storage *s = calloc(1, sizeof *s);
     if (!s) return ml_error_null("out of CPU memory (storage header)");
@@ -88,6 +98,8 @@ ml_storage *ml_storage_new(size_t nbytes, ml_device dev) {
     s->nbytes = nbytes;
     s->refcount = 1;
     s->device = dev;
+    g_live_storages++;
+    g_live_bytes[dev.type] += (long long)nbytes;
     return s;
 }
 
@@ -97,13 +109,18 @@ ml_storage *ml_storage_wrap(void *data, size_t nbytes, ml_device dev,
     if (!s) return ml_error_null("out of CPU memory (storage header)");
     s->data = data; s->nbytes = nbytes; s->refcount = 1; s->device = dev;
     s->release = release; s->release_ctx = ctx;
+    g_live_storages++;
     return s;
 }
 
 void ml_storage_release(ml_storage *s) {
     if (!s || --s->refcount > 0) return;
+    g_live_storages--;
     if (s->release) s->release(s->release_ctx, s->data, s->nbytes);
-    else ml_device_free(s->device, s->data, s->nbytes);
+    else {
+        g_live_bytes[s->device.type] -= (long long)s->nbytes;
+        ml_device_free(s->device, s->data, s->nbytes);
+    }
     free(s);
 }
 
@@ -746,11 +763,11 @@ static void print_rec(const print_ctx *p, sbuf *s, int d, int64_t base, int inde
     sb_put(s, "[");
     for (int64_t i = 0; i < n; i++) {
         if (p->summarize && n > 2 * edge && i == edge) {
-            if (d == t->ndim - 1) sb_put(s, " ...,");
+            if (d == t->ndim - 1) sb_put(s, " ..., ");
             else {
-                sb_put(s, "\n%*s...,", indent + 1, "");
-                for (int k = 0; k < t->ndim - d - 2; k++) sb_put(s, "\n");
-                sb_put(s, "\n%*s", indent + 1, "");
+                sb_put(s, "...,");
+                for (int k = 0; k < t->ndim - d - 1; k++) sb_put(s, "\n");
+                sb_put(s, "%*s", indent + 1, "");
             }
             i = n - edge - 1;
             continue;

@@ -70,6 +70,8 @@ ml_storage *ml_storage_new(size_t nbytes, ml_device dev);   /* uninitialised */
 ml_storage *ml_storage_wrap(void *data, size_t nbytes, ml_device dev,
                             void (*release)(void *, void *, size_t), void *ctx);
 void ml_storage_release(ml_storage *s);
+/* Live storages (all devices) and bytes owned on CPU and CUDA. */
+void ml_storage_stats(long long *count, long long *cpu_bytes, long long *cuda_bytes);
 static inline void *ml_data(const ml_tensor *t) {
     return (char *)t->storage->data + t->offset * (int64_t)ml_dtype_size(t->dtype);
 }

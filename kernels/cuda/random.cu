@@ -10,10 +10,12 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// Where value i goes: contiguous outputs skip the indexer.
+// Where value i goes: contiguous outputs skip the indexer, and aligned
+// ones take a block's four values in one 4-element store (a warp then
+// writes one unbroken span instead of four strided ones).
 struct dest {
     ml_indexer<1> ix;
-    bool contiguous, small;
+    bool contiguous, small, vec4;
     __device__ __forceinline__ int64_t at(int64_t i) const {
         if (contiguous) return i;
         int64_t off;
@@ -23,12 +25,28 @@ struct dest {
     }
 };
 
+template <typename T> struct alignas(4 * sizeof(T)) quad { T v[4]; };
+
+// out[4b .. 4b+3] <- v, as one store when allowed, else one by one.
+template <typename T>
+__device__ __forceinline__ void put4(T *o, const dest &d, int64_t b, int64_t n, const T *v) {
+    if (d.vec4 && 4 * b + 3 < n) {
+        quad<T> q;
+#pragma unroll
+        for (int k = 0; k < 4; k++) q.v[k] = v[k];
+        reinterpret_cast<quad<T> *>(o)[b] = q;
+        return;
+    }
+    for (int k = 0; k < 4 && 4 * b + k < n; k++) o[d.at(4 * b + k)] = v[k];
+}
+
 dest make_dest(const ml_tensor *t) {
     dest d;
     const int64_t *st[1] = {t->strides};
     ml_indexer_make(&d.ix, t->ndim, t->shape, st);
     d.contiguous = ml_indexer_contiguous(d.ix);
     d.small = ml_fits_u32(ml_numel(t));
+    d.vec4 = d.contiguous && (uintptr_t)ml_data(t) % (4 * ml_dtype_size(t->dtype)) == 0;
     return d;
 }
 
@@ -37,12 +55,11 @@ __global__ void uniform_kernel(T *o, dest d, int64_t n, uint64_t seed, uint64_t 
     int64_t blocks = (n + 3) / 4;
     for (int64_t b = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; b < blocks; b += (int64_t)gridDim.x * blockDim.x) {
         uint32_t x[4];
+        T v[4];
         ml_philox_block(seed, offset, (uint64_t)b, x);
 #pragma unroll
-        for (int k = 0; k < 4; k++) {
-            int64_t i = 4 * b + k;
-            if (i < n) o[d.at(i)] = ml_st<T>::from(ml_philox_uniform(x[k], lo, hi));
-        }
+        for (int k = 0; k < 4; k++) v[k] = ml_st<T>::from(ml_philox_uniform(x[k], lo, hi));
+        put4(o, d, b, n, v);
     }
 }
 
@@ -55,11 +72,10 @@ __global__ void normal_kernel(T *o, dest d, int64_t n, uint64_t seed, uint64_t o
         ml_philox_block(seed, offset, (uint64_t)b, x);
         ml_philox_box_muller(x[0], x[1], &z[0], &z[1]);
         ml_philox_box_muller(x[2], x[3], &z[2], &z[3]);
+        T v[4];
 #pragma unroll
-        for (int k = 0; k < 4; k++) {
-            int64_t i = 4 * b + k;
-            if (i < n) o[d.at(i)] = ml_st<T>::from(ml_philox_affine(mean, std, z[k]));
-        }
+        for (int k = 0; k < 4; k++) v[k] = ml_st<T>::from(ml_philox_affine(mean, std, z[k]));
+        put4(o, d, b, n, v);
     }
 }
 

@@ -32,21 +32,27 @@ local function median(v)
     return n % 2 == 1 and v[(n + 1) // 2] or (v[n // 2] + v[n // 2 + 1]) / 2
 end
 
-local function time_per_call(fn)
-    for _ = 1, N // 10 do fn() end   -- warm up (allocator, GC pace)
-    local runs = {}
-    for r = 1, RUNS do
-        local t0 = os.clock()
-        for _ = 1, N do fn() end
-        runs[r] = (os.clock() - t0) / N * 1e6
+local function run_once(fn)
+    local t0 = os.clock()
+    for _ = 1, N do fn() end
+    return (os.clock() - t0) / N * 1e6
+end
+
+-- Runs go round-robin over the cases, so a busy moment of the machine
+-- spreads over all of them instead of skewing one.
+for _, c in ipairs(cases) do for _ = 1, N // 10 do c[2]() end end   -- warm up
+local runs = {}
+for _ = 1, RUNS do
+    for k, c in ipairs(cases) do
+        runs[k] = runs[k] or {}
+        table.insert(runs[k], run_once(c[2]))
     end
-    return median(runs)
 end
 
 print(string.format("%d calls per run, median of %d runs (CPU time)", N, RUNS))
 local results = {}
-for _, c in ipairs(cases) do
-    local us = time_per_call(c[2])
+for k, c in ipairs(cases) do
+    local us = median(runs[k])
     results[c[1]] = us
     print(string.format("  %-30s %7.3f us/call", c[1], us))
 end

@@ -80,4 +80,27 @@ function tests.free_and_close_release_at_once(t)
     t:assert(rss_bytes(page) - before < 16 * 2 ^ 20, "free() gave the memory back")
 end
 
+-- No storage is leaked: after a full collection the number of live
+-- storages is the same after 1,000 and after 5,000 steps (parameters,
+-- gradients, optimizer state and data only).
+function tests.training_loop_leaks_no_storage(t)
+    ml.manual_seed(0)
+    local x, y = ml.randn(16, 4), ml.randn(16, 1)
+    local model = nn.Sequential(nn.Linear(4, 16), nn.SiLU(), nn.Linear(16, 1))
+    local opt = ml.optim.AdamW(model:parameters(), {lr = 1e-3})
+    local counts = {}
+    for step = 1, 5000 do
+        opt:zero_grad()
+        local loss = ml.F.mse_loss(model(x), y)
+        loss:backward()
+        opt:step()
+        if step == 1000 or step == 5000 then
+            collectgarbage("collect")
+            collectgarbage("collect")
+            counts[#counts + 1] = ml.memory_stats().storages
+        end
+    end
+    t:assertEq(counts[2], counts[1], "live storages after 1,000 and 5,000 steps")
+end
+
 return tests

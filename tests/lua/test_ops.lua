@@ -308,6 +308,9 @@ function tests.conv2d_matches_a_naive_loop(t)
     near_list(t, y, naive_conv(xt, wt, bt, 2, 0, 1, 0, 1), 1e-10, "asymmetric {top, bottom, left, right}")
     local y32 = F.conv2d(x:float(), w:float(), b:float(), {padding = 1})
     near_list(t, y32, naive_conv(xt, wt, bt, 1, 1, 1, 1, 1), 1e-4, "f32")
+    t:assert(has(error_of(F.conv2d, x, w, b, {padding = {1, 2, 3}}), "{top, bottom, left, right}"),
+             "a padding list of 3 is refused")
+    t:assert(has(error_of(F.conv2d, x, w, b, {stride = {1, 2, 3}}), "option 'stride'"))
     local e = error_of(F.conv2d, ml.ones(1, 4, 4, 3), ml.ones(2, 3, 3, 2))
     t:assert(has(e, "[1, 4, 4, 3]") and has(e, "[2, 3, 3, 2]"), tostring(e))
 end

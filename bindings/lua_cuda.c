@@ -1,6 +1,22 @@
 /* lua_cuda.c — moonlit.core's CUDA functions: device count and selection,
  * synchronisation, and the caching allocator's statistics.
  *
+ *   cuda_available()          true, or false and the reason
+ *   cuda_device_count()       visible GPUs (0 without driver or GPU)
+ *   cuda_peek_device_count()  the same without initialising CUDA (safe in a
+ *                             parent that forks workers); nil if no driver
+ *   cuda_current_device()     index of this thread's device
+ *   cuda_set_device(dev)      select a device for this thread
+ *   cuda_synchronize([dev])   wait for queued work (nil: every device)
+ *   cuda_memory_stats(dev)    {allocated, peak, reserved, active_blocks,
+ *                             num_allocs, num_cudamalloc, num_cudafree}
+ *   cuda_reset_peak(dev)      peak <- allocated
+ *   cuda_empty_cache(dev)     give wholly free cached segments back
+ *   cuda_device_info(dev)     {name, total_mem, free_mem, sm_count,
+ *                             compute_capability = "9.0"}
+ *   cuda_time(fn, ...)        seconds fn(...) takes, devices synchronised
+ *                             before and after (for benchmarks)
+ *
  * A device argument is the index N of "cuda:N" (0-based, like the device
  * strings), or such a string, or nil for the current device.  In a build
  * without CUDA every function exists: cuda_available() returns false plus

@@ -37,6 +37,39 @@ __global__ void copy_bits_strided(U *dst, const U *src, ml_indexer<2> ix, Idx n)
     }
 }
 
+// A transposing copy: dims a (unit stride in dst) and b (unit stride in
+// src) go through a 32x32 tile in shared memory, so both the reads (along
+// b) and the writes (along a) are coalesced; the other dims are a batch
+// (blockIdx.z, grid-stride).  Used for permute(...):contiguous() and the
+// like, which the element-wise strided kernel reads scattered.
+constexpr int kTile = 32, kTileRows = 8;
+
+struct transpose_plan {
+    ml_indexer<2> rest;      // batch index -> (dst, src) base offsets
+    int64_t nrest, na, nb;
+    int64_t dst_b, src_a;    // dst stride along b, src stride along a
+};
+
+template <typename U> __global__ void __launch_bounds__(kTile *kTileRows) copy_transpose(U *dst, const U *src, transpose_plan p) {
+    __shared__ U tile[kTile][kTile + 1];
+    int64_t a0 = (int64_t)blockIdx.x * kTile, b0 = (int64_t)blockIdx.y * kTile;
+    int tx = threadIdx.x, ty = threadIdx.y;
+    for (int64_t r = blockIdx.z; r < p.nrest; r += gridDim.z) {
+        int64_t off[2];
+        p.rest.offsets(r, off);
+        for (int j = ty; j < kTile; j += kTileRows) {
+            int64_t a = a0 + j, b = b0 + tx;
+            if (a < p.na && b < p.nb) tile[j][tx] = src[off[1] + a * p.src_a + b];
+        }
+        __syncthreads();
+        for (int j = ty; j < kTile; j += kTileRows) {
+            int64_t b = b0 + j, a = a0 + tx;
+            if (a < p.na && b < p.nb) dst[off[0] + a + b * p.dst_b] = tile[tx][j];
+        }
+        __syncthreads();
+    }
+}
+
 template <typename U> __global__ void fill_contig(U *dst, U v, int64_t n) {
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
          i += (int64_t)gridDim.x * blockDim.x)
@@ -105,6 +138,35 @@ bad:
                     ml_shape_str(src, b1, sizeof b1), ml_shape_str(dst, b2, sizeof b2));
 }
 
+// A transpose plan if the merged dims have one with unit stride in dst and
+// another with unit stride in src, both long enough to fill tiles.
+bool plan_transpose(const ml_indexer<2> &ix, transpose_plan *p) {
+    int a = -1, b = -1;
+    for (int d = 0; d < ix.ndim; d++) {
+        if (ix.stride[0][d] == 1) a = d;
+        if (ix.stride[1][d] == 1) b = d;
+    }
+    if (a < 0 || b < 0 || a == b || ix.size[a] < 16 || ix.size[b] < 16) return false;
+    int64_t shape[ML_MAX_DIMS], ds[ML_MAX_DIMS], ss[ML_MAX_DIMS];
+    int nd = 0;
+    p->nrest = 1;
+    for (int d = 0; d < ix.ndim; d++) {
+        if (d == a || d == b) continue;
+        shape[nd] = ix.size[d];
+        ds[nd] = ix.stride[0][d];
+        ss[nd] = ix.stride[1][d];
+        p->nrest *= ix.size[d];
+        nd++;
+    }
+    const int64_t *st[2] = {ds, ss};
+    ml_indexer_make(&p->rest, nd, shape, st);
+    p->na = ix.size[a];
+    p->nb = ix.size[b];
+    p->dst_b = ix.stride[0][b];
+    p->src_a = ix.stride[1][a];
+    return true;
+}
+
 // dst <- src on one device; the two do not overlap in memory.
 int copy_disjoint(ml_tensor *dst, const ml_tensor *src, cudaStream_t s) {
     int dev = dst->device.index;
@@ -122,8 +184,17 @@ int copy_disjoint(ml_tensor *dst, const ml_tensor *src, cudaStream_t s) {
                                         cudaMemcpyDeviceToDevice, s));
             return 0;
         }
+        transpose_plan tp;
+        bool transpose = plan_transpose(ix, &tp) && (tp.nb + kTile - 1) / kTile <= 65535;
         return dispatch_width(es, [&](auto u) -> int {
             typedef decltype(u) U;
+            if (transpose) {
+                dim3 grid3((unsigned)((tp.na + kTile - 1) / kTile), (unsigned)((tp.nb + kTile - 1) / kTile),
+                           (unsigned)(tp.nrest < 65535 ? tp.nrest : 65535));
+                copy_transpose<U><<<grid3, dim3(kTile, kTileRows), 0, s>>>(ml_ptr<U>(dst), ml_ptr<U>(src), tp);
+                ML_CUDA_LAUNCHED("copy_transpose");
+                return 0;
+            }
             if (ml_fits_u32(n))
                 copy_bits_strided<U, uint32_t><<<grid, kThreads, 0, s>>>(
                     ml_ptr<U>(dst), ml_ptr<U>(src), ix, (uint32_t)n);

@@ -3,6 +3,7 @@
 // here exits: failures become ml_error messages and -1.
 #include "common.cuh"
 
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <dirent.h>
@@ -11,8 +12,8 @@
 namespace {
 
 struct device_state {
-    cudaStream_t stream;   // created on first use
-    int sm_count;          // 0 until queried
+    std::atomic<cudaStream_t> stream{nullptr};   // created on first use
+    std::atomic<int> sm_count{0};                // 0 until queried
 };
 
 std::once_flag g_count_once;
@@ -20,10 +21,6 @@ int g_count = 0;
 char g_unavailable[256] = "";
 std::mutex g_mu;
 device_state *g_dev = nullptr;   // g_count entries; never freed (outlives static destructors)
-
-// The device this thread last selected through us (-1: none yet), to skip
-// redundant cudaSetDevice calls on the hot path.
-thread_local int tl_current = -1;
 
 void count_devices() {
     int n = 0;
@@ -37,11 +34,7 @@ void count_devices() {
         snprintf(g_unavailable, sizeof g_unavailable, "no CUDA device found");
     }
     g_count = n;
-    if (n > 0) g_dev = (device_state *)calloc((size_t)n, sizeof *g_dev);
-    if (n > 0 && !g_dev) {
-        snprintf(g_unavailable, sizeof g_unavailable, "out of CPU memory for device state");
-        g_count = 0;
-    }
+    if (n > 0) g_dev = new device_state[n];
 }
 
 bool is_sticky(cudaError_t e) {
@@ -118,16 +111,18 @@ extern "C" int ml_cuda_peek_device_count(void) {
     return n;
 }
 
+// cudaGetDevice is a cheap thread-local read; asking it (rather than
+// caching our own idea of the current device) stays right when a library
+// switches devices behind our back.
 extern "C" int ml_cuda_set_device(int dev) {
     if (check_index(dev) < 0) return -1;
-    if (tl_current == dev) return 0;
+    int cur = -1;
+    if (cudaGetDevice(&cur) == cudaSuccess && cur == dev) return 0;
     ML_CUDA_TRY(cudaSetDevice(dev));
-    tl_current = dev;
     return 0;
 }
 
 extern "C" int ml_cuda_current_device(void) {
-    if (tl_current >= 0) return tl_current;
     int dev = 0;
     if (ml_cuda_device_count() == 0 || cudaGetDevice(&dev) != cudaSuccess) {
         cudaGetLastError();
@@ -138,16 +133,17 @@ extern "C" int ml_cuda_current_device(void) {
 
 extern "C" int ml_cuda_enter(int dev, ml_cuda_stream_t *stream) {
     if (ml_cuda_set_device(dev) < 0) return -1;
-    cudaStream_t s = g_dev[dev].stream;
+    cudaStream_t s = g_dev[dev].stream.load(std::memory_order_acquire);
     if (!s) {
         std::lock_guard<std::mutex> lock(g_mu);
-        if (!g_dev[dev].stream) {
+        s = g_dev[dev].stream.load();
+        if (!s) {
             // A blocking stream (not cudaStreamNonBlocking): it stays ordered
             // with the legacy default stream, so a library call that forgot
             // to take our stream is still correct, only slower.
-            ML_CUDA_TRY(cudaStreamCreateWithFlags(&g_dev[dev].stream, cudaStreamDefault));
+            ML_CUDA_TRY(cudaStreamCreateWithFlags(&s, cudaStreamDefault));
+            g_dev[dev].stream.store(s, std::memory_order_release);
         }
-        s = g_dev[dev].stream;
     }
     if (stream) *stream = s;
     return 0;
@@ -161,23 +157,25 @@ extern "C" int ml_cuda_synchronize(int dev) {
         return 0;
     }
     int n = ml_cuda_device_count();
+    int back = ml_cuda_current_device();
     for (int i = 0; i < n; i++) {
-        if (!g_dev[i].stream) continue;
+        cudaStream_t s = g_dev[i].stream.load();
+        if (!s) continue;
         if (ml_cuda_set_device(i) < 0) return -1;
-        ML_CUDA_TRY(cudaStreamSynchronize(g_dev[i].stream));
+        ML_CUDA_TRY(cudaStreamSynchronize(s));
     }
-    return 0;
+    return n > 0 ? ml_cuda_set_device(back) : 0;
 }
 
 int ml_cuda_sm_count(int dev) {
     if (dev < 0 || dev >= ml_cuda_device_count()) return 1;
-    int n = g_dev[dev].sm_count;
+    int n = g_dev[dev].sm_count.load(std::memory_order_relaxed);
     if (n > 0) return n;
     if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n < 1) {
         cudaGetLastError();
         return 132;   // an H100 SXM's count: only sizes launches, never correctness
     }
-    g_dev[dev].sm_count = n;
+    g_dev[dev].sm_count.store(n, std::memory_order_relaxed);
     return n;
 }
 

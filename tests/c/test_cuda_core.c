@@ -268,6 +268,40 @@ static void test_fill(void) {
     CHECK(bad == 0, "fill of every dtype matches the CPU (%d wrong)", bad);
 }
 
+/* permute(...) copies large enough for the tiled transpose kernel, every
+ * element width, ragged tile edges and a batch dim. */
+static void test_transpose(void) {
+    const int64_t shape[4] = {3, 37, 45, 33};
+    int bad = 0;
+    const ml_dtype dts[] = {ML_F32, ML_BF16, ML_U8, ML_F64};
+    for (size_t k = 0; k < sizeof dts / sizeof dts[0]; k++) {
+        int64_t n = 3 * 37 * 45 * 33;
+        double *vals = malloc((size_t)n * sizeof *vals);
+        for (int64_t i = 0; i < n; i++) vals[i] = (double)(i % 251);
+        ml_tensor *src = ml_from_doubles(vals, 4, shape, dts[k]);
+        free(vals);
+        const int perms[2][4] = {{0, 2, 3, 1}, {3, 1, 2, 0}};
+        for (int q = 0; q < 2; q++) {
+            ml_tensor *p = ml_permute(src, perms[q]);
+            ml_tensor *ref = ml_contiguous(p);
+            ml_tensor *g = ml_empty(4, shape, dts[k], GPU0);
+            ml_copy_(g, src);
+            ml_tensor *gp = ml_permute(g, perms[q]);
+            ml_tensor *gd = ml_empty(gp->ndim, gp->shape, dts[k], GPU0);
+            int rc = ml_copy_(gd, gp);
+            ml_tensor *got = rc == 0 ? to_cpu(gd) : NULL;
+            if (!got || !same_bytes(got, ref)) {
+                bad++;
+                printf("FAIL transpose %s perm %d: %s\n", ml_dtype_short(dts[k]), q, rc ? ml_last_error() : "values differ");
+            }
+            ml_tensor *all[] = {p, ref, g, gp, gd, got};
+            for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) ml_release(all[i]);
+        }
+        ml_release(src);
+    }
+    CHECK(bad == 0, "tiled transposing copies match the CPU (%d wrong)", bad);
+}
+
 /* More than 2^31 elements: the 64-bit index path of the strided kernels. */
 static void test_huge(void) {
     int64_t n = ((int64_t)1 << 31) + 64;
@@ -305,6 +339,7 @@ int main(void) {
     test_memcpy();
     test_copy_strided();
     test_fill();
+    test_transpose();
     test_huge();
     CHECK(ml_cuda_synchronize(-1) == 0, "final synchronize: %s", ml_last_error());
 #endif

@@ -144,6 +144,10 @@ for op, fn in pairs(binary) do
         return {M[lhs .. "_nc"](40, 24), M[rhs .. "_nc"](40, 24)}
     end)
     case(op, "0-dim with [6,7]", fn, function(M) return {M[lhs](), M[rhs](6, 7)} end)
+    -- rows a multiple of the vector width: the inner-vec kernel, with a
+    -- broadcast scalar and a per-image embedding
+    case(op, "0-dim with [6,8]", fn, function(M) return {M[lhs](6, 8), M[rhs]()} end)
+    case(op, "embedding [4,1,1,32] with [4,8,8,32]", fn, function(M) return {M[lhs](4, 1, 1, 32), M[rhs](4, 8, 8, 32)} end)
     case(op, "large [1000,1003] (vector path + tail)", fn, function(M) return {M[lhs](1000, 1003), M[rhs](1000, 1003)} end)
 end
 case("add", "tensor + number", function(a) return a + 2.5 end, function(M) return {M.randn_nc(33, 17)} end)
@@ -169,6 +173,8 @@ case("where", "same shape", function(c, a, b) return ml.where(c, a, b) end,
      function(M) return {M.mask(23, 19), M.randn(23, 19), M.randn(23, 19)} end)
 case("where", "broadcast a [19], b [23,1]", function(c, a, b) return ml.where(c, a, b) end,
      function(M) return {M.mask(23, 19), M.randn(19), M.randn(23, 1)} end)
+case("where", "rows: a [32] broadcast, b [16,1] broadcast", function(c, a, b) return ml.where(c, a, b) end,
+     function(M) return {M.mask(16, 32), M.randn(32), M.randn(16, 1)} end)
 case("where", "non-contiguous, number branch", function(c, a) return ml.where(c, a, 0) end,
      function(M) return {M.mask(12, 9), M.randn_nc(12, 9)} end)
 
@@ -239,8 +245,12 @@ case("view", "[20,60] -> [30,40]", function(x) return x:view(30, 40) end, functi
 case("view", "reshape of non-contiguous (copies)", function(x) return x:reshape(-1) end,
      function(M) return {M.randn_nc(20, 30)} end)
 case("permute", "{3,1,2}", function(x) return x:permute(3, 1, 2) * 1 end, function(M) return {M.randn(12, 13, 14)} end)
-case("permute", "NCHW -> NHWC contiguous", function(x) return x:permute(1, 3, 4, 2):contiguous() end,
+case("permute", "NCHW -> NHWC contiguous (small C)", function(x) return x:permute(1, 3, 4, 2):contiguous() end,
      function(M) return {M.randn(2, 8, 16, 16)} end)
+case("permute", "NCHW -> NHWC contiguous (tiled transpose)", function(x) return x:permute(1, 3, 4, 2):contiguous() end,
+     function(M) return {M.randn(2, 40, 17, 19)} end)
+case("permute", "2-D transpose of bf16 through f32", function(x) return x:bf16():t():contiguous():float() end,
+     function(M) return {M.randn(70, 45)} end)
 case("narrow", "dim 2", function(x) return x:narrow(2, 5, 20) * 1 end, function(M) return {M.randn(30, 40)} end)
 case("select", "dim -1 index -1", function(x) return x:select(-1, -1) * 1 end, function(M) return {M.randn(30, 40)} end)
 case("expand", "[30,1] -> [30,40]", function(x) return x:expand(30, 40) * 1 end, function(M) return {M.randn(30, 1)} end)

@@ -68,15 +68,6 @@ template <> struct ml_dtype_of<int64_t> { static constexpr ml_dtype v = ML_I64; 
 template <> struct ml_dtype_of<uint8_t> { static constexpr ml_dtype v = ML_U8; };
 template <> struct ml_dtype_of<ml_bool_t> { static constexpr ml_dtype v = ML_BOOL; };
 
-// The arithmetic type of an element: f32 for f32/f16/bf16 (and the small
-// integer types, which f32 holds exactly), f64 for f64 and the wide integer
-// types (the CPU converts those through double; doing the same keeps
-// conversions bit-identical).
-template <typename T> struct ml_acc { typedef float type; };
-template <> struct ml_acc<double> { typedef double type; };
-template <> struct ml_acc<int32_t> { typedef double type; };
-template <> struct ml_acc<int64_t> { typedef double type; };
-
 __host__ __device__ __forceinline__ float ml_bf16_bits_to_float(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
     float f;
@@ -92,6 +83,9 @@ __host__ __device__ __forceinline__ uint16_t ml_float_to_bf16_bits(float f) {
     return (uint16_t)(u >> 16);
 }
 
+// An element as a number: f32 for f32/f16/bf16, u8 and bool (exact), f64
+// for f64 and the wide integers (the CPU converts those through double;
+// doing the same keeps every conversion bit-identical).
 __device__ __forceinline__ float ml_ld(float v) { return v; }
 __device__ __forceinline__ double ml_ld(double v) { return v; }
 __device__ __forceinline__ float ml_ld(ml_f16_t v) { return __half2float(__ushort_as_half(v.x)); }

@@ -50,17 +50,29 @@ CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(NVCC))
 CFLAGS  += -DML_WITH_CUDA -I$(CUDA_HOME)/include
 NVFLAGS := -arch=sm_90 -O3 -std=c++17 -Xcompiler -fPIC -DML_WITH_CUDA -I. -Ihost -Ikernels
 OBJS    += $(patsubst %.cu,$(BUILD)/%.o,$(KCUDA_SRC))
-LDLIBS  += -L$(CUDA_HOME)/lib64 -lcudart -lcublas -lcublasLt -lcudnn -lnccl -lstdc++
+LDLIBS  += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudart -lcublas -lcublasLt -lcudnn -lnccl -lstdc++
 CUDA_MSG := ✓ CUDA ($(NVCC))
 else
 CUDA_MSG := ✗ CUDA (nvcc not found or CUDA=0): CPU only
+endif
+
+# What the build found, printed before linking.
+have = $(if $(wildcard $(1)),✓,✗)
+FOUND := $(call have,$(LIBDIR)/liblua5.4.a) Lua 5.4  $(call have,$(LIBDIR)/libutf8proc.a) utf8proc  \
+         $(call have,$(LIBDIR)/libjansson.a) jansson  $(call have,$(LIBDIR)/libopenblas.a) OpenBLAS  \
+         $(call have,$(LIBDIR)/libreadline.a) readline  $(call have,/usr/include/stb/stb_image.h) stb
+ifeq ($(CUDA),1)
+FOUND += $(call have,$(CUDA_HOME)/include/cublasLt.h) cuBLASLt \
+         $(call have,$(wildcard /usr/include/cudnn.h $(CUDA_HOME)/include/cudnn.h)) cuDNN \
+         $(call have,$(wildcard /usr/include/nccl.h $(CUDA_HOME)/include/nccl.h)) NCCL
 endif
 
 .PHONY: all deps run test test-c test-lua clean help fixtures
 all: $(BUILD)/moonlit
 
 $(BUILD)/moonlit: $(OBJS)
-	@echo "moonlit: $(CUDA_MSG); ✓ Lua 5.4 ✓ utf8proc ✓ jansson ✓ OpenBLAS (static)"
+	@echo "moonlit: $(CUDA_MSG)"
+	@echo "moonlit: $(FOUND)"
 	$(CC) $(LDFLAGS) -o $@ $(OBJS) $(LDLIBS)
 
 $(BUILD)/%.o: %.c

@@ -99,6 +99,14 @@ local lazy = {
     schedulers = "moonlit.schedulers",
 }
 
+-- ml.cuda.available(), device_count(), memory_stats(dev), synchronize(dev), ...
+-- (the core's cuda_* functions without the prefix; devices are 0-based as in "cuda:N").
+ml.cuda = {}
+for k, v in pairs(core) do
+    local name = k:match("^cuda_(.+)$")
+    if name then ml.cuda[name] = v end
+end
+
 -- The CLIP tokenizer of a model folder (vocab.json + merges.txt or tokenizer.json).
 ml.load_tokenizer = core.tokenizer_load
 setmetatable(ml, {__index = function(t, k)

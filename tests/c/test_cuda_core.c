@@ -326,12 +326,31 @@ static void test_huge(void) {
 }
 #endif
 
+/* Without a usable GPU, asking for one must fail with a message that says
+ * so, and the CPU side must keep working. */
+static void test_no_device(void) {
+    int64_t shape[2] = {2, 3};
+    ml_device d = {ML_CUDA, 0};
+    ml_clear_error();
+    ml_tensor *t = ml_empty(2, shape, ML_F32, d);
+    CHECK(t == NULL, "cuda tensor without a device must fail");
+    CHECK(strstr(ml_last_error(), "cuda") != NULL, "error names the device: '%s'", ml_last_error());
+    ml_tensor *c = ml_full(2, shape, 1.5, ML_F32, ml_cpu());
+    CHECK(c != NULL, "CPU tensors still work");
+    ml_tensor *g = c ? ml_to_device(c, d) : NULL;
+    CHECK(g == NULL && ml_last_error()[0], "moving to a missing GPU fails cleanly");
+    ml_release(g);
+    ml_release(c);
+}
+
 int main(void) {
 #ifndef ML_WITH_CUDA
-    printf("skipped: moonlit built without CUDA\n");
+    printf("moonlit built without CUDA: checking the errors only\n");
+    test_no_device();
 #else
     if (ml_cuda_device_count() == 0) {
-        printf("skipped: no CUDA device (%s)\n", ml_cuda_unavailable_reason());
+        printf("no CUDA device (%s): checking the errors only\n", ml_cuda_unavailable_reason());
+        test_no_device();
         return check_summary();
     }
     test_devices();

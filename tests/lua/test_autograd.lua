@@ -2,18 +2,11 @@
 -- retain_graph, no_grad, detach, hooks, requires_grad rules, in-place
 -- restrictions and .grad assignment.
 local ml = require "moonlit"
+local util = require "testutil"
 
 local tests = {}
 
-local function error_of(f, ...)
-    local ok, err = pcall(f, ...)
-    if ok then return nil end
-    return tostring(err)
-end
-
-local function has(s, pattern)
-    return s ~= nil and s:find(pattern, 1, true) ~= nil
-end
+local error_of, has = util.error_of, util.has
 
 function tests.backward_computes_leaf_gradients(t)
     local x = ml.tensor({1, 2, 3}, {requires_grad = true})

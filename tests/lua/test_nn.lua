@@ -2,19 +2,12 @@
 -- containers, state_dict round trips incl. the torch conv layout, strict
 -- loading errors, train/eval, to()), and PyTorch's default initialisation.
 local ml = require "moonlit"
+local util = require "testutil"
 local nn = ml.nn
 
 local tests = {}
 
-local function error_of(f, ...)
-    local ok, err = pcall(f, ...)
-    if ok then return nil end
-    return tostring(err)
-end
-
-local function has(s, pattern)
-    return s ~= nil and s:find(pattern, 1, true) ~= nil
-end
+local error_of, has = util.error_of, util.has
 
 local function names(list)
     local out = {}

@@ -4,19 +4,12 @@
 -- 1-based max indices), matmul shapes, linear, conv2d (NHWC), norms,
 -- softmax, attention (BSHD), indexing ops, losses, dropout, in-place ops.
 local ml = require "moonlit"
+local util = require "testutil"
 local F = ml.F
 
 local tests = {}
 
-local function error_of(f, ...)
-    local ok, err = pcall(f, ...)
-    if ok then return nil end
-    return tostring(err)
-end
-
-local function has(s, pattern)
-    return s ~= nil and s:find(pattern, 1, true) ~= nil
-end
+local error_of, has = util.error_of, util.has
 
 -- Flatten a nested totable() result.
 local function flat(v, out)

@@ -3,19 +3,12 @@
 -- dampening, nesterov, weight decay), clip_grad_norm, and the optimizer
 -- state_dict round trip.
 local ml = require "moonlit"
+local util = require "testutil"
 local optim = ml.optim
 
 local tests = {}
 
-local function error_of(f, ...)
-    local ok, err = pcall(f, ...)
-    if ok then return nil end
-    return tostring(err)
-end
-
-local function has(s, pattern)
-    return s ~= nil and s:find(pattern, 1, true) ~= nil
-end
+local error_of, has = util.error_of, util.has
 
 local function near_list(t, x, want, tol, msg)
     local got = x:totable()

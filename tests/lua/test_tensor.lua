@@ -3,22 +3,15 @@
 -- indices, conversions, printing, lifetime (free, <close>) and the error
 -- messages of bad shapes, dtypes, indices and devices.
 local ml = require "moonlit"
+local util = require "testutil"
 
 local tests = {}
 
 -- Error message of f(...), or nil if it succeeded.
-local function error_of(f, ...)
-    local ok, err = pcall(f, ...)
-    if ok then return nil end
-    return tostring(err)
-end
+local error_of, has = util.error_of, util.has
 
 local function min_of(x)
     return -(-x):max():item()
-end
-
-local function has(s, pattern)
-    return s ~= nil and s:find(pattern, 1, true) ~= nil
 end
 
 -- ---- constructors ------------------------------------------------------------

@@ -24,43 +24,34 @@ function MidBlock:forward(h)
     return self.resnets[2](h)
 end
 
-local EncBlock = nn.Module:extend("DownEncoderBlock2D")
-function EncBlock:init(cin, cout, layers, groups, downsample)
-    local resnets = nn.ModuleList()
-    for j = 1, layers do
-        resnets:append(B.ResnetBlock2D {in_channels = j == 1 and cin or cout, out_channels = cout, groups = groups, eps = 1e-6})
+-- DownEncoderBlock2D / UpDecoderBlock2D: a stack of resnets, then an
+-- optional down- or upsampler (the two differ only in that last step).
+local function resnet_stack(name, sampler_field, make_sampler)
+    local cls = nn.Module:extend(name)
+    function cls:init(cin, cout, layers, groups, resample)
+        local resnets = nn.ModuleList()
+        for j = 1, layers do
+            resnets:append(B.ResnetBlock2D {in_channels = j == 1 and cin or cout, out_channels = cout,
+                                            groups = groups, eps = 1e-6})
+        end
+        self:add_module("resnets", resnets)
+        if resample then
+            local list = nn.ModuleList()
+            list:append(make_sampler(cout))
+            self:add_module(sampler_field, list)
+        end
     end
-    self:add_module("resnets", resnets)
-    if downsample then
-        local ds = nn.ModuleList()
-        ds:append(B.Downsample2D(cout, 0))
-        self:add_module("downsamplers", ds)
+    function cls:forward(h)
+        for _, r in ipairs(self.resnets:children()) do h = r(h) end
+        local s = self[sampler_field]
+        if s then h = s[1](h) end
+        return h
     end
-end
-function EncBlock:forward(h)
-    for _, r in ipairs(self.resnets:children()) do h = r(h) end
-    if self.downsamplers then h = self.downsamplers[1](h) end
-    return h
+    return cls
 end
 
-local DecBlock = nn.Module:extend("UpDecoderBlock2D")
-function DecBlock:init(cin, cout, layers, groups, upsample)
-    local resnets = nn.ModuleList()
-    for j = 1, layers do
-        resnets:append(B.ResnetBlock2D {in_channels = j == 1 and cin or cout, out_channels = cout, groups = groups, eps = 1e-6})
-    end
-    self:add_module("resnets", resnets)
-    if upsample then
-        local us = nn.ModuleList()
-        us:append(B.Upsample2D(cout))
-        self:add_module("upsamplers", us)
-    end
-end
-function DecBlock:forward(h)
-    for _, r in ipairs(self.resnets:children()) do h = r(h) end
-    if self.upsamplers then h = self.upsamplers[1](h) end
-    return h
-end
+local EncBlock = resnet_stack("DownEncoderBlock2D", "downsamplers", function(c) return B.Downsample2D(c, 0) end)
+local DecBlock = resnet_stack("UpDecoderBlock2D", "upsamplers", function(c) return B.Upsample2D(c) end)
 
 local Encoder = nn.Module:extend("Encoder")
 function Encoder:init(cfg)

@@ -32,6 +32,17 @@ end
 
 -- ---- blocks ---------------------------------------------------------------
 
+-- n Transformer2DModels for a block with o.cout channels
+local function transformers(o, n)
+    local list = nn.ModuleList()
+    for _ = 1, n do
+        list:append(B.Transformer2DModel {heads = o.heads, dim_head = o.cout // o.heads, in_channels = o.cout,
+                                          groups = o.groups, cross_attention_dim = o.cross_dim,
+                                          use_linear_projection = o.linear_proj})
+    end
+    return list
+end
+
 local DownBlock = nn.Module:extend("DownBlock2D")
 function DownBlock:init(o)
     local resnets = nn.ModuleList()
@@ -40,15 +51,7 @@ function DownBlock:init(o)
                                         temb_channels = o.temb, groups = o.groups, eps = o.eps})
     end
     -- diffusers registers attentions before resnets; keep its parameter order
-    if o.cross then
-        local attns = nn.ModuleList()
-        for _ = 1, o.layers do
-            attns:append(B.Transformer2DModel {heads = o.heads, dim_head = o.cout // o.heads, in_channels = o.cout,
-                                               groups = o.groups, cross_attention_dim = o.cross_dim,
-                                               use_linear_projection = o.linear_proj})
-        end
-        self:add_module("attentions", attns)
-    end
+    if o.cross then self:add_module("attentions", transformers(o, o.layers)) end
     self:add_module("resnets", resnets)
     if o.downsample then
         local ds = nn.ModuleList()
@@ -81,15 +84,7 @@ function UpBlock:init(o)
         resnets:append(B.ResnetBlock2D {in_channels = rin + skip, out_channels = o.cout,
                                         temb_channels = o.temb, groups = o.groups, eps = o.eps})
     end
-    if o.cross then
-        local attns = nn.ModuleList()
-        for _ = 1, o.layers + 1 do
-            attns:append(B.Transformer2DModel {heads = o.heads, dim_head = o.cout // o.heads, in_channels = o.cout,
-                                               groups = o.groups, cross_attention_dim = o.cross_dim,
-                                               use_linear_projection = o.linear_proj})
-        end
-        self:add_module("attentions", attns)
-    end
+    if o.cross then self:add_module("attentions", transformers(o, o.layers + 1)) end
     self:add_module("resnets", resnets)
     if o.upsample then
         local us = nn.ModuleList()

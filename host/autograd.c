@@ -234,6 +234,14 @@ int ml_backward(ml_tensor *root, ml_tensor *grad, bool retain_graph) {
                      ml_shape_str(grad, b1, sizeof b1), ml_shape_str(root, b2, sizeof b2));
             goto out;
         }
+        if (grad->dtype != root->dtype || !ml_device_eq(grad->device, root->device)) {
+            char d1[32], d2[32];
+            ml_device_str(grad->device, d1, sizeof d1);
+            ml_device_str(root->device, d2, sizeof d2);
+            ml_error("backward: gradient is %s on %s but the tensor is %s on %s",
+                     ml_dtype_short(grad->dtype), d1, ml_dtype_short(root->dtype), d2);
+            goto out;
+        }
         seed = ml_retain(grad);
     } else {
         if (ml_numel(root) != 1) {

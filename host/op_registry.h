@@ -41,20 +41,20 @@
     ML_OP(var, 1, 1)               \
     ML_OP(max, 1, 1)               \
     ML_OP(norm, 1, 1)              \
-    ML_OP(matmul, 1, 0)            \
-    ML_OP(linear, 1, 0)            \
-    ML_OP(conv2d, 1, 0)            \
-    ML_OP(group_norm, 1, 0)        \
-    ML_OP(layer_norm, 1, 0)        \
-    ML_OP(softmax, 1, 0)           \
-    ML_OP(log_softmax, 1, 0)       \
-    ML_OP(sdpa, 1, 0)              \
-    ML_OP(embedding, 1, 0)         \
+    ML_OP(matmul, 1, 1)            \
+    ML_OP(linear, 1, 1)            \
+    ML_OP(conv2d, 1, 1)            \
+    ML_OP(group_norm, 1, 1)        \
+    ML_OP(layer_norm, 1, 1)        \
+    ML_OP(softmax, 1, 1)           \
+    ML_OP(log_softmax, 1, 1)       \
+    ML_OP(sdpa, 1, 1)              \
+    ML_OP(embedding, 1, 1)         \
     ML_OP(cat, 1, 1)               \
     ML_OP(stack, 1, 1)             \
-    ML_OP(gather, 1, 0)            \
-    ML_OP(index_select, 1, 0)      \
-    ML_OP(upsample_nearest2d, 1, 0)\
+    ML_OP(gather, 1, 1)            \
+    ML_OP(index_select, 1, 1)      \
+    ML_OP(upsample_nearest2d, 1, 1)\
     ML_OP(mse_loss, 1, 1)          \
     ML_OP(dropout, 1, 1)           \
     ML_OP(view, 1, 1)              \

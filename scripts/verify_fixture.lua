@@ -1,7 +1,7 @@
 -- verify_fixture.lua — check moonlit against a reference fixture folder made
 -- with diffusers/transformers (format: docs/fixtures.md).
 --
---   moonlit scripts/verify_fixture.lua <fixture_dir> [--only name,name] [--device cpu]
+--   moonlit scripts/verify_fixture.lua <fixture_dir> [--only name,name] [--device cpu|cuda|cuda:N]
 --
 -- Loads <fixture_dir>/pipeline with moonlit's own loaders, then checks the
 -- tokenizer, the three networks, every scheduler step, the pipeline image
@@ -9,6 +9,10 @@
 -- clipping, every parameter after one AdamW step).  Prints one line per
 -- check (name, relative L2 error, tolerance, ok/FAIL) and exits non-zero if
 -- any fails.  Sizes come from the configs: any fixture in this format works.
+--
+-- With --device cuda the models live on the GPU (in f32) and every input the
+-- script feeds them, the schedulers' samples included, is moved there first;
+-- results come back to the CPU only to be compared with the reference.
 local ml = require "moonlit"
 local core = ml.core
 
@@ -34,6 +38,16 @@ end
 
 local dir = args.dir
 local dev = args.device
+if dev ~= "cpu" then
+    local available, why = core.cuda_available()
+    if dev:sub(1, 4) ~= "cuda" then
+        io.stderr:write("verify_fixture: --device must be cpu, cuda or cuda:N (got " .. dev .. ")\n")
+        os.exit(2)
+    elseif not available then
+        io.stderr:write("verify_fixture: --device " .. dev .. ": no usable GPU: " .. tostring(why) .. "\n")
+        os.exit(2)
+    end
+end
 local TOL_MODULE, TOL_PIPE = 1e-5, 1e-4
 if dev ~= "cpu" then TOL_MODULE, TOL_PIPE = 1e-4, 1e-4 end
 local n_ok, n_fail = 0, 0
@@ -139,9 +153,9 @@ if want("schedulers") then
         return S[classes[name]](betas_only)
     end
     local ddpm = S.DDPMScheduler(betas_only)
-    check("schedulers.alphas_cumprod", core.tensor(ddpm.alphas_cumprod), r.alphas_cumprod, TOL_MODULE)
-    local lat, noise = nchw_to_nhwc(r["add_noise.latents"]), nchw_to_nhwc(r["add_noise.noise"])
-    local ts = r["add_noise.timesteps"]
+    check("schedulers.alphas_cumprod", ddpm:alphas_cumprod_tensor(dev), r.alphas_cumprod, TOL_MODULE)
+    local lat, noise = nchw_to_nhwc(r["add_noise.latents"]):to(dev), nchw_to_nhwc(r["add_noise.noise"]):to(dev)
+    local ts = r["add_noise.timesteps"]:to(dev)
     check("schedulers.add_noise", nhwc_to_nchw(ddpm:add_noise(lat, noise, ts)), r["add_noise.out"], TOL_MODULE)
     if r["velocity.out"] then
         check("schedulers.get_velocity", nhwc_to_nchw(ddpm:get_velocity(lat, noise, ts)), r["velocity.out"], TOL_MODULE)
@@ -165,13 +179,13 @@ if want("schedulers") then
             report("schedulers." .. name .. ".timesteps", ts_ok and 0 or 1, 0)
             report("schedulers." .. name .. ".init_noise_sigma",
                    math.abs(sch.init_noise_sigma - r[name .. ".init_noise_sigma"]:item()) / r[name .. ".init_noise_sigma"]:item(), TOL_MODULE)
-            local x = nchw_to_nhwc(r[name .. ".init"])     -- already scaled by init_noise_sigma
+            local x = nchw_to_nhwc(r[name .. ".init"]):to(dev)     -- already scaled by init_noise_sigma
             local worst_in, worst_out = 0, 0
             for i = 0, n - 1 do
                 local t = sch.timesteps[i + 1]
                 local scaled = sch:scale_model_input(x, t)
                 worst_in = math.max(worst_in, (rel_l2(nhwc_to_nchw(scaled), r[name .. "." .. i .. ".scaled_input"])))
-                x = sch:step(nchw_to_nhwc(r[name .. "." .. i .. ".model_output"]), t, x)
+                x = sch:step(nchw_to_nhwc(r[name .. "." .. i .. ".model_output"]):to(dev), t, x)
                 worst_out = math.max(worst_out, (rel_l2(nhwc_to_nchw(x), r[name .. "." .. i .. ".prev_sample"])))
             end
             report(string.format("schedulers.%s.scaled_input (worst of %d steps)", name, n), worst_in, TOL_MODULE)
@@ -186,7 +200,7 @@ if want("pipeline") and meta.pipeline_call then
     local pc = meta.pipeline_call
     local img = ml.sd.generate(m, {prompt = pc.prompt, negative_prompt = pc.negative_prompt,
                                    num_inference_steps = pc.num_inference_steps, guidance_scale = pc.guidance_scale,
-                                   scheduler = pc.scheduler, latents = nchw_to_nhwc(r.latents),
+                                   scheduler = pc.scheduler, latents = nchw_to_nhwc(r.latents):to(dev),
                                    height = r.image:size(2), width = r.image:size(3)})
     check("pipeline.image", img, r.image, TOL_PIPE)
 end
@@ -252,7 +266,7 @@ if want("train") and core.is_file(path("train_step.safetensors")) then
                 if rel > worst and den * tol > a then worst, worst_name = rel, key end
             elseif r[prefix .. key .. ".head"] then
                 count = count + 1
-                local flat = mine:contiguous():view(-1):double()
+                local flat = mine:to("cpu"):contiguous():view(-1):double()
                 local head = flat:narrow(1, 1, r[prefix .. key .. ".head"]:numel())
                 local _, num, den = rel_l2(head, r[prefix .. key .. ".head"])
                 local s = r[prefix .. key .. ".sum_sumsq_abssum"]:totable()

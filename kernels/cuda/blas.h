@@ -13,6 +13,10 @@ extern "C" {
 
 cublasHandle_t ml_cublas_handle(int device);
 cublasLtHandle_t ml_cublaslt_handle(int device);
+/* The GEMM workspace of device dev (from the caching allocator, shared by
+ * cuBLAS and cuBLASLt, lives as long as the process): kernels/cuda/blas.cu.
+ * NULL + error on failure. */
+void *ml_cublas_workspace(int device, size_t *nbytes);
 
 #ifdef __cplusplus
 }

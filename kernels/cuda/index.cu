@@ -1,0 +1,398 @@
+// index.cu — CUDA twins of kernels/cpu/index.c (contract in index.h).
+//
+// Bounds: a kernel finds the first out-of-range index (atomicMin of its
+// position, which does not depend on timing) and the host reads it back,
+// so a bad index is reported as the CPU reports it, before anything is
+// written.  The kernels below still skip invalid indices, so memory stays
+// safe whatever happens.
+//
+// Forwards: embedding and index_select copy rows (the block of values
+// after `dim`) in the widest word the row size and alignment allow;
+// gather copies single elements.
+//
+// Backwards, deterministic and summing in the CPU's order:
+//   rows (embedding, index_select): dx is zeroed; of the indices that point
+//     at one row, the first (atomicMin, order-free) sums the dout rows of
+//     all of them in index order, stopping once it has met as many as
+//     point there (atomicAdd of a count, order-free).  Repeated ids (the
+//     padding token of a CLIP prompt) cost one walk over the ids between
+//     the first and the last occurrence.
+//   gather: a thread per dx element scans the J indices along `dim` of its
+//     line and sums the matches in order: O(numel(x) * J), fine for the
+//     short index lines gather sees in practice.
+#include "nn_util.cuh"
+#include "index.h"
+
+namespace {
+
+template <typename I>
+__global__ void find_bad(const I *idx, int64_t n, int64_t size, unsigned long long *first) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        int64_t v = idx[i];
+        if (v < 0 || v >= size) atomicMin(first, (unsigned long long)i);
+    }
+}
+
+template <typename U, typename I>
+__global__ void __launch_bounds__(kBlock) rows_copy(U *__restrict__ dst, const U *__restrict__ src,
+                                                    const I *__restrict__ idx, int64_t n, int64_t X, int64_t units,
+                                                    int64_t total) {
+    for (int64_t t = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; t < total; t += (int64_t)gridDim.x * blockDim.x) {
+        int64_t r = t / units, k = t - r * units, o = r / n, i = r - o * n;
+        int64_t v = idx[i];
+        if ((uint64_t)v < (uint64_t)X) dst[t] = src[(o * X + v) * units + k];
+    }
+}
+
+template <typename I>
+__global__ void first_and_count(const I *idx, int64_t n, int64_t X, unsigned *head, unsigned *cnt) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        int64_t v = idx[i];
+        if ((uint64_t)v < (uint64_t)X) {
+            atomicMin(&head[v], (unsigned)i);
+            atomicAdd(&cnt[v], 1u);
+        }
+    }
+}
+
+// dx[o, v, k] = sum over the i with idx[i] == v of dy[o, i, k], in i order;
+// a thread per (o, i, k) of dy, working only where i is v's first index.
+template <typename T, typename I>
+__global__ void __launch_bounds__(kBlock) rows_sum(T *__restrict__ dx, const T *__restrict__ dy, const I *__restrict__ idx,
+                                                   const unsigned *head, const unsigned *cnt, int64_t n, int64_t X,
+                                                   int64_t inner, int64_t total) {
+    typedef typename ml_ctype<T>::type A;
+    for (int64_t t = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; t < total; t += (int64_t)gridDim.x * blockDim.x) {
+        int64_t r = t / inner, k = t - r * inner, o = r / n, i = r - o * n;
+        int64_t v = idx[i];
+        if ((uint64_t)v >= (uint64_t)X || head[v] != (unsigned)i) continue;
+        A acc = 0;
+        unsigned left = cnt[v];
+        for (int64_t j = i; left > 0 && j < n; j++)
+            if (idx[j] == v) {
+                acc += ml_to_c(dy[(o * n + j) * inner + k]);
+                left--;
+            }
+        dx[(o * X + v) * inner + k] = ml_from_c<T>(acc);
+    }
+}
+
+template <typename U, typename I, typename Idx>
+__global__ void __launch_bounds__(kBlock) gather_fwd(U *__restrict__ out, const U *__restrict__ x, const I *__restrict__ idx,
+                                                     ml_indexer<2> ix, Idx n, int64_t sdim, int64_t X) {
+    for (Idx i = blockIdx.x * (Idx)blockDim.x + threadIdx.x; i < n; i += (Idx)gridDim.x * blockDim.x) {
+        int64_t off[2];
+        ix.offsets(i, off);
+        int64_t v = idx[off[0]];
+        if ((uint64_t)v < (uint64_t)X) out[off[0]] = x[off[1] + v * sdim];
+    }
+}
+
+// dx's shape (xs), the index's shape (is) and contiguous strides (ist).
+struct gather_geo {
+    int nd, dim;
+    int64_t xs[ML_MAX_DIMS], is[ML_MAX_DIMS], ist[ML_MAX_DIMS];
+};
+
+template <typename T, typename I>
+__global__ void __launch_bounds__(kBlock) gather_bwd(T *__restrict__ dx, const T *__restrict__ dy, const I *__restrict__ idx,
+                                                     gather_geo g, int64_t total) {
+    typedef typename ml_ctype<T>::type A;
+    for (int64_t t = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; t < total; t += (int64_t)gridDim.x * blockDim.x) {
+        int64_t rem = t, base = 0, k = 0;
+        bool inside = true;
+        for (int d = g.nd - 1; d >= 0; d--) {
+            int64_t c = rem % g.xs[d];
+            rem /= g.xs[d];
+            if (d == g.dim) {
+                k = c;
+            } else {
+                inside = inside && c < g.is[d];
+                base += c * g.ist[d];
+            }
+        }
+        A acc = 0;
+        if (inside)
+            for (int64_t j = 0; j < g.is[g.dim]; j++) {
+                int64_t at = base + j * g.ist[g.dim];
+                if (idx[at] == k) acc += ml_to_c(dy[at]);
+            }
+        dx[t] = ml_from_c<T>(acc);
+    }
+}
+
+// ---- host side -------------------------------------------------------------
+
+template <typename F> int dispatch_index(const ml_tensor *index, const char *op, F &&f) {
+    if (index->dtype == ML_I32) return f(int32_t());
+    if (index->dtype == ML_I64) return f(int64_t());
+    return ml_error("%s (cuda): indices must be int32 or int64 (got %s)", op, ml_dtype_name(index->dtype));
+}
+
+// Calls f(T()) for the float dtypes a backward sums in.
+template <typename F> int dispatch_grad(const ml_tensor *g, const char *op, F &&f) {
+    switch (g->dtype) {
+    case ML_F32: return f(float());
+    case ML_F64: return f(double());
+    case ML_F16: return f(ml_f16_t());
+    case ML_BF16: return f(ml_bf16_t());
+    default: return ml_error("%s backward (cuda): gradients must be float32, float64, float16 or bfloat16, not %s", op,
+                             ml_dtype_name(g->dtype));
+    }
+}
+
+// -1 with the CPU's message unless every index is in [0, size).
+int check_range(const char *op, const ml_tensor *index, int64_t size, const char *what, cudaStream_t s) {
+    int64_t n = ml_numel(index);
+    if (n == 0) return 0;
+    int dev = index->device.index;
+    scratch ws(dev, sizeof(unsigned long long));
+    if (!ws.p) return -1;
+    unsigned long long *first = ws.take<unsigned long long>(1);
+    unsigned long long at = 0;
+    ML_CUDA_TRY(cudaMemsetAsync(first, 0xff, sizeof *first, s));
+    if (dispatch_index(index, op, [&](auto tag) -> int {
+            typedef decltype(tag) I;
+            find_bad<<<ml_grid_for(n, kBlock, dev), kBlock, 0, s>>>(ml_ptr<I>(index), n, size, first);
+            ML_CUDA_LAUNCHED(op);
+            return 0;
+        }) < 0)
+        return -1;
+    ML_CUDA_TRY(cudaMemcpyAsync(&at, first, sizeof at, cudaMemcpyDeviceToHost, s));
+    ML_CUDA_TRY(cudaStreamSynchronize(s));
+    if (at == ~0ull) return 0;
+    int64_t v = 0;
+    size_t es = ml_dtype_size(index->dtype);
+    char buf[8];
+    ML_CUDA_TRY(cudaMemcpyAsync(buf, (const char *)ml_data(index) + at * es, es, cudaMemcpyDeviceToHost, s));
+    ML_CUDA_TRY(cudaStreamSynchronize(s));
+    if (es == 4) {
+        int32_t v32;
+        memcpy(&v32, buf, 4);
+        v = v32;
+    } else {
+        memcpy(&v, buf, 8);
+    }
+    return ml_error("%s: index %lld (element %lld of the indices) is out of range for %s %lld", op, (long long)v,
+                    (long long)at, what, (long long)size);
+}
+
+int check_tensor(const char *op, const char *what, const ml_tensor *t, const ml_tensor *ref) {
+    if (!ml_device_eq(t->device, ref->device)) return ml_error("%s (cuda): %s is on another device", op, what);
+    if (!ml_is_contiguous(t)) return ml_error("%s (cuda): %s must be contiguous", op, what);
+    return 0;
+}
+
+int check_dtype(const char *op, const char *what, const ml_tensor *t, const ml_tensor *ref) {
+    if (t->dtype != ref->dtype)
+        return ml_error("%s (cuda): %s is %s, expected %s", op, what, ml_dtype_name(t->dtype), ml_dtype_name(ref->dtype));
+    return 0;
+}
+
+int64_t prod_range(const ml_tensor *t, int from, int to) {
+    int64_t p = 1;
+    for (int i = from; i < to; i++) p *= t->shape[i];
+    return p;
+}
+
+// out[o, i, :] = x[o, index[i], :] for rows of `inner` values; x holds X
+// rows per o.
+int rows_forward(const char *op, ml_tensor *out, const ml_tensor *x, const ml_tensor *index, int64_t outer, int64_t X,
+                 int64_t inner, cudaStream_t s) {
+    int64_t n = ml_numel(index);
+    size_t rb = (size_t)inner * ml_dtype_size(x->dtype);
+    if (outer * n * inner == 0) return 0;
+    int dev = x->device.index;
+    return with_unit(rb, {ml_data(out), ml_data(x)}, [&](auto u) -> int {
+        typedef decltype(u) U;
+        int64_t units = (int64_t)(rb / sizeof(U)), total = outer * n * units;
+        return dispatch_index(index, op, [&](auto tag) -> int {
+            typedef decltype(tag) I;
+            rows_copy<<<ml_grid_for(total, kBlock, dev), kBlock, 0, s>>>((U *)ml_data(out), (const U *)ml_data(x),
+                                                                         ml_ptr<I>(index), n, X, units, total);
+            ML_CUDA_LAUNCHED(op);
+            return 0;
+        });
+    });
+}
+
+// dx[o, v, :] = sum of dout[o, i, :] over the i with index[i] == v.
+int rows_backward(const char *op, ml_tensor *dx, const ml_tensor *dout, const ml_tensor *index, int64_t outer,
+                  int64_t X, int64_t inner, cudaStream_t s) {
+    int64_t n = ml_numel(index);
+    int dev = dx->device.index;
+    size_t es = ml_dtype_size(dx->dtype);
+    if (ml_numel(dx) > 0) ML_CUDA_TRY(cudaMemsetAsync(ml_data(dx), 0, (size_t)ml_numel(dx) * es, s));
+    if (outer * n * inner == 0) return 0;
+    if (n >= (int64_t)UINT32_MAX) return ml_error("%s backward (cuda): more than 2^32 - 2 indices", op);
+    scratch ws(dev, bytes_for({(size_t)X * 4, (size_t)X * 4}));
+    if (!ws.p) return -1;
+    unsigned *head = ws.take<unsigned>((size_t)X), *cnt = ws.take<unsigned>((size_t)X);
+    ML_CUDA_TRY(cudaMemsetAsync(head, 0xff, (size_t)X * 4, s));
+    ML_CUDA_TRY(cudaMemsetAsync(cnt, 0, (size_t)X * 4, s));
+    return dispatch_index(index, op, [&](auto itag) -> int {
+        typedef decltype(itag) I;
+        const I *ip = ml_ptr<I>(index);
+        first_and_count<<<ml_grid_for(n, kBlock, dev), kBlock, 0, s>>>(ip, n, X, head, cnt);
+        ML_CUDA_LAUNCHED(op);
+        return dispatch_grad(dx, op, [&](auto gtag) -> int {
+            typedef decltype(gtag) T;
+            int64_t total = outer * n * inner;
+            rows_sum<<<ml_grid_for(total, kBlock, dev), kBlock, 0, s>>>(ml_ptr<T>(dx), ml_ptr<T>(dout), ip, head, cnt,
+                                                                        n, X, inner, total);
+            ML_CUDA_LAUNCHED(op);
+            return 0;
+        });
+    });
+}
+
+}  // namespace
+
+// ---- embedding ---------------------------------------------------------------
+
+extern "C" int ml_embedding_forward_cuda(ml_tensor *out, const ml_tensor *weight, const ml_tensor *ids) {
+    const char *op = "embedding";
+    cudaStream_t s;
+    if (ml_cuda_prepare(weight, op, &s) < 0) return -1;
+    if (weight->ndim != 2) return ml_error("embedding (cuda): weight must be [num_embeddings, dim]");
+    if (check_tensor(op, "weight", weight, weight) < 0 || check_tensor(op, "output", out, weight) < 0 ||
+        check_tensor(op, "ids", ids, weight) < 0 || check_dtype(op, "output", out, weight) < 0)
+        return -1;
+    int64_t V = weight->shape[0], D = weight->shape[1];
+    if (ml_numel(out) != ml_numel(ids) * D) return ml_error("embedding (cuda): output must hold [n, %lld]", (long long)D);
+    if (check_range(op, ids, V, "a vocabulary of", s) < 0) return -1;
+    return rows_forward(op, out, weight, ids, 1, V, D, s);
+}
+
+extern "C" int ml_embedding_backward_cuda(ml_tensor *dweight, const ml_tensor *dout, const ml_tensor *ids) {
+    const char *op = "embedding";
+    cudaStream_t s;
+    if (ml_cuda_prepare(dweight, op, &s) < 0) return -1;
+    if (dweight->ndim != 2) return ml_error("embedding backward (cuda): dweight must be [num_embeddings, dim]");
+    if (check_tensor(op, "dweight", dweight, dweight) < 0 || check_tensor(op, "gradient", dout, dweight) < 0 ||
+        check_tensor(op, "ids", ids, dweight) < 0 || check_dtype(op, "gradient", dout, dweight) < 0)
+        return -1;
+    int64_t V = dweight->shape[0], D = dweight->shape[1];
+    if (ml_numel(dout) != ml_numel(ids) * D)
+        return ml_error("embedding backward (cuda): gradient must hold [n, %lld]", (long long)D);
+    if (dispatch_grad(dweight, op, [](auto) { return 0; }) < 0 || check_range(op, ids, V, "a vocabulary of", s) < 0)
+        return -1;
+    return rows_backward(op, dweight, dout, ids, 1, V, D, s);
+}
+
+// ---- gather --------------------------------------------------------------------
+
+extern "C" int ml_gather_forward_cuda(ml_tensor *out, const ml_tensor *x, int dim, const ml_tensor *index) {
+    const char *op = "gather";
+    cudaStream_t s;
+    if (ml_cuda_prepare(x, op, &s) < 0) return -1;
+    if (x->ndim < 1 || dim < 0 || dim >= x->ndim || index->ndim != x->ndim || !ml_same_shape(out, index))
+        return ml_error("gather (cuda): dim %d, index and output must match the input's %d dims", dim, x->ndim);
+    if (check_tensor(op, "input", x, x) < 0 || check_tensor(op, "output", out, x) < 0 ||
+        check_tensor(op, "index", index, x) < 0 || check_dtype(op, "output", out, x) < 0)
+        return -1;
+    if (check_range(op, index, x->shape[dim], "a dim of size", s) < 0) return -1;
+    int64_t n = ml_numel(index);
+    if (n == 0) return 0;
+    int64_t xs[ML_MAX_DIMS], is[ML_MAX_DIMS];
+    ml_contiguous_strides(x->ndim, x->shape, xs);
+    ml_contiguous_strides(index->ndim, index->shape, is);
+    int64_t sdim = xs[dim];
+    xs[dim] = 0;   // the index supplies that coordinate
+    const int64_t *strides[2] = {is, xs};
+    ml_indexer<2> ix;
+    ml_indexer_make(&ix, index->ndim, index->shape, strides);
+    int dev = x->device.index;
+    auto run = [&](auto u) -> int {
+        typedef decltype(u) U;
+        return dispatch_index(index, op, [&](auto tag) -> int {
+            typedef decltype(tag) I;
+            unsigned grid = ml_grid_for(n, kBlock, dev);
+            U *o = ml_ptr<U>(out);
+            const U *xp = ml_ptr<U>(x);
+            if (ml_fits_u32(n))
+                gather_fwd<<<grid, kBlock, 0, s>>>(o, xp, ml_ptr<I>(index), ix, (uint32_t)n, sdim, x->shape[dim]);
+            else
+                gather_fwd<<<grid, kBlock, 0, s>>>(o, xp, ml_ptr<I>(index), ix, n, sdim, x->shape[dim]);
+            ML_CUDA_LAUNCHED(op);
+            return 0;
+        });
+    };
+    switch (ml_dtype_size(x->dtype)) {
+    case 1: return run(uint8_t());
+    case 2: return run(uint16_t());
+    case 4: return run(uint32_t());
+    case 8: return run(uint64_t());
+    default: return ml_error("gather (cuda): unsupported element size of %s", ml_dtype_name(x->dtype));
+    }
+}
+
+extern "C" int ml_gather_backward_cuda(ml_tensor *dx, const ml_tensor *dout, int dim, const ml_tensor *index) {
+    const char *op = "gather";
+    cudaStream_t s;
+    if (ml_cuda_prepare(dx, op, &s) < 0) return -1;
+    if (dx->ndim < 1 || dim < 0 || dim >= dx->ndim || index->ndim != dx->ndim || !ml_same_shape(dout, index))
+        return ml_error("gather backward (cuda): dim %d, index and gradient must match dx's %d dims", dim, dx->ndim);
+    if (check_tensor(op, "dx", dx, dx) < 0 || check_tensor(op, "gradient", dout, dx) < 0 ||
+        check_tensor(op, "index", index, dx) < 0 || check_dtype(op, "gradient", dout, dx) < 0)
+        return -1;
+    if (dispatch_grad(dx, op, [](auto) { return 0; }) < 0 || check_range(op, index, dx->shape[dim], "a dim of size", s) < 0)
+        return -1;
+    int64_t total = ml_numel(dx);
+    if (total == 0) return 0;
+    gather_geo g;
+    g.nd = dx->ndim;
+    g.dim = dim;
+    for (int d = 0; d < g.nd; d++) {
+        g.xs[d] = dx->shape[d];
+        g.is[d] = index->shape[d];
+    }
+    ml_contiguous_strides(index->ndim, index->shape, g.ist);
+    int dev = dx->device.index;
+    return dispatch_index(index, op, [&](auto itag) -> int {
+        typedef decltype(itag) I;
+        return dispatch_grad(dx, op, [&](auto gtag) -> int {
+            typedef decltype(gtag) T;
+            gather_bwd<<<ml_grid_for(total, kBlock, dev), kBlock, 0, s>>>(ml_ptr<T>(dx), ml_ptr<T>(dout),
+                                                                          ml_ptr<I>(index), g, total);
+            ML_CUDA_LAUNCHED(op);
+            return 0;
+        });
+    });
+}
+
+// ---- index_select ----------------------------------------------------------------
+
+extern "C" int ml_index_select_forward_cuda(ml_tensor *out, const ml_tensor *x, int dim, const ml_tensor *index) {
+    const char *op = "index_select";
+    cudaStream_t s;
+    if (ml_cuda_prepare(x, op, &s) < 0) return -1;
+    if (x->ndim < 1 || dim < 0 || dim >= x->ndim || out->ndim != x->ndim)
+        return ml_error("index_select (cuda): dim %d and the output must match the input's %d dims", dim, x->ndim);
+    if (check_tensor(op, "input", x, x) < 0 || check_tensor(op, "output", out, x) < 0 ||
+        check_tensor(op, "index", index, x) < 0 || check_dtype(op, "output", out, x) < 0)
+        return -1;
+    int64_t outer = prod_range(x, 0, dim), inner = prod_range(x, dim + 1, x->ndim);
+    if (ml_numel(out) != outer * ml_numel(index) * inner)
+        return ml_error("index_select (cuda): the output does not hold %lld selected slices", (long long)ml_numel(index));
+    if (check_range(op, index, x->shape[dim], "a dim of size", s) < 0) return -1;
+    return rows_forward(op, out, x, index, outer, x->shape[dim], inner, s);
+}
+
+extern "C" int ml_index_select_backward_cuda(ml_tensor *dx, const ml_tensor *dout, int dim, const ml_tensor *index) {
+    const char *op = "index_select";
+    cudaStream_t s;
+    if (ml_cuda_prepare(dx, op, &s) < 0) return -1;
+    if (dx->ndim < 1 || dim < 0 || dim >= dx->ndim)
+        return ml_error("index_select backward (cuda): dim %d is out of range for %d dims", dim, dx->ndim);
+    if (check_tensor(op, "dx", dx, dx) < 0 || check_tensor(op, "gradient", dout, dx) < 0 ||
+        check_tensor(op, "index", index, dx) < 0 || check_dtype(op, "gradient", dout, dx) < 0)
+        return -1;
+    int64_t outer = prod_range(dx, 0, dim), inner = prod_range(dx, dim + 1, dx->ndim);
+    if (ml_numel(dout) != outer * ml_numel(index) * inner)
+        return ml_error("index_select backward (cuda): the gradient does not hold %lld selected slices",
+                        (long long)ml_numel(index));
+    if (dispatch_grad(dx, op, [](auto) { return 0; }) < 0 || check_range(op, index, dx->shape[dim], "a dim of size", s) < 0)
+        return -1;
+    return rows_backward(op, dx, dout, index, outer, dx->shape[dim], inner, s);
+}

@@ -1,0 +1,77 @@
+-- parity_conv.lua — CPU vs GPU cases for conv2d (cuDNN, NHWC), loaded by
+-- test_parity.lua.
+--
+-- f32 runs on cuDNN's FMA kernels (no TF32): the tolerance allows for
+-- summation order and Winograd-style transforms over up to 9*64 taps, and
+-- is far below TF32's error (~1e-2).  Half-precision cases round the
+-- inputs to bf16/f16 on both devices; the CPU convolves the rounded values
+-- in f32 and rounds the result, the GPU uses tensor cores with f32
+-- accumulation (its bias is added after rounding: one more rounding).
+return function(case, ml)
+    local F = ml.F
+    local f32 = {rtol = 1e-4, atol = 2e-4}
+    local bf16 = {rtol = 2e-2, atol = 2e-2}
+    local f16 = {rtol = 5e-3, atol = 5e-3}
+    local f64 = {rtol = 3e-7, atol = 1e-9}   -- f64 convolution, compared after rounding to f32
+
+    local function on_gpu(t) return t.device:sub(1, 4) == "cuda" end
+
+    -- As in parity_matmul.lua: op in dtype dt on the GPU, in f32 on
+    -- dt-rounded inputs on the CPU; returned in f32.
+    local function via(dt, op)
+        return function(...)
+            local args = {...}
+            local gpu = on_gpu(args[1])
+            for i, t in ipairs(args) do args[i] = gpu and t:to(dt) or t:to(dt):float() end
+            local y = op(table.unpack(args))
+            return gpu and y:float() or y:to(dt):float()
+        end
+    end
+    local function in_f64(op)
+        return function(...)
+            local args = {...}
+            for i, t in ipairs(args) do args[i] = t:double() end
+            -- back in f32: the suite's upstream gradient is f32
+            return op(table.unpack(args)):float()
+        end
+    end
+
+    -- conv(opts): fn(x, w, b) with those options; b may be absent.
+    local function conv(opts) return function(x, w, b) return F.conv2d(x, w, b, opts) end end
+    -- x [N,H,W,C], w [O,kh,kw,C], b [O] (no b when nobias)
+    local function xwb(n, h, wd, c, o, kh, kw, nobias)
+        return function(M)
+            local t = {M.randn(n, h, wd, c), M.randn(o, kh, kw, c)}
+            if not nobias then t[3] = M.randn(o) end
+            return t
+        end
+    end
+    local p1 = conv {padding = 1}
+    local s2p1 = conv {stride = 2, padding = 1}
+    local vae_down = conv {stride = 2, padding = {0, 1, 0, 1}}
+    local plain = conv {}
+
+    case("conv2d", "3x3 pad 1, bias [2,16,16,32] -> 64", p1, xwb(2, 16, 16, 32, 64, 3, 3), f32)
+    case("conv2d", "3x3 stride 2 pad 1 [2,16,16,32] -> 32", s2p1, xwb(2, 16, 16, 32, 32, 3, 3), f32)
+    case("conv2d", "VAE downsample: stride 2 padding {0,1,0,1} [2,16,16,32]", vae_down, xwb(2, 16, 16, 32, 32, 3, 3),
+         f32)
+    case("conv2d", "padding {0,1,0,1} stride 2, odd size [1,15,13,8]", vae_down, xwb(1, 15, 13, 8, 8, 3, 3), f32)
+    case("conv2d", "asymmetric width only {1,1,0,2}, 3x3", conv {padding = {1, 1, 0, 2}}, xwb(2, 9, 7, 8, 12, 3, 3),
+         f32)
+    case("conv2d", "1x1 [2,8,8,64] -> 32, bias", plain, xwb(2, 8, 8, 64, 32, 1, 1), f32)
+    case("conv2d", "3x3 pad 1, no bias [2,12,12,16] -> 24", p1, xwb(2, 12, 12, 16, 24, 3, 3, true), f32)
+    case("conv2d", "stride {1,2} padding {1,0}, 2x3 kernel", conv {stride = {1, 2}, padding = {1, 0}},
+         xwb(2, 9, 11, 8, 6, 2, 3), f32)
+    case("conv2d", "conv_in 4 -> 32 channels [2,16,16,4]", p1, xwb(2, 16, 16, 4, 32, 3, 3), f32)
+    case("conv2d", "conv_out 32 -> 4 channels", p1, xwb(2, 16, 16, 32, 4, 3, 3), f32)
+    case("conv2d", "non-contiguous (NCHW-permuted) input", function(x, w, b)
+        return F.conv2d(x:permute(1, 3, 4, 2), w, b, {padding = 1})
+    end, function(M) return {M.randn(2, 16, 8, 8), M.randn(24, 3, 3, 16), M.randn(24)} end, f32)
+    case("conv2d", "SD-sized 3x3 pad 1 [1,32,32,64] -> 64", p1, xwb(1, 32, 32, 64, 64, 3, 3), f32)
+    case("conv2d", "bf16 3x3 pad 1 [2,16,16,32] -> 64", via("bf16", p1), xwb(2, 16, 16, 32, 64, 3, 3), bf16)
+    case("conv2d", "bf16 VAE downsample padding {0,1,0,1}", via("bf16", vae_down), xwb(2, 16, 16, 32, 32, 3, 3), bf16)
+    case("conv2d", "bf16 1x1 no bias", via("bf16", plain), xwb(2, 8, 8, 64, 32, 1, 1, true), bf16)
+    case("conv2d", "bf16 conv_in 4 -> 32 channels", via("bf16", p1), xwb(2, 16, 16, 4, 32, 3, 3), bf16)
+    case("conv2d", "f16 3x3 stride 2 pad 1", via("f16", s2p1), xwb(2, 16, 16, 32, 32, 3, 3), f16)
+    case("conv2d", "f64 padding {0,1,0,1} stride 2", in_f64(vae_down), xwb(1, 9, 9, 8, 8, 3, 3), f64)
+end

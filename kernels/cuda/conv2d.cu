@@ -197,8 +197,12 @@ int fits_int(const char *op, const ml_tensor *t, int64_t numel) {
 
 int setup(conv_call *c, const char *op, const ml_tensor *x, const ml_tensor *w, const ml_tensor *y,
           const ml_conv2d_params *p) {
-    if (x->dtype != ML_F32 && x->dtype != ML_F64 && x->dtype != ML_F16 && x->dtype != ML_BF16)
-        return ml_error("%s: dtype %s is not supported on cuda (expected f32, f64, f16 or bf16)", op,
+    /* cuDNN 9 has no NHWC f64 backward-filter algorithms: refuse f64 up
+     * front rather than fail half-way through a training step. */
+    if (x->dtype == ML_F64)
+        return ml_error("%s: f64 is not supported on cuda (cuDNN has no NHWC f64 kernels); use f32, f16 or bf16", op);
+    if (x->dtype != ML_F32 && x->dtype != ML_F16 && x->dtype != ML_BF16)
+        return ml_error("%s: dtype %s is not supported on cuda (expected f32, f16 or bf16)", op,
                         ml_dtype_short(x->dtype));
     c->dev = x->device.index;
     c->explicit_pad = p->pad_top != p->pad_bottom || p->pad_left != p->pad_right;

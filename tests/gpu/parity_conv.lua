@@ -12,7 +12,6 @@ return function(case, ml)
     local f32 = {rtol = 1e-4, atol = 2e-4}
     local bf16 = {rtol = 2e-2, atol = 2e-2}
     local f16 = {rtol = 5e-3, atol = 5e-3}
-    local f64 = {rtol = 3e-7, atol = 1e-9}   -- f64 convolution, compared after rounding to f32
 
     local function on_gpu(t) return t.device:sub(1, 4) == "cuda" end
 
@@ -27,15 +26,6 @@ return function(case, ml)
             return gpu and y:float() or y:to(dt):float()
         end
     end
-    local function in_f64(op)
-        return function(...)
-            local args = {...}
-            for i, t in ipairs(args) do args[i] = t:double() end
-            -- back in f32: the suite's upstream gradient is f32
-            return op(table.unpack(args)):float()
-        end
-    end
-
     -- conv(opts): fn(x, w, b) with those options; b may be absent.
     local function conv(opts) return function(x, w, b) return F.conv2d(x, w, b, opts) end end
     -- x [N,H,W,C], w [O,kh,kw,C], b [O] (no b when nobias)
@@ -73,5 +63,6 @@ return function(case, ml)
     case("conv2d", "bf16 1x1 no bias", via("bf16", plain), xwb(2, 8, 8, 64, 32, 1, 1, true), bf16)
     case("conv2d", "bf16 conv_in 4 -> 32 channels", via("bf16", p1), xwb(2, 16, 16, 4, 32, 3, 3), bf16)
     case("conv2d", "f16 3x3 stride 2 pad 1", via("f16", s2p1), xwb(2, 16, 16, 32, 32, 3, 3), f16)
-    case("conv2d", "f64 padding {0,1,0,1} stride 2", in_f64(vae_down), xwb(1, 9, 9, 8, 8, 3, 3), f64)
+    -- f64 conv is refused on CUDA (cuDNN 9 has no NHWC f64 backward-filter
+    -- algorithms); f64 stays a CPU dtype for gradient checks.
 end

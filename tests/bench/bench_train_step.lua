@@ -1,0 +1,86 @@
+-- bench_train_step.lua — one DreamBooth training step, timed as the peer's
+-- bench/peer_train_step.py does it: VAE encode + text encoder fwd/bwd +
+-- UNet fwd/bwd + prior-preserving loss + clip_grad_norm + AdamW, batch =
+-- B instance + B class images, random weights built from a configs folder.
+--   moonlit tests/bench/bench_train_step.lua [--configs configs/sd-v1-4] [--batch 2]
+--       [--steps 10] [--device cuda] [--dtype f32|bf16] [--size 512]
+-- Prints the median step time, TFLOP/s against the peer's FLOP count for
+-- SD 1.4 at 512x512 (14.52 TFLOP per step at batch 2+2) and peak GPU memory.
+local ml = require "moonlit"
+local core = ml.core
+
+local o = {configs = "configs/sd-v1-4", batch = 2, steps = 10, device = "cuda", dtype = "f32", size = 512}
+for i = 1, #arg, 2 do
+    local k = arg[i]:match("^%-%-(.+)$")
+    if not k or o[k] == nil then io.stderr:write("bench_train_step: unknown option " .. arg[i] .. "\n") os.exit(1) end
+    o[k] = tonumber(arg[i + 1]) or arg[i + 1]
+end
+local dev = o.device
+local on_gpu = dev:sub(1, 4) == "cuda"
+local function sync() if on_gpu then core.cuda_synchronize(0) end end
+local function now()
+    local f = io.open("/proc/uptime")
+    local t = f:read("n")
+    f:close()
+    return t
+end
+
+local t0 = now()
+local m = ml.sd.from_configs(o.configs, {seed = 0, device = dev, dtype = o.dtype})
+print(string.format("init %.1f s on %s (%s): unet %.1fM, vae %.1fM, text %.1fM parameters", now() - t0, dev, o.dtype,
+                    m.unet:num_parameters() / 1e6, m.vae:num_parameters() / 1e6, m.text_encoder:num_parameters() / 1e6))
+m.vae:requires_grad_(false)
+m.unet:train()
+m.text_encoder:train()
+local S = require "moonlit.schedulers"
+local ddpm = S.DDPMScheduler {beta_start = 0.00085, beta_end = 0.012, beta_schedule = "scaled_linear",
+                              num_train_timesteps = 1000, clip_sample = false}
+local params = ml.nn.parameters(m.unet, m.text_encoder)
+local opt = ml.optim.AdamW(params, {lr = 5e-6})
+local B = 2 * o.batch
+local images = (ml.rand({B, o.size, o.size, 3}, {device = dev}) * 2 - 1):to(o.dtype)
+local ids = ml.randint(0, 49407, {B, 77}, {device = dev})
+
+local function prior_preserving_loss(pred, target, weight)
+    local h = pred:size(1) // 2
+    return ml.F.mse_loss(pred:narrow(1, 1, h):float(), target:narrow(1, 1, h):float()) +
+           ml.F.mse_loss(pred:narrow(1, h + 1, h):float(), target:narrow(1, h + 1, h):float()) * weight
+end
+
+local function step()
+    opt:zero_grad()
+    local latents = ml.no_grad(function() return m.vae:encode(images):sample() * 0.18215 end)
+    local noise = ml.randn(latents:size(), {device = dev, dtype = latents.dtype})
+    local t = ml.randint(0, 1000, {B}, {device = dev})
+    local noisy = ddpm:add_noise(latents, noise, t)
+    local pred = m.unet(noisy, t, m.text_encoder(ids))
+    local loss = prior_preserving_loss(pred, noise, 1.0)
+    loss:backward()
+    ml.optim.clip_grad_norm(params, 1.0)
+    opt:step()
+    return loss
+end
+
+t0 = now()
+for _ = 1, 2 do step() end
+sync()
+print(string.format("warm-up (2 steps) %.1f s", now() - t0))
+if on_gpu then core.cuda_reset_peak(0) end
+local times = {}
+for i = 1, o.steps do
+    sync()
+    local a = now()
+    step()
+    sync()
+    times[i] = now() - a
+end
+table.sort(times)
+local med = times[(#times + 1) // 2]
+local peak = on_gpu and core.cuda_memory_stats(0).peak / 2 ^ 30 or 0
+print(string.format("train step (batch %d+%d, %dx%d, %s): median %.1f ms, min %.1f ms, peak %.2f GiB",
+                    o.batch, o.batch, o.size, o.size, o.dtype, med * 1e3, times[1] * 1e3, peak))
+if o.configs:match("sd%-v1%-4") then
+    -- the peer's FLOP count for SD 1.4 (14.52 TFLOP per step at 2+2, 512x512)
+    local flops = 14.52e12 * (B / 4) * (o.size / 512) ^ 2
+    print(string.format("  %.1f TFLOP/s of model FLOPs", flops / med / 1e12))
+end

@@ -16,15 +16,16 @@
 local ml = require "moonlit"
 local core = ml.core
 
-local args = {dir = nil, only = nil, device = "cpu"}
+local args = {dir = nil, only = nil, device = "cpu", precision = "f32"}
 do
     local i = 1
     while i <= #arg do
         local a = arg[i]
         if a == "--only" then args.only = {} for n in arg[i + 1]:gmatch("[^,]+") do args.only[n] = true end i = i + 1
         elseif a == "--device" then args.device = arg[i + 1] i = i + 1
+        elseif a == "--precision" then args.precision = arg[i + 1] i = i + 1
         elseif a == "-h" or a == "--help" then
-            print("usage: moonlit scripts/verify_fixture.lua <fixture_dir> [--only tokenizer,text_encoder,unet,vae,schedulers,pipeline,train] [--device cpu|cuda]")
+            print("usage: moonlit scripts/verify_fixture.lua <fixture_dir> [--only tokenizer,text_encoder,unet,vae,schedulers,pipeline,train] [--device cpu|cuda] [--precision f32|bf16-mixed]")
             os.exit(0)
         elseif not args.dir then args.dir = a
         else io.stderr:write("verify_fixture: unexpected argument " .. a .. "\n") os.exit(2) end
@@ -50,6 +51,25 @@ if dev ~= "cpu" then
 end
 local TOL_MODULE, TOL_PIPE = 1e-5, 1e-4
 if dev ~= "cpu" then TOL_MODULE, TOL_PIPE = 1e-4, 1e-4 end
+-- bf16-mixed: f32 weights, every layer computing in bf16 (nn.autocast);
+-- the fixture README's tolerance for GPU bf16 is 2e-2.
+local precision = args.precision
+if precision ~= "f32" and precision ~= "bf16-mixed" then
+    io.stderr:write("verify_fixture: --precision must be f32 or bf16-mixed\n")
+    os.exit(2)
+end
+if precision == "bf16-mixed" then
+    if dev == "cpu" then
+        io.stderr:write("verify_fixture: --precision bf16-mixed needs --device cuda (the CPU computes in f32/f64)\n")
+        os.exit(2)
+    end
+    TOL_MODULE, TOL_PIPE = 2e-2, 2e-2
+end
+-- run fn under the chosen precision
+local function compute(fn, ...)
+    if precision == "bf16-mixed" then return ml.nn.autocast("bf16", fn, ...) end
+    return fn(...)
+end
 local n_ok, n_fail = 0, 0
 
 local function report(name, err, tol, pass)
@@ -110,19 +130,19 @@ end
 ml.no_grad(function()
     if want("text_encoder") then
         local r = load("text_encoder.safetensors")
-        check("text_encoder.last_hidden_state", m.text_encoder(r.input_ids:to(dev)), r.last_hidden_state, TOL_MODULE)
+        check("text_encoder.last_hidden_state", compute(m.text_encoder, r.input_ids:to(dev)), r.last_hidden_state, TOL_MODULE)
     end
     if want("unet") then
         local r = load("unet.safetensors")
-        local out = m.unet(nchw_to_nhwc(r.sample):to(dev), r.timesteps:to(dev), r.encoder_hidden_states:to(dev))
+        local out = compute(m.unet, nchw_to_nhwc(r.sample):to(dev), r.timesteps:to(dev), r.encoder_hidden_states:to(dev))
         check("unet.out", nhwc_to_nchw(out), r.out, TOL_MODULE)
     end
     if want("vae") then
         local r = load("vae.safetensors")
-        local post = m.vae:encode(nchw_to_nhwc(r.image):to(dev))
+        local post = compute(m.vae.encode, m.vae, nchw_to_nhwc(r.image):to(dev))
         check("vae.encode.mean", nhwc_to_nchw(post.mean), r.mean, TOL_MODULE)
         check("vae.encode.logvar", nhwc_to_nchw(post.logvar), r.logvar, TOL_MODULE)
-        check("vae.decode", nhwc_to_nchw(m.vae:decode(nchw_to_nhwc(r.latents):to(dev))), r.decoded, TOL_MODULE)
+        check("vae.decode", nhwc_to_nchw(compute(m.vae.decode, m.vae, nchw_to_nhwc(r.latents):to(dev))), r.decoded, TOL_MODULE)
     end
 end)
 
@@ -198,7 +218,7 @@ end
 if want("pipeline") and meta.pipeline_call then
     local r = load("pipeline_out.safetensors")
     local pc = meta.pipeline_call
-    local img = ml.sd.generate(m, {prompt = pc.prompt, negative_prompt = pc.negative_prompt,
+    local img = compute(ml.sd.generate, m, {prompt = pc.prompt, negative_prompt = pc.negative_prompt,
                                    num_inference_steps = pc.num_inference_steps, guidance_scale = pc.guidance_scale,
                                    scheduler = pc.scheduler, latents = nchw_to_nhwc(r.latents):to(dev),
                                    height = r.image:size(2), width = r.image:size(3)})
@@ -213,18 +233,17 @@ if want("train") and core.is_file(path("train_step.safetensors")) then
     te:train(); unet:train()
     local params = ml.nn.parameters(unet, te)
     local opt = ml.optim.AdamW(params, {lr = tr.lr, betas = tr.betas, eps = tr.eps, weight_decay = tr.weight_decay})
-    local latents = ml.no_grad(function()
+    local latents = ml.no_grad(compute, function()
         local post = vae:encode(nchw_to_nhwc(r.images):to(dev))
         return post:sample(nchw_to_nhwc(r.vae_eps):to(dev)) * tr.vae_scaling
-    end)
+    end):float()
     check("train.latents", nhwc_to_nchw(latents), r.latents, TOL_MODULE)
     local noise = nchw_to_nhwc(r.noise):to(dev)
     local t = r.timesteps:to(dev)
     local S = require "moonlit.schedulers"
     local ddpm = S.from_config(m.scheduler_config, "ddpm")
     local noisy = ddpm:add_noise(latents, noise, t)
-    local context = te(r.input_ids:to(dev))
-    local pred = unet(noisy, t, context)
+    local pred = compute(function() return unet(noisy, t, te(r.input_ids:to(dev))) end):float()
     check("train.model_pred", nhwc_to_nchw(pred), r.model_pred, TOL_PIPE)
     local target = meta.prediction_type == "v_prediction" and ddpm:get_velocity(latents, noise, t) or noise
     local half = pred:size(1) // 2

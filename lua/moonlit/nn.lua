@@ -330,6 +330,32 @@ end
 
 local function opt(o, k, d) if o == nil or o[k] == nil then return d end return o[k] end
 
+-- ---- mixed precision --------------------------------------------------------
+-- nn.autocast(dtype, fn, ...) runs fn with every layer computing in dtype
+-- (e.g. "bf16"): weights, biases and inputs are converted at each layer,
+-- while the parameters themselves stay as they are (f32 master weights).
+-- The conversions are recorded by autograd, so gradients arrive in the
+-- parameters' own dtype.  This is the bf16-mixed recipe.
+local compute_dtype = nil
+function nn.autocast(dtype, fn, ...)
+    local prev = compute_dtype
+    compute_dtype = dtype
+    local res = table.pack(pcall(fn, ...))
+    compute_dtype = prev
+    if not res[1] then error(res[2], 0) end
+    return table.unpack(res, 2, res.n)
+end
+function nn.compute_dtype() return compute_dtype end
+-- t in the autocast dtype (t itself outside autocast, or when nil / not float)
+function nn.cast(t)
+    if compute_dtype and t ~= nil and t.dtype ~= compute_dtype and
+       (t.dtype == "f32" or t.dtype == "f64" or t.dtype == "f16" or t.dtype == "bf16") then
+        return t:to(compute_dtype)
+    end
+    return t
+end
+local cast = nn.cast
+
 -- ---- layers ---------------------------------------------------------------
 
 local Linear = Module:extend("Linear")
@@ -343,7 +369,7 @@ function Linear:init(in_features, out_features, o)
         self:register_parameter("bias", default_uniform(core.empty({out_features}, topts), in_features))
     end
 end
-function Linear:forward(x) return core.linear(x, self.weight, self.bias) end
+function Linear:forward(x) return core.linear(cast(x), cast(self.weight), cast(self.bias)) end
 function Linear:extra_repr() return string.format("in=%d, out=%d, bias=%s", self.in_features, self.out_features, tostring(self.bias ~= nil)) end
 
 local Conv2d = Module:extend("Conv2d")
@@ -362,7 +388,7 @@ function Conv2d:init(cin, cout, k, o)
     if opt(o, "bias", true) then self:register_parameter("bias", default_uniform(core.empty({cout}, topts), fan_in)) end
 end
 function Conv2d:forward(x)
-    return core.conv2d(x, self.weight, self.bias, {stride = self.stride, padding = self.padding})
+    return core.conv2d(cast(x), cast(self.weight), cast(self.bias), {stride = self.stride, padding = self.padding})
 end
 function Conv2d:extra_repr()
     return string.format("%d, %d, kernel=%dx%d, stride=%s, padding=%s", self.in_channels, self.out_channels,
@@ -383,7 +409,7 @@ function GroupNorm:init(groups, channels, o)
 end
 -- forward(x, {silu = true}) fuses the SiLU that follows most norms in SD.
 function GroupNorm:forward(x, o)
-    return core.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, opt(o, "silu", false))
+    return core.group_norm(cast(x), self.num_groups, cast(self.weight), cast(self.bias), self.eps, opt(o, "silu", false))
 end
 
 local LayerNorm = Module:extend("LayerNorm")
@@ -396,7 +422,7 @@ function LayerNorm:init(dim, o)
         self:register_parameter("bias", core.zeros({dim}, topts))
     end
 end
-function LayerNorm:forward(x) return core.layer_norm(x, self.weight, self.bias, self.eps) end
+function LayerNorm:forward(x) return core.layer_norm(cast(x), cast(self.weight), cast(self.bias), self.eps) end
 
 local Embedding = Module:extend("Embedding")
 nn.Embedding = Embedding
@@ -404,7 +430,7 @@ function Embedding:init(num, dim, o)
     local topts = {dtype = opt(o, "dtype", "f32"), device = opt(o, "device", "cpu")}
     self:register_parameter("weight", nn.init.normal_(core.empty({num, dim}, topts), 0, 1))
 end
-function Embedding:forward(ids) return core.embedding(self.weight, ids) end
+function Embedding:forward(ids) return core.embedding(cast(self.weight), ids) end
 
 local Dropout = Module:extend("Dropout")
 nn.Dropout = Dropout

@@ -3,13 +3,15 @@
 -- UNet fwd/bwd + prior-preserving loss + clip_grad_norm + AdamW, batch =
 -- B instance + B class images, random weights built from a configs folder.
 --   moonlit tests/bench/bench_train_step.lua [--configs configs/sd-v1-4] [--batch 2]
---       [--steps 10] [--device cuda] [--dtype f32|bf16] [--size 512]
+--       [--steps 10] [--device cuda] [--precision f32|bf16-mixed] [--size 512]
+--   f32: everything in f32 (no TF32); bf16-mixed: f32 weights and AdamW state,
+--   every layer computing in bf16 (nn.autocast).
 -- Prints the median step time, TFLOP/s against the peer's FLOP count for
 -- SD 1.4 at 512x512 (14.52 TFLOP per step at batch 2+2) and peak GPU memory.
 local ml = require "moonlit"
 local core = ml.core
 
-local o = {configs = "configs/sd-v1-4", batch = 2, steps = 10, device = "cuda", dtype = "f32", size = 512}
+local o = {configs = "configs/sd-v1-4", batch = 2, steps = 10, device = "cuda", precision = "f32", size = 512}
 for i = 1, #arg, 2 do
     local k = arg[i]:match("^%-%-(.+)$")
     if not k or o[k] == nil then io.stderr:write("bench_train_step: unknown option " .. arg[i] .. "\n") os.exit(1) end
@@ -26,8 +28,17 @@ local function now()
 end
 
 local t0 = now()
-local m = ml.sd.from_configs(o.configs, {seed = 0, device = dev, dtype = o.dtype})
-print(string.format("init %.1f s on %s (%s): unet %.1fM, vae %.1fM, text %.1fM parameters", now() - t0, dev, o.dtype,
+if o.precision ~= "f32" and o.precision ~= "bf16-mixed" then
+    io.stderr:write("bench_train_step: --precision must be f32 or bf16-mixed\n")
+    os.exit(1)
+end
+local compute_dtype = o.precision == "bf16-mixed" and "bf16" or nil
+local function compute(fn, ...)
+    if compute_dtype then return ml.nn.autocast(compute_dtype, fn, ...) end
+    return fn(...)
+end
+local m = ml.sd.from_configs(o.configs, {seed = 0, device = dev})
+print(string.format("init %.1f s on %s (%s): unet %.1fM, vae %.1fM, text %.1fM parameters", now() - t0, dev, o.precision,
                     m.unet:num_parameters() / 1e6, m.vae:num_parameters() / 1e6, m.text_encoder:num_parameters() / 1e6))
 m.vae:requires_grad_(false)
 m.unet:train()
@@ -38,7 +49,7 @@ local ddpm = S.DDPMScheduler {beta_start = 0.00085, beta_end = 0.012, beta_sched
 local params = ml.nn.parameters(m.unet, m.text_encoder)
 local opt = ml.optim.AdamW(params, {lr = 5e-6})
 local B = 2 * o.batch
-local images = (ml.rand({B, o.size, o.size, 3}, {device = dev}) * 2 - 1):to(o.dtype)
+local images = ml.rand({B, o.size, o.size, 3}, {device = dev}) * 2 - 1
 local ids = ml.randint(0, 49407, {B, 77}, {device = dev})
 
 local function prior_preserving_loss(pred, target, weight)
@@ -49,11 +60,11 @@ end
 
 local function step()
     opt:zero_grad()
-    local latents = ml.no_grad(function() return m.vae:encode(images):sample() * 0.18215 end)
+    local latents = ml.no_grad(compute, function() return m.vae:encode(images):sample() * 0.18215 end)
     local noise = ml.randn(latents:size(), {device = dev, dtype = latents.dtype})
     local t = ml.randint(0, 1000, {B}, {device = dev})
     local noisy = ddpm:add_noise(latents, noise, t)
-    local pred = m.unet(noisy, t, m.text_encoder(ids))
+    local pred = compute(function() return m.unet(noisy, t, m.text_encoder(ids)) end)
     local loss = prior_preserving_loss(pred, noise, 1.0)
     loss:backward()
     ml.optim.clip_grad_norm(params, 1.0)
@@ -78,7 +89,7 @@ table.sort(times)
 local med = times[(#times + 1) // 2]
 local peak = on_gpu and core.cuda_memory_stats(0).peak / 2 ^ 30 or 0
 print(string.format("train step (batch %d+%d, %dx%d, %s): median %.1f ms, min %.1f ms, peak %.2f GiB",
-                    o.batch, o.batch, o.size, o.size, o.dtype, med * 1e3, times[1] * 1e3, peak))
+                    o.batch, o.batch, o.size, o.size, o.precision, med * 1e3, times[1] * 1e3, peak))
 if o.configs:match("sd%-v1%-4") then
     -- the peer's FLOP count for SD 1.4 (14.52 TFLOP per step at 2+2, 512x512)
     local flops = 14.52e12 * (B / 4) * (o.size / 512) ^ 2

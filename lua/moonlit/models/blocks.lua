@@ -178,7 +178,8 @@ function Downsample2D:init(channels, padding)
 end
 function Downsample2D:forward(x)
     if self.pad == 0 then
-        return core.conv2d(x, self.conv.weight, self.conv.bias, {stride = 2, padding = {0, 1, 0, 1}})
+        return core.conv2d(nn.cast(x), nn.cast(self.conv.weight), nn.cast(self.conv.bias),
+                           {stride = 2, padding = {0, 1, 0, 1}})
     end
     return self.conv(x)
 end

@@ -19,7 +19,7 @@ function Embeddings:forward(ids)
         error(string.format("CLIPTextModel: sequence of %d tokens is longer than max_position_embeddings %d",
                             s, self.position_embedding.weight:size(1)), 2)
     end
-    local pos = self.position_embedding.weight:narrow(1, 1, s)         -- [S, D]
+    local pos = nn.cast(self.position_embedding.weight):narrow(1, 1, s)   -- [S, D]
     return self.token_embedding(ids) + pos
 end
 

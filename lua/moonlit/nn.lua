@@ -355,15 +355,6 @@ function nn.cast(t)
     return t
 end
 local cast = nn.cast
--- Normalisation layers run in f32 under autocast, as PyTorch's autocast
--- does: their statistics lose too much in bf16.
--- (f64 stays f64, so f64 autocast keeps its full precision.)
-local function norm_args(x, w, b)
-    if not compute_dtype then return x, w, b end
-    local dt = x.dtype == "f64" and "f64" or "f32"
-    local function to(t) return (t ~= nil and t.dtype ~= dt) and t:to(dt) or t end
-    return to(x), to(w), to(b)
-end
 
 -- ---- layers ---------------------------------------------------------------
 
@@ -418,8 +409,7 @@ function GroupNorm:init(groups, channels, o)
 end
 -- forward(x, {silu = true}) fuses the SiLU that follows most norms in SD.
 function GroupNorm:forward(x, o)
-    local xx, w, b = norm_args(x, self.weight, self.bias)
-    return core.group_norm(xx, self.num_groups, w, b, self.eps, opt(o, "silu", false))
+    return core.group_norm(cast(x), self.num_groups, cast(self.weight), cast(self.bias), self.eps, opt(o, "silu", false))
 end
 
 local LayerNorm = Module:extend("LayerNorm")
@@ -432,10 +422,7 @@ function LayerNorm:init(dim, o)
         self:register_parameter("bias", core.zeros({dim}, topts))
     end
 end
-function LayerNorm:forward(x)
-    local xx, w, b = norm_args(x, self.weight, self.bias)
-    return core.layer_norm(xx, w, b, self.eps)
-end
+function LayerNorm:forward(x) return core.layer_norm(cast(x), cast(self.weight), cast(self.bias), self.eps) end
 
 local Embedding = Module:extend("Embedding")
 nn.Embedding = Embedding

@@ -1,6 +1,15 @@
 /* lua_module.c — `require "moonlit.core"`: one table holding every binding
  * part (tensor, ops, autograd, io, tokenizer, image, cuda). */
 #include "mlua.h"
+#include <time.h>
+
+/* now() -> seconds on the monotonic clock (for timing; os.clock is CPU time). */
+static int l_now(lua_State *L) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    lua_pushnumber(L, (double)ts.tv_sec + ts.tv_nsec * 1e-9);
+    return 1;
+}
 
 int luaopen_moonlit_core(lua_State *L) {
     lua_newtable(L);
@@ -18,5 +27,7 @@ int luaopen_moonlit_core(lua_State *L) {
     lua_pushboolean(L, 0);
 #endif
     lua_setfield(L, -2, "built_with_cuda");
+    lua_pushcfunction(L, l_now);
+    lua_setfield(L, -2, "now");
     return 1;
 }

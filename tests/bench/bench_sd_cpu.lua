@@ -12,12 +12,7 @@ for i = 1, #arg, 2 do
     elseif arg[i] == "--fixture" then fixture = arg[i + 1] end
 end
 
-local function now()
-    local f = io.open("/proc/uptime")
-    local t = f:read("n")
-    f:close()
-    return t
-end
+local now = core.now
 local clock = os.clock
 
 -- tokenizer

@@ -20,12 +20,7 @@ end
 local dev = o.device
 local on_gpu = dev:sub(1, 4) == "cuda"
 local function sync() if on_gpu then core.cuda_synchronize(0) end end
-local function now()
-    local f = io.open("/proc/uptime")
-    local t = f:read("n")
-    f:close()
-    return t
-end
+local now = core.now
 
 local t0 = now()
 if o.precision ~= "f32" and o.precision ~= "bf16-mixed" then
@@ -58,17 +53,30 @@ local function prior_preserving_loss(pred, target, weight)
            ml.F.mse_loss(pred:narrow(1, h + 1, h):float(), target:narrow(1, h + 1, h):float()) * weight
 end
 
-local function step()
+-- One step; with `phases`, the time of each part is added to it (the GPU is
+-- synchronised between parts, as the peer's CUDA events separate them).
+local function step(phases)
+    local function mark(name, a)
+        if not phases then return end
+        sync()
+        local b = now()
+        phases[name] = (phases[name] or 0) + (b - a)
+        return b
+    end
+    local a = phases and (sync() or now())
     opt:zero_grad()
     local latents = ml.no_grad(compute, function() return m.vae:encode(images):sample() * 0.18215 end)
+    a = mark("vae_encode", a)
     local noise = ml.randn(latents:size(), {device = dev, dtype = latents.dtype})
     local t = ml.randint(0, 1000, {B}, {device = dev})
     local noisy = ddpm:add_noise(latents, noise, t)
     local pred = compute(function() return m.unet(noisy, t, m.text_encoder(ids)) end)
     local loss = prior_preserving_loss(pred, noise, 1.0)
     loss:backward()
+    a = mark("text+unet fwd/bwd", a)
     ml.optim.clip_grad_norm(params, 1.0)
     opt:step()
+    mark("clip+adamw", a)
     return loss
 end
 
@@ -90,6 +98,10 @@ local med = times[(#times + 1) // 2]
 local peak = on_gpu and core.cuda_memory_stats(0).peak / 2 ^ 30 or 0
 print(string.format("train step (batch %d+%d, %dx%d, %s): median %.1f ms, min %.1f ms, peak %.2f GiB",
                     o.batch, o.batch, o.size, o.size, o.precision, med * 1e3, times[1] * 1e3, peak))
+local phases = {}
+for _ = 1, 3 do step(phases) end
+print(string.format("  phases (mean of 3, synchronised): vae_encode %.1f ms, text+unet fwd/bwd %.1f ms, clip+adamw %.1f ms",
+                    phases.vae_encode / 3 * 1e3, phases["text+unet fwd/bwd"] / 3 * 1e3, phases["clip+adamw"] / 3 * 1e3))
 if o.configs:match("sd%-v1%-4") then
     -- the peer's FLOP count for SD 1.4 (14.52 TFLOP per step at 2+2, 512x512)
     local flops = 14.52e12 * (B / 4) * (o.size / 512) ^ 2

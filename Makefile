@@ -67,6 +67,10 @@ FOUND += $(call have,$(CUDA_HOME)/include/cublasLt.h) cuBLASLt \
          $(call have,$(wildcard /usr/include/nccl.h $(CUDA_HOME)/include/nccl.h)) NCCL
 endif
 
+# Build in parallel by default (the CUDA objects take minutes one by one).
+NPROC   := $(shell nproc 2>/dev/null || echo 2)
+MAKEFLAGS += -j$(NPROC)
+
 .PHONY: all deps run test test-c test-lua clean help fixtures
 all: $(BUILD)/moonlit
 
@@ -95,7 +99,10 @@ $(BUILD)/tests/%: tests/c/%.c $(LIB_OBJS)
 deps:
 	@scripts/install_deps.sh
 
-fixtures:
+# Packages first: nothing compiles or fetches before `deps` has finished.
+$(OBJS) $(C_TESTS): | deps
+
+fixtures: | deps
 	@scripts/fetch_clip_vocab.sh
 
 run: deps all fixtures

@@ -67,6 +67,15 @@ FOUND += $(call have,$(CUDA_HOME)/include/cublasLt.h) cuBLASLt \
          $(call have,$(wildcard /usr/include/nccl.h $(CUDA_HOME)/include/nccl.h)) NCCL
 endif
 
+# One short line per step; `make V=1` shows the full commands.
+ifeq ($(V),1)
+Q :=
+say = @true
+else
+Q := @
+say = @echo "  $(1)	$(2)"
+endif
+
 # Build in parallel by default (the CUDA objects take minutes one by one).
 NPROC   := $(shell nproc 2>/dev/null || echo 2)
 MAKEFLAGS += -j$(NPROC)
@@ -77,15 +86,18 @@ all: $(BUILD)/moonlit
 $(BUILD)/moonlit: $(OBJS)
 	@echo "moonlit: $(CUDA_MSG)"
 	@echo "moonlit: $(FOUND)"
-	$(CC) $(LDFLAGS) -o $@ $(OBJS) $(LDLIBS)
+	$(call say,LINK,$@)
+	$(Q)$(CC) $(LDFLAGS) -o $@ $(OBJS) $(LDLIBS)
 
 $(BUILD)/%.o: %.c
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -MMD -MP -c $< -o $@
+	$(call say,CC,$<)
+	$(Q)$(CC) $(CFLAGS) -MMD -MP -c $< -o $@
 
 $(BUILD)/%.o: %.cu
 	@mkdir -p $(dir $@)
-	$(NVCC) $(NVFLAGS) -MMD -MP -c $< -o $@
+	$(call say,NVCC,$<)
+	$(Q)$(NVCC) $(NVFLAGS) -MMD -MP -c $< -o $@
 
 -include $(OBJS:.o=.d)
 
@@ -94,7 +106,8 @@ LIB_OBJS := $(filter-out $(BUILD)/host/main.o,$(OBJS))
 C_TESTS  := $(patsubst tests/c/%.c,$(BUILD)/tests/%,$(wildcard tests/c/test_*.c))
 $(BUILD)/tests/%: tests/c/%.c $(LIB_OBJS)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -Itests/c -o $@ $< $(LIB_OBJS) $(LDFLAGS) $(LDLIBS)
+	$(call say,TEST,$@)
+	$(Q)$(CC) $(CFLAGS) -Itests/c -o $@ $< $(LIB_OBJS) $(LDFLAGS) $(LDLIBS)
 
 deps:
 	@scripts/install_deps.sh

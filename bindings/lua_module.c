@@ -21,6 +21,7 @@ int luaopen_moonlit_core(lua_State *L) {
     mlua_open_image(L);
     mlua_open_cuda(L);
     mlua_open_fs(L);
+    mlua_open_profile(L);
 #ifdef ML_WITH_CUDA
     lua_pushboolean(L, 1);
 #else

@@ -16,11 +16,23 @@
 #define ML_DISPATCH_H
 
 #include "error.h"
+#include "profile.h"
+
+/* A kernel call, timed under its name while profiling is on (profile.h). */
+#define ML_TIMED(name, cuda, call) __extension__({                      \
+    int tok_ = ml_profile_on ? ml_profile_begin(name, cuda) : -1;         \
+    int rc_ = (call);                                                     \
+    if (tok_ >= 0) ml_profile_end(tok_);                                  \
+    rc_; })
+
+/* A CPU kernel call, timed while profiling. */
+#define CPU_CALL(fn, ...) ML_TIMED(#fn, false, fn(__VA_ARGS__))
 
 #ifdef ML_WITH_CUDA
 #define ML_CUDA_TWIN __attribute__((weak))
 #define CUDA_CALL(fn, ...) \
-    ((fn) ? (fn)(__VA_ARGS__) : ml_error("%s: this op has no CUDA kernel in this build", #fn))
+    ((fn) ? ML_TIMED(#fn, true, (fn)(__VA_ARGS__)) \
+          : ml_error("%s: this op has no CUDA kernel in this build", #fn))
 #else
 #define CUDA_CALL(fn, ...) ml_error("%s: moonlit was built without CUDA", #fn)
 #endif

@@ -11,7 +11,7 @@
 /* Run kernel `fn` on the device: fn##_cpu(...) or its CUDA twin fn##_cuda
  * (declared ML_CUDA_TWIN by the calling file; see dispatch.h). */
 #define ML_RUN(dev, fn, ...) \
-    ((dev).type == ML_CPU ? fn##_cpu(__VA_ARGS__) : CUDA_CALL(fn##_cuda, __VA_ARGS__))
+    ((dev).type == ML_CPU ? ML_TIMED(#fn "_cpu", false, fn##_cpu(__VA_ARGS__)) : CUDA_CALL(fn##_cuda, __VA_ARGS__))
 
 /* A new header over t's storage at t's offset with contiguous strides for
  * `shape` (t's data must be laid out that way).  New reference. */

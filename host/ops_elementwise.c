@@ -64,12 +64,12 @@ static bool is_compare(ml_binop op) { return op >= ML_EQ && op <= ML_GE; }
 /* ---- dispatch wrappers -------------------------------------------------- */
 
 static int run_binary(ml_binop op, ml_tensor *out, const ml_tensor *a, const ml_tensor *b) {
-    if (out->device.type == ML_CPU) return ml_binary_cpu(op, out, a, b);
+    if (out->device.type == ML_CPU) return CPU_CALL(ml_binary_cpu, op, out, a, b);
     return CUDA_CALL(ml_binary_cuda, op, out, a, b);
 }
 
 static int run_binary_scalar(ml_binop op, ml_tensor *out, const ml_tensor *a, double s, bool first) {
-    if (out->device.type == ML_CPU) return ml_binary_scalar_cpu(op, out, a, s, first);
+    if (out->device.type == ML_CPU) return CPU_CALL(ml_binary_scalar_cpu, op, out, a, s, first);
     return CUDA_CALL(ml_binary_scalar_cuda, op, out, a, s, first);
 }
 
@@ -335,7 +335,7 @@ ml_tensor *ml_where(ml_tensor *cond, ml_tensor *a, ml_tensor *b) {
         oc_bcast(cc, nd2, shape, &vc);
         oc_bcast(ca, nd2, shape, &va);
         oc_bcast(cb, nd2, shape, &vb);
-        rc = dev.type == ML_CPU ? ml_where_cpu(out, &vc, &va, &vb) : CUDA_CALL(ml_where_cuda, out, &vc, &va, &vb);
+        rc = dev.type == ML_CPU ? CPU_CALL(ml_where_cpu, out, &vc, &va, &vb) : CUDA_CALL(ml_where_cuda, out, &vc, &va, &vb);
     }
     ml_release(cc); ml_release(ca); ml_release(cb);
     if (rc < 0) { ml_release(out); return NULL; }
@@ -365,7 +365,7 @@ static int unary_backward(ml_node *n, ml_tensor *g, ml_tensor **gin) {
     ml_tensor *dx = xk ? ml_empty(x->ndim, x->shape, kt, x->device) : NULL;
     int rc = -1;
     if (dx) {
-        rc = dx->device.type == ML_CPU ? ml_unary_backward_cpu(op, dx, gk, xk)
+        rc = dx->device.type == ML_CPU ? CPU_CALL(ml_unary_backward_cpu, op, dx, gk, xk)
                                        : CUDA_CALL(ml_unary_backward_cuda, op, dx, gk, xk);
     }
     ml_release(gk); ml_release(xk);
@@ -385,7 +385,7 @@ ml_tensor *ml_unary(ml_unop op, ml_tensor *x) {
     ml_tensor *cx = oc_cast(x, kt, x->device);
     ml_tensor *out = cx ? ml_empty(x->ndim, x->shape, kt, x->device) : NULL;
     int rc = -1;
-    if (out) rc = out->device.type == ML_CPU ? ml_unary_cpu(op, out, cx) : CUDA_CALL(ml_unary_cuda, op, out, cx);
+    if (out) rc = out->device.type == ML_CPU ? CPU_CALL(ml_unary_cpu, op, out, cx) : CUDA_CALL(ml_unary_cuda, op, out, cx);
     ml_release(cx);
     if (rc < 0) { ml_release(out); return NULL; }
     if (kt != ct) {
@@ -406,7 +406,7 @@ ml_tensor *ml_unary(ml_unop op, ml_tensor *x) {
 /* ---- clamp -------------------------------------------------------------- */
 
 static int run_clamp(ml_tensor *out, const ml_tensor *x, double lo, double hi) {
-    if (out->device.type == ML_CPU) return ml_clamp_cpu(out, x, lo, hi);
+    if (out->device.type == ML_CPU) return CPU_CALL(ml_clamp_cpu, out, x, lo, hi);
     return CUDA_CALL(ml_clamp_cuda, out, x, lo, hi);
 }
 
@@ -419,7 +419,7 @@ static int clamp_backward(ml_node *n, ml_tensor *g, ml_tensor **gin) {
     int rc = -1;
     if (dx) {
         rc = dx->device.type == ML_CPU
-            ? ml_clamp_backward_cpu(dx, gk, xk, n->f[0], n->f[1])
+            ? CPU_CALL(ml_clamp_backward_cpu, dx, gk, xk, n->f[0], n->f[1])
             : CUDA_CALL(ml_clamp_backward_cuda, dx, gk, xk, n->f[0], n->f[1]);
     }
     ml_release(gk); ml_release(xk);
@@ -608,6 +608,6 @@ int ml_adamw_step_(ml_tensor *p, ml_tensor *g, ml_tensor *m, ml_tensor *v,
     p->version++;
     m->version++;
     v->version++;
-    if (p->device.type == ML_CPU) return ml_adamw_cpu(p, g, m, v, lr, b1, b2, eps, wd, step);
+    if (p->device.type == ML_CPU) return CPU_CALL(ml_adamw_cpu, p, g, m, v, lr, b1, b2, eps, wd, step);
     return CUDA_CALL(ml_adamw_cuda, p, g, m, v, lr, b1, b2, eps, wd, step);
 }

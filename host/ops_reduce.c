@@ -77,9 +77,9 @@ static ml_tensor *run_reduce(red_kind kind, ml_tensor *x, const red_spec *s, ml_
     if (k) {
         bool cpu = x->device.type == ML_CPU;
         switch (kind) {
-        case RED_SUM: rc = cpu ? ml_sum_cpu(k, cx, prm) : CUDA_CALL(ml_sum_cuda, k, cx, prm); break;
-        case RED_VAR: rc = cpu ? ml_var_cpu(k, cx, prm) : CUDA_CALL(ml_var_cuda, k, cx, prm); break;
-        case RED_NORM: rc = cpu ? ml_norm_cpu(k, cx, prm) : CUDA_CALL(ml_norm_cuda, k, cx, prm); break;
+        case RED_SUM: rc = cpu ? CPU_CALL(ml_sum_cpu, k, cx, prm) : CUDA_CALL(ml_sum_cuda, k, cx, prm); break;
+        case RED_VAR: rc = cpu ? CPU_CALL(ml_var_cpu, k, cx, prm) : CUDA_CALL(ml_var_cuda, k, cx, prm); break;
+        case RED_NORM: rc = cpu ? CPU_CALL(ml_norm_cpu, k, cx, prm) : CUDA_CALL(ml_norm_cuda, k, cx, prm); break;
         }
     }
     ml_release(cx);
@@ -299,7 +299,7 @@ static int max_dim(const char *op, ml_tensor *x, int dim, bool keepdim, ml_tenso
     ml_tensor *vk = ik && values ? ml_empty(x->ndim, s.kshape, kt, x->device) : NULL;
     int rc = -1;
     if (ik && (vk || !values))
-        rc = x->device.type == ML_CPU ? ml_max_dim_cpu(vk, ik, cx, d) : CUDA_CALL(ml_max_dim_cuda, vk, ik, cx, d);
+        rc = x->device.type == ML_CPU ? CPU_CALL(ml_max_dim_cpu, vk, ik, cx, d) : CUDA_CALL(ml_max_dim_cuda, vk, ik, cx, d);
     ml_release(cx);
     if (rc == 0 && vk && kt != x->dtype) {
         ml_tensor *c = oc_cast(vk, x->dtype, x->device);

@@ -38,7 +38,7 @@ static int fill_float(const char *op, dist d, ml_tensor *t, double a, double b, 
     if (!g) g = &g_default;
     int rc;
     if (t->device.type == ML_CPU)
-        rc = d == DIST_UNIFORM ? ml_uniform_cpu(t, g->seed, g->offset, a, b) : ml_normal_cpu(t, g->seed, g->offset, a, b);
+        rc = d == DIST_UNIFORM ? CPU_CALL(ml_uniform_cpu, t, g->seed, g->offset, a, b) : CPU_CALL(ml_normal_cpu, t, g->seed, g->offset, a, b);
     else
         rc = d == DIST_UNIFORM ? CUDA_CALL(ml_uniform_cuda, t, g->seed, g->offset, a, b)
                                : CUDA_CALL(ml_normal_cuda, t, g->seed, g->offset, a, b);
@@ -66,7 +66,7 @@ ml_tensor *ml_randint(int64_t low, int64_t high, int ndim, const int64_t *shape,
     ml_tensor *t = ml_empty(ndim, shape, dt, dev);
     if (!t) return NULL;
     if (!g) g = &g_default;
-    int rc = dev.type == ML_CPU ? ml_randint_cpu(t, g->seed, g->offset, low, high)
+    int rc = dev.type == ML_CPU ? CPU_CALL(ml_randint_cpu, t, g->seed, g->offset, low, high)
                                 : CUDA_CALL(ml_randint_cuda, t, g->seed, g->offset, low, high);
     if (rc < 0) { ml_release(t); return NULL; }
     bool wide = (uint64_t)high - (uint64_t)low > 0x100000000ull;

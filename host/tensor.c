@@ -5,6 +5,7 @@
 #include "autograd.h"
 #include "device.h"
 #include "ops.h"
+#include "profile.h"
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -369,11 +370,18 @@ int ml_copy_(ml_tensor *dst, const ml_tensor *src) {
     ml_tensor sv;
     if (broadcast_view_to(src, dst, &sv) < 0) return -1;
     if (dst->device.type == ML_CPU && src->device.type == ML_CPU) {
+        int tok = ml_profile_on ? ml_profile_begin("ml_copy_cpu", false) : -1;
         cpu_copy_strided(dst, &sv);
+        if (tok >= 0) ml_profile_end(tok);
         return 0;
     }
 #ifdef ML_WITH_CUDA
-    if (ml_device_eq(dst->device, src->device)) return ml_cuda_copy_strided(dst, &sv);
+    if (ml_device_eq(dst->device, src->device)) {
+        int tok = ml_profile_on ? ml_profile_begin("ml_cuda_copy_strided", true) : -1;
+        int rc = ml_cuda_copy_strided(dst, &sv);
+        if (tok >= 0) ml_profile_end(tok);
+        return rc;
+    }
     /* Across devices: make the source contiguous where it lives, move the
      * bytes, then let the destination device convert dtype and strides. */
     ml_tensor *sc = ml_contiguous((ml_tensor *)src);

@@ -99,6 +99,26 @@ local lazy = {
     schedulers = "moonlit.schedulers",
 }
 
+-- ml.profile(fn, ...) -> report, fn's results.  report lists kernels by total
+-- time ({name, ms, calls}); report:print(top) shows the first `top` rows.
+local Report = {}
+Report.__index = Report
+function Report:print(top)
+    local total = 0
+    for _, e in ipairs(self) do total = total + e.ms end
+    print(string.format("%-36s %10s %7s %7s", "kernel", "ms", "calls", "share"))
+    for i = 1, math.min(top or 20, #self) do
+        local e = self[i]
+        print(string.format("%-36s %10.2f %7d %6.1f%%", e.name, e.ms, e.calls, total > 0 and 100 * e.ms / total or 0))
+    end
+    print(string.format("%-36s %10.2f", "total (timed kernels)", total))
+end
+function ml.profile(fn, ...)
+    local res = table.pack(core.profile(fn, ...))
+    setmetatable(res[1], Report)
+    return table.unpack(res, 1, res.n)
+end
+
 -- ml.cuda.available(), device_count(), memory_stats(dev), synchronize(dev), ...
 -- (the core's cuda_* functions without the prefix; devices are 0-based as in "cuda:N").
 ml.cuda = {}

@@ -5,13 +5,14 @@
 --   moonlit tests/bench/bench_train_step.lua [--configs configs/sd-v1-4] [--batch 2]
 --       [--steps 10] [--device cuda] [--precision f32|bf16-mixed] [--size 512]
 --   f32: everything in f32 (no TF32); bf16-mixed: f32 weights and AdamW state,
---   every layer computing in bf16 (nn.autocast).
+--   every layer computing in bf16 (nn.autocast).  --profile N prints the N
+--   kernels that took the most GPU time in one step (ml.profile).
 -- Prints the median step time, TFLOP/s against the peer's FLOP count for
 -- SD 1.4 at 512x512 (14.52 TFLOP per step at batch 2+2) and peak GPU memory.
 local ml = require "moonlit"
 local core = ml.core
 
-local o = {configs = "configs/sd-v1-4", batch = 2, steps = 10, device = "cuda", precision = "f32", size = 512}
+local o = {configs = "configs/sd-v1-4", batch = 2, steps = 10, device = "cuda", precision = "f32", size = 512, profile = 0}
 for i = 1, #arg, 2 do
     local k = arg[i]:match("^%-%-(.+)$")
     if not k or o[k] == nil then io.stderr:write("bench_train_step: unknown option " .. arg[i] .. "\n") os.exit(1) end
@@ -98,6 +99,11 @@ local med = times[(#times + 1) // 2]
 local peak = on_gpu and core.cuda_memory_stats(0).peak / 2 ^ 30 or 0
 print(string.format("train step (batch %d+%d, %dx%d, %s): median %.1f ms, min %.1f ms, peak %.2f GiB",
                     o.batch, o.batch, o.size, o.size, o.precision, med * 1e3, times[1] * 1e3, peak))
+if o.profile > 0 then
+    local rep = ml.profile(step)
+    print("  kernels of one step:")
+    rep:print(o.profile)
+end
 local phases = {}
 for _ = 1, 3 do step(phases) end
 print(string.format("  phases (mean of 3, synchronised): vae_encode %.1f ms, text+unet fwd/bwd %.1f ms, clip+adamw %.1f ms",

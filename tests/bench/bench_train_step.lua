@@ -105,7 +105,11 @@ if o.profile > 0 then
     rep:print(o.profile)
 end
 local phases = {}
+local gc0 = core.gc_pacing_stats()
 for _ = 1, 3 do step(phases) end
+local gc1 = core.gc_pacing_stats()
+print(string.format("  Lua GC paced by tensor memory: %.1f steps, %.1f ms per training step",
+                    (gc1.steps - gc0.steps) / 3, (gc1.ms - gc0.ms) / 3))
 print(string.format("  phases (mean of 3, synchronised): vae_encode %.1f ms, text+unet fwd/bwd %.1f ms, clip+adamw %.1f ms",
                     phases.vae_encode / 3 * 1e3, phases["text+unet fwd/bwd"] / 3 * 1e3, phases["clip+adamw"] / 3 * 1e3))
 if o.configs:match("sd%-v1%-4") then

@@ -1,5 +1,10 @@
 // attention.cu — CUDA twins of kernels/cpu/attention.c (contract in
-// attention.h): flash-attention-style kernels on the CUDA cores.
+// attention.h), two paths:
+// - f16 / bf16 whose score matrices fit a memory budget: the "math path" at
+//   the end of the file, cuBLAS GEMMs on the tensor cores around explicit
+//   [Sq, Sk] score buffers (float32 scores, half-type probabilities);
+// - everything else (always float32, so its results do not depend on the
+//   size): flash-attention-style kernels on the CUDA cores, below.
 //
 // Forward, one block per R query rows of one (batch, head): the queries stay
 // in shared memory while the keys stream through in tiles of C.  A tile's
@@ -32,6 +37,7 @@
 // Dv value width; every tensor is BSHD ([B, S, H, width]) and contiguous.
 #include "common.cuh"
 #include "attention.h"
+#include "blas.h"
 #include <climits>
 #include <cmath>
 #include <cstdio>
@@ -558,19 +564,31 @@ int launch_forward(T *out, float *lse, const T *q, const T *k, const T *v, const
     return 0;
 }
 
+// Blocks of kThreads for one warp per row.
+int warp_grid(const char *what, int64_t rows, unsigned *grid) {
+    const int64_t blocks = (rows + kThreads / 32 - 1) / (kThreads / 32);
+    if (blocks > INT_MAX) return ml_error("%s (cuda): %lld rows exceed the grid limit", what, (long long)rows);
+    *grid = (unsigned)blocks;
+    return 0;
+}
+
+template <typename T>
+int launch_delta(float *delta, const T *dout, const T *out, const dims &d, cudaStream_t s) {
+    const int64_t rows = d.B * d.Sq * d.H;
+    unsigned grid;
+    if (warp_grid("sdpa backward", rows, &grid) < 0) return -1;
+    sdpa_delta<T><<<grid, kThreads, 0, s>>>(delta, dout, out, rows, (int)d.Sq, (int)d.H, (int)d.Dv);
+    ML_CUDA_LAUNCHED("sdpa backward (delta)");
+    return 0;
+}
+
 template <typename T, int DM>
 int launch_backward(T *dq, T *dk, T *dv, const T *dout, const T *q, const T *k, const T *v, const T *out,
                     const float *lse, float *delta, const dims &d, bool causal, float scale, int dev, cudaStream_t s) {
     using G = geom<DM>;
     const int Sq = (int)d.Sq, Sk = (int)d.Sk, H = (int)d.H, D = (int)d.D, Dv = (int)d.Dv;
     unsigned grid;
-    if (delta) {
-        const int64_t rows = d.B * d.Sq * d.H;
-        const int64_t blocks = (rows + kThreads / 32 - 1) / (kThreads / 32);
-        if (blocks > INT_MAX) return ml_error("sdpa backward (cuda): %lld rows exceed the grid limit", (long long)rows);
-        sdpa_delta<T><<<(unsigned)blocks, kThreads, 0, s>>>(delta, dout, out, rows, Sq, H, Dv);
-        ML_CUDA_LAUNCHED("sdpa backward (delta)");
-    }
+    if (delta && launch_delta(delta, dout, out, d, s) < 0) return -1;
     if ((dk || dv) && d.Sk > 0) {
         const size_t smem = G::dkv_floats * sizeof(float);
         const int64_t nkb = (d.Sk + G::R - 1) / G::R;
@@ -586,6 +604,236 @@ int launch_backward(T *dq, T *dk, T *dv, const T *dout, const T *q, const T *k, 
         sdpa_bwd_dq<T, DM><<<grid, kThreads, smem, s>>>(dq, dout, q, k, v, lse, delta, Sq, Sk, H, D, Dv, (int)nqb,
                                                         causal, scale);
         ML_CUDA_LAUNCHED("sdpa backward (dq)");
+    }
+    return 0;
+}
+
+// ---- math path: the half types on the tensor cores ---------------------------
+//
+// For f16 / bf16 the products run as cuBLAS GEMMs (inputs in the half type,
+// float32 accumulation) around whole [Sq, Sk] score matrices, a chunk of
+// batches at a time.  Per batch b of the chunk, the H heads are one
+// strided-batched GEMM: head h of a BSHD tensor is a row-major [S, width]
+// matrix at offset h * width with leading dimension H * width, so no
+// operand is copied or transposed, and the results are written straight
+// into the BSHD outputs and gradients.
+//   forward   S = scale Q K^T (f32)  ->  P = softmax(S) (the half type), lse
+//             O = P V
+//   backward  S = scale Q K^T  ->  P = exp(S - lse)
+//             dV = P^T dO,  dP = dO V^T (f32),  dS = P (dP - delta) in P's place
+//             dQ = scale dS K,  dK = scale dS^T Q
+// P and dS are rounded to the half type before their products, as the
+// tensor cores need (flash-attention implementations do the same).  Each
+// element is written by one thread or one GEMM, so runs are bitwise
+// repeatable.  The buffers are [n, H, Sq, LS] with LS = Sk rounded up to 8,
+// so that every row of P and dS starts 16-byte aligned for the tensor-core
+// kernels; columns past Sk are never read.
+
+// The float32 score buffer of one chunk stays within this many bytes; a
+// batch whose scores alone exceed it takes the flash kernels instead.
+constexpr double kMathBudget = 2.0 * (1 << 30);
+
+int64_t score_ld(int64_t Sk) { return (Sk + 7) / 8 * 8; }
+
+// Batches per chunk of the math path for dtype dt, 0 for the flash kernels.
+int64_t math_chunk(ml_dtype dt, const dims &d) {
+    if (dt != ML_F16 && dt != ML_BF16) return 0;
+    if (d.B == 0 || d.Sq == 0 || d.Sk == 0 || d.D == 0 || d.Dv == 0) return 0;
+    if (d.H * (d.D > d.Dv ? d.D : d.Dv) > INT_MAX) return 0;   // cuBLAS's int leading dimensions
+    const double per = (double)d.H * (double)d.Sq * (double)score_ld(d.Sk) * sizeof(float);
+    if (per > kMathBudget) return 0;
+    const double n = kMathBudget / per;
+    return n < (double)d.B ? (int64_t)n : d.B;
+}
+
+// Forward softmax, one warp per score row of the chunk (rows in [batch,
+// head, query] order, the order of lse): an online max / sum over the
+// visible keys, then p = exp(s - lse) rounded to T, zero for masked keys.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    math_softmax(T *p, float *lse, const float *s, int64_t rows, int Sq, int Sk, int64_t ls, bool causal) {
+    const int64_t r = (blockIdx.x * (int64_t)kThreads + threadIdx.x) / 32;
+    const int lane = threadIdx.x % 32;
+    if (r >= rows) return;   // whole warps leave together
+    const int i = (int)(r % Sq);
+    const int n = causal ? imin(Sk, i + 1) : Sk;   // key 0 is always visible
+    const float *sr = s + r * ls;
+    float m = -INFINITY, l = 0.0f;
+    for (int j = lane; j < n; j += 32) {
+        const float x = sr[j];
+        if (x > m) {
+            l = l * expf(m - x) + 1.0f;
+            m = x;
+        } else {
+            l += expf(x - m);
+        }
+    }
+    const float mw = group_max<32>(m);
+    l = group_sum<32>(m == -INFINITY ? 0.0f : l * expf(m - mw));   // lanes that saw no key add nothing
+    const float lr = mw + logf(l);
+    T *pr = p + r * ls;
+    for (int j = lane; j < Sk; j += 32) pr[j] = ml_st<T>::from(j < n ? expf(sr[j] - lr) : 0.0f);
+    if (lane == 0) lse[r] = lr;
+}
+
+// Backward: p = exp(s - lse) from the saved lse, one warp per row.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    math_probs(T *p, const float *s, const float *lse, int64_t rows, int Sq, int Sk, int64_t ls, bool causal) {
+    const int64_t r = (blockIdx.x * (int64_t)kThreads + threadIdx.x) / 32;
+    const int lane = threadIdx.x % 32;
+    if (r >= rows) return;
+    const int i = (int)(r % Sq);
+    const int n = causal ? imin(Sk, i + 1) : Sk;
+    const float lr = lse[r];
+    const float *sr = s + r * ls;
+    T *pr = p + r * ls;
+    for (int j = lane; j < Sk; j += 32) pr[j] = ml_st<T>::from(j < n ? expf(sr[j] - lr) : 0.0f);
+}
+
+// dS = P (dP - delta), written over P (masked keys have P = 0, so dS = 0).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    math_dscores(T *pds, const float *dp, const float *delta, int64_t rows, int Sk, int64_t ls) {
+    const int64_t r = (blockIdx.x * (int64_t)kThreads + threadIdx.x) / 32;
+    const int lane = threadIdx.x % 32;
+    if (r >= rows) return;
+    const float dl = delta[r];
+    const float *dr = dp + r * ls;
+    T *pr = pds + r * ls;
+    for (int j = lane; j < Sk; j += 32) pr[j] = ml_st<T>::from(ml_ld(pr[j]) * (dr[j] - dl));
+}
+
+template <typename T> cudaDataType_t cuda_type();
+template <> cudaDataType_t cuda_type<ml_f16_t>() { return CUDA_R_16F; }
+template <> cudaDataType_t cuda_type<ml_bf16_t>() { return CUDA_R_16BF; }
+
+// A GEMM operand: `batch` row-major matrices `stride` elements apart, rows
+// `ld` elements apart.
+struct mat {
+    const void *p;
+    cudaDataType_t type;
+    int64_t ld, stride;
+};
+
+// Row-major c[M, N] = alpha op(a) op(b) (op transposes where ta / tb) for
+// each of `batch` matrices, f32 accumulation.  Column-major cuBLAS sees
+// c^T = op(b)^T op(a)^T, so b is its A operand and a its B.
+int gemm(cublasHandle_t h, bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const mat &a,
+         const mat &b, const mat &c, int64_t batch) {
+    const float beta = 0.0f;
+    cublasStatus_t st = cublasGemmStridedBatchedEx(
+        h, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, (int)N, (int)M, (int)K, &alpha, b.p,
+        b.type, (int)b.ld, b.stride, a.p, a.type, (int)a.ld, a.stride, &beta, (void *)c.p, c.type, (int)c.ld, c.stride,
+        (int)batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    if (st != CUBLAS_STATUS_SUCCESS)
+        return ml_error("sdpa (cuda): cuBLAS GEMM [%lld x %lld x %lld] x %lld failed: %s [%s]", (long long)M,
+                        (long long)N, (long long)K, (long long)batch, cublasGetStatusString(st),
+                        cublasGetStatusName(st));
+    return 0;
+}
+
+// A buffer from the caching allocator, returned when the scope ends (the
+// frees are stream-ordered after the kernels queued in it).
+struct scratch {
+    int dev;
+    size_t bytes;
+    void *p;
+    scratch(int dev_, size_t bytes_) : dev(dev_), bytes(bytes_), p(ml_cuda_malloc(dev_, bytes_)) {}
+    ~scratch() {
+        if (p) ml_cuda_free(dev, p, bytes);
+    }
+    scratch(const scratch &) = delete;
+    scratch &operator=(const scratch &) = delete;
+};
+
+// The pieces of one chunk: batch b's head matrices of a BSHD tensor, and of
+// the chunk's score buffers.
+struct math_geom {
+    dims d;
+    int64_t ls, hm;   // score row stride, elements of one head's scores
+    cudaDataType_t dt;
+    template <typename T> mat bshd(const T *t, int64_t b, int64_t S, int64_t W) const {
+        return {t + b * S * d.H * W, dt, d.H * W, W};
+    }
+    mat scores(const void *buf, int64_t i, cudaDataType_t t, size_t es) const {
+        return {(const char *)buf + (size_t)(i * d.H * hm) * es, t, ls, hm};
+    }
+};
+
+template <typename T>
+int math_forward(T *out, float *lse, const T *q, const T *k, const T *v, const dims &d, bool causal, float scale,
+                 int64_t chunk, int dev, cudaStream_t s) {
+    cublasHandle_t h = ml_cublas_handle(dev);
+    if (!h) return -1;
+    const math_geom g{d, score_ld(d.Sk), d.Sq * score_ld(d.Sk), cuda_type<T>()};
+    const size_t n = (size_t)(chunk * d.H * g.hm);
+    scratch sb(dev, n * sizeof(float)), pb(dev, n * sizeof(T));
+    if (!sb.p || !pb.p) return -1;
+    for (int64_t b0 = 0; b0 < d.B; b0 += chunk) {
+        const int64_t nb = chunk < d.B - b0 ? chunk : d.B - b0;
+        for (int64_t b = b0; b < b0 + nb; b++)   // S = scale Q K^T
+            if (gemm(h, false, true, d.Sq, d.Sk, d.D, scale, g.bshd(q, b, d.Sq, d.D), g.bshd(k, b, d.Sk, d.D),
+                     g.scores(sb.p, b - b0, CUDA_R_32F, sizeof(float)), d.H) < 0)
+                return -1;
+        const int64_t rows = nb * d.H * d.Sq;
+        unsigned grid;
+        if (warp_grid("sdpa", rows, &grid) < 0) return -1;
+        math_softmax<T><<<grid, kThreads, 0, s>>>((T *)pb.p, lse + b0 * d.H * d.Sq, (const float *)sb.p, rows,
+                                                  (int)d.Sq, (int)d.Sk, g.ls, causal);
+        ML_CUDA_LAUNCHED("sdpa forward (softmax)");
+        for (int64_t b = b0; b < b0 + nb; b++)   // O = P V
+            if (gemm(h, false, false, d.Sq, d.Dv, d.Sk, 1.0f, g.scores(pb.p, b - b0, g.dt, sizeof(T)),
+                     g.bshd(v, b, d.Sk, d.Dv), g.bshd(out, b, d.Sq, d.Dv), d.H) < 0)
+                return -1;
+    }
+    return 0;
+}
+
+template <typename T>
+int math_backward(T *dq, T *dk, T *dv, const T *dout, const T *q, const T *k, const T *v, const float *lse,
+                  const float *delta, const dims &d, bool causal, float scale, int64_t chunk, int dev,
+                  cudaStream_t s) {
+    cublasHandle_t h = ml_cublas_handle(dev);
+    if (!h) return -1;
+    const math_geom g{d, score_ld(d.Sk), d.Sq * score_ld(d.Sk), cuda_type<T>()};
+    const size_t n = (size_t)(chunk * d.H * g.hm);
+    scratch sb(dev, n * sizeof(float)), pb(dev, n * sizeof(T));
+    if (!sb.p || !pb.p) return -1;
+    for (int64_t b0 = 0; b0 < d.B; b0 += chunk) {
+        const int64_t nb = chunk < d.B - b0 ? chunk : d.B - b0;
+        for (int64_t b = b0; b < b0 + nb; b++)   // S = scale Q K^T
+            if (gemm(h, false, true, d.Sq, d.Sk, d.D, scale, g.bshd(q, b, d.Sq, d.D), g.bshd(k, b, d.Sk, d.D),
+                     g.scores(sb.p, b - b0, CUDA_R_32F, sizeof(float)), d.H) < 0)
+                return -1;
+        const int64_t rows = nb * d.H * d.Sq, r0 = b0 * d.H * d.Sq;
+        unsigned grid;
+        if (warp_grid("sdpa backward", rows, &grid) < 0) return -1;
+        math_probs<T><<<grid, kThreads, 0, s>>>((T *)pb.p, (const float *)sb.p, lse + r0, rows, (int)d.Sq,
+                                                (int)d.Sk, g.ls, causal);
+        ML_CUDA_LAUNCHED("sdpa backward (probabilities)");
+        if (dv)
+            for (int64_t b = b0; b < b0 + nb; b++)   // dV = P^T dO
+                if (gemm(h, true, false, d.Sk, d.Dv, d.Sq, 1.0f, g.scores(pb.p, b - b0, g.dt, sizeof(T)),
+                         g.bshd(dout, b, d.Sq, d.Dv), g.bshd(dv, b, d.Sk, d.Dv), d.H) < 0)
+                    return -1;
+        if (!dq && !dk) continue;
+        for (int64_t b = b0; b < b0 + nb; b++)   // dP = dO V^T, over S
+            if (gemm(h, false, true, d.Sq, d.Sk, d.Dv, 1.0f, g.bshd(dout, b, d.Sq, d.Dv), g.bshd(v, b, d.Sk, d.Dv),
+                     g.scores(sb.p, b - b0, CUDA_R_32F, sizeof(float)), d.H) < 0)
+                return -1;
+        math_dscores<T><<<grid, kThreads, 0, s>>>((T *)pb.p, (const float *)sb.p, delta + r0, rows, (int)d.Sk,
+                                                  g.ls);
+        ML_CUDA_LAUNCHED("sdpa backward (dS)");
+        for (int64_t b = b0; b < b0 + nb; b++) {
+            const mat ds = g.scores(pb.p, b - b0, g.dt, sizeof(T));
+            if (dq && gemm(h, false, false, d.Sq, d.D, d.Sk, scale, ds, g.bshd(k, b, d.Sk, d.D),
+                           g.bshd(dq, b, d.Sq, d.D), d.H) < 0)   // dQ = scale dS K
+                return -1;
+            if (dk && gemm(h, true, false, d.Sk, d.D, d.Sq, scale, ds, g.bshd(q, b, d.Sq, d.D),
+                           g.bshd(dk, b, d.Sk, d.D), d.H) < 0)   // dK = scale dS^T Q
+                return -1;
+        }
     }
     return 0;
 }
@@ -609,6 +857,13 @@ extern "C" int ml_sdpa_forward_cuda(ml_tensor *out, ml_tensor *lse, const ml_ten
     if (ml_cuda_prepare(q, "sdpa", &s) < 0) return -1;
     if (d.B * d.H * d.Sq == 0) return 0;
     const int dev = q->device.index;
+    if (const int64_t chunk = math_chunk(q->dtype, d)) {
+        if (q->dtype == ML_F16)
+            return math_forward(ml_ptr<ml_f16_t>(out), ml_ptr<float>(lse), ml_ptr<ml_f16_t>(q), ml_ptr<ml_f16_t>(k),
+                                ml_ptr<ml_f16_t>(v), d, causal, (float)scale, chunk, dev, s);
+        return math_forward(ml_ptr<ml_bf16_t>(out), ml_ptr<float>(lse), ml_ptr<ml_bf16_t>(q), ml_ptr<ml_bf16_t>(k),
+                            ml_ptr<ml_bf16_t>(v), d, causal, (float)scale, chunk, dev, s);
+    }
     return with_type(q->dtype, [&](auto tag) -> int {
         typedef decltype(tag) T;
         return with_width(d.D > d.Dv ? d.D : d.Dv, [&](auto w) -> int {
@@ -640,8 +895,17 @@ extern "C" int ml_sdpa_backward_cuda(ml_tensor *dq, ml_tensor *dk, ml_tensor *dv
     const size_t delta_bytes = (size_t)(d.B * d.H * d.Sq) * sizeof(float);
     float *delta = NULL;
     if ((dq || dk) && delta_bytes > 0 && !(delta = (float *)ml_cuda_malloc(dev, delta_bytes))) return -1;
+    const int64_t chunk = math_chunk(q->dtype, d);
     int rc = with_type(q->dtype, [&](auto tag) -> int {
         typedef decltype(tag) T;
+        if constexpr (!std::is_same<T, float>::value) {
+            if (chunk) {
+                if (delta && launch_delta(delta, ml_ptr<T>(dout), ml_ptr<T>(out), d, s) < 0) return -1;
+                return math_backward(dq ? ml_ptr<T>(dq) : nullptr, dk ? ml_ptr<T>(dk) : nullptr,
+                                     dv ? ml_ptr<T>(dv) : nullptr, ml_ptr<T>(dout), ml_ptr<T>(q), ml_ptr<T>(k),
+                                     ml_ptr<T>(v), ml_ptr<float>(lse), delta, d, causal, (float)scale, chunk, dev, s);
+            }
+        }
         return with_width(d.D > d.Dv ? d.D : d.Dv, [&](auto w) -> int {
             return launch_backward<T, decltype(w)::value>(
                 dq ? ml_ptr<T>(dq) : nullptr, dk ? ml_ptr<T>(dk) : nullptr, dv ? ml_ptr<T>(dv) : nullptr,

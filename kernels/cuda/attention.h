@@ -5,8 +5,14 @@
  * masks key j > query i, scale multiplies q k^T).
  *
  * Unlike the CPU kernels these take float32, float16 and bfloat16 (all
- * tensors of one call share the dtype; arithmetic in float32), not float64.
- * Head widths D and Dv up to 512.  Implemented in kernels/cuda/attention.cu. */
+ * tensors of one call share the dtype; accumulation in float32), not float64.
+ * float16 / bfloat16 calls whose float32 scores of one batch, H*Sq*Sk*4
+ * bytes (Sk rounded up to 8), fit in 2 GiB run as tensor-core GEMMs around
+ * explicit score matrices (probabilities and dS rounded to the half type,
+ * transient buffers of at most 2 GiB + 1 GiB, freed before returning);
+ * the rest, float32 always, run flash-style kernels that keep everything in
+ * float32 and take head widths D and Dv up to 512.  Both are deterministic.
+ * Implemented in kernels/cuda/attention.cu. */
 #ifndef ML_KERNELS_CUDA_ATTENTION_H
 #define ML_KERNELS_CUDA_ATTENTION_H
 

@@ -4,7 +4,8 @@
 -- widths (40, 80, 160; 64 for SD 2.x and CLIP), cross attention over 77 text
 -- tokens, the VAE's single head as wide as its channels (up to 512), the
 -- causal mask, sequences that leave partial tiles (the GPU kernels take 16 to
--- 64 rows at a time, depending on the width), and half precision.
+-- 64 rows at a time, depending on the width), and half precision (on the GPU,
+-- tensor-core GEMMs around explicit score matrices at these sizes).
 return function(case, ml)
     local sdpa = ml.F.scaled_dot_product_attention
     -- f32 sums of up to 512 products, in another order than the CPU's BLAS
@@ -59,5 +60,20 @@ return function(case, ml)
     case("sdpa", "bf16, causal, D 160", half("bf16", {causal = true}), function(M) return qkv(M, 1, 70, 70, 2, 160) end,
          {rtol = 2e-2, atol = 1e-2})
     case("sdpa", "f16, causal, D 64", half("f16", {causal = true}), function(M) return qkv(M, 1, 66, 66, 2, 64) end,
+         {rtol = 1e-2, atol = 2e-3})
+    -- Stable Diffusion's sizes in the half types take the GPU's tensor-core
+    -- path (scores in f32, probabilities and dS rounded to the half type):
+    -- a 32x32 latent's self attention, its cross attention over 77 text
+    -- tokens (a score row stride padded from 77 to 80), CLIP's causal text.
+    local bf16 = {rtol = 2e-2, atol = 1e-2}
+    case("sdpa", "bf16, self attention [2,1024,8,40]", half("bf16"), function(M) return qkv(M, 2, 1024, 1024, 8, 40) end,
+         bf16)
+    case("sdpa", "bf16, cross attention [2,1024,8,40] over 77 keys", half("bf16"),
+         function(M) return qkv(M, 2, 1024, 77, 8, 40) end, bf16)
+    case("sdpa", "bf16, causal text [2,77,12,64]", half("bf16", {causal = true}),
+         function(M) return qkv(M, 2, 77, 77, 12, 64) end, bf16)
+    case("sdpa", "bf16, D 160, causal, more queries than keys", half("bf16", {causal = true}),
+         function(M) return qkv(M, 2, 100, 60, 8, 160) end, bf16)
+    case("sdpa", "f16, self attention [2,256,8,80]", half("f16"), function(M) return qkv(M, 2, 256, 256, 8, 80) end,
          {rtol = 1e-2, atol = 2e-3})
 end

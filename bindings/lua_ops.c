@@ -112,13 +112,27 @@ static int l_clamp_(lua_State *L) {
     return 1;
 }
 
-/* adamw_step_(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step) */
+/* adamw_step_(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step [, seed, offset])
+ * seed/offset pick the stochastic-rounding bits of a bf16 step; without
+ * them the default generator supplies them and moves past what was used. */
 static int l_adamw_step_(lua_State *L) {
     ml_tensor *p = mlua_check_tensor(L, 1), *g = mlua_check_tensor(L, 2);
     ml_tensor *m = mlua_check_tensor(L, 3), *v = mlua_check_tensor(L, 4);
-    int rc = ml_adamw_step_(p, g, m, v, luaL_checknumber(L, 5), luaL_checknumber(L, 6), luaL_checknumber(L, 7),
-                            luaL_checknumber(L, 8), luaL_checknumber(L, 9), luaL_checkinteger(L, 10));
-    if (rc < 0) return mlua_error(L, NULL);
+    double lr = luaL_checknumber(L, 5), b1 = luaL_checknumber(L, 6), b2 = luaL_checknumber(L, 7);
+    double eps = luaL_checknumber(L, 8), wd = luaL_checknumber(L, 9);
+    lua_Integer step = luaL_checkinteger(L, 10);
+    ml_generator *gen = NULL;
+    uint64_t seed, offset;
+    if (lua_isnoneornil(L, 11)) {
+        gen = ml_default_generator();
+        seed = gen->seed;
+        offset = gen->offset;
+    } else {
+        seed = (uint64_t)luaL_checkinteger(L, 11);
+        offset = (uint64_t)luaL_optinteger(L, 12, 0);
+    }
+    if (ml_adamw_step_(p, g, m, v, lr, b1, b2, eps, wd, step, seed, offset) < 0) return mlua_error(L, NULL);
+    if (gen) gen->offset += ml_adamw_random_blocks(p, m, v);
     return 0;
 }
 

@@ -45,9 +45,16 @@ int ml_add_scalar_(ml_tensor *dst, double s);
 int ml_clamp_(ml_tensor *dst, double lo, double hi);
 /* Fused AdamW update (PyTorch semantics, decoupled decay, bias correction):
  * p -= lr*wd*p; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
- * p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps). */
-int ml_adamw_step_(ml_tensor *p, ml_tensor *g, ml_tensor *m, ml_tensor *v,
-                   double lr, double b1, double b2, double eps, double wd, int64_t step);
+ * p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps).
+ * f32/f64 tensors round to nearest and ignore seed/offset.  bf16 params
+ * and/or bf16 moments (grad: the param's dtype or f32) compute in f32 and
+ * store bf16 results with stochastic rounding drawn from the Philox stream
+ * (seed, offset) — the same bits on CPU and GPU (kernels/bf16_sr.h); such a
+ * step consumes ml_adamw_random_blocks(p, m, v) blocks, by which a caller
+ * advances its generator's offset so the next step draws fresh bits. */
+int ml_adamw_step_(ml_tensor *p, ml_tensor *g, ml_tensor *m, ml_tensor *v, double lr, double b1, double b2,
+                   double eps, double wd, int64_t step, uint64_t seed, uint64_t offset);
+uint64_t ml_adamw_random_blocks(const ml_tensor *p, const ml_tensor *m, const ml_tensor *v);
 
 /* ---- reductions (host/ops_reduce.c); dims: list of 0-based dims, n=0 means all */
 ml_tensor *ml_sum(ml_tensor *x, int ndims, const int *dims, bool keepdim);

@@ -31,7 +31,8 @@ ML_CUDA_TWIN int ml_clamp_backward_cuda(ml_tensor *dx, const ml_tensor *dy, cons
                                         double lo, double hi);
 ML_CUDA_TWIN int ml_where_cuda(ml_tensor *out, const ml_tensor *cond, const ml_tensor *a, const ml_tensor *b);
 ML_CUDA_TWIN int ml_adamw_cuda(ml_tensor *p, const ml_tensor *g, ml_tensor *m, ml_tensor *v, double lr,
-                               double b1, double b2, double eps, double wd, int64_t step);
+                               double b1, double b2, double eps, double wd, int64_t step, uint64_t seed,
+                               uint64_t offset);
 #endif
 
 /* ---- dtype promotion ---------------------------------------------------- */
@@ -590,8 +591,8 @@ int ml_clamp_(ml_tensor *dst, double lo, double hi) {
 
 /* Like PyTorch's optimizer.step(), which runs under no_grad, this updates
  * parameters that require grad whatever the grad mode. */
-int ml_adamw_step_(ml_tensor *p, ml_tensor *g, ml_tensor *m, ml_tensor *v,
-                   double lr, double b1, double b2, double eps, double wd, int64_t step) {
+int ml_adamw_step_(ml_tensor *p, ml_tensor *g, ml_tensor *m, ml_tensor *v, double lr, double b1, double b2,
+                   double eps, double wd, int64_t step, uint64_t seed, uint64_t offset) {
     if (!p || !g || !m || !v) return ml_error("adamw: missing tensor");
     if (step < 1) return ml_error("adamw: step must be >= 1 (got %lld)", (long long)step);
     const ml_tensor *all[3] = {g, m, v};
@@ -605,9 +606,18 @@ int ml_adamw_step_(ml_tensor *p, ml_tensor *g, ml_tensor *m, ml_tensor *v,
         if (!ml_device_eq(all[k]->device, p->device))
             return ml_error("adamw: %s is not on the parameter's device", what[k]);
     }
+    if (p->dtype == ML_F16)
+        return ml_error("adamw: f16 parameters are not supported (stochastic rounding is done for bf16): keep f32 "
+                        "or bf16 parameters");
     p->version++;
     m->version++;
     v->version++;
-    if (p->device.type == ML_CPU) return CPU_CALL(ml_adamw_cpu, p, g, m, v, lr, b1, b2, eps, wd, step);
-    return CUDA_CALL(ml_adamw_cuda, p, g, m, v, lr, b1, b2, eps, wd, step);
+    if (p->device.type == ML_CPU)
+        return CPU_CALL(ml_adamw_cpu, p, g, m, v, lr, b1, b2, eps, wd, step, seed, offset);
+    return CUDA_CALL(ml_adamw_cuda, p, g, m, v, lr, b1, b2, eps, wd, step, seed, offset);
+}
+
+uint64_t ml_adamw_random_blocks(const ml_tensor *p, const ml_tensor *m, const ml_tensor *v) {
+    bool sr = p->dtype == ML_BF16 || m->dtype == ML_BF16 || v->dtype == ML_BF16;
+    return sr ? (uint64_t)ml_numel(p) : 0;
 }

@@ -8,9 +8,13 @@
 //     p = p + (-lr / (1 - b1^t)) * (m / denom)
 // spelled with the _rn intrinsics so nvcc cannot fuse a multiply and an add
 // (the CPU build never does), and the scalars computed on the host in
-// double exactly as the CPU computes them.
+// double exactly as the CPU computes them.  The bf16-sr step (bf16 param or
+// moments) runs the same f32 arithmetic and stores bf16 results with
+// kernels/bf16_sr.h's stochastic rounding and Philox bits, so it too gives
+// the CPU's bits for the same seed and offset.
 #include "common.cuh"
 #include "optim.h"
+#include "bf16_sr.h"
 #include <cmath>
 
 namespace {
@@ -49,6 +53,31 @@ __global__ void __launch_bounds__(kThreads)
     }
 }
 
+__device__ __forceinline__ void st_sr(float *b, int64_t i, float x, uint32_t) { b[i] = x; }
+__device__ __forceinline__ void st_sr(ml_bf16_t *b, int64_t i, float x, uint32_t lane) {
+    b[i].x = ml_f32_to_bf16_sr(x, lane);
+}
+
+// adamw_kernel's f32 arithmetic with each operand f32 or bf16; P is the
+// param's element type, S the moments', G the gradient's.
+template <typename P, typename G, typename S>
+__global__ void __launch_bounds__(kThreads)
+    adamw_sr_kernel(int64_t n, P *__restrict__ p, const G *__restrict__ g, S *__restrict__ m, S *__restrict__ v,
+                    adamw_scalars<float> c, uint64_t seed, uint64_t offset) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        uint32_t x[4];
+        ml_philox_block(seed, offset, (uint64_t)i, x);
+        float pi = ml_ld(p[i]), gi = ml_ld(g[i]), mi = ml_ld(m[i]), vi = ml_ld(v[i]);
+        if (c.do_decay) pi = r_mul(pi, c.decay);
+        mi = c.small_w ? r_add(mi, r_mul(c.w1, r_sub(gi, mi))) : r_sub(gi, r_mul(r_sub(gi, mi), c.w1c));
+        vi = r_add(r_mul(vi, c.beta2), r_mul(r_mul(c.w2, gi), gi));
+        float denom = r_add(r_div(r_sqrt(vi), c.bc2_sqrt), c.eps);
+        st_sr(p, i, r_add(pi, r_mul(c.neg_step, r_div(mi, denom))), x[0]);
+        st_sr(m, i, mi, x[1]);
+        st_sr(v, i, vi, x[2]);
+    }
+}
+
 template <typename T>
 adamw_scalars<T> scalars(double lr, double b1, double b2, double eps, double wd, int64_t step) {
     adamw_scalars<T> c;
@@ -76,14 +105,60 @@ int launch(ml_tensor *p, const ml_tensor *g, ml_tensor *m, ml_tensor *v, const a
     return 0;
 }
 
+template <typename P, typename G, typename S>
+int launch_sr(ml_tensor *p, const ml_tensor *g, ml_tensor *m, ml_tensor *v, const adamw_scalars<float> &c,
+              uint64_t seed, uint64_t offset, cudaStream_t s) {
+    int64_t n = ml_numel(p);
+    if (n == 0) return 0;
+    adamw_sr_kernel<P, G, S><<<ml_grid_for(n, kThreads, p->device.index), kThreads, 0, s>>>(
+        n, ml_ptr<P>(p), ml_ptr<G>(g), ml_ptr<S>(m), ml_ptr<S>(v), c, seed, offset);
+    ML_CUDA_LAUNCHED("adamw");
+    return 0;
+}
+
+template <typename P, typename S>
+int launch_sr_g(ml_tensor *p, const ml_tensor *g, ml_tensor *m, ml_tensor *v, const adamw_scalars<float> &c,
+                uint64_t seed, uint64_t offset, cudaStream_t s) {
+    switch (g->dtype) {
+    case ML_F32: return launch_sr<P, float, S>(p, g, m, v, c, seed, offset, s);
+    case ML_BF16: return launch_sr<P, ml_bf16_t, S>(p, g, m, v, c, seed, offset, s);
+    case ML_F16: return launch_sr<P, ml_f16_t, S>(p, g, m, v, c, seed, offset, s);
+    default: return 1;
+    }
+}
+
 }  // namespace
 
 extern "C" int ml_adamw_cuda(ml_tensor *p, const ml_tensor *g, ml_tensor *m, ml_tensor *v, double lr, double b1,
-                             double b2, double eps, double wd, int64_t step) {
+                             double b2, double eps, double wd, int64_t step, uint64_t seed, uint64_t offset) {
     const ml_tensor *all[4] = {p, g, m, v};
     for (int k = 0; k < 4; k++) {
         if (!ml_is_contiguous(all[k]) || ml_numel(all[k]) != ml_numel(p) || !ml_device_eq(all[k]->device, p->device))
             return ml_error("adamw (cuda): param, grad and moments must be contiguous, of one size, on one device");
+    }
+    bool sr = p->dtype == ML_BF16 || m->dtype == ML_BF16;
+    if (sr) {
+        // The bf16-sr step: p f32 or bf16; m, v both f32 or both bf16.
+        bool p_ok = p->dtype == ML_F32 || p->dtype == ML_BF16;
+        bool s_ok = m->dtype == v->dtype && (m->dtype == ML_F32 || m->dtype == ML_BF16);
+        int rc = 1;
+        cudaStream_t s;
+        if (p_ok && s_ok) {
+            if (ml_cuda_prepare(p, "adamw", &s) < 0) return -1;
+            adamw_scalars<float> c = scalars<float>(lr, b1, b2, eps, wd, step);
+            if (p->dtype == ML_BF16 && m->dtype == ML_BF16)
+                rc = launch_sr_g<ml_bf16_t, ml_bf16_t>(p, g, m, v, c, seed, offset, s);
+            else if (p->dtype == ML_BF16)
+                rc = launch_sr_g<ml_bf16_t, float>(p, g, m, v, c, seed, offset, s);
+            else
+                rc = launch_sr_g<float, ml_bf16_t>(p, g, m, v, c, seed, offset, s);
+        }
+        if (rc <= 0) return rc;
+        return ml_error("adamw (cuda): unsupported dtypes (param %s, grad %s, exp_avg %s, exp_avg_sq %s): a bf16 "
+                        "step takes an f32 or bf16 param, an f32, bf16 or f16 grad and f32 or bf16 moments of one "
+                        "dtype",
+                        ml_dtype_name(p->dtype), ml_dtype_name(g->dtype), ml_dtype_name(m->dtype),
+                        ml_dtype_name(v->dtype));
     }
     if (m->dtype != p->dtype || v->dtype != p->dtype)
         return ml_error("adamw (cuda): moments must have the param's dtype (param %s, m %s, v %s)",

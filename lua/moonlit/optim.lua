@@ -1,6 +1,11 @@
 -- moonlit.optim (ml.optim) — optimizers with PyTorch semantics.
 --   AdamW: decoupled weight decay, bias correction, one fused kernel per
---          parameter (core.adamw_step_), state kept in f32 like the params.
+--          parameter (core.adamw_step_).  Moments are kept in opts.state_dtype,
+--          by default the parameter's dtype: f32 params as before; bf16
+--          params (the bf16-sr recipe) get bf16 moments, and the kernel
+--          stores every bf16 result with stochastic rounding drawn from the
+--          default generator, so updates far below bf16's spacing (lr 5e-6)
+--          still move the weights on average instead of rounding away.
 --   SGD:   momentum, dampening, nesterov, weight decay (coupled, as torch.optim.SGD).
 --   clip_grad_norm(params, max_norm): total 2-norm over all grads, scaled in place.
 local core = require "moonlit.core"
@@ -36,6 +41,7 @@ optim.AdamW = setmetatable(AdamW, {__index = Optimizer, __call = function(cls, p
     self.betas = o.betas or {0.9, 0.999}
     self.eps = o.eps or 1e-8
     self.weight_decay = o.weight_decay == nil and 1e-2 or o.weight_decay
+    self.state_dtype = o.state_dtype
     self.state = {}
     return self
 end})
@@ -47,7 +53,8 @@ function AdamW:step()
             if g then
                 local s = self.state[i]
                 if not s then
-                    s = {step = 0, exp_avg = core.zeros_like(p), exp_avg_sq = core.zeros_like(p)}
+                    local dt = {dtype = self.state_dtype or p.dtype}
+                    s = {step = 0, exp_avg = core.zeros_like(p, dt), exp_avg_sq = core.zeros_like(p, dt)}
                     self.state[i] = s
                 end
                 s.step = s.step + 1
@@ -70,7 +77,8 @@ function AdamW:load_state_dict(sd)
     for i, s in pairs(sd.state) do
         local p = self.params[i]
         if not p then error("AdamW:load_state_dict: state for parameter " .. i .. " but only " .. #self.params .. " parameters") end
-        self.state[i] = {step = s.step, exp_avg = s.exp_avg:to(p):clone(), exp_avg_sq = s.exp_avg_sq:to(p):clone()}
+        local to = {device = p.device, dtype = self.state_dtype or p.dtype}
+        self.state[i] = {step = s.step, exp_avg = s.exp_avg:to(to):clone(), exp_avg_sq = s.exp_avg_sq:to(to):clone()}
     end
 end
 

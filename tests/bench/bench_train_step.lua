@@ -5,7 +5,8 @@
 --   moonlit tests/bench/bench_train_step.lua [--configs configs/sd-v1-4] [--batch 2]
 --       [--steps 10] [--device cuda] [--precision f32|bf16-mixed] [--size 512]
 --   f32: everything in f32 (no TF32); bf16-mixed: f32 weights and AdamW state,
---   every layer computing in bf16 (nn.autocast).  --profile N prints the N
+--   every layer computing in bf16 (nn.autocast); bf16-sr: bf16 weights and
+--   AdamW moments updated with stochastic rounding (the peer's footprint).  --profile N prints the N
 --   kernels that took the most GPU time in one step (ml.profile).
 -- Prints the median step time, TFLOP/s against the peer's FLOP count for
 -- SD 1.4 at 512x512 (14.52 TFLOP per step at batch 2+2) and peak GPU memory.
@@ -24,8 +25,8 @@ local function sync() if on_gpu then core.cuda_synchronize(0) end end
 local now = core.now
 
 local t0 = now()
-if o.precision ~= "f32" and o.precision ~= "bf16-mixed" then
-    io.stderr:write("bench_train_step: --precision must be f32 or bf16-mixed\n")
+if o.precision ~= "f32" and o.precision ~= "bf16-mixed" and o.precision ~= "bf16-sr" then
+    io.stderr:write("bench_train_step: --precision must be f32, bf16-mixed or bf16-sr\n")
     os.exit(1)
 end
 local compute_dtype = o.precision == "bf16-mixed" and "bf16" or nil
@@ -33,7 +34,8 @@ local function compute(fn, ...)
     if compute_dtype then return ml.nn.autocast(compute_dtype, fn, ...) end
     return fn(...)
 end
-local m = ml.sd.from_configs(o.configs, {seed = 0, device = dev})
+local m = ml.sd.from_configs(o.configs, {seed = 0, device = dev,
+                                         dtype = o.precision == "bf16-sr" and "bf16" or "f32"})
 print(string.format("init %.1f s on %s (%s): unet %.1fM, vae %.1fM, text %.1fM parameters", now() - t0, dev, o.precision,
                     m.unet:num_parameters() / 1e6, m.vae:num_parameters() / 1e6, m.text_encoder:num_parameters() / 1e6))
 m.vae:requires_grad_(false)
@@ -46,6 +48,7 @@ local params = ml.nn.parameters(m.unet, m.text_encoder)
 local opt = ml.optim.AdamW(params, {lr = 5e-6})
 local B = 2 * o.batch
 local images = ml.rand({B, o.size, o.size, 3}, {device = dev}) * 2 - 1
+if o.precision == "bf16-sr" then images = images:bf16() end
 local ids = ml.randint(0, 49407, {B, 77}, {device = dev})
 
 local function prior_preserving_loss(pred, target, weight)

@@ -295,7 +295,7 @@ static void test_adamw(void) {
     int rc = 0;
     for (int s = 0; s < 3; s++) {
         ml_tensor *g = T(ML_F32, 1, s5, grads[s]);
-        rc |= ml_adamw_step_(p, g, m, v, 1e-2, 0.9, 0.999, 1e-8, 0.1, s + 1);
+        rc |= ml_adamw_step_(p, g, m, v, 1e-2, 0.9, 0.999, 1e-8, 0.1, s + 1, 0, 0);
         ml_release(g);
     }
     CHECK(rc == 0, "adamw steps: %s", ml_last_error());
@@ -303,7 +303,7 @@ static void test_adamw(void) {
     expect("adamw exp_avg", m, (double[]){-0.0174000002, 0.0387999974, 0.0218000002, 7.10000022e-05, -0.0439999998}, 5, 2e-7);
     expect("adamw exp_avg_sq", v, (double[]){0.000102477519, 0.000299670035, 0.000192257605, 1.00800124e-09, 0.0209640171}, 5, 2e-7);
     ml_tensor *bad = ml_zeros(1, (int64_t[]){4}, ML_F32, ml_cpu());
-    CHECK(ml_adamw_step_(p, bad, m, v, 1e-2, 0.9, 0.999, 1e-8, 0.1, 4) < 0 && strstr(ml_last_error(), "[4]"),
+    CHECK(ml_adamw_step_(p, bad, m, v, 1e-2, 0.9, 0.999, 1e-8, 0.1, 4, 0, 0) < 0 && strstr(ml_last_error(), "[4]"),
           "adamw shape mismatch: %s", ml_last_error());
     ml_release(bad); ml_release(p); ml_release(m); ml_release(v);
 }

@@ -183,4 +183,39 @@ function tests.adamw_state_dict_round_trip(t)
                  "state for parameter 2"))
 end
 
+-- bf16-sr: at lr 1e-5 every update is far below bf16's spacing near 1
+-- (2^-8), so round to nearest would leave the weights untouched; the
+-- stochastic rounding moves some of them, and on average by the f32 step.
+function tests.adamw_bf16_params_move_with_stochastic_rounding(t)
+    local n, steps = 4096, 20
+    local p = ml.ones({n}, {dtype = "bf16", requires_grad = true})
+    local opt = optim.AdamW({p}, {lr = 1e-5, weight_decay = 0})
+    local seed, offset = ml.get_rng_state()
+    for _ = 1, steps do
+        opt:zero_grad()
+        p.grad = ml.full({n}, 1e-3, {dtype = "bf16"})
+        opt:step()
+    end
+    local s = opt.state[1]
+    t:assertEq(s.exp_avg.dtype, "bf16", "moments default to the param's dtype")
+    t:assertEq(s.exp_avg_sq.dtype, "bf16")
+    t:assertEq(p.dtype, "bf16")
+    local q = ml.no_grad(function() return p:to("f32") end)
+    local moved = (q:lt(1)):sum():item()
+    t:assert(moved > 0, "some weights moved")
+    -- each step is -lr (constant gradient): mean drift about -lr * steps
+    local drift = q:mean():item() - 1
+    t:assertNear(drift, -1e-5 * steps, 0.3e-5 * steps, "mean drift of the bf16 weights")
+    local seed2, offset2 = ml.get_rng_state()
+    t:assertEq(seed2, seed)
+    t:assertEq(offset2, offset + n * steps, "each step draws numel fresh Philox blocks")
+    -- state_dtype keeps f32 moments for bf16 params when asked
+    local r = ml.ones({4}, {dtype = "bf16", requires_grad = true})
+    local opt2 = optim.AdamW({r}, {lr = 1e-5, state_dtype = "f32"})
+    r.grad = ml.full({4}, 1e-3, {dtype = "bf16"})
+    opt2:step()
+    t:assertEq(opt2.state[1].exp_avg.dtype, "f32")
+    t:assertEq(opt2.state[1].exp_avg_sq.dtype, "f32")
+end
+
 return tests

@@ -8,9 +8,11 @@
 #     scripts/gpu_check.sh            # logs under build/gpu_check/
 #     LOG_DIR=/some/dir scripts/gpu_check.sh
 #
-# Steps: GPU summary (nvidia-smi), the C test of the CUDA runtime and
-# allocator (if built), the CPU-vs-GPU parity suite, the kernel bandwidth
-# benchmark, then any bench/*.lua.  Ends with a table of the steps and exits
+# Steps: GPU summary (nvidia-smi), the C tests of the CUDA runtime/allocator
+# and of cuBLAS (if built), the CPU-vs-GPU parity suite, the fixtures on the
+# GPU and generation in each precision (when the vocabulary is there: run
+# scripts/fetch_clip_vocab.sh first), the kernel bandwidth benchmark, then
+# any bench/*.lua.  Ends with a table of the steps and exits
 # non-zero if one failed.
 set -u
 BIN=${BIN:-build/moonlit}
@@ -60,7 +62,18 @@ if [ -x build/tests/test_cuda_core ]; then
 else
     printf '%-24s %-9s %7s  %s\n' "cuda runtime (C)" skipped "" "build/tests/test_cuda_core not built" >> "$TABLE"
 fi
+if [ -x build/tests/test_cuda_blas ]; then
+    step "cublas (C)" cuda_blas.log build/tests/test_cuda_blas
+fi
 step "parity cpu vs gpu" parity.log "$BIN" tests/gpu/test_parity.lua
+for f in tests/fixtures/sd1-tiny tests/fixtures/sd2-tiny; do
+    if [ -f "$f/pipeline/tokenizer/vocab.json" ]; then
+        step "fixture $(basename "$f") f32" "verify_$(basename "$f").log" "$BIN" scripts/verify_fixture.lua "$f" --device cuda
+    fi
+done
+if [ -f tests/fixtures/sd1-tiny/pipeline/tokenizer/vocab.json ]; then
+    step "generate per precision" generate.log "$BIN" tests/gpu/check_generate_precision.lua
+fi
 step "kernel bandwidth" bench_kernels.log "$BIN" tests/gpu/bench_kernels.lua
 for f in bench/*.lua; do
     [ -f "$f" ] || continue

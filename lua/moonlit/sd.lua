@@ -1,5 +1,7 @@
 -- moonlit.sd (ml.sd) — Stable Diffusion folders in diffusers format.
---   local m = ml.sd.load(dir, {device = "cpu", dtype = "f32", variant = nil, components = nil})
+--   local m = ml.sd.load(dir, {device = "cpu", precision = "f32", variant = nil, components = nil})
+--     precision: "f32"; "bf16-mixed" (f32 weights, layers compute in bf16 under
+--     sd.autocast); "bf16-sr" (bf16 weights, AdamW with stochastic rounding)
 --     -> {unet, vae, text_encoder, tokenizer, scheduler, config, dir}
 --   ml.sd.save(dir, m, {dtype = "f32"|"f16"|"bf16"})  -- a folder diffusers loads
 --   ml.sd.generate(m, {prompt = ..., ...})            -- see moonlit.pipelines.stable_diffusion
@@ -103,13 +105,41 @@ end
 
 -- sd.load(dir, opts): opts.components limits what is loaded (a list of
 -- names among text_encoder, unet, vae, tokenizer, scheduler).
+local precisions = {f32 = "f32", ["bf16-mixed"] = "f32", ["bf16-sr"] = "bf16"}
+
+-- Weight dtype for a precision; errors clearly on unknown or CPU-bf16 combinations.
+local function weight_dtype(opts)
+    local p = opts.precision or "f32"
+    if not precisions[p] then
+        error("sd.load: unknown precision '" .. tostring(p) .. "' (expected f32, bf16-mixed or bf16-sr)", 3)
+    end
+    if p ~= "f32" and (opts.device or "cpu") == "cpu" then
+        error("sd.load: precision " .. p .. " needs a CUDA device (the CPU computes in f32)", 3)
+    end
+    return opts.dtype or precisions[p]
+end
+
+-- Run fn(...) in the model's compute precision (bf16 for bf16-mixed).
+function sd.autocast(m, fn, ...)
+    if m.precision == "bf16-mixed" then return nn.autocast("bf16", fn, ...) end
+    return fn(...)
+end
+
 function sd.load(dir, opts)
     opts = opts or {}
+    local wdt = weight_dtype(opts)
+    if wdt ~= (opts.dtype or "f32") then
+        local o2 = {}
+        for k, v in pairs(opts) do o2[k] = v end
+        o2.dtype = wdt
+        opts = o2
+    end
     if not core.is_dir(dir) then error("sd.load: model folder not found: " .. tostring(dir), 2) end
     local index, index_raw = read_json(join(dir, "model_index.json"), "model_index.json")
     local want = {}
     for _, c in ipairs(opts.components or {"text_encoder", "unet", "vae", "tokenizer", "scheduler"}) do want[c] = true end
-    local m = {dir = dir, config = index, raw_config = index_raw, device = opts.device or "cpu"}
+    local m = {dir = dir, config = index, raw_config = index_raw, device = opts.device or "cpu",
+               precision = opts.precision or "f32"}
     if want.tokenizer then
         m.tokenizer_dir = join(dir, "tokenizer")
         m.tokenizer = core.tokenizer_load(m.tokenizer_dir)

@@ -151,6 +151,13 @@ function T.generate_writes_png_with_metadata(t)
     rmrf(dir)
 end
 
+function T.precision_is_checked(t)
+    t:assertError(function() ml.sd.load(FIX, {precision = "fp8"}) end, "unknown precision")
+    t:assertError(function() ml.sd.load(FIX, {precision = "bf16-sr"}) end, "needs a CUDA device")
+    local m = ml.sd.load(FIX, {components = {"vae"}})
+    t:assertEq(m.precision, "f32")
+end
+
 function T.every_scheduler_runs_in_the_pipeline(t)
     local m = ml.sd.load(FIX)
     for _, s in ipairs {"pndm", "ddim", "ddpm", "euler", "euler_ancestral", "dpmpp_2m"} do

@@ -48,7 +48,10 @@ function P.generate(m, o)
     local seed = o.seed
     if seed then core.manual_seed(seed) end
 
-    return core.no_grad(function()
+    local udt = m.unet.conv_in.weight.dtype
+    local autocast = m.precision == "bf16-mixed" and require("moonlit.nn").autocast or nil
+    local function run(fn) if autocast then return autocast("bf16", fn) end return fn() end
+    return core.no_grad(run, function()
         local all_p, all_n = {}, {}
         for i, p in ipairs(prompts) do
             for _ = 1, per do all_p[#all_p + 1] = p; all_n[#all_n + 1] = negs[i] end
@@ -71,7 +74,8 @@ function P.generate(m, o)
         for i, t in ipairs(sch.timesteps) do
             local x = cfg and core.cat({latents, latents}, 1) or latents
             x = sch:scale_model_input(x, t)
-            local eps = m.unet(x, t, context)
+            -- the sampler works in f32; the networks take their weights' dtype (bf16-sr)
+            local eps = m.unet(x:to(udt), t, context):float()
             if cfg then
                 local u, c = eps:chunk(2, 1)
                 eps = u + (c - u) * guidance
@@ -79,8 +83,8 @@ function P.generate(m, o)
             latents = sch:step(eps, t, latents)
             if o.callback then o.callback(i, t, latents) end
         end
-        local img = m.vae:decode(latents / m.vae.scaling_factor)
-        img = core.clamp(img / 2 + 0.5, 0, 1):to("cpu")
+        local img = m.vae:decode((latents / m.vae.scaling_factor):to(m.vae.decoder.conv_in.weight.dtype))
+        img = core.clamp(img:float() / 2 + 0.5, 0, 1):to("cpu")
         return img, {seed = seed, steps = steps, guidance = guidance, scheduler = sch.config._class_name,
                      prompts = all_p, negative_prompts = all_n, height = height, width = width}
     end)

@@ -60,6 +60,22 @@ function C.make_schedule(cfg, name)
 end
 
 -- numpy-style round half to even
+-- np.interp over integer knots 0..#ys-1 (ys is 1-based)
+function C.interp(x, ys)
+    if x <= 0 then return ys[1] end
+    if x >= #ys - 1 then return ys[#ys] end
+    local i = math.floor(x)
+    return ys[i + 1] + (ys[i + 2] - ys[i + 1]) * (x - i)
+end
+
+-- The k-diffusion sigmas sqrt((1 - abar) / abar) of every training timestep,
+-- rounded to float32 at each operation as diffusers' float32 tensors are.
+function C.train_sigmas(alphas_cumprod)
+    local out = {}
+    for i, a in ipairs(alphas_cumprod) do out[i] = f32(math.sqrt(f32(f32(1 - a) / a))) end
+    return out
+end
+
 function C.round_even(x)
     local r = math.floor(x + 0.5)
     if r - x == 0.5 and r % 2 == 1 then r = r - 1 end

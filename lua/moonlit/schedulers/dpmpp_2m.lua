@@ -11,12 +11,7 @@ local DPM = C.class("DPMSolverMultistepScheduler", {
     thresholding = false,
 })
 
-local function interp(x, ys)
-    if x <= 0 then return ys[1] end
-    if x >= #ys - 1 then return ys[#ys] end
-    local i = math.floor(x)
-    return ys[i + 1] + (ys[i + 2] - ys[i + 1]) * (x - i)
-end
+local interp = C.interp
 
 function DPM:check()
     local cfg, name = self.config, self.__name
@@ -32,8 +27,7 @@ function DPM:check()
 end
 
 function DPM:setup()
-    self.train_sigmas = {}
-    for i, a in ipairs(self.alphas_cumprod) do self.train_sigmas[i] = f32(math.sqrt(f32(f32(1 - a) / a))) end
+    self.train_sigmas = C.train_sigmas(self.alphas_cumprod)
 end
 
 -- DPM-Solver spaces n + 1 points and drops the last (t = 0) one.

@@ -5,14 +5,7 @@ local C = require "moonlit.schedulers.common"
 
 local f32 = C.f32
 
--- np.interp over integer knots 0..#ys-1 (ys is 1-based)
-local function interp(x, ys)
-    if x <= 0 then return ys[1] end
-    if x >= #ys - 1 then return ys[#ys] end
-    local i = math.floor(x)
-    local w = x - i
-    return ys[i + 1] + (ys[i + 2] - ys[i + 1]) * w
-end
+local interp = C.interp
 
 -- final_sigma: whether the class reads final_sigmas_type (Euler does; Euler
 -- ancestral always ends at sigma 0, as in diffusers)
@@ -32,8 +25,7 @@ local function make(name, final_sigma)
     end
 
     function cls:setup()
-        self.train_sigmas = {}
-        for i, a in ipairs(self.alphas_cumprod) do self.train_sigmas[i] = f32(math.sqrt(f32(f32(1 - a) / a))) end
+        self.train_sigmas = C.train_sigmas(self.alphas_cumprod)
         -- before set_timesteps: the largest training sigma, as diffusers reports
         self.init_noise_sigma = self:_init_noise_sigma(self.train_sigmas[#self.train_sigmas])
     end

@@ -65,11 +65,7 @@ if precision == "bf16-mixed" then
     end
     TOL_MODULE, TOL_PIPE = 2e-2, 2e-2
 end
--- run fn under the chosen precision
-local function compute(fn, ...)
-    if precision == "bf16-mixed" then return ml.nn.autocast("bf16", fn, ...) end
-    return fn(...)
-end
+
 local n_ok, n_fail = 0, 0
 
 local function report(name, err, tol, pass)
@@ -104,7 +100,9 @@ local function want(name) return args.only == nil or args.only[name] end
 local function load(f) return core.st_load(path(f)) end
 
 local meta = core.json_load(path("meta.json"))
-local m = ml.sd.load(path("pipeline"), {device = dev})
+local m = ml.sd.load(path("pipeline"), {device = dev, precision = precision})
+-- run fn in the model's compute precision
+local function compute(fn, ...) return ml.sd.autocast(m, fn, ...) end
 
 -- ---- tokenizer ------------------------------------------------------------------
 if want("tokenizer") and core.is_file(path("tokenizer.json")) then
@@ -218,7 +216,7 @@ end
 if want("pipeline") and meta.pipeline_call then
     local r = load("pipeline_out.safetensors")
     local pc = meta.pipeline_call
-    local img = compute(ml.sd.generate, m, {prompt = pc.prompt, negative_prompt = pc.negative_prompt,
+    local img = ml.sd.generate(m, {prompt = pc.prompt, negative_prompt = pc.negative_prompt,
                                    num_inference_steps = pc.num_inference_steps, guidance_scale = pc.guidance_scale,
                                    scheduler = pc.scheduler, latents = nchw_to_nhwc(r.latents):to(dev),
                                    height = r.image:size(2), width = r.image:size(3)})

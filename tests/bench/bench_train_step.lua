@@ -29,13 +29,10 @@ if o.precision ~= "f32" and o.precision ~= "bf16-mixed" and o.precision ~= "bf16
     io.stderr:write("bench_train_step: --precision must be f32, bf16-mixed or bf16-sr\n")
     os.exit(1)
 end
-local compute_dtype = o.precision == "bf16-mixed" and "bf16" or nil
-local function compute(fn, ...)
-    if compute_dtype then return ml.nn.autocast(compute_dtype, fn, ...) end
-    return fn(...)
-end
 local m = ml.sd.from_configs(o.configs, {seed = 0, device = dev,
                                          dtype = o.precision == "bf16-sr" and "bf16" or "f32"})
+m.precision = o.precision
+local function compute(fn, ...) return ml.sd.autocast(m, fn, ...) end
 print(string.format("init %.1f s on %s (%s): unet %.1fM, vae %.1fM, text %.1fM parameters", now() - t0, dev, o.precision,
                     m.unet:num_parameters() / 1e6, m.vae:num_parameters() / 1e6, m.text_encoder:num_parameters() / 1e6))
 m.vae:requires_grad_(false)

@@ -49,9 +49,7 @@ function P.generate(m, o)
     if seed then core.manual_seed(seed) end
 
     local udt = m.unet.conv_in.weight.dtype
-    local autocast = m.precision == "bf16-mixed" and require("moonlit.nn").autocast or nil
-    local function run(fn) if autocast then return autocast("bf16", fn) end return fn() end
-    return core.no_grad(run, function()
+    return core.no_grad(require("moonlit.sd").autocast, m, function()
         local all_p, all_n = {}, {}
         for i, p in ipairs(prompts) do
             for _ = 1, per do all_p[#all_p + 1] = p; all_n[#all_n + 1] = negs[i] end

@@ -12,16 +12,8 @@
 
 #define QBLOCK 128
 
-#define T float
-#define SFX(name) name##_f32
-#include "attention_t.h"
-#undef T
-#undef SFX
-#define T double
-#define SFX(name) name##_f64
-#include "attention_t.h"
-#undef T
-#undef SFX
+#define ML_TYPED_BODY "attention_t.h"
+#include "typed.h"
 
 static void attn_softmax(ml_dtype dt, void *S, int64_t qb, int64_t kc, int64_t i0, bool causal, void *lse) {
     if (dt == ML_F32) attn_softmax_f32(S, qb, kc, i0, causal, lse);

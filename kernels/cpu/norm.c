@@ -12,16 +12,8 @@ static inline double silu_grad(double g, double v) {
     return g * s * (1.0 + v * (1.0 - s));
 }
 
-#define T float
-#define SFX(name) name##_f32
-#include "norm_t.h"
-#undef T
-#undef SFX
-#define T double
-#define SFX(name) name##_f64
-#include "norm_t.h"
-#undef T
-#undef SFX
+#define ML_TYPED_BODY "norm_t.h"
+#include "typed.h"
 
 #define DATA(t) ((t) ? ml_data(t) : NULL)
 

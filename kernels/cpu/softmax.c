@@ -4,16 +4,8 @@
 #include <stdlib.h>
 #include <tgmath.h>
 
-#define T float
-#define SFX(name) name##_f32
-#include "softmax_t.h"
-#undef T
-#undef SFX
-#define T double
-#define SFX(name) name##_f64
-#include "softmax_t.h"
-#undef T
-#undef SFX
+#define ML_TYPED_BODY "softmax_t.h"
+#include "typed.h"
 
 static void split_dims(const ml_tensor *t, int dim, int64_t *outer, int64_t *D, int64_t *inner) {
     *outer = *inner = 1;

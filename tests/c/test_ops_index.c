@@ -3,6 +3,7 @@
  * gradients in f64 (repeated indices, non-contiguous inputs, more inputs
  * than one autograd node holds), and argument errors. */
 #include "check.h"
+#include "tensor_check.h"
 #include "gradcheck.h"
 #include <stdlib.h>
 #include <string.h>
@@ -20,12 +21,6 @@ static double max_diff(ml_tensor *t, const double *ref) {
     return m;
 }
 
-static void expect_error(const char *what, ml_tensor *r, const char *n1, const char *n2) {
-    CHECK(r == NULL, "%s: expected an error", what);
-    const char *e = ml_last_error();
-    CHECK(strstr(e, n1) && (!n2 || strstr(e, n2)), "%s: message '%s' lacks '%s' / '%s'", what, e, n1, n2 ? n2 : "");
-    ml_release(r);
-}
 
 /* ---- embedding ---------------------------------------------------------- */
 

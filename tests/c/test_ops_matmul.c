@@ -2,6 +2,7 @@
  * (batch broadcasting, 1-D operands, transposed and sliced views, f32 and
  * f64), finite-difference gradients in f64, and argument errors. */
 #include "check.h"
+#include "tensor_check.h"
 #include "gradcheck.h"
 #include <stdlib.h>
 #include <string.h>
@@ -187,13 +188,6 @@ static void test_grads(void) {
 
 /* ---- errors ------------------------------------------------------------- */
 
-static void expect_error(const char *what, ml_tensor *r, const char *needle1, const char *needle2) {
-    CHECK(r == NULL, "%s: expected an error", what);
-    const char *e = ml_last_error();
-    CHECK(strstr(e, needle1) && (!needle2 || strstr(e, needle2)), "%s: message '%s' lacks '%s'/'%s'",
-          what, e, needle1, needle2 ? needle2 : "");
-    ml_release(r);
-}
 
 static void test_errors(void) {
     ml_tensor *a = randn(2, (int64_t[]){3, 4}, ML_F32), *b = randn(2, (int64_t[]){5, 2}, ML_F32);

@@ -3,6 +3,7 @@
  * gradients in f64 at the shapes Stable Diffusion uses (toy sizes),
  * non-contiguous inputs, and argument errors. */
 #include "check.h"
+#include "tensor_check.h"
 #include "gradcheck.h"
 #include <stdlib.h>
 #include <string.h>
@@ -23,12 +24,6 @@ static double max_diff(ml_tensor *t, const double *ref) {
 
 static double tol_for(ml_dtype dt) { return dt == ML_F32 ? 2e-5 : 1e-11; }
 
-static void expect_error(const char *what, ml_tensor *r, const char *n1, const char *n2) {
-    CHECK(r == NULL, "%s: expected an error", what);
-    const char *e = ml_last_error();
-    CHECK(strstr(e, n1) && (!n2 || strstr(e, n2)), "%s: message '%s' lacks '%s' / '%s'", what, e, n1, n2 ? n2 : "");
-    ml_release(r);
-}
 
 /* ---- conv2d ------------------------------------------------------------- */
 

@@ -3,6 +3,7 @@
  * integer inputs, NaN and ties), accuracy of long f32 sums, gradient checks
  * and a throughput figure. */
 #include "check.h"
+#include "tensor_check.h"
 #include "gradcheck.h"
 #include "ops.h"
 #include <math.h>
@@ -20,18 +21,6 @@ static ml_tensor *randt(int ndim, const int64_t *shape) {
     return ml_randn(ndim, shape, ML_F64, ml_cpu(), &gen);
 }
 
-static void expect(const char *what, ml_tensor *t, const double *want, int64_t n, double tol) {
-    if (!t) { CHECK(0, "%s: got NULL: %s", what, ml_last_error()); return; }
-    if (ml_numel(t) != n) { CHECK(0, "%s: %lld elements, want %lld", what, (long long)ml_numel(t), (long long)n); return; }
-    double *v = ml_to_doubles(t);
-    int bad = 0;
-    for (int64_t i = 0; i < n && !bad; i++) {
-        bool ok = (isnan(want[i]) && isnan(v[i])) || fabs(v[i] - want[i]) <= tol * (1 + fabs(want[i]));
-        if (!ok) { CHECK(0, "%s[%lld]: %.9g, want %.9g", what, (long long)i, v[i], want[i]); bad = 1; }
-    }
-    if (!bad) CHECK(1, "%s", what);
-    free(v);
-}
 
 static bool has_shape(const ml_tensor *t, int nd, const int64_t *s) {
     if (!t || t->ndim != nd) return false;

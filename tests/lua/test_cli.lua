@@ -13,19 +13,8 @@ local function running_interpreter()
     return arg[i]
 end
 local BIN = sh_quote(os.getenv("MOONLIT_BIN") or running_interpreter() or "build/moonlit")
-
-local function read_file(path)
-    local f = assert(io.open(path, "rb"))
-    local s = f:read("a")
-    f:close()
-    return s
-end
-
-local function write_file(path, text)
-    local f = assert(io.open(path, "wb"))
-    f:write(text)
-    f:close()
-end
+local util = require "testutil"
+local read_file, write_file, temp_dir, remove_tree = util.read_file, util.write_file, util.temp_dir, util.remove_tree
 
 -- The first line a shell command prints.
 local function shell(cmd)
@@ -33,14 +22,6 @@ local function shell(cmd)
     local s = p:read("l")
     p:close()
     return s
-end
-
-local function temp_dir()
-    return assert(shell("mktemp -d"), "mktemp -d failed")
-end
-
-local function remove_tree(dir)
-    os.execute("rm -rf " .. sh_quote(dir))
 end
 
 -- Run `env BIN args` with `input` on stdin; returns stdout, stderr, exit status.

@@ -2,6 +2,8 @@
 -- image_png_text of moonlit.core): dtypes, layouts, devices, metadata,
 -- rounding, resampling against Pillow, and the error messages.
 local ml = require "moonlit"     -- tensor operators and methods
+local util = require "testutil"
+local read_bytes, write_bytes = util.read_file, util.write_file
 local core = ml.core
 
 local FIX = "tests/fixtures/images/"
@@ -18,19 +20,6 @@ local function scratch()
         for i = #made, 1, -1 do os.remove(made[i]) end
     end
     return path, cleanup
-end
-
-local function read_bytes(path)
-    local f = assert(io.open(path, "rb"))
-    local s = f:read("a")
-    f:close()
-    return s
-end
-
-local function write_bytes(path, s)
-    local f = assert(io.open(path, "wb"))
-    f:write(s)
-    f:close()
 end
 
 -- The rgb.* fixture pattern (see tests/fixtures/images/make_images.py) as a

@@ -2,32 +2,10 @@
 -- and saving tensor tables, dtype conversion, variants, JSON decoding and
 -- the writer's Python-compatible output (byte-identical config.json files).
 local core = require "moonlit.core"
+local util = require "testutil"
+local read_file, write_file, temp_dir, remove_tree = util.read_file, util.write_file, util.temp_dir, util.remove_tree
 
 local FIX = "tests/fixtures/sd1-tiny/"
-
-local function read_file(path)
-    local f = assert(io.open(path, "rb"))
-    local s = f:read("a")
-    f:close()
-    return s
-end
-
-local function write_file(path, text)
-    local f = assert(io.open(path, "wb"))
-    f:write(text)
-    f:close()
-end
-
-local function temp_dir()
-    local p = assert(io.popen("mktemp -d"))
-    local d = p:read("l")
-    p:close()
-    return assert(d, "mktemp -d failed")
-end
-
-local function remove_tree(dir)
-    os.execute("rm -rf '" .. dir .. "'")
-end
 
 -- Error message of f(...), or nil if it succeeded.
 local function error_of(f, ...)

@@ -2,18 +2,11 @@
 -- errors, generation with PNG metadata.  Numerical agreement with diffusers
 -- is checked by scripts/verify_fixture.lua (run by make test).
 local ml = require "moonlit"
+local util = require "testutil"
+local tmpdir, rmrf = util.temp_dir, util.remove_tree
 local core = ml.core
 
 local FIX = "tests/fixtures/sd1-tiny/pipeline"
-
-local function tmpdir()
-    local p = os.tmpname()
-    os.remove(p)
-    core.mkdir_p(p)
-    return p
-end
-
-local function rmrf(p) os.execute("rm -rf '" .. p .. "'") end
 
 local function copy_tree(src, dst)
     core.mkdir_p(dst)

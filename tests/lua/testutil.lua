@@ -13,4 +13,29 @@ function U.has(s, pattern)
     return s ~= nil and s:find(pattern, 1, true) ~= nil
 end
 
+function U.read_file(path)
+    local f = assert(io.open(path, "rb"))
+    local s = f:read("a")
+    f:close()
+    return s
+end
+
+function U.write_file(path, data)
+    local f = assert(io.open(path, "wb"))
+    f:write(data)
+    f:close()
+end
+
+local function sh_quote(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
+
+-- A fresh empty folder (mktemp -d); remove it with U.remove_tree.
+function U.temp_dir()
+    local p = assert(io.popen("mktemp -d"))
+    local d = p:read("l")
+    p:close()
+    return assert(d, "mktemp -d failed")
+end
+
+function U.remove_tree(dir) os.execute("rm -rf " .. sh_quote(dir)) end
+
 return U

@@ -7,25 +7,15 @@
 -- inputs to bf16/f16 on both devices; the CPU convolves the rounded values
 -- in f32 and rounds the result, the GPU uses tensor cores with f32
 -- accumulation (its bias is added after rounding: one more rounding).
-return function(case, ml)
+return function(case, ml, helpers)
     local F = ml.F
     local f32 = {rtol = 1e-4, atol = 2e-4}
     local bf16 = {rtol = 2e-2, atol = 2e-2}
     local f16 = {rtol = 5e-3, atol = 5e-3}
 
-    local function on_gpu(t) return t.device:sub(1, 4) == "cuda" end
-
-    -- As in parity_matmul.lua: op in dtype dt on the GPU, in f32 on
-    -- dt-rounded inputs on the CPU; returned in f32.
-    local function via(dt, op)
-        return function(...)
-            local args = {...}
-            local gpu = on_gpu(args[1])
-            for i, t in ipairs(args) do args[i] = gpu and t:to(dt) or t:to(dt):float() end
-            local y = op(table.unpack(args))
-            return gpu and y:float() or y:to(dt):float()
-        end
-    end
+    -- op in dtype dt on the GPU, in f32 on dt-rounded inputs on the CPU
+    -- (helpers.via, test_parity.lua)
+    local via = helpers.via
     -- conv(opts): fn(x, w, b) with those options; b may be absent.
     local function conv(opts) return function(x, w, b) return F.conv2d(x, w, b, opts) end end
     -- x [N,H,W,C], w [O,kh,kw,C], b [O] (no b when nobias)

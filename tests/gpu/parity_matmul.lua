@@ -6,26 +6,16 @@
 -- (~1e-2).  Half-precision cases round the inputs to bf16/f16 on both
 -- devices; the CPU multiplies the rounded values in f32 and rounds the
 -- result, the GPU multiplies in bf16/f16 with f32 accumulation.
-return function(case, ml)
+return function(case, ml, helpers)
     local F = ml.F
     local f32 = {rtol = 1e-5, atol = 2e-4}
     local bf16 = {rtol = 2e-2, atol = 2e-2}
     local f16 = {rtol = 5e-3, atol = 5e-3}
     local f64 = {rtol = 3e-7, atol = 1e-9}   -- f64 products, compared after rounding to f32
 
-    local function on_gpu(t) return t.device:sub(1, 4) == "cuda" end
-
     -- op run in dtype dt on the GPU; on the CPU, op in f32 on the inputs
     -- rounded to dt, the result rounded to dt.  Returned in f32.
-    local function via(dt, op)
-        return function(...)
-            local args = {...}
-            local gpu = on_gpu(args[1])
-            for i, t in ipairs(args) do args[i] = gpu and t:to(dt) or t:to(dt):float() end
-            local y = op(table.unpack(args))
-            return gpu and y:float() or y:to(dt):float()
-        end
-    end
+    local via = helpers.via
     -- op run in f64 on both devices (f32 leaves and result).
     local function in_f64(op)
         return function(...)

@@ -8,28 +8,10 @@
 -- f32); the CPU computes in f32 only, so there the op runs in f32 on the
 -- same rounded inputs and its result is rounded to the dtype — the two
 -- must then agree to about one unit in the last place of the dtype.
-return function(case, ml)
+return function(case, ml, helpers)
     local F = ml.F
 
-    local function is_float(t)
-        return t.dtype == "f32" or t.dtype == "f64" or t.dtype == "f16" or t.dtype == "bf16"
-    end
-
-    -- fn run on dt copies of its float inputs (see above), returning f32.
-    local function via(dt, fn)
-        return function(...)
-            local args = table.pack(...)
-            for i = 1, args.n do
-                local a = args[i]
-                if ml.is_tensor(a) and is_float(a) then
-                    a = a:to(dt)
-                    if a.device == "cpu" then a = a:float() end
-                    args[i] = a
-                end
-            end
-            return fn(table.unpack(args, 1, args.n)):to(dt):float()
-        end
-    end
+    local via = helpers.via   -- fn on dt copies of its float inputs, returning f32
     local half = {rtol = 2e-2, atol = 1e-2}
 
     local function ids(M, list) return M.place(ml.tensor(list, {dtype = "i64"})) end

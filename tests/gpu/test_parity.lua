@@ -483,11 +483,31 @@ else
 end
 print(string.format("%-4s %-9s %-58s %9s %9s  %s", "", "group", "check", "max abs", "max rel", "note"))
 
+-- Helpers the case files share.  via(dt, fn): fn run in dtype dt — on the
+-- GPU on dt copies of its float tensor inputs; on the CPU in f32 on inputs
+-- rounded to dt, with the result rounded to dt — returned in f32.
+local helpers = {}
+function helpers.via(dt, fn)
+    return function(...)
+        local args = table.pack(...)
+        for i = 1, args.n do
+            local a = args[i]
+            if ml.is_tensor(a) and is_float(a) then
+                a = a:to(dt)
+                if a.device == "cpu" then a = a:float() end
+                args[i] = a
+            end
+        end
+        return fn(table.unpack(args, 1, args.n)):to(dt):float()
+    end
+end
+
 -- More cases live beside this file, one file per op family:
--- tests/gpu/parity_<family>.lua returns function(case, ml) that registers them.
+-- tests/gpu/parity_<family>.lua returns function(case, ml, helpers) that
+-- registers them.
 do
     local p = io.popen("ls tests/gpu/parity_*.lua 2>/dev/null")
-    for f in p:lines() do dofile(f)(case, ml) end
+    for f in p:lines() do dofile(f)(case, ml, helpers) end
     p:close()
 end
 

@@ -375,7 +375,8 @@ function Linear:extra_repr() return string.format("in=%d, out=%d, bias=%s", self
 local Conv2d = Module:extend("Conv2d")
 nn.Conv2d = Conv2d
 -- Conv2d(in, out, kernel, {stride = 1, padding = 0, bias = true}) on NHWC input;
--- weight [out, kh, kw, in].
+-- weight [out, kh, kw, in].  stride and padding: a number, {h, w}, or (padding)
+-- {top, bottom, left, right}.
 function Conv2d:init(cin, cout, k, o)
     local kh, kw = type(k) == "table" and k[1] or k, type(k) == "table" and k[2] or k
     self.in_channels, self.out_channels, self.kernel_size = cin, cout, {kh, kw}
@@ -391,8 +392,9 @@ function Conv2d:forward(x)
     return core.conv2d(cast(x), cast(self.weight), cast(self.bias), {stride = self.stride, padding = self.padding})
 end
 function Conv2d:extra_repr()
+    local function show(v) return type(v) == "table" and "{" .. table.concat(v, ", ") .. "}" or tostring(v) end
     return string.format("%d, %d, kernel=%dx%d, stride=%s, padding=%s", self.in_channels, self.out_channels,
-        self.kernel_size[1], self.kernel_size[2], tostring(self.stride), tostring(self.padding))
+        self.kernel_size[1], self.kernel_size[2], show(self.stride), show(self.padding))
 end
 
 local GroupNorm = Module:extend("GroupNorm")

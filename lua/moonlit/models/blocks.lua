@@ -171,18 +171,13 @@ end
 
 local Downsample2D = nn.Module:extend("Downsample2D")
 B.Downsample2D = Downsample2D
--- padding 1: symmetric (UNet); padding 0: pad right/bottom by one first (VAE).
+-- padding 1: symmetric (UNet); padding 0: diffusers pads right and bottom by
+-- one instead (VAE), which the conv does as padding {top, bottom, left, right}.
 function Downsample2D:init(channels, padding)
-    self.pad = padding
-    self:add_module("conv", nn.Conv2d(channels, channels, 3, {stride = 2, padding = padding}))
+    local pad = padding == 0 and {0, 1, 0, 1} or padding
+    self:add_module("conv", nn.Conv2d(channels, channels, 3, {stride = 2, padding = pad}))
 end
-function Downsample2D:forward(x)
-    if self.pad == 0 then
-        return core.conv2d(nn.cast(x), nn.cast(self.conv.weight), nn.cast(self.conv.bias),
-                           {stride = 2, padding = {0, 1, 0, 1}})
-    end
-    return self.conv(x)
-end
+function Downsample2D:forward(x) return self.conv(x) end
 
 local Upsample2D = nn.Module:extend("Upsample2D")
 B.Upsample2D = Upsample2D

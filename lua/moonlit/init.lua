@@ -96,7 +96,7 @@ ml.enable_grad = core.enable_grad
 -- Heavier parts load on first use.
 local lazy = {
     image = "moonlit.image", sd = "moonlit.sd", gradcheck = "moonlit.gradcheck",
-    schedulers = "moonlit.schedulers",
+    schedulers = "moonlit.schedulers", train = "moonlit.train",
 }
 
 -- ml.profile(fn, ...) -> report, fn's results.  report lists kernels by total

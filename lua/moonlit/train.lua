@@ -1,0 +1,430 @@
+-- moonlit.train (ml.train) — the plumbing of a training loop, shaped like
+-- Ray Train's: the script writes a train_fn(config, ctx) and hands it over.
+--
+--   ml.train.run(train_fn, {config = cfg, datasets = {train = ds}, num_workers = 1,
+--                           output_dir = dir, device = "cpu"|"cuda", log_every = 10})
+--     calls train_fn(cfg, ctx) and returns what it returns.  ctx has
+--       ctx.rank, ctx.world_size, ctx.local_rank, ctx.device, ctx.config, ctx.output_dir
+--       ctx:dataset_shard("train")      this worker's part of a dataset
+--       ctx:set_total_steps(n)          for the progress bar's ETA
+--       ctx:report(metrics, {checkpoint = dir})   one step's numbers (step, loss, lr, images, ...)
+--       ctx:log(text)                   a line that does not break the progress bar
+--       ctx:add_output(what, path)      listed in the summary
+--       ctx:is_main()                   rank 0: the only worker that writes files
+--   Reports go to a one-line progress bar on a terminal (plain lines
+--   otherwise, every log_every steps), and each is appended as one JSON
+--   object to output_dir/metrics.jsonl.  A summary ends the run.
+--
+--   Checkpoints (a folder each, written beside the old one and renamed into
+--   place, so a crash mid-save leaves the previous one valid):
+--   ml.train.save_checkpoint(dir, {modules = {unet = m, ...}, optimizer = opt, step = n,
+--                                  epoch = e, batch = b, extra = {...}})
+--   ml.train.load_checkpoint(dir, {modules = ..., optimizer = opt}) -> state (step, epoch, batch, extra)
+--   ml.train.latest_checkpoint(output_dir) -> path or nil
+--   ml.train.prune_checkpoints(output_dir, keep)  -- deletes all but the `keep` newest
+--
+-- num_workers > 1 is the data-parallel launcher's job (ml.train.run forks
+-- workers there); this file keeps that seam: everything a worker needs is
+-- in ctx, and only ctx:is_main() writes.
+local core = require "moonlit.core"
+
+local train = {}
+
+train.lr_schedule = require "moonlit.lr_schedule"
+
+local function join(a, b) return a:sub(-1) == "/" and a .. b or a .. "/" .. b end
+
+-- ---- small file-system helpers -------------------------------------------------
+
+local function exists(path) return core.is_dir(path) or core.is_file(path) end
+
+-- rm -r in Lua (os.remove deletes files and empty folders).
+local function remove_tree(path)
+    if core.is_dir(path) then
+        for _, name in ipairs(core.list_dir(path)) do
+            if name ~= "." and name ~= ".." then remove_tree(join(path, name)) end
+        end
+    end
+    if exists(path) then
+        local ok, err = os.remove(path)
+        if not ok then error("cannot remove " .. path .. ": " .. tostring(err), 0) end
+    end
+end
+train.remove_tree = remove_tree
+
+local function rename(a, b)
+    local ok, err = os.rename(a, b)
+    if not ok then error(string.format("cannot rename %s to %s: %s", a, b, tostring(err)), 0) end
+end
+
+-- ---- peak memory ----------------------------------------------------------------
+
+local function cuda_index(device)
+    local n = tostring(device):match("^cuda:?(%d*)$")
+    if not n then return nil end
+    return tonumber(n) or 0
+end
+
+-- Bytes: the caching allocator's peak on a GPU, the process's peak RSS on CPU.
+local function peak_memory(device)
+    local i = cuda_index(device)
+    if i and core.cuda_available and core.cuda_available() then
+        return core.cuda_memory_stats(i).peak, "GPU"
+    end
+    local f = io.open("/proc/self/status", "r")
+    if f then
+        local s = f:read("a")
+        f:close()
+        local kb = s:match("VmHWM:%s*(%d+)")
+        if kb then return tonumber(kb) * 1024, "RSS" end
+    end
+    return nil
+end
+train.peak_memory = peak_memory
+
+local function fmt_bytes(n)
+    if not n then return "?" end
+    if n >= 2 ^ 30 then return string.format("%.2f GiB", n / 2 ^ 30) end
+    return string.format("%.0f MiB", n / 2 ^ 20)
+end
+
+local function fmt_duration(s)
+    if s ~= s or s == math.huge then return "?" end
+    s = math.floor(s + 0.5)
+    if s >= 3600 then return string.format("%d:%02d:%02d", s // 3600, s // 60 % 60, s % 60) end
+    return string.format("%d:%02d", s // 60, s % 60)
+end
+train.fmt_duration = fmt_duration
+
+-- ---- JSON lines -------------------------------------------------------------------
+
+-- JSON has no NaN or infinity: they are written as null (and the progress
+-- line shows "nan"), so one bad step cannot make the log unreadable.
+local function json_safe(v)
+    if type(v) == "number" and (v ~= v or v == math.huge or v == -math.huge) then return core.json_null end
+    if type(v) == "table" and not core.is_tensor(v) then
+        local out = {}
+        for k, x in pairs(v) do out[k] = json_safe(x) end
+        return setmetatable(out, getmetatable(v))
+    end
+    if core.is_tensor(v) then return v:numel() == 1 and json_safe(v:item()) or tostring(v) end
+    return v
+end
+
+-- ---- the progress display -----------------------------------------------------------
+
+local Progress = {}
+Progress.__index = Progress
+
+local function stdout_is_terminal()
+    local mode = os.getenv("MOONLIT_PROGRESS")
+    if mode == "bar" then return true end
+    if mode == "plain" then return false end
+    return os.execute("test -t 1") == true
+end
+
+function Progress.new(o)
+    return setmetatable({tty = stdout_is_terminal(), log_every = o.log_every or 10, shown = false,
+                         device = o.device, prefix = o.prefix or ""}, Progress)
+end
+
+function Progress:line(r)
+    local parts = {}
+    if r.total then
+        parts[#parts + 1] = string.format("step %d/%d", r.step, r.total)
+    else
+        parts[#parts + 1] = string.format("step %d", r.step)
+    end
+    if self.tty and r.total and r.total > 0 then
+        local w = 20
+        local k = math.min(w, math.floor(w * r.step / r.total))
+        parts[#parts + 1] = "[" .. string.rep("#", k) .. string.rep("-", w - k) .. "]"
+    end
+    if r.loss then parts[#parts + 1] = string.format("loss %.4f", r.loss) end
+    if r.lr then parts[#parts + 1] = string.format("lr %.2e", r.lr) end
+    if r.rate then parts[#parts + 1] = string.format("%.2f img/s", r.rate) end
+    if r.eta then parts[#parts + 1] = "ETA " .. fmt_duration(r.eta) end
+    if r.mem then parts[#parts + 1] = "mem " .. fmt_bytes(r.mem) end
+    return self.prefix .. table.concat(parts, "  ")
+end
+
+function Progress:show(r, last)
+    if self.tty then
+        io.stdout:write("\r\27[K" .. self:line(r))
+        if last then io.stdout:write("\n") end
+        io.stdout:flush()
+        self.shown = not last
+    elseif last or r.step == 1 or r.step % self.log_every == 0 then
+        print(self:line(r))
+        io.stdout:flush()
+    end
+end
+
+function Progress:log(text)
+    if self.shown then io.stdout:write("\r\27[K") end
+    print(self.prefix .. text)
+    self.shown = false
+    io.stdout:flush()
+end
+
+function Progress:finish()
+    if self.shown then io.stdout:write("\n"); io.stdout:flush() end
+    self.shown = false
+end
+
+-- ---- the worker context ---------------------------------------------------------------
+
+local Context = {}
+Context.__index = Context
+
+function Context:is_main() return self.rank == 0 end
+
+function Context:dataset_shard(name)
+    local ds = self.datasets[name or "train"]
+    if not ds then
+        local have = {}
+        for k in pairs(self.datasets) do have[#have + 1] = k end
+        table.sort(have)
+        error(string.format("dataset_shard: no dataset named '%s' (datasets: %s)", tostring(name),
+                            #have > 0 and table.concat(have, ", ") or "none"), 2)
+    end
+    if self.world_size == 1 then return ds end
+    return ds:shard(self.rank, self.world_size)
+end
+
+function Context:set_total_steps(n) self.total_steps = n end
+
+function Context:log(text)
+    if self:is_main() then self.progress:log(text) end
+end
+
+function Context:add_output(what, path)
+    self.outputs[#self.outputs + 1] = {what, path}
+end
+
+-- report(metrics, {checkpoint = dir}): metrics.step (else a running count),
+-- metrics.images (images this step, for images/s), any other numbers.
+function Context:report(metrics, opts)
+    local now = core.now()
+    self.reports = self.reports + 1
+    local step = metrics.step or self.reports
+    if not self.first_report_time then
+        -- the first step's images count from the start of the loop
+        self.first_report_time = self.start_time
+    end
+    self.images = self.images + (metrics.images or 0)
+    self.last_step = step
+    self.last_loss = metrics.loss
+    local elapsed = now - self.first_report_time
+    local rate = elapsed > 0 and self.images / elapsed or nil
+    local row = {}
+    for k, v in pairs(metrics) do row[k] = v end
+    row.step = step
+    row.time = now - self.start_time
+    if opts and opts.checkpoint then row.checkpoint = opts.checkpoint end
+    if self:is_main() then
+        if self.metrics_file then
+            self.metrics_file:write(core.json_encode(json_safe(row)), "\n")
+            self.metrics_file:flush()
+        end
+        local total = self.total_steps
+        local eta
+        if total and step > 0 then eta = (now - self.start_time) / step * (total - step) end
+        local loss = metrics.loss
+        if type(loss) == "number" and loss ~= loss then loss = 0 / 0 end
+        self.progress:show({step = step, total = total, loss = loss, lr = metrics.lr, rate = rate, eta = eta,
+                            mem = peak_memory(self.device)}, total ~= nil and step >= total)
+    end
+end
+
+-- ---- run ------------------------------------------------------------------------------------
+
+function train.default_device()
+    if core.cuda_available and core.cuda_available() then return "cuda" end
+    return "cpu"
+end
+
+function train.run(train_fn, opts)
+    opts = opts or {}
+    if type(train_fn) ~= "function" then error("ml.train.run: train_fn must be a function", 2) end
+    local nw = opts.num_workers or 1
+    if math.type(nw) ~= "integer" or nw < 1 then
+        error("ml.train.run: num_workers must be an integer >= 1 (got " .. tostring(nw) .. ")", 2)
+    end
+    if nw > 1 then
+        error(string.format("ml.train.run: num_workers = %d needs the data-parallel launcher, which is not built yet; " ..
+                            "use num_workers = 1", nw), 2)
+    end
+    local cfg = opts.config or {}
+    local out = opts.output_dir or cfg.output_dir
+    local ctx = setmetatable({
+        rank = 0, world_size = 1, local_rank = 0,
+        device = opts.device or cfg.device or train.default_device(),
+        config = cfg, output_dir = out, datasets = opts.datasets or {},
+        reports = 0, images = 0, outputs = {}, start_time = core.now(),
+        progress = Progress.new{log_every = opts.log_every, device = opts.device},
+    }, Context)
+    if out then
+        local ok, err = pcall(core.mkdir_p, out)
+        if not ok then error("ml.train.run: cannot create output_dir " .. out .. ": " .. tostring(err), 2) end
+        local path = join(out, "metrics.jsonl")
+        local f, err = io.open(path, "a")
+        if not f then error("ml.train.run: output_dir is not writable: " .. tostring(err), 2) end
+        ctx.metrics_file = f
+        ctx.metrics_path = path
+    end
+    local res = table.pack(xpcall(train_fn, debug.traceback, cfg, ctx))
+    ctx.progress:finish()
+    if ctx.metrics_file then ctx.metrics_file:close() end
+    if not res[1] then error(res[2], 0) end
+    local wall = core.now() - ctx.start_time
+    ctx.summary = {steps = ctx.last_step or 0, wall_s = wall, images = ctx.images,
+                   images_per_s = wall > 0 and ctx.images / wall or 0, peak_memory = peak_memory(ctx.device)}
+    if ctx:is_main() and opts.summary ~= false then
+        local s = ctx.summary
+        print(string.format("done: %d steps in %s, %d images, %.2f images/s, peak memory %s (%s)", s.steps,
+                            fmt_duration(s.wall_s), s.images, s.images_per_s, fmt_bytes(s.peak_memory),
+                            select(2, peak_memory(ctx.device)) or "?"))
+        if ctx.metrics_path then print("  metrics:     " .. ctx.metrics_path) end
+        for _, o in ipairs(ctx.outputs) do print(string.format("  %-12s %s", o[1] .. ":", o[2])) end
+    end
+    return table.unpack(res, 2, res.n)
+end
+
+-- ---- checkpoints -------------------------------------------------------------------------
+
+local STATE_FILE = "trainer_state.json"
+local FORMAT = "moonlit-checkpoint"
+
+local function sorted_keys(t)
+    local ks = {}
+    for k in pairs(t) do ks[#ks + 1] = k end
+    table.sort(ks)
+    return ks
+end
+
+-- A checkpoint folder is complete when its state file exists: that file is
+-- written last, inside the temporary folder, before the rename.
+function train.is_checkpoint(dir)
+    return core.is_file(join(dir, STATE_FILE))
+end
+
+function train.save_checkpoint(dir, s)
+    dir = dir:gsub("/+$", "")
+    local tmp, old = dir .. ".partial", dir .. ".old"
+    remove_tree(tmp)            -- a save killed earlier left this behind
+    local ok, err = pcall(core.mkdir_p, tmp)
+    if not ok then error("save_checkpoint: cannot create " .. tmp .. ": " .. tostring(err), 2) end
+    local files = {}
+    for _, name in ipairs(sorted_keys(s.modules or {})) do
+        local sd = s.modules[name]:state_dict()
+        local t = {}
+        for _, k in ipairs(sd._order) do t[k] = sd[k] end
+        local f = "model-" .. name .. ".safetensors"
+        core.st_save(join(tmp, f), t)
+        files[#files + 1] = f
+    end
+    local opt_state
+    if s.optimizer then
+        local osd = s.optimizer:state_dict()
+        local tensors, steps = {}, {}
+        for i, st in pairs(osd.state) do
+            tensors[i .. ".exp_avg"] = st.exp_avg
+            tensors[i .. ".exp_avg_sq"] = st.exp_avg_sq
+            steps[tostring(i)] = st.step
+        end
+        if next(tensors) then core.st_save(join(tmp, "optimizer.safetensors"), tensors) end
+        opt_state = {lr = osd.lr, betas = osd.betas, eps = osd.eps, weight_decay = osd.weight_decay,
+                     steps = core.json_object(steps), num_params = #s.optimizer.params}
+    end
+    local seed, offset = core.get_rng_state()
+    core.json_save(join(tmp, STATE_FILE), {
+        format = FORMAT, version = 1, step = s.step or 0, epoch = s.epoch or 1, batch = s.batch or 1,
+        rng = {seed = seed, offset = offset}, optimizer = opt_state, files = files,
+        extra = core.json_object(s.extra or {}),
+    })
+    -- swap: the old folder stays complete until the new one is in place
+    remove_tree(old)
+    if exists(dir) then rename(dir, old) end
+    rename(tmp, dir)
+    remove_tree(old)
+    return dir
+end
+
+function train.load_checkpoint(dir, s)
+    s = s or {}
+    local path = join(dir, STATE_FILE)
+    if not core.is_dir(dir) then error("load_checkpoint: no checkpoint folder " .. dir, 2) end
+    if not core.is_file(path) then
+        error("load_checkpoint: " .. dir .. " is not a complete checkpoint (no " .. STATE_FILE .. ")", 2)
+    end
+    local st = core.json_load(path)
+    if st.format ~= FORMAT then error("load_checkpoint: " .. path .. " is not a moonlit checkpoint", 2) end
+    for _, name in ipairs(sorted_keys(s.modules or {})) do
+        local f = join(dir, "model-" .. name .. ".safetensors")
+        if not core.is_file(f) then error("load_checkpoint: " .. dir .. " has no weights for '" .. name .. "'", 2) end
+        local ok, err = pcall(s.modules[name].load_state_dict, s.modules[name], core.st_load(f))
+        if not ok then error("load_checkpoint: " .. f .. ": " .. tostring(err), 2) end
+    end
+    if s.optimizer then
+        local o = st.optimizer
+        if not o then error("load_checkpoint: " .. dir .. " holds no optimizer state", 2) end
+        if o.num_params ~= #s.optimizer.params then
+            error(string.format("load_checkpoint: %s: optimizer state for %d parameters, the optimizer has %d",
+                                dir, o.num_params, #s.optimizer.params), 2)
+        end
+        local tensors = {}
+        if core.is_file(join(dir, "optimizer.safetensors")) then tensors = core.st_load(join(dir, "optimizer.safetensors")) end
+        local state = {}
+        for k, step in pairs(o.steps or {}) do
+            local i = math.tointeger(tonumber(k))
+            state[i] = {step = step, exp_avg = tensors[k .. ".exp_avg"], exp_avg_sq = tensors[k .. ".exp_avg_sq"]}
+            if not state[i].exp_avg or not state[i].exp_avg_sq then
+                error("load_checkpoint: optimizer.safetensors lacks the moments of parameter " .. k, 2)
+            end
+        end
+        s.optimizer:load_state_dict({lr = o.lr, betas = o.betas, eps = o.eps, weight_decay = o.weight_decay, state = state})
+    end
+    if s.restore_rng ~= false then core.set_rng_state(st.rng.seed, st.rng.offset) end
+    return st
+end
+
+-- checkpoint-N folders of output_dir, oldest first.
+function train.list_checkpoints(output_dir)
+    local out = {}
+    if not core.is_dir(output_dir) then return out end
+    for _, name in ipairs(core.list_dir(output_dir)) do
+        local n = name:match("^checkpoint%-(%d+)$")
+        local p = join(output_dir, name)
+        if n and train.is_checkpoint(p) then out[#out + 1] = {step = tonumber(n), path = p} end
+    end
+    table.sort(out, function(a, b) return a.step < b.step end)
+    return out
+end
+
+-- A save killed between its two renames leaves checkpoint-N.old complete
+-- and checkpoint-N missing: put it back before looking.
+local function recover_interrupted_swaps(output_dir)
+    if not core.is_dir(output_dir) then return end
+    for _, name in ipairs(core.list_dir(output_dir)) do
+        local base = name:match("^(checkpoint%-%d+)%.old$")
+        if base then
+            local p = join(output_dir, base)
+            if not exists(p) and train.is_checkpoint(join(output_dir, name)) then rename(join(output_dir, name), p) end
+        end
+    end
+end
+
+function train.latest_checkpoint(output_dir)
+    recover_interrupted_swaps(output_dir)
+    local l = train.list_checkpoints(output_dir)
+    return l[#l] and l[#l].path or nil
+end
+
+function train.prune_checkpoints(output_dir, keep)
+    if not keep then return end
+    local l = train.list_checkpoints(output_dir)
+    for i = 1, #l - keep do remove_tree(l[i].path) end
+end
+
+return train

@@ -1,53 +1,133 @@
--- generate.lua — text to image with a diffusers-format Stable Diffusion folder.
---   moonlit examples/generate.lua <model_dir> "<prompt>" [--out out.png] [--steps 50]
---       [--guidance 7.5] [--seed 0] [--scheduler pndm|ddim|euler|euler_ancestral|dpmpp_2m]
---       [--negative ""] [--num 1] [--height H] [--width W] [--device cpu|cuda]
--- Writes PNGs whose text chunks record prompt, seed, steps, scheduler and guidance.
+-- generate.lua — text to image with a diffusers-format Stable Diffusion
+-- folder: several prompts, several samples each, in batches; one PNG per
+-- image (its prompt, seed and settings in the PNG's text) and a contact
+-- sheet of them all.
+--
+--   moonlit examples/generate.lua --model_dir <sd folder> --prompts "a red fox,a lighthouse" \
+--       --num_samples_per_prompt 4 --steps 30 --seed 42 --output_dir outputs/generate
+--   moonlit examples/generate.lua <sd folder> "a red fox, at dusk"     (the older form)
+--
+-- `--help` lists every flag.  Image s of prompt p (both from 0) is
+-- outputs/.../p<p>-s<s>-seed<seed + p*n + s>.png (n samples per prompt) and
+-- comes out the same alone: --seed <its seed> --num_samples_per_prompt 1
+-- remakes it, whatever the batch size (moonlit.pipelines.generate_images).
+-- Run as a module (loadfile(path)({as_module = true})) it returns its pieces
+-- without running.
 local ml = require "moonlit"
+local argparse = require "moonlit.argparse"
+local generate_images = require("moonlit.pipelines.generate_images").generate_images
 
-local function usage(msg)
-    if msg then io.stderr:write("generate: " .. msg .. "\n") end
-    io.stderr:write("usage: moonlit examples/generate.lua <model_dir> \"<prompt>\" [--out out.png] [--steps N] " ..
-                    "[--guidance G] [--seed S] [--scheduler NAME] [--negative TEXT] [--num N] [--height H] " ..
-                    "[--width W] [--device DEV]\n")
-    os.exit(msg and 1 or 0)
+local M = {}
+
+-- The scheduler names --scheduler takes (moonlit.schedulers knows each).
+M.SCHEDULERS = {}
+for _, n in ipairs {"pndm", "ddim", "ddpm", "euler", "euler_ancestral", "dpmpp_2m"} do
+    if ml.schedulers.class_name(n) then M.SCHEDULERS[#M.SCHEDULERS + 1] = n end
 end
 
-local o = {out = "out.png", steps = 50, guidance = 7.5, seed = 0, negative = "", num = 1, device = "cpu"}
-local pos = {}
-local i = 1
-while i <= #arg do
-    local a = arg[i]
-    if a == "-h" or a == "--help" then usage() end
-    local key = a:match("^%-%-(.+)$")
-    if key then
-        if o[key] == nil and key ~= "scheduler" and key ~= "height" and key ~= "width" then usage("unknown option " .. a) end
-        local v = arg[i + 1]
-        if v == nil then usage("option " .. a .. " needs a value") end
-        if type(o[key]) == "number" or key == "height" or key == "width" then
-            v = tonumber(v) or usage("option " .. a .. " needs a number")
-        end
-        o[key] = v
-        i = i + 2
-    else
-        pos[#pos + 1] = a
-        i = i + 1
+function M.parser()
+    local p = argparse.new("generate.lua", "Text to image with a diffusers-format Stable Diffusion folder. " ..
+                           "Writes one PNG per image and contact_sheet.png (rows: prompts, columns: samples).")
+    p:option("model_dir", {type = "string", help = "diffusers model folder (required; may also be the first argument)"})
+    p:option("output_dir", {type = "string", default = "outputs/generate", help = "where the PNGs go"})
+    p:option("prompts", {type = "list", help = "prompts, comma-separated (use --prompt for one with commas)"})
+    p:option("prompt", {type = "string", help = "one prompt, commas kept (may also be the second argument)"})
+    p:option("num_samples_per_prompt", {type = "integer", default = 1, help = "images per prompt"})
+    p:option("steps", {type = "integer", default = 50, help = "denoising steps"})
+    p:option("guidance_scale", {type = "number", default = 7.5, help = "classifier-free guidance (1 turns it off)"})
+    p:option("scheduler", {type = "string", choices = M.SCHEDULERS, help = "sampler (default: the model folder's)"})
+    p:option("seed", {type = "integer", default = 0,
+                      help = "seed of the first image; image k (0-based, prompt-major) gets seed + k"})
+    p:option("batch_size", {type = "integer", help = "images per forward pass (default: 4 on a GPU, 1 on the CPU)"})
+    p:option("negative_prompt", {type = "string", default = "", help = "what to steer away from (every prompt)"})
+    p:option("height", {type = "integer", help = "image height in pixels (default: the model's)"})
+    p:option("width", {type = "integer", help = "image width in pixels (default: the model's)"})
+    p:option("device", {type = "string", help = "cpu, cuda or cuda:N (default: cuda when there is a GPU)"})
+    p:option("precision", {type = "string", choices = {"f32", "bf16-mixed", "bf16-sr"},
+                           help = "f32, bf16-mixed or bf16-sr (default: bf16-mixed on a GPU, f32 on the CPU)"})
+    p:option("num_workers", {type = "integer", default = 1, help = "data-parallel workers; only 1 (multi-worker generation is not built yet)"})
+    p:positional("model", {required = false, help = "model folder (the older form of --model_dir)"})
+    p:positional("prompt_text", {required = false, help = "one prompt (the older form of --prompt)"})
+    return p
+end
+
+-- Parses argv and settles the defaults that depend on each other; a bad
+-- combination is reported like a bad flag (exit 2), or returned as nil,
+-- message with {exit = false}.
+function M.parse(argv, opts)
+    local p = M.parser()
+    local a, msg, kind = p:parse(argv, opts)
+    if not a then return nil, msg, kind end
+    local function bad(m)
+        if opts and opts.exit == false then return nil, m, "error" end
+        p:error(m)
     end
+    if a.model_dir and a.model then return bad("the model folder is given twice (--model_dir and an argument)") end
+    a.model_dir = a.model_dir or a.model
+    if not a.model_dir then return bad("missing required option --model_dir") end
+    local prompts = {}
+    for _, s in ipairs(a.prompts or {}) do prompts[#prompts + 1] = s end
+    if a.prompt then prompts[#prompts + 1] = a.prompt end
+    if a.prompt_text then prompts[#prompts + 1] = a.prompt_text end
+    if #prompts == 0 then return bad("no prompt: give --prompts (or --prompt)") end
+    a.prompts = prompts
+    if a.num_workers ~= 1 then
+        return bad("--num_workers " .. a.num_workers .. ": multi-worker generation is not built yet (use 1)")
+    end
+    for _, k in ipairs {"num_samples_per_prompt", "steps", "batch_size", "height", "width"} do
+        if a[k] and a[k] < 1 then return bad("--" .. k .. " must be >= 1") end
+    end
+    if not a.device then a.device = ml.cuda.available() and "cuda" or "cpu" end
+    local on_gpu = a.device:match("^cuda") ~= nil
+    if not on_gpu and a.device ~= "cpu" then return bad("--device must be cpu, cuda or cuda:N (got " .. a.device .. ")") end
+    if on_gpu and not ml.cuda.available() then
+        local _, why = ml.cuda.available()
+        return bad("--device " .. a.device .. ": no usable GPU (" .. tostring(why) .. ")")
+    end
+    a.precision = a.precision or (on_gpu and "bf16-mixed" or "f32")
+    if a.precision ~= "f32" and not on_gpu then return bad("--precision " .. a.precision .. " needs a GPU; the CPU computes in f32") end
+    a.batch_size = a.batch_size or (on_gpu and 4 or 1)
+    if not ml.core.is_dir(a.model_dir) then return bad("--model_dir: no such folder: " .. a.model_dir) end
+    return a
 end
-if #pos < 2 then usage("expected a model folder and a prompt") end
 
-local m = ml.sd.load(pos[1], {device = o.device})
-local t0 = os.clock()
-local images, info = ml.sd.generate(m, {prompt = pos[2], negative_prompt = o.negative, num_images_per_prompt = o.num,
-                                        num_inference_steps = o.steps, guidance_scale = o.guidance, seed = o.seed,
-                                        scheduler = o.scheduler, height = o.height, width = o.width})
-local meta = {prompt = pos[2], negative_prompt = o.negative, seed = o.seed, steps = o.steps,
-              scheduler = info.scheduler, guidance = o.guidance}
-local out = o.out
-for k = 1, images:size(1) do
-    local p = out
-    if images:size(1) > 1 then p = out:gsub("(%.%w+)$", string.format("-%d%%1", k)) end
-    ml.image.save(p, images:select(1, k), {meta = meta})
-    print("wrote " .. p)
+-- Loads the model, makes every image, writes the contact sheet; returns the
+-- list generate_images returns and the sheet's path.
+function M.run(a, log)
+    log = log or function(s) print(s) io.stdout:flush() end
+    local t_load = ml.now()
+    local m = ml.sd.load(a.model_dir, {device = a.device, precision = a.precision})
+    log(string.format("loaded %s on %s (%s) in %.1f s", a.model_dir, a.device, a.precision, ml.now() - t_load))
+    local total = #a.prompts * a.num_samples_per_prompt
+    local batches = (total + a.batch_size - 1) // a.batch_size
+    local nbatch = 0
+    local made, info = generate_images(m, {
+        prompts = a.prompts, num_samples_per_prompt = a.num_samples_per_prompt, seed = a.seed,
+        batch_size = a.batch_size, steps = a.steps, guidance_scale = a.guidance_scale, scheduler = a.scheduler,
+        negative_prompt = a.negative_prompt, height = a.height, width = a.width, output_dir = a.output_dir,
+        model = a.model_dir,
+        progress = function(done, all, seconds)
+            nbatch = nbatch + 1
+            log(string.format("batch %d/%d: %d/%d images (%.2f s)", nbatch, batches, done, all, seconds))
+        end,
+    })
+    local cells = {}
+    for i, r in ipairs(made) do cells[i] = r.image end
+    local sheet = a.output_dir:gsub("/+$", "") .. "/contact_sheet.png"
+    ml.image.save(sheet, ml.image.grid(cells, {cols = a.num_samples_per_prompt}),
+                  {meta = {prompt = table.concat(a.prompts, " | "), negative_prompt = a.negative_prompt,
+                           seed = a.seed, steps = a.steps, scheduler = info.scheduler, guidance = a.guidance_scale,
+                           model = a.model_dir}})
+    log(string.format("wrote %d image(s) and %s in %.2f s wall-clock (%.3f images/s; %s, %d steps, %dx%d)",
+                      #made, sheet, info.seconds, #made / math.max(info.seconds, 1e-9), info.scheduler, a.steps,
+                      info.width, info.height))
+    return made, sheet
 end
-print(string.format("%d image(s) in %.2f s CPU time", images:size(1), os.clock() - t0))
+
+function M.main(argv)
+    return M.run(M.parse(argv))
+end
+
+local first = ...
+if type(first) == "table" and first.as_module then return M end
+M.main(arg or {})

@@ -95,7 +95,7 @@ ml.enable_grad = core.enable_grad
 
 -- Heavier parts load on first use.
 local lazy = {
-    image = "moonlit.image", sd = "moonlit.sd", gradcheck = "moonlit.gradcheck",
+    image = "moonlit.image", sd = "moonlit.sd", gradcheck = "moonlit.gradcheck", argparse = "moonlit.argparse",
     schedulers = "moonlit.schedulers", train = "moonlit.train",
 }
 

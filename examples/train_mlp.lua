@@ -4,8 +4,12 @@
 local ml = require "moonlit"
 local nn = ml.nn
 
-local steps = tonumber(arg and arg[1]) or 500
-local device = arg and arg[2] or "cpu"
+local p = ml.argparse.new("train_mlp.lua", "Train a small MLP on synthetic regression data (AdamW).")
+p:positional("steps", {type = "integer", required = false, default = 500, help = "optimizer steps (default 500)"})
+p:positional("device", {required = false, default = "cpu", help = "cpu, cuda or cuda:N (default cpu)"})
+local args = p:parse(arg or {})
+local steps, device = args.steps, args.device
+if steps < 1 then p:error("<steps> must be >= 1") end
 ml.manual_seed(0)
 
 -- y = sin(3 x1) + x2^2 - 0.5 x3, learned from 1024 noisy samples

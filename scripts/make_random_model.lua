@@ -5,17 +5,13 @@
 -- Weights use PyTorch's default initialisation (the modules' own init).
 local ml = require "moonlit"
 
-local src, out = arg[1], arg[2]
-local dtype, seed = "f32", 0
-for i = 3, #arg, 2 do
-    if arg[i] == "--dtype" then dtype = arg[i + 1]
-    elseif arg[i] == "--seed" then seed = tonumber(arg[i + 1])
-    else io.stderr:write("make_random_model: unknown option " .. arg[i] .. "\n") os.exit(1) end
-end
-if not src or not out then
-    io.stderr:write("usage: moonlit scripts/make_random_model.lua <configs_dir> <out_dir> [--dtype f32|f16|bf16] [--seed N]\n")
-    os.exit(1)
-end
+local p = ml.argparse.new("make_random_model.lua", "A diffusers folder with random weights, from a folder of configs.")
+p:positional("configs_dir", {help = "model_index.json and the components' configs"})
+p:positional("out_dir", {help = "the diffusers folder to write"})
+p:option("dtype", {type = "string", default = "f32", choices = {"f32", "f16", "bf16"}, help = "dtype of the saved weights"})
+p:option("seed", {type = "integer", default = 0, help = "seed of the initialisation"})
+local args = p:parse(arg)
+local src, out, dtype, seed = args.configs_dir, args.out_dir, args.dtype, args.seed
 
 local t0 = os.time()
 local m = ml.sd.from_configs(src, {seed = seed})

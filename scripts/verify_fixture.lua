@@ -16,25 +16,25 @@
 local ml = require "moonlit"
 local core = ml.core
 
-local args = {dir = nil, only = nil, device = "cpu", precision = "f32"}
+local CHECKS = {"tokenizer", "text_encoder", "unet", "vae", "schedulers", "pipeline", "train"}
+local args
 do
-    local i = 1
-    while i <= #arg do
-        local a = arg[i]
-        if a == "--only" then args.only = {} for n in arg[i + 1]:gmatch("[^,]+") do args.only[n] = true end i = i + 1
-        elseif a == "--device" then args.device = arg[i + 1] i = i + 1
-        elseif a == "--precision" then args.precision = arg[i + 1] i = i + 1
-        elseif a == "-h" or a == "--help" then
-            print("usage: moonlit scripts/verify_fixture.lua <fixture_dir> [--only tokenizer,text_encoder,unet,vae,schedulers,pipeline,train] [--device cpu|cuda] [--precision f32|bf16-mixed]")
-            os.exit(0)
-        elseif not args.dir then args.dir = a
-        else io.stderr:write("verify_fixture: unexpected argument " .. a .. "\n") os.exit(2) end
-        i = i + 1
+    local p = ml.argparse.new("verify_fixture.lua", "Check moonlit against a reference fixture folder (docs/fixtures.md).")
+    p:positional("dir", {help = "the fixture folder"})
+    p:option("only", {type = "list", help = "run only these checks: " .. table.concat(CHECKS, ",")})
+    p:option("device", {type = "string", default = "cpu", help = "cpu, cuda or cuda:N"})
+    p:option("precision", {type = "string", default = "f32", choices = {"f32", "bf16-mixed"},
+                           help = "bf16-mixed needs a GPU"})
+    args = p:parse(arg)
+    if args.only then
+        local known, set = {}, {}
+        for _, c in ipairs(CHECKS) do known[c] = true end
+        for _, n in ipairs(args.only) do
+            if not known[n] then p:error("--only: unknown check '" .. n .. "' (known: " .. table.concat(CHECKS, ",") .. ")") end
+            set[n] = true
+        end
+        args.only = set
     end
-end
-if not args.dir then
-    io.stderr:write("usage: moonlit scripts/verify_fixture.lua <fixture_dir>\n")
-    os.exit(2)
 end
 
 local dir = args.dir

@@ -5,8 +5,12 @@
 --   moonlit tests/bench/bench_call_overhead.lua [calls_per_run] [runs]
 local ml = require "moonlit"
 
-local N = tonumber(arg and arg[1]) or 200000
-local RUNS = tonumber(arg and arg[2]) or 7
+local p = ml.argparse.new("bench_call_overhead.lua", "Microseconds per Lua -> C call of small tensor ops.")
+p:positional("calls_per_run", {type = "integer", required = false, default = 200000, help = "calls timed per run"})
+p:positional("runs", {type = "integer", required = false, default = 7, help = "runs (the median is reported)"})
+local args = p:parse(arg or {})
+local N, RUNS = args.calls_per_run, args.runs
+if N < 1 or RUNS < 1 then p:error("calls_per_run and runs must be >= 1") end
 local TARGET_US = 2.0
 
 local x, y = ml.ones(1), ml.ones(1)

@@ -6,11 +6,11 @@
 local ml = require "moonlit"
 local core = ml.core
 
-local model_dir, fixture = nil, "tests/fixtures/sd1-tiny"
-for i = 1, #arg, 2 do
-    if arg[i] == "--model" then model_dir = arg[i + 1]
-    elseif arg[i] == "--fixture" then fixture = arg[i + 1] end
-end
+local p = ml.argparse.new("bench_sd_cpu.lua", "CPU numbers: tokenizer throughput, model load time, training step time.")
+p:option("model", {type = "string", help = "a diffusers folder whose load time to measure"})
+p:option("fixture", {type = "string", default = "tests/fixtures/sd1-tiny", help = "fixture folder (tokenizer prompts, training step)"})
+local args = p:parse(arg or {})
+local model_dir, fixture = args.model, args.fixture
 
 local now = core.now
 local clock = os.clock

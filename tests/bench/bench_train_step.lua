@@ -13,22 +13,21 @@
 local ml = require "moonlit"
 local core = ml.core
 
-local o = {configs = "configs/sd-v1-4", batch = 2, steps = 10, device = "cuda", precision = "f32", size = 512, profile = 0}
-for i = 1, #arg, 2 do
-    local k = arg[i]:match("^%-%-(.+)$")
-    if not k or o[k] == nil then io.stderr:write("bench_train_step: unknown option " .. arg[i] .. "\n") os.exit(1) end
-    o[k] = tonumber(arg[i + 1]) or arg[i + 1]
-end
+local p = ml.argparse.new("bench_train_step.lua", "One DreamBooth training step, timed (median of --steps).")
+p:option("configs", {type = "string", default = "configs/sd-v1-4", help = "configs folder of the random model"})
+p:option("batch", {type = "integer", default = 2, help = "instance images per step (as many class images are added)"})
+p:option("steps", {type = "integer", default = 10, help = "timed steps"})
+p:option("device", {type = "string", default = "cuda", help = "cpu, cuda or cuda:N"})
+p:option("precision", {type = "string", default = "f32", choices = {"f32", "bf16-mixed", "bf16-sr"}, help = "see above"})
+p:option("size", {type = "integer", default = 512, help = "image size in pixels"})
+p:option("profile", {type = "integer", default = 0, help = "print the N kernels that took the most GPU time in one step"})
+local o = p:parse(arg or {})
 local dev = o.device
 local on_gpu = dev:sub(1, 4) == "cuda"
 local function sync() if on_gpu then core.cuda_synchronize(0) end end
 local now = core.now
 
 local t0 = now()
-if o.precision ~= "f32" and o.precision ~= "bf16-mixed" and o.precision ~= "bf16-sr" then
-    io.stderr:write("bench_train_step: --precision must be f32, bf16-mixed or bf16-sr\n")
-    os.exit(1)
-end
 local m = ml.sd.from_configs(o.configs, {seed = 0, device = dev,
                                          dtype = o.precision == "bf16-sr" and "bf16" or "f32"})
 m.precision = o.precision

@@ -34,7 +34,13 @@ local ml = require "moonlit"
 local F = ml.F
 local core = ml.core
 
-local filter = arg and arg[1]
+local args
+do
+    local p = ml.argparse.new("test_parity.lua", "CPU vs GPU parity of every op the registry marks as CUDA-backed.")
+    p:positional("filter", {required = false, help = "a Lua pattern: only cases whose op/name matches run"})
+    args = p:parse(arg or {})
+end
+local filter = args.filter
 -- MOONLIT_PARITY_DEVICE=cpu runs every case CPU against CPU (no GPU needed):
 -- a check of this script itself, skipping the GPU-only parts.
 local DEV = os.getenv("MOONLIT_PARITY_DEVICE") or "cuda"

@@ -240,4 +240,25 @@ function tests.sigint_in_repl_stops_chunk_and_repl_goes_on(t)
     t:assert(rc ~= 130 and rc ~= 137, "killed by a signal: " .. tostring(rc))
 end
 
+-- Every example and script parses its flags with moonlit.argparse: --help
+-- prints the usage (exit 0) and an unknown flag is named (exit 2).
+local SCRIPTS = {
+    "examples/generate.lua", "examples/train_mlp.lua", "scripts/make_random_model.lua", "scripts/verify_fixture.lua",
+    "tests/bench/bench_call_overhead.lua", "tests/bench/bench_sd_cpu.lua", "tests/bench/bench_train_step.lua",
+    "tests/gpu/test_parity.lua",
+}
+
+function tests.scripts_give_help_and_name_unknown_flags(t)
+    for _, script in ipairs(SCRIPTS) do
+        local name = script:match("[^/]+$")
+        local out, err, rc = run(script .. " --help")
+        t:assertEq(rc, 0, script .. " --help exit status; stderr: " .. err)
+        t:assert(out:find("usage: " .. name, 1, true), script .. " --help: " .. out)
+        out, err, rc = run(script .. " --no-such-flag=1")
+        t:assertEq(rc, 2, script .. " with an unknown flag")
+        t:assertEq(out, "", script .. ": nothing on stdout")
+        t:assert(err:find(name .. ": unknown option --no-such-flag", 1, true), script .. " stderr: " .. err)
+    end
+end
+
 return tests

@@ -1,6 +1,7 @@
 -- test_examples.lua — the shipped examples run and do what they say:
 -- examples/train_mlp.lua trains (its loss falls at least 10x), both inside
--- this interpreter and as a script run by the moonlit binary.
+-- this interpreter and as a script run by the moonlit binary, and names a
+-- bad argument.  (examples/generate.lua is tested in test_generate.lua.)
 local tests = {}
 
 local SCRIPT = "examples/train_mlp.lua"
@@ -43,6 +44,16 @@ function tests.train_mlp_from_the_command_line(t)
     if not t:assert(factor, "no 'loss fell' line in:\n" .. out) then return end
     t:assert(tonumber(first) / tonumber(last) >= 10, "loss fell only " .. factor .. "x")
     t:assert(out:find("step  200", 1, true), "reports the last step")
+end
+
+function tests.train_mlp_names_a_bad_step_count(t)
+    local bin = moonlit_bin()
+    if not t:assert(bin, "no moonlit binary known (set MOONLIT_BIN)") then return end
+    local p = io.popen(shell_quote(bin) .. " " .. SCRIPT .. " many 2>&1; echo \"rc=$?\"")
+    local out = p:read("a")
+    p:close()
+    t:assert(out:find("train_mlp.lua: <steps> expects an integer, got 'many'", 1, true), out)
+    t:assert(out:find("rc=2", 1, true), "exit status 2: " .. out)
 end
 
 return tests

@@ -1,5 +1,5 @@
 /* lua_module.c — `require "moonlit.core"`: one table holding every binding
- * part (tensor, ops, autograd, io, tokenizer, image, cuda). */
+ * part (tensor, ops, autograd, io, tokenizer, image, cuda, data). */
 #include "mlua.h"
 #include <time.h>
 
@@ -22,6 +22,7 @@ int luaopen_moonlit_core(lua_State *L) {
     mlua_open_cuda(L);
     mlua_open_fs(L);
     mlua_open_profile(L);
+    mlua_open_data(L);
 #ifdef ML_WITH_CUDA
     lua_pushboolean(L, 1);
 #else

@@ -28,6 +28,19 @@ int ml_cuda_memcpy(void *dst, ml_device ddev, const void *src, ml_device sdev, s
 /* dst <- src on one CUDA device: any strides, any dtypes (converting). */
 int ml_cuda_copy_strided(ml_tensor *dst, const ml_tensor *src);
 int ml_cuda_fill(ml_tensor *t, double v);
+/* Pinned (page-locked, portable) host memory and asynchronous uploads, for
+ * the data loader's batch buffers (host/data_loader.c). */
+void *ml_cuda_host_alloc(size_t nbytes);            /* NULL + error */
+void ml_cuda_host_free(void *p);
+/* Host -> device copy queued on dev's compute stream (returns at once). */
+int ml_cuda_memcpy_h2d_async(int dev, void *dst, const void *src, size_t n);
+/* An event recorded on dev's compute stream (NULL + error); query: 1 when
+ * the work before it is done, 0 if not yet, -1 on error. */
+void *ml_cuda_event_record(int dev);
+int ml_cuda_event_query(void *event);
+int ml_cuda_event_sync(void *event);
+void ml_cuda_event_destroy(void *event);
+int ml_cuda_synchronize(int dev);
 #endif
 
 #endif

@@ -196,3 +196,58 @@ int ml_cuda_prepare(const ml_tensor *t, const char *op, cudaStream_t *stream) {
     if (t->device.type != ML_CUDA) return ml_error("%s: expected a cuda tensor, got a cpu one", op);
     return ml_cuda_enter(t->device.index, stream);
 }
+
+// ---- pinned memory, async uploads and events for host/data_loader.c ----
+
+extern "C" void *ml_cuda_host_alloc(size_t nbytes) {
+    if (ml_cuda_device_count() == 0) return ml_error_null("pinned memory: CUDA is not available: %s", g_unavailable);
+    void *p = nullptr;
+    cudaError_t e = cudaHostAlloc(&p, nbytes ? nbytes : 1, cudaHostAllocPortable);
+    if (e != cudaSuccess) {
+        ml_cuda_fail(e, "cudaHostAlloc", __FILE__, __LINE__);
+        return nullptr;
+    }
+    return p;
+}
+
+extern "C" void ml_cuda_host_free(void *p) {
+    if (p && cudaFreeHost(p) != cudaSuccess) cudaGetLastError();
+}
+
+extern "C" int ml_cuda_memcpy_h2d_async(int dev, void *dst, const void *src, size_t n) {
+    cudaStream_t s;
+    if (ml_cuda_enter(dev, &s) < 0) return -1;
+    ML_CUDA_TRY(cudaMemcpyAsync(dst, src, n, cudaMemcpyHostToDevice, s));
+    return 0;
+}
+
+extern "C" void *ml_cuda_event_record(int dev) {
+    cudaStream_t s;
+    if (ml_cuda_enter(dev, &s) < 0) return nullptr;
+    cudaEvent_t ev;
+    cudaError_t e = cudaEventCreateWithFlags(&ev, cudaEventDisableTiming);
+    if (e != cudaSuccess) { ml_cuda_fail(e, "cudaEventCreate", __FILE__, __LINE__); return nullptr; }
+    e = cudaEventRecord(ev, s);
+    if (e != cudaSuccess) {
+        cudaEventDestroy(ev);
+        ml_cuda_fail(e, "cudaEventRecord", __FILE__, __LINE__);
+        return nullptr;
+    }
+    return (void *)ev;
+}
+
+extern "C" int ml_cuda_event_query(void *event) {
+    cudaError_t e = cudaEventQuery((cudaEvent_t)event);
+    if (e == cudaSuccess) return 1;
+    if (e == cudaErrorNotReady) { cudaGetLastError(); return 0; }
+    return ml_cuda_fail(e, "cudaEventQuery", __FILE__, __LINE__);
+}
+
+extern "C" int ml_cuda_event_sync(void *event) {
+    ML_CUDA_TRY(cudaEventSynchronize((cudaEvent_t)event));
+    return 0;
+}
+
+extern "C" void ml_cuda_event_destroy(void *event) {
+    if (event && cudaEventDestroy((cudaEvent_t)event) != cudaSuccess) cudaGetLastError();
+}

@@ -97,6 +97,7 @@ ml.enable_grad = core.enable_grad
 local lazy = {
     image = "moonlit.image", sd = "moonlit.sd", gradcheck = "moonlit.gradcheck", argparse = "moonlit.argparse",
     schedulers = "moonlit.schedulers", train = "moonlit.train",
+    data = "moonlit.data",
 }
 
 -- ml.profile(fn, ...) -> report, fn's results.  report lists kernels by total

@@ -48,13 +48,14 @@ EOF
 
 # ---- arguments ---------------------------------------------------------------
 include=$default_include
+include_given=0
 endpoint=${HF_ENDPOINT:-https://huggingface.co}
 positional=()
 while [ $# -gt 0 ]; do
     case $1 in
         -h|--help) usage 0 ;;
-        --include) [ $# -ge 2 ] || die "--include needs a value"; include=$2; shift 2 ;;
-        --include=*) include=${1#--include=}; shift ;;
+        --include) [ $# -ge 2 ] || die "--include needs a value"; include=$2; include_given=1; shift 2 ;;
+        --include=*) include=${1#--include=}; include_given=1; shift ;;
         --endpoint) [ $# -ge 2 ] || die "--endpoint needs a value"; endpoint=$2; shift 2 ;;
         --endpoint=*) endpoint=${1#--endpoint=}; shift ;;
         -*) printf '%s: unknown option %s\n' "$prog" "$1" >&2; usage ;;
@@ -215,6 +216,24 @@ while IFS=$'\t' read -r name size hash kind; do
 done < <(tail -n +2 "$work/files.tsv")
 n=${#names[@]}
 [ "$n" -gt 0 ] || die "no file of $repo_id at $revision matches --include '$include'"
+
+# With the default filter the result must be a folder moonlit can load.
+# Early revisions of some repositories hold only .bin weights, which moonlit
+# does not read; say so now rather than after gigabytes of other files.
+if [ "$include_given" = 0 ]; then
+    missing=()
+    for need in model_index.json unet/diffusion_pytorch_model.safetensors \
+                vae/diffusion_pytorch_model.safetensors text_encoder/model.safetensors; do
+        found=0
+        for name in "${names[@]}"; do [ "$name" = "$need" ] && found=1; done
+        [ "$found" = 1 ] || missing+=("$need")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        bins=$(cut -f1 "$work/files.tsv" | grep -E '^(unet|vae|text_encoder)/[^/]*\.bin$' | tr '\n' ' ' || true)
+        die "$repo_id at $revision lacks ${missing[*]}, which moonlit needs (it reads .safetensors" \
+            "weights only${bins:+; this revision has $bins}): choose a revision that has them"
+    fi
+fi
 
 # ---- the files ---------------------------------------------------------------
 downloaded=0 present=0 bytes_downloaded=0 bytes_total=0

@@ -230,6 +230,20 @@ function tests.default_filter_skips_bin_ckpt_fp16_and_safety_checker_and_include
     end)
 end
 
+function tests.revision_without_safetensors_weights_is_refused_before_downloading(t)
+    local files = repo_files()
+    files["unet/diffusion_pytorch_model.safetensors"] = nil
+    with_hub(t, files, function(hub)
+        local ok, out = download(hub)
+        t:assert(not ok, "a revision moonlit cannot load must fail")
+        t:assert(U.has(out, "lacks unet/diffusion_pytorch_model.safetensors") and
+                 U.has(out, "unet/diffusion_pytorch_model.bin"), "names the missing file and the .bin found:\n" .. out)
+        t:assertEq(count_file_requests(hub), 0, "nothing downloaded")
+        ok, out = download(hub, {args = "--include 'unet/*'"})
+        t:assert(ok, "an explicit --include takes what there is:\n" .. out)
+    end)
+end
+
 function tests.interrupted_download_fails_then_resumes_with_a_range_request(t)
     with_hub(t, repo_files(), function(hub)
         local name = "unet/diffusion_pytorch_model.safetensors"

@@ -208,12 +208,15 @@ matches() {
     return 1
 }
 
+# model_index.json comes last: its presence then means the whole folder is
+# there (scripts/dreambooth_run.sh skips the download on it), also after an
+# interrupted run.
 names=() sizes=() hashes=() kinds=()
 while IFS=$'\t' read -r name size hash kind; do
     if matches "$name"; then
         names+=("$name") sizes+=("$size") hashes+=("$hash") kinds+=("$kind")
     fi
-done < <(tail -n +2 "$work/files.tsv")
+done < <(tail -n +2 "$work/files.tsv" | grep -v $'^model_index.json\t'; grep $'^model_index.json\t' "$work/files.tsv")
 n=${#names[@]}
 [ "$n" -gt 0 ] || die "no file of $repo_id at $revision matches --include '$include'"
 

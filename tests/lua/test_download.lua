@@ -253,6 +253,8 @@ function tests.interrupted_download_fails_then_resumes_with_a_range_request(t)
         t:assert(U.has(out, name) and U.has(out, "run again to resume"), "names the file and says to rerun:\n" .. out)
         local target = snapshot(hub) .. "/" .. name
         t:assert(not exists(target), "an incomplete file was renamed into place")
+        t:assert(not exists(snapshot(hub) .. "/model_index.json"),
+                 "model_index.json (fetched last) is absent while the folder is incomplete")
         if t:assert(exists(target .. ".incomplete"), "the partial file is kept") then
             t:assertEq(#U.read_file(target .. ".incomplete"), 70000, "partial size")
         end

@@ -426,7 +426,6 @@ static void slot_assemble(ml_data_loader *L, slot *s) {
 
 static void *worker_main(void *arg) {
     ml_data_loader *L = arg;
-    atomic_fetch_add(&g_live_threads, 1);
     pthread_mutex_lock(&L->mu);
     for (;;) {
         while (!L->stop && L->next_job < L->nsamples && L->next_job_batch >= L->taken + L->nslots)
@@ -595,8 +594,12 @@ ml_data_loader *ml_data_loader_new(const ml_data_loader_config *cfg) {
     L->tids = calloc((size_t)(nt ? nt : 1), sizeof(pthread_t));
     if (!L->tids) goto oom;
     for (int i = 0; i < nt; i++) {
+        /* Counted before it starts (and uncounted as it exits), so the
+         * count never lags behind a loader that exists. */
+        atomic_fetch_add(&g_live_threads, 1);
         int e = pthread_create(&L->tids[i], NULL, worker_main, L);
         if (e != 0) {
+            atomic_fetch_sub(&g_live_threads, 1);
             ml_data_loader_free(L);   /* joins the ones started */
             return ml_error_null("data loader: cannot start a worker thread: %s", strerror(e));
         }

@@ -1,0 +1,420 @@
+-- dreambooth.lua — fine-tune Stable Diffusion on a few photos of a subject
+-- (DreamBooth with prior preservation), the way the Ray Train DreamBooth
+-- example does it: class images from the pretrained model, instance images
+-- repeated to the class-image count and zipped 1:1 with them, UNet + text
+-- encoder trained with the prior-preserving loss, a diffusers folder out.
+--
+--   moonlit examples/dreambooth.lua --model_dir <sd folder> --output_dir out \
+--       --instance_images_dir photos/ --instance_prompt "photo of unqtkn dog" \
+--       --class_images_dir class/ --class_prompt "photo of a dog"
+--
+-- `--help` lists every flag.  Steps: load the model once; generate the class
+-- images that are missing (same process, same weights); seed the training
+-- stream from --seed; train (checkpoints, validation samples, metrics.jsonl);
+-- save the tuned model.  Run as a module (loadfile(path)({as_module = true}))
+-- it returns its pieces without running, for tests.
+local ml = require "moonlit"
+local argparse = require "moonlit.argparse"
+
+local M = {}
+
+-- ---- flags ----------------------------------------------------------------------
+
+function M.parser()
+    local p = argparse.new("dreambooth.lua",
+        "Fine-tune Stable Diffusion on photos of a subject (DreamBooth with prior preservation).")
+    -- the reference recipe's flags, names and defaults
+    p:option("model_dir", {type = "string", required = true, help = "pretrained diffusers model folder"})
+    p:option("output_dir", {type = "string", required = true, help = "where the tuned model, checkpoints, samples and metrics go"})
+    p:option("instance_images_dir", {type = "string", required = true, help = "photos of the subject"})
+    p:option("instance_prompt", {type = "string", required = true, help = "prompt naming the subject, e.g. \"photo of unqtkn dog\""})
+    p:option("class_images_dir", {type = "string", required = true, help = "class (regularisation) images; missing ones are generated"})
+    p:option("class_prompt", {type = "string", required = true, help = "prompt of the class, e.g. \"photo of a dog\""})
+    p:option("train_batch_size", {type = "integer", default = 1, help = "instance images per step (as many class images are added)"})
+    p:option("lr", {type = "number", default = 5e-6, help = "learning rate (AdamW)"})
+    p:option("num_epochs", {type = "integer", default = 4, help = "passes over the zipped instance/class dataset"})
+    p:option("max_train_steps", {type = "integer", default = 800, help = "stop after this many optimizer steps"})
+    p:option("prior_loss_weight", {type = "number", default = 1.0, help = "weight of the class-image (prior) loss"})
+    p:option("max_grad_norm", {type = "number", default = 1.0, help = "gradient clipping (total 2-norm)"})
+    p:option("num_workers", {type = "integer", default = 1,
+                             help = "data-parallel workers (one per GPU; more than 1 needs the launcher, not built yet)"})
+    -- the flags of diffusers' train_dreambooth.py that users reach for
+    p:option("seed", {type = "integer", default = 0, help = "seed of the training stream, the data order and the class images"})
+    p:option("resolution", {type = "integer", default = 512, help = "training (and class image) size in pixels"})
+    p:option("center_crop", {type = "boolean", default = false, help = "center crop instead of a random crop"})
+    p:option("random_flip", {type = "boolean", default = false, help = "random horizontal flips of the training images"})
+    p:option("precision", {type = "string", choices = {"f32", "bf16-mixed", "bf16-sr"}, help =
+                           "f32, bf16-mixed (f32 weights, bf16 compute) or bf16-sr (bf16 weights, stochastic rounding); " ..
+                           "default bf16-mixed on a GPU, f32 on the CPU"})
+    p:option("device", {type = "string", help = "cpu, cuda or cuda:N (default: cuda when there is a GPU)"})
+    p:option("num_class_images", {type = "integer", default = 100, help = "class images wanted in class_images_dir"})
+    p:option("sample_batch_size", {type = "integer", default = 4, help = "batch size of class-image and validation generation"})
+    p:option("num_inference_steps", {type = "integer", default = 50, help = "denoising steps of class and validation images"})
+    p:option("guidance_scale", {type = "number", default = 7.5, help = "guidance of class and validation images"})
+    p:option("train_text_encoder", {type = "boolean", default = true, help = "train the text encoder too (the reference does)"})
+    p:option("lr_scheduler", {type = "string", default = "constant", choices = ml.train.lr_schedule.names,
+                              help = "learning-rate schedule"})
+    p:option("lr_warmup_steps", {type = "integer", default = 0, help = "linear warm-up steps of the schedule"})
+    p:option("gradient_accumulation_steps", {type = "integer", default = 1, help = "micro-batches per optimizer step"})
+    p:option("adam_weight_decay", {type = "number", default = 1e-2, help = "AdamW weight decay"})
+    p:option("checkpointing_steps", {type = "integer", default = 500, help = "save a resumable checkpoint every N steps (0: never)"})
+    p:option("checkpoints_total_limit", {type = "integer", help = "keep only the N newest checkpoints"})
+    p:option("resume_from_checkpoint", {type = "string", help = "'latest' or a checkpoint folder to continue from"})
+    p:option("validation_prompt", {type = "string", help = "sample this prompt before training, every validation_steps and at the end"})
+    p:option("validation_steps", {type = "integer", default = 100, help = "steps between validation samples"})
+    p:option("num_validation_images", {type = "integer", default = 4, help = "images per validation"})
+    p:option("snr_gamma", {type = "number", help = "min-SNR loss weighting gamma (5.0 is the usual value)"})
+    p:option("offset_noise", {type = "boolean", default = false, help = "add offset noise (0.1 per channel) to the noise"})
+    p:option("save_dtype", {type = "string", default = "f32", choices = {"f32", "f16", "bf16"}, help = "dtype of the saved model"})
+    return p
+end
+
+-- Flags that parse but do not fit together; errors name them.
+function M.check_args(a)
+    local function bad(msg) error("dreambooth: " .. msg, 0) end
+    if a.train_batch_size < 1 then bad("--train_batch_size must be >= 1") end
+    if a.gradient_accumulation_steps < 1 then bad("--gradient_accumulation_steps must be >= 1") end
+    if a.num_epochs < 1 then bad("--num_epochs must be >= 1") end
+    if a.max_train_steps < 1 then bad("--max_train_steps must be >= 1") end
+    if a.resolution < 8 or a.resolution % 8 ~= 0 then bad("--resolution must be a positive multiple of 8") end
+    if a.num_class_images < 0 then bad("--num_class_images must be >= 0") end
+    if a.lr < 0 then bad("--lr must be >= 0") end
+    if a.checkpoints_total_limit and a.checkpoints_total_limit < 1 then bad("--checkpoints_total_limit must be >= 1") end
+    if a.validation_steps < 1 then bad("--validation_steps must be >= 1") end
+    if a.num_validation_images < 1 then bad("--num_validation_images must be >= 1") end
+    if a.sample_batch_size < 1 then bad("--sample_batch_size must be >= 1") end
+    if not ml.core.is_dir(a.model_dir) then bad("--model_dir: no such folder: " .. a.model_dir) end
+    if not ml.core.is_dir(a.instance_images_dir) then bad("--instance_images_dir: no such folder: " .. a.instance_images_dir) end
+    local function real(p) return (p:gsub("/+$", "")) end
+    if real(a.output_dir) == real(a.model_dir) then bad("--output_dir must not be --model_dir (the base model would be overwritten)") end
+    if a.device == nil then a.device = ml.train.default_device() end
+    if a.precision == nil then a.precision = a.device:match("^cuda") and "bf16-mixed" or "f32" end
+    if a.precision ~= "f32" and not a.device:match("^cuda") then
+        bad("--precision " .. a.precision .. " needs a GPU (--device cuda); the CPU trains in f32")
+    end
+    return a
+end
+
+-- ---- class images ------------------------------------------------------------------
+
+local IMAGE_EXT = {png = true, jpg = true, jpeg = true, bmp = true}
+local function is_image_name(name)
+    local ext = name:match("%.([%w]+)$")
+    return ext and IMAGE_EXT[ext:lower()] or false
+end
+
+local function join(a, b) return a:sub(-1) == "/" and a .. b or a .. "/" .. b end
+
+-- The file name of class image k: fixed by k alone, so a rerun regenerates
+-- exactly the missing ones with the seeds they would have had.
+function M.class_image_name(prompt_idx, sample_idx, seed)
+    return string.format("class-%05d-seed%d.png", sample_idx, seed)
+end
+
+-- Fills class_images_dir up to num_class_images.  Images already there are
+-- kept (the user's own count too); returns how many were generated.
+function M.generate_class_images(m, a, log)
+    local dir = a.class_images_dir
+    ml.core.mkdir_p(dir)
+    local foreign, ours = 0, 0
+    for _, name in ipairs(ml.core.list_dir(dir)) do
+        if is_image_name(name) then
+            if name:match("^class%-%d+%-seed%-?%d+%.png$") then ours = ours + 1 else foreign = foreign + 1 end
+        end
+    end
+    local want = a.num_class_images - foreign
+    if ours >= want then return 0 end
+    log(string.format("class images: %d in %s, generating %d more (\"%s\", %d steps)", foreign + ours, dir,
+                      want - ours, a.class_prompt, a.num_inference_steps))
+    local gen = require "moonlit.pipelines.generate_images"
+    if type(gen) == "table" then gen = gen.generate_images end
+    local t0 = ml.now()
+    local made = gen(m, {prompts = {a.class_prompt}, num_samples_per_prompt = want, seed = a.seed,
+                         batch_size = a.sample_batch_size, steps = a.num_inference_steps,
+                         guidance_scale = a.guidance_scale, height = a.resolution, width = a.resolution,
+                         output_dir = dir, name = M.class_image_name, skip_existing = true,
+                         progress = function(done, total) log(string.format("class images: %d/%d", done, total)) end})
+    local n = 0
+    for _ in ipairs(made or {}) do n = n + 1 end
+    log(string.format("class images: done in %.1f s", ml.now() - t0))
+    return n
+end
+
+-- ---- the dataset ---------------------------------------------------------------------
+
+-- As the reference builds it: images resized (shorter side) and cropped to
+-- the resolution, normalised to [-1, 1]; prompts tokenized once; instance
+-- images repeated to the class-image count and zipped 1:1 with the class
+-- images; shuffled.  When the counts do not divide, both sides are repeated
+-- to the larger count (the reference's integer division could drop
+-- instance images or, with fewer class than instance images, all of them).
+function M.build_dataset(a, tokenizer)
+    local D = ml.data
+    local function ids_of(prompt)
+        return tokenizer:encode_batch({prompt}, {padding = "max_length", max_length = 77, truncation = true}):select(1, 1)
+    end
+    local instance_ids, class_ids = ids_of(a.instance_prompt), ids_of(a.class_prompt)
+    local function prepared(dir, image_col, ids_col, ids, seed)
+        local tf = D.ImageTransform{resize = a.resolution, size = a.resolution,
+                                    crop = a.center_crop and "center" or "random",
+                                    hflip = a.random_flip and 0.5 or 0, normalize = true, seed = seed}
+        return D.read_images(dir)
+            :map_batches(tf, {column = "image", output = image_col})
+            :drop_columns{"image", "path"}
+            :add_column(ids_col, function(batch)
+                local out = {}
+                for i = 1, #batch[image_col] do out[i] = ids end
+                return out
+            end)
+    end
+    local inst = prepared(a.instance_images_dir, "instance_image", "instance_prompt_ids", instance_ids, a.seed)
+    local cls = prepared(a.class_images_dir, "class_image", "class_prompt_ids", class_ids, a.seed + 1)
+    local ni, nc = inst:count(), cls:count()
+    local n = math.max(ni, nc)
+    inst = inst:repeat_n((n + ni - 1) // ni):limit(n)
+    cls = cls:repeat_n((n + nc - 1) // nc):limit(n)
+    return inst:zip(cls):random_shuffle(a.seed), {instance = ni, class = nc, pairs = n}
+end
+
+-- ---- the loss ---------------------------------------------------------------------------
+
+-- One forward pass as the reference writes it.  images: [2B, H, W, 3] in
+-- [-1, 1] (instance half first), ids: [2B, 77].  o.noise, o.timesteps and
+-- o.vae_eps replace the random draws (tests feed a fixture's).
+function M.loss(m, images, ids, a, o)
+    o = o or {}
+    local compute = function(fn, ...) return ml.sd.autocast(m, fn, ...) end
+    local vae, unet, te, sched = m.vae, m.unet, m.text_encoder, m.noise_scheduler
+    local wdt = unet.conv_in.weight.dtype
+    local latents = ml.no_grad(compute, function()
+        return vae:encode(images:to(vae.encoder.conv_in.weight.dtype)):sample(o.vae_eps) * vae.scaling_factor
+    end):float()
+    local dev = latents.device
+    local b = latents:size(1)
+    local noise = o.noise or ml.randn(latents:size(), {device = dev})
+    if a.offset_noise and not o.noise then
+        noise = noise + ml.randn({b, 1, 1, latents:size(4)}, {device = dev}) * 0.1
+    end
+    local t = o.timesteps or ml.randint(0, sched.config.num_train_timesteps, {b}, {device = dev})
+    local noisy = sched:add_noise(latents, noise, t)
+    local pred = compute(function()
+        return unet(noisy:to(wdt), t, te(ids))
+    end):float()
+    local target
+    if sched.config.prediction_type == "v_prediction" then target = sched:get_velocity(latents, noise, t)
+    elseif sched.config.prediction_type == "epsilon" then target = noise
+    else error("dreambooth: prediction_type " .. tostring(sched.config.prediction_type) .. " is not supported") end
+    local h = b // 2
+    local pi, pc = pred:narrow(1, 1, h), pred:narrow(1, h + 1, h)
+    local ti, tc = target:narrow(1, 1, h), target:narrow(1, h + 1, h)
+    local prior = ml.F.mse_loss(pc, tc)
+    local inst
+    if a.snr_gamma then
+        -- min-SNR weighting of the instance half (Hang et al. 2023), as diffusers applies it
+        local ts = t:narrow(1, 1, h):to("cpu")
+        local w = {}
+        for i = 1, h do
+            local ac = sched.alphas_cumprod[ts[i]:item() + 1]
+            local snr = ac / (1 - ac)
+            local base = sched.config.prediction_type == "v_prediction" and snr + 1 or snr
+            w[i] = math.min(snr, a.snr_gamma) / base
+        end
+        local per = (pi - ti):square():view(h, -1):mean(2)
+        inst = (per * ml.tensor(w):to(dev)):mean()
+    else
+        inst = ml.F.mse_loss(pi, ti)
+    end
+    return inst + prior * a.prior_loss_weight, pred
+end
+
+-- ---- validation samples -----------------------------------------------------------------
+
+-- Images of the validation prompt with fixed seeds (the same noise at every
+-- validation, so the rows of the progress sheet compare like with like).
+function M.validate(m, a, step, log)
+    local gen = require "moonlit.pipelines.generate_images"
+    if type(gen) == "table" then gen = gen.generate_images end
+    local dir = join(join(a.output_dir, "samples"), "step-" .. step)
+    local was_unet, was_te = m.unet.training, m.text_encoder.training
+    m.unet:eval(); m.text_encoder:eval()
+    local made = ml.no_grad(gen, m, {prompts = {a.validation_prompt}, num_samples_per_prompt = a.num_validation_images,
+                                     seed = a.seed, batch_size = a.sample_batch_size, steps = a.num_inference_steps,
+                                     guidance_scale = a.guidance_scale, height = a.resolution, width = a.resolution,
+                                     output_dir = dir})
+    m.unet:train(was_unet); m.text_encoder:train(was_te)
+    log(string.format("validation: %d image(s) of \"%s\" in %s", #made, a.validation_prompt, dir))
+    local row = {}
+    for i, r in ipairs(made) do row[i] = r.image end
+    return row
+end
+
+-- ---- the training loop --------------------------------------------------------------------
+
+-- Optimizer steps an epoch of n pairs gives.
+local function steps_per_epoch(n, a)
+    local batches = (n + a.train_batch_size - 1) // a.train_batch_size
+    return (batches + a.gradient_accumulation_steps - 1) // a.gradient_accumulation_steps, batches
+end
+
+function M.train_fn(m, a)
+    return function(cfg, ctx)
+        local unet, te, vae = m.unet, m.text_encoder, m.vae
+        vae:requires_grad_(false); vae:eval()
+        unet:train()
+        local trained = {unet = unet}
+        if a.train_text_encoder then te:train(); trained.text_encoder = te
+        else te:requires_grad_(false); te:eval() end
+        local params = a.train_text_encoder and ml.nn.parameters(unet, te) or ml.nn.parameters(unet)
+        local opt = ml.optim.AdamW(params, {lr = a.lr, weight_decay = a.adam_weight_decay})
+        local shard = ctx:dataset_shard("train")
+        local per_epoch, batches = steps_per_epoch(shard:count(), a)
+        local total = math.min(a.max_train_steps, a.num_epochs * per_epoch)
+        local sched = ml.train.lr_schedule.new{name = a.lr_scheduler, base_lr = a.lr,
+                                               warmup_steps = a.lr_warmup_steps, total_steps = total}
+        ctx:set_total_steps(total)
+
+        local step, epoch0, batch0 = 0, 1, 1
+        if a.resume_path then
+            local st = ml.train.load_checkpoint(a.resume_path, {modules = trained, optimizer = opt})
+            step, epoch0, batch0 = st.step, st.epoch, st.batch
+            ctx:log(string.format("resumed from %s at step %d (epoch %d, batch %d)", a.resume_path, step, epoch0, batch0))
+        end
+        ctx:log(string.format("training: %d pairs, %d batches of %d+%d an epoch, %d steps (%d epochs max), lr %g, %s on %s",
+                              shard:count(), batches, a.train_batch_size, a.train_batch_size, total, a.num_epochs,
+                              a.lr, a.precision, ctx.device))
+        local rows = {}
+        if a.validation_prompt and ctx:is_main() and step == 0 then rows[#rows + 1] = M.validate(m, a, 0, function(s) ctx:log(s) end) end
+
+        local function save_checkpoint(epoch, next_batch)
+            if not ctx:is_main() then return end
+            local dir = join(a.output_dir, "checkpoint-" .. step)
+            ml.train.save_checkpoint(dir, {modules = trained, optimizer = opt, step = step, epoch = epoch,
+                                           batch = next_batch, extra = {seed = a.seed}})
+            ml.train.prune_checkpoints(a.output_dir, a.checkpoints_total_limit)
+            return dir
+        end
+
+        local wait_total, progress_sheet = 0, nil
+        for epoch = epoch0, a.num_epochs do
+            if step >= total then break end
+            local it = shard:iter_batches{batch_size = a.train_batch_size, device = ctx.device, epoch = epoch,
+                                          start_batch = epoch == epoch0 and batch0 or 1, prefetch = 2}
+            local micro, loss_sum, bi = 0, 0, (epoch == epoch0 and batch0 or 1) - 1
+            local last_wait = 0
+            for batch in it do
+                bi = bi + 1
+                local images = ml.cat({batch.instance_image, batch.class_image}, 1)
+                local ids = ml.cat({batch.instance_prompt_ids, batch.class_prompt_ids}, 1)
+                local loss = M.loss(m, images, ids, a)
+                local scaled = a.gradient_accumulation_steps > 1 and loss / a.gradient_accumulation_steps or loss
+                scaled:backward()
+                loss_sum = loss_sum + loss:item()
+                micro = micro + 1
+                if micro == a.gradient_accumulation_steps or bi == batches then
+                    local gnorm = ml.optim.clip_grad_norm(params, a.max_grad_norm)
+                    opt.lr = sched:lr(step)
+                    opt:step()
+                    opt:zero_grad()
+                    step = step + 1
+                    local s = it:stats()
+                    local wait = s.wait_ms - last_wait
+                    last_wait = s.wait_ms
+                    wait_total = wait_total + wait
+                    local ckpt
+                    if a.checkpointing_steps > 0 and step % a.checkpointing_steps == 0 and step < total then
+                        ckpt = save_checkpoint(epoch, bi + 1)
+                    end
+                    ctx:report({step = step, epoch = epoch, loss = loss_sum / micro, lr = opt.lr, grad_norm = gnorm,
+                                images = images:size(1) * micro, data_wait_ms = wait}, {checkpoint = ckpt})
+                    micro, loss_sum = 0, 0
+                    if a.validation_prompt and ctx:is_main() and step % a.validation_steps == 0 and step < total then
+                        rows[#rows + 1] = M.validate(m, a, step, function(x) ctx:log(x) end)
+                    end
+                    if step >= total then break end
+                end
+            end
+            it:close()
+        end
+        if a.validation_prompt and ctx:is_main() then rows[#rows + 1] = M.validate(m, a, step, function(s) ctx:log(s) end) end
+        if #rows > 1 then
+            local sheet = join(join(a.output_dir, "samples"), "progress.png")
+            local cells = {}
+            for _, r in ipairs(rows) do for _, img in ipairs(r) do cells[#cells + 1] = img end end
+            ml.image.save(sheet, ml.image.grid(cells, {cols = a.num_validation_images}),
+                          {meta = {prompt = a.validation_prompt, seed = a.seed}})
+            progress_sheet = sheet
+        end
+        return {steps = step, data_wait_ms = wait_total, progress_sheet = progress_sheet}
+    end
+end
+
+-- ---- main ------------------------------------------------------------------------------
+
+function M.main(argv)
+    local a = M.check_args(M.parser():parse(argv))
+    local function log(s) print(s); io.stdout:flush() end
+    ml.core.mkdir_p(a.output_dir)
+    if a.resume_from_checkpoint then
+        if a.resume_from_checkpoint == "latest" then
+            a.resume_path = ml.train.latest_checkpoint(a.output_dir)
+            if not a.resume_path then
+                error("dreambooth: --resume_from_checkpoint latest: no checkpoint in " .. a.output_dir, 0)
+            end
+        else
+            a.resume_path = a.resume_from_checkpoint
+            if not ml.train.is_checkpoint(a.resume_path) then
+                error("dreambooth: --resume_from_checkpoint: " .. a.resume_path .. " is not a complete checkpoint", 0)
+            end
+        end
+    end
+    local t0 = ml.now()
+    log(string.format("loading %s on %s (%s)", a.model_dir, a.device, a.precision))
+    local m = ml.sd.load(a.model_dir, {device = a.device, precision = a.precision})
+    -- training noise follows the model's own training process (DDPM with the
+    -- folder's betas and prediction type), whatever its sampling scheduler
+    m.noise_scheduler = require("moonlit.schedulers").from_config(m.scheduler_config, "ddpm")
+    local phases = {{"load", ml.now() - t0}}
+
+    t0 = ml.now()
+    local made = M.generate_class_images(m, a, log)
+    phases[#phases + 1] = {"class images (" .. made .. " made)", ml.now() - t0}
+
+    -- the training stream starts here, whether or not class images were made
+    ml.manual_seed(a.seed)
+    local ds, counts = M.build_dataset(a, m.tokenizer)
+    log(string.format("data: %d instance image(s), %d class image(s) -> %d pairs", counts.instance, counts.class, counts.pairs))
+    t0 = ml.now()
+    local res = ml.train.run(M.train_fn(m, a), {config = a, datasets = {train = ds}, num_workers = a.num_workers,
+                                                output_dir = a.output_dir, device = a.device, summary = false})
+    local train_s = ml.now() - t0
+    phases[#phases + 1] = {string.format("training (%d steps)", res.steps), train_s}
+
+    t0 = ml.now()
+    m.unet:eval(); m.text_encoder:eval()
+    ml.sd.save(a.output_dir, m, {dtype = a.save_dtype})
+    phases[#phases + 1] = {"save", ml.now() - t0}
+
+    log("")
+    log("phase                                 seconds")
+    local total = 0
+    for _, ph in ipairs(phases) do
+        log(string.format("%-36s %8.1f", ph[1], ph[2]))
+        total = total + ph[2]
+    end
+    log(string.format("%-36s %8.1f", "total", total))
+    local imgs = res.steps * 2 * a.train_batch_size * a.gradient_accumulation_steps
+    log(string.format("training: %d steps, %d images, %.2f images/s (instance and class images)", res.steps, imgs,
+                      imgs / math.max(train_s, 1e-9)))
+    log(string.format("data wait: %.1f ms in all, %.2f ms per step; peak memory %.2f GiB", res.data_wait_ms,
+                      res.data_wait_ms / math.max(1, res.steps), (ml.train.peak_memory(a.device) or 0) / 2 ^ 30))
+    log("tuned model:   " .. a.output_dir .. " (diffusers folder)")
+    log("metrics:       " .. join(a.output_dir, "metrics.jsonl"))
+    if a.validation_prompt then log("samples:       " .. join(a.output_dir, "samples")) end
+    if res.progress_sheet then log("before/after:  " .. res.progress_sheet .. " (rows: before training, each validation, after)") end
+    log("class images:  " .. a.class_images_dir)
+    return {model = m, args = a, steps = res.steps, phases = phases, progress_sheet = res.progress_sheet}
+end
+
+local first = ...
+if type(first) == "table" and first.as_module then return M end
+M.main(arg)

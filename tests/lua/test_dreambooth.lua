@@ -1,0 +1,181 @@
+-- test_dreambooth.lua — examples/dreambooth.lua on the sd1-tiny fixture:
+-- its loss is the fixture's training-step loss; a short run lowers the
+-- loss on the instance images, writes metrics.jsonl and a model that loads
+-- and generates; resume is bit-exact; generated class images do not change
+-- the result; bad inputs are clear errors that lose nothing.
+local ml = require "moonlit"
+local U = require "testutil"
+local tests = {}
+
+local SCRIPT = "examples/dreambooth.lua"
+local FIXTURE = "tests/fixtures/sd1-tiny"
+local MODEL = FIXTURE .. "/pipeline"
+
+local function recipe() return assert(loadfile(SCRIPT))({as_module = true}) end
+
+local function nchw_to_nhwc(t) return t:permute(1, 3, 4, 2):contiguous() end
+
+-- Small, distinct images: the instance images are reddish, the class images bluish.
+local function write_images(dir, n, tint, size)
+    ml.core.mkdir_p(dir)
+    ml.manual_seed(#dir + n)
+    for i = 1, n do
+        local img = ml.rand({size, size, 3}) * 0.3
+        local c = img:select(3, tint) + 0.6
+        img = ml.cat({tint == 1 and c:unsqueeze(3) or img:narrow(3, 1, 1), tint == 2 and c:unsqueeze(3) or img:narrow(3, 2, 1),
+                      tint == 3 and c:unsqueeze(3) or img:narrow(3, 3, 1)}, 3)
+        ml.image.save(string.format("%s/%02d.png", dir, i), ml.clamp(img, 0, 1))
+    end
+end
+
+-- Run the recipe's main quietly; returns its result or raises its error.
+local function run_main(argv)
+    local M = recipe()
+    local saved = print
+    local out = {}
+    print = function(...) out[#out + 1] = table.concat({...}, "\t") end
+    local ok, res = pcall(M.main, argv)
+    print = saved
+    if not ok then error(res, 0) end
+    return res, table.concat(out, "\n")
+end
+
+local function base_args(dir, extra)
+    local a = {"--model_dir", MODEL, "--output_dir", dir .. "/out", "--instance_images_dir", dir .. "/inst",
+               "--instance_prompt", "a photo of sks dog", "--class_images_dir", dir .. "/class",
+               "--class_prompt", "a photo of a dog", "--resolution", "64", "--device", "cpu",
+               "--num_class_images", "3", "--num_inference_steps", "2", "--sample_batch_size", "3",
+               "--lr", "1e-3", "--checkpointing_steps", "0"}
+    for _, v in ipairs(extra or {}) do a[#a + 1] = v end
+    return a
+end
+
+local function param_diff(a, b)
+    local pa, pb, worst = a:parameters(), b:parameters(), 0
+    for i = 1, #pa do worst = math.max(worst, (pa[i] - pb[i]):abs():max():item()) end
+    return worst
+end
+
+function tests.loss_is_the_fixture_training_step(t)
+    local M = recipe()
+    local r = ml.core.st_load(FIXTURE .. "/train_step.safetensors")
+    local meta = ml.core.json_load(FIXTURE .. "/meta.json")
+    local m = ml.sd.load(MODEL)
+    m.noise_scheduler = require("moonlit.schedulers").from_config(m.scheduler_config, "ddpm")
+    m.unet:train(); m.text_encoder:train()
+    local a = {prior_loss_weight = meta.train.prior_loss_weight}
+    local loss = M.loss(m, nchw_to_nhwc(r.images), r.input_ids, a,
+                        {noise = nchw_to_nhwc(r.noise), timesteps = r.timesteps, vae_eps = nchw_to_nhwc(r.vae_eps)})
+    local rel = math.abs(loss:item() - r.loss:item()) / math.abs(r.loss:item())
+    -- the verification command's pipeline tolerance (f32 rounding through VAE, text encoder and UNet)
+    t:assert(rel <= 1e-4, string.format("recipe loss %.8g vs diffusers %.8g (rel %.2g)", loss:item(), r.loss:item(), rel))
+end
+
+function tests.short_run_learns_and_saves_a_working_model(t)
+    local dir = U.temp_dir()
+    write_images(dir .. "/inst", 2, 1, 80)
+    local res, out = run_main(base_args(dir, {"--max_train_steps", "12", "--num_epochs", "100"}))
+    t:assert(res.steps == 12, "12 steps taken, got " .. tostring(res.steps))
+    t:assert(#ml.core.list_dir(dir .. "/class") == 3, "3 class images generated")
+    -- one metrics line per step
+    local n = 0
+    for _ in io.lines(dir .. "/out/metrics.jsonl") do n = n + 1 end
+    t:assertEq(n, 12, "metrics.jsonl lines")
+    t:assert(U.has(out, "tuned model:"), "the summary says where the model is")
+    -- the loss on the instance images with fixed draws: before (base model) vs after (tuned)
+    local M = recipe()
+    local function instance_loss(model_dir)
+        local m = ml.sd.load(model_dir)
+        m.noise_scheduler = require("moonlit.schedulers").from_config(m.scheduler_config, "ddpm")
+        local a = {prior_loss_weight = 0, resolution = 64}
+        local img = ml.image.load(dir .. "/inst/01.png")
+        img = ml.image.resize(img, 64, 64) * 2 - 1
+        local images = ml.cat({img:unsqueeze(1), img:unsqueeze(1)}, 1)
+        local ids = m.tokenizer:encode_batch({"a photo of sks dog", "a photo of sks dog"},
+                                             {padding = "max_length", max_length = 77, truncation = true})
+        local total = 0
+        for s = 1, 4 do
+            ml.manual_seed(100 + s)
+            local noise = ml.randn({2, 8, 8, 4})
+            local ts = ml.tensor({100 * s + 50, 100 * s + 50}, {dtype = "i64"})
+            local eps = ml.randn({2, 8, 8, 4})
+            total = total + ml.no_grad(M.loss, m, images, ids, a, {noise = noise, timesteps = ts, vae_eps = eps}):item()
+        end
+        return total / 4
+    end
+    local before, after = instance_loss(MODEL), instance_loss(dir .. "/out")
+    t:assert(after < before * 0.9, string.format("instance loss before %.4f, after %.4f", before, after))
+    -- the saved folder generates
+    local m = ml.sd.load(dir .. "/out")
+    local img = ml.sd.generate(m, {prompt = "a photo of sks dog", num_inference_steps = 2, seed = 1})
+    t:assertEq(img:size(), {1, 64, 64, 3}, "generated image shape")
+    U.remove_tree(dir)
+end
+
+function tests.resume_gives_the_same_weights(t)
+    local dir = U.temp_dir()
+    write_images(dir .. "/inst", 2, 1, 64)
+    local extra = {"--max_train_steps", "6", "--num_epochs", "100", "--checkpointing_steps", "3", "--train_batch_size", "1"}
+    local full = run_main(base_args(dir, extra))
+    t:assert(ml.train.is_checkpoint(dir .. "/out/checkpoint-3"), "checkpoint-3 written")
+    -- an interrupted run leaves exactly checkpoint-3 behind: resume from it elsewhere
+    local args2 = base_args(dir, extra)
+    for i, v in ipairs(args2) do if v == dir .. "/out" then args2[i] = dir .. "/out2" end end
+    ml.core.mkdir_p(dir .. "/out2")
+    os.execute(string.format("cp -r '%s/out/checkpoint-3' '%s/out2/'", dir, dir))
+    args2[#args2 + 1] = "--resume_from_checkpoint"
+    args2[#args2 + 1] = "latest"
+    local resumed = run_main(args2)
+    t:assertEq(param_diff(full.model.unet, resumed.model.unet), 0, "UNet weights after resume")
+    t:assertEq(param_diff(full.model.text_encoder, resumed.model.text_encoder), 0, "text encoder weights after resume")
+    -- same run, class images already there from the first run: same weights
+    local args3 = base_args(dir, {"--max_train_steps", "6", "--num_epochs", "100", "--checkpointing_steps", "0"})
+    for i, v in ipairs(args3) do if v == dir .. "/out" then args3[i] = dir .. "/out3" end end
+    local again = run_main(args3)
+    t:assertEq(param_diff(full.model.unet, again.model.unet), 0, "weights do not depend on whether class images were generated")
+    U.remove_tree(dir)
+end
+
+function tests.bad_inputs_are_clear_errors(t)
+    local dir = U.temp_dir()
+    local function err_of(extra, replace)
+        local a = base_args(dir, extra)
+        for i, v in ipairs(a) do if replace and replace[v] then a[i] = replace[v] end end
+        local ok, e = pcall(run_main, a)
+        return ok and "no error" or tostring(e)
+    end
+    -- missing instance folder
+    t:assert(U.has(err_of({}), "instance_images_dir"), "missing instance folder named")
+    -- only non-images
+    ml.core.mkdir_p(dir .. "/inst")
+    U.write_file(dir .. "/inst/notes.txt", "hello")
+    local e = err_of({"--max_train_steps", "1"})
+    t:assert(U.has(e, dir .. "/inst"), "folder of only non-images named: " .. e)
+    -- a corrupt JPEG is named
+    write_images(dir .. "/inst", 1, 1, 64)
+    U.write_file(dir .. "/inst/broken.jpg", "\255\216\255\224 this is not a jpeg")
+    e = err_of({"--max_train_steps", "1"})
+    t:assert(U.has(e, "broken.jpg"), "corrupt JPEG named: " .. e)
+    os.remove(dir .. "/inst/broken.jpg")
+    -- resume with no checkpoint
+    e = err_of({"--resume_from_checkpoint", "latest"})
+    t:assert(U.has(e, "no checkpoint"), "resume without checkpoint: " .. e)
+    -- output over the base model
+    e = err_of({}, {[dir .. "/out"] = MODEL})
+    t:assert(U.has(e, "must not be --model_dir"), "output_dir = model_dir refused: " .. e)
+    -- a model folder missing a component
+    local broken = dir .. "/model"
+    os.execute(string.format("cp -r '%s' '%s' && rm -rf '%s/unet'", MODEL, broken, broken))
+    e = err_of({}, {[MODEL] = broken})
+    t:assert(U.has(e, "unet"), "missing model component named: " .. e)
+    -- an unwritable output folder (a path through a file)
+    U.write_file(dir .. "/afile", "x")
+    e = err_of({}, {[dir .. "/out"] = dir .. "/afile/out"})
+    t:assert(U.has(e, "afile"), "unusable output folder named: " .. e)
+    -- bf16 on the CPU
+    e = err_of({"--precision", "bf16-mixed"})
+    t:assert(U.has(e, "needs a GPU"), "bf16 on CPU refused: " .. e)
+    U.remove_tree(dir)
+end
+
+return tests

@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 
 OPEN_CLIP_VERSION=3.3.0
 CACHE=.cache/clip-vocab
-DIRS="tests/fixtures/sd1-tiny/pipeline/tokenizer tests/fixtures/sd2-tiny/pipeline/tokenizer configs/sd-v1-4/tokenizer"
+DIRS="tests/fixtures/sd1-tiny/pipeline/tokenizer tests/fixtures/sd2-tiny/pipeline/tokenizer configs/sd-v1-4/tokenizer models/toy-shapes/tokenizer"
 
 missing=""
 for d in $DIRS; do

@@ -3,6 +3,9 @@
 #include "device.h"
 #include "error.h"
 #include "image.h"
+#ifdef ML_WITH_CUDA
+#include "cuda/runtime.h"   /* ml_cuda_set_device (plain C) */
+#endif
 
 #include <errno.h>
 #include <limits.h>
@@ -292,6 +295,11 @@ static float *pinned_get(ml_data_loader *L, size_t nbytes) {   /* under mu */
             L->pool[i] = L->pool[--L->npool];
             return p;
         }
+    /* Select the loader's device on this worker thread first: pinned
+     * memory is allocated in the current device's context, and a thread's
+     * default is device 0 (each process of a multi-GPU run would otherwise
+     * open a context there). */
+    if (ml_cuda_set_device(L->device.index) < 0) return NULL;
     return ml_cuda_host_alloc(nbytes);
 }
 static void pinned_put(ml_data_loader *L, float *p, size_t n) {   /* under mu */

@@ -372,4 +372,34 @@ function tests.no_threads_left_after_break_close_or_end(t)
     util.remove_tree(dir)
 end
 
+-- On a GPU: the batches land on the device (pinned buffers, async copies
+-- on the compute stream) and equal the CPU batches bit for bit; plain
+-- integer columns follow the device.
+function tests.cuda_batches_equal_cpu_batches(t)
+    if not (core.built_with_cuda and core.cuda_available and core.cuda_available()) then return end
+    local dir = image_dir(9, {{30, 40}, {40, 30}})
+    local ds = random_crop_dataset(dir, 1):add_column("ids", function(b)
+        local out = {}
+        for i = 1, #b.path do out[i] = {i, 2, 3} end
+        return out
+    end)
+    local cpu = collect(ds, {batch_size = 2, epoch = 2})
+    collectgarbage()
+    local base = core.data_live_threads()
+    for round = 1, 3 do   -- reuses the pinned buffers once their copies are done
+        local it = ds:iter_batches{batch_size = 2, epoch = 2, device = "cuda", prefetch = 2}
+        local i = 0
+        for b in it do
+            i = i + 1
+            t:assertEq(b.pixels.device, "cuda:0")
+            t:assertEq(b.ids.device, "cuda:0")
+            t:assertTensorEq(b.pixels, cpu[i].pixels, 0, "round " .. round .. ", batch " .. i)
+            t:assertTensorEq(b.ids, cpu[i].ids, 0, "ids")
+        end
+        t:assertEq(i, 5)
+    end
+    t:assertEq(core.data_live_threads(), base)
+    util.remove_tree(dir)
+end
+
 return tests

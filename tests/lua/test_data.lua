@@ -250,6 +250,10 @@ function tests.repeat_zip_limit_recipe(t)
                                  class_prompt_ids = ml.tensor({1, 2, 3}, {dtype = "i64"})} end)
     local n = class:count()
     t:assertEq(n, 12)
+    local two = class:take(2)
+    t:assertEq(#two, 2)
+    t:assertEq(two[2].class_image:size(), {16, 16, 3}, "take decodes and transforms")
+    t:assertEq(two[2].class_path, cls .. "/cls02.png")
     local ds = instance:repeat_n(math.ceil(n / 5)):limit(n):zip(class):random_shuffle(0)
     t:assertEq(ds:count(), 12)
     local batches = collect(ds, {batch_size = 4})
@@ -336,6 +340,36 @@ function tests.bad_inputs_name_what_is_wrong(t)
                   "column 'image' of row 1 is not an image")
     util.remove_tree(dir)
     util.remove_tree(mixed)
+end
+
+-- The binary under test, as test_cli.lua finds it.
+local function moonlit_bin()
+    local bin = os.getenv("MOONLIT_BIN")
+    if not bin and type(arg) == "table" and arg[-1] ~= nil then
+        local i = -1
+        while arg[i - 1] ~= nil do i = i - 1 end
+        bin = arg[i]
+    end
+    return "'" .. (bin or "build/moonlit"):gsub("'", "'\\''") .. "'"
+end
+
+function tests.non_image_files_get_one_warning_naming_them(t)
+    local dir = image_dir(2, {{8, 8}})
+    util.write_file(dir .. "/notes.txt", "x")
+    util.write_file(dir .. "/.DS_Store", "x")
+    local script = dir .. "/../" .. dir:match("[^/]+$") .. "-read.lua"
+    util.write_file(script, string.format(
+        "local ml = require 'moonlit'\nio.stdout:write(ml.data.read_images(%q):count(), '\\n')\n", dir))
+    local p = io.popen(moonlit_bin() .. " '" .. script .. "' 2>&1")
+    local out = p:read("a")
+    p:close()
+    os.remove(script)
+    local warnings = select(2, out:gsub("skipping", ""))
+    t:assertEq(warnings, 1, "one warning: " .. out)
+    t:assert(util.has(out, "skipping 2 non-image files") and util.has(out, dir .. "/notes.txt")
+             and util.has(out, dir .. "/.DS_Store"), "names them: " .. out)
+    t:assertEq(out:match("(%d+)%s*$"), "2", "two images counted: " .. out)
+    util.remove_tree(dir)
 end
 
 -- ---- threads --------------------------------------------------------------------

@@ -544,7 +544,10 @@ function Dataset:iter_batches(opts)
         end
         it._loader = core.data_loader(spec)
     end
-    return it
+    -- The iterator is also the generic for's closing value, so
+    -- `for b in ds:iter_batches{...} do ... break end` joins the threads
+    -- at the break.
+    return it, nil, nil, it
 end
 
 return M

@@ -388,10 +388,18 @@ function tests.no_threads_left_after_break_close_or_end(t)
         t:assertEq(s.batches, 1)
         t:assert(s.wait_ms >= 0 and s.decode_ms > 0, "timings")
     end
+    collectgarbage()
+    collectgarbage()
+    t:assertEq(core.data_live_threads(), base, "an iterator out of scope and collected leaves no workers")
     for _ in ds:iter_batches{batch_size = 1, num_threads = 3} do break end
+    t:assertEq(core.data_live_threads(), base, "a break out of `for b in ds:iter_batches{}` joins the workers")
+    local kept = ds:iter_batches{batch_size = 1, num_threads = 3}
+    for _ in kept do break end
+    t:assertEq(core.data_live_threads(), base + 3, "an iterator kept in a variable keeps its workers")
+    kept = nil   -- luacheck: ignore
     collectgarbage()
     collectgarbage()
-    t:assertEq(core.data_live_threads(), base, "break + collectgarbage joins the workers")
+    t:assertEq(core.data_live_threads(), base, "collecting it joins them")
     local it = ds:iter_batches{batch_size = 3, num_threads = 2}
     it()
     it:close()

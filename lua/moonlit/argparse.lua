@@ -264,7 +264,7 @@ function Parser:parse(argv, opts)
     opts = opts or {}
     local ok, res = pcall(self.parse_or_raise, self, argv or {})
     if ok then return res end
-    if type(res) ~= "table" then error(res, 0) end     -- a bug, not a bad flag: keep its traceback
+    if type(res) ~= "table" then error(res, 0) end     -- a bug in the parser, not a bad flag: raise it again
     if opts.exit == false then return nil, res.text, res.kind end
     if res.kind == "help" then
         io.stdout:write(res.text)

@@ -109,11 +109,15 @@ local function with_hub(t, files, body)
         end
         assert(exists(dir .. "/port"), "the fake hub did not start: " ..
                (exists(dir .. "/server.log") and U.read_file(dir .. "/server.log") or ""))
+        hub.server_pid = U.read_file(dir .. "/port.pid"):match("%d+")
         hub.port = U.read_file(dir .. "/port"):match("%d+")
         hub.endpoint = "http://127.0.0.1:" .. hub.port
         body(hub)
     end)
-    if hub.pid then os.execute("kill " .. hub.pid .. " 2>/dev/null") end
+    -- The server itself, then the shell or wrapper that started it.
+    for _, pid in ipairs({hub.server_pid, hub.pid}) do
+        if pid then os.execute("kill " .. pid .. " 2>/dev/null") end
+    end
     U.remove_tree(dir)
     if not ok then error(err, 0) end
 end

@@ -25,7 +25,9 @@ the behaviour between runs of the script:
 
 Every request is appended to DIR/requests.log as one line
 "<METHOD> <path> range=<Range header or -> auth=<yes|no>".
-The chosen port is written to FILE once listening. The server exits by
+The chosen port is written to FILE once listening, and the server's own
+process id to FILE.pid (the process to stop: python3 may be started through
+a wrapper whose pid is not the server's). The server exits by
 itself after --idle seconds without a request (default 30), so it never
 outlives a test that could not stop it.
 """
@@ -181,10 +183,10 @@ def main():
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
     server.hub = Hub(a.root)
-    tmp = a.port_file + ".tmp"
-    with open(tmp, "w") as f:
-        f.write("%d\n" % server.server_address[1])
-    os.replace(tmp, a.port_file)
+    for path, value in ((a.port_file + ".pid", os.getpid()), (a.port_file, server.server_address[1])):
+        with open(path + ".tmp", "w") as f:
+            f.write("%d\n" % value)
+        os.replace(path + ".tmp", path)
 
     def watchdog():
         while time.monotonic() - server.hub.last_request < a.idle:

@@ -25,10 +25,9 @@ TUNED_MODEL_DIR=${TUNED_MODEL_DIR:-$DATA_PREFIX/model-tuned}
 IMAGES_REG_DIR=${IMAGES_REG_DIR:-$DATA_PREFIX/images-reg}
 IMAGES_OWN_DIR=${IMAGES_OWN_DIR:-$DATA_PREFIX/images-own}
 IMAGES_NEW_DIR=${IMAGES_NEW_DIR:-$DATA_PREFIX/images-new}
-if [ -z "${NUM_WORKERS:-}" ]; then
-    NUM_WORKERS=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)
-    [ "${NUM_WORKERS:-0}" -gt 0 ] || NUM_WORKERS=1
-fi
+# One worker until the data-parallel launcher exists (dreambooth.lua refuses
+# more); the reference's default is the number of GPUs.
+NUM_WORKERS=${NUM_WORKERS:-1}
 CLASS_NAME=${CLASS_NAME:-dog}
 INSTANCE_DIR=${INSTANCE_DIR:-$root/datasets/dreambooth/dog}
 UNIQUE_TOKEN=${UNIQUE_TOKEN:-unqtkn}

@@ -466,21 +466,10 @@ static int t_cuda(lua_State *L) {
 
 /* ---- in-place basics ---------------------------------------------------- */
 
-/* The rule the in-place ops of host/ follow: writes are not recorded, so a
- * tensor autograd tracks may only be overwritten with grad mode off. */
-static void check_inplace(lua_State *L, const char *op, const ml_tensor *t) {
-    if (!ml_grad_enabled() || !t->requires_grad) return;
-    if (!t->grad_fn)
-        luaL_error(L, "%s: in-place op on a leaf tensor that requires grad (run it under no_grad)", op);
-    luaL_error(L, "%s: in-place op on a tensor that is part of an autograd graph "
-                  "(in-place ops are not recorded; use the out-of-place op)", op);
-}
-
 static int t_copy_(lua_State *L) {
     ml_tensor *t = mlua_check_tensor(L, 1), *s = mlua_check_tensor(L, 2);
-    check_inplace(L, "copy_", t);
+    if (ml_inplace_begin("copy_", t) < 0) return mlua_error(L, NULL);
     if (ml_copy_(t, s) < 0) return mlua_error(L, NULL);   /* the host message names copy */
-    t->version++;
     lua_settop(L, 1);
     return 1;
 }
@@ -488,18 +477,16 @@ static int t_copy_(lua_State *L) {
 static int t_fill_(lua_State *L) {
     ml_tensor *t = mlua_check_tensor(L, 1);
     double v = luaL_checknumber(L, 2);
-    check_inplace(L, "fill_", t);
+    if (ml_inplace_begin("fill_", t) < 0) return mlua_error(L, NULL);
     if (ml_fill_(t, v) < 0) return mlua_error(L, "fill_");
-    t->version++;
     lua_settop(L, 1);
     return 1;
 }
 
 static int t_zero_(lua_State *L) {
     ml_tensor *t = mlua_check_tensor(L, 1);
-    check_inplace(L, "zero_", t);
+    if (ml_inplace_begin("zero_", t) < 0) return mlua_error(L, NULL);
     if (ml_fill_(t, 0) < 0) return mlua_error(L, "zero_");
-    t->version++;
     lua_settop(L, 1);
     return 1;
 }

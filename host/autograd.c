@@ -19,19 +19,53 @@ bool ml_grad_enabled(void) { return !g_grad_disabled; }
 bool ml_set_grad_enabled(bool on) { bool prev = !g_grad_disabled; g_grad_disabled = !on; return prev; }
 void ml_set_grad_ready_callback(ml_grad_ready_fn fn, void *ctx) { g_ready_fn = fn; g_ready_ctx = ctx; }
 
+/* ---- failure injection -------------------------------------------------- */
+
+static _Thread_local int g_fail_after = -1;
+
+void ml_autograd_fail_alloc_after(int skip) { g_fail_after = skip < 0 ? -1 : skip; }
+
+/* True when the test hook says this allocation point fails now. */
+static bool injected_failure(void) {
+    if (g_fail_after < 0) return false;
+    return g_fail_after-- == 0;
+}
+
+/* ---- recording ---------------------------------------------------------- */
+
 bool ml_any_requires_grad(int n, ml_tensor *const *ts) {
     if (g_grad_disabled) return false;
     for (int i = 0; i < n; i++) if (ts[i] && ts[i]->requires_grad) return true;
     return false;
 }
 
+/* The node an op gets when its own node cannot be allocated.  It has no
+ * inputs and saves nothing; it is never freed and its refcount is never
+ * touched.  Ops may still write op parameters (f, i) into it: those are
+ * never read.  The name of the op that last failed is kept for the error
+ * backward reports. */
+static ml_node g_unrecorded = {.name = "unrecorded", .broken = "out of memory recording the node"};
+static const char *_Atomic g_unrecorded_op = "?";
+
 ml_node *ml_node_begin(const char *name, ml_backward_fn bw, int n_inputs, ml_tensor *const *inputs) {
-    if (n_inputs > ML_NODE_MAX_INPUTS || !ml_any_requires_grad(n_inputs, inputs)) return NULL;
-    ml_node *n = calloc(1, sizeof *n);
-    if (!n) return NULL;   /* out of memory: the op result simply carries no history */
+    if (!ml_any_requires_grad(n_inputs, inputs)) return NULL;
+    ml_node *n = injected_failure() ? NULL : calloc(1, sizeof *n);
+    if (!n) {
+        g_unrecorded_op = name;
+        return &g_unrecorded;
+    }
     n->name = name;
     n->refcount = 1;
     n->backward = bw;
+    n->saved = n->saved_buf;
+    n->saved_version = n->version_buf;
+    n->cap_saved = ML_NODE_SAVED_INLINE;
+    if (n_inputs > ML_NODE_MAX_INPUTS) {
+        /* An op bug (ops join longer input lists in groups): record a node
+         * that backward refuses, naming the op. */
+        n->broken = "more than ML_NODE_MAX_INPUTS (8) inputs";
+        return n;
+    }
     n->n_inputs = n_inputs;
     for (int i = 0; i < n_inputs; i++) {
         ml_tensor *t = inputs[i];
@@ -42,15 +76,42 @@ ml_node *ml_node_begin(const char *name, ml_backward_fn bw, int n_inputs, ml_ten
         e->dtype = t->dtype;
         e->device = t->device;
         if (!t->requires_grad) continue;
-        if (t->grad_fn) { e->fn = t->grad_fn; e->fn->refcount++; }
-        else e->leaf = ml_retain(t);
+        if (t->grad_fn) {
+            e->fn = t->grad_fn;
+            if (e->fn != &g_unrecorded) e->fn->refcount++;
+        } else {
+            e->leaf = ml_retain(t);
+        }
     }
     return n;
 }
 
 void ml_node_save(ml_node *n, ml_tensor *t) {
-    if (n->n_saved >= ML_NODE_MAX_SAVED) return;
-    n->saved[n->n_saved++] = t ? ml_detach(t) : NULL;
+    if (n == &g_unrecorded || n->broken) return;
+    if (n->n_saved == n->cap_saved) {
+        int nc = n->cap_saved * 2;
+        bool inline_now = n->saved == n->saved_buf;
+        ml_tensor **ns = injected_failure() ? NULL : malloc((size_t)nc * sizeof *ns);
+        int64_t *nv = ns ? malloc((size_t)nc * sizeof *nv) : NULL;
+        if (!ns || !nv) {
+            free(ns);
+            n->broken = "out of memory saving a tensor for backward";
+            return;
+        }
+        memcpy(ns, n->saved, (size_t)n->n_saved * sizeof *ns);
+        memcpy(nv, n->saved_version, (size_t)n->n_saved * sizeof *nv);
+        if (!inline_now) { free(n->saved); free(n->saved_version); }
+        n->saved = ns;
+        n->saved_version = nv;
+        n->cap_saved = nc;
+    }
+    ml_tensor *alias = NULL;
+    if (t && !(alias = ml_detach(t))) {
+        n->broken = "out of memory saving a tensor for backward";
+        return;
+    }
+    n->saved_version[n->n_saved] = t ? t->storage->version : 0;
+    n->saved[n->n_saved++] = alias;
 }
 
 void ml_node_finish(ml_node *n, ml_tensor *out) {
@@ -63,16 +124,38 @@ bool ml_node_needs_grad(const ml_node *n, int i) {
     return i < n->n_inputs && (n->next[i].fn || n->next[i].leaf);
 }
 
+/* ---- in-place writes ---------------------------------------------------- */
+
+void ml_mark_modified(ml_tensor *t) { t->storage->version++; }
+
+int ml_inplace_begin(const char *op, ml_tensor *dst) {
+    if (ml_grad_enabled() && dst->requires_grad) {
+        if (!dst->grad_fn)
+            return ml_error("%s: in-place op on a leaf tensor that requires grad "
+                            "(run it under no_grad)", op);
+        return ml_error("%s: in-place op on a tensor that is part of an autograd graph "
+                        "(in-place ops are not recorded; use the out-of-place op)", op);
+    }
+    ml_mark_modified(dst);
+    return 0;
+}
+
 static void drop_saved(ml_node *n) {
     for (int i = 0; i < n->n_saved; i++) { ml_release(n->saved[i]); n->saved[i] = NULL; }
-    if (n->ctx_free && n->ctx) n->ctx_free(n->ctx);
-    n->ctx = NULL;
+    n->n_saved = 0;
+    if (n->saved != n->saved_buf) {
+        free(n->saved);
+        free(n->saved_version);
+        n->saved = n->saved_buf;
+        n->saved_version = n->version_buf;
+        n->cap_saved = ML_NODE_SAVED_INLINE;
+    }
     n->released = true;
 }
 
 /* Iterative so that very long chains cannot overflow the C stack. */
 void ml_node_release(ml_node *root) {
-    if (!root || --root->refcount > 0) return;
+    if (!root || root == &g_unrecorded || --root->refcount > 0) return;
     size_t cap = 64, top = 0;
     ml_node **stack = malloc(cap * sizeof *stack);
     if (!stack) return;
@@ -84,7 +167,7 @@ void ml_node_release(ml_node *root) {
         for (int i = 0; i < n->n_inputs; i++) {
             ml_release(n->next[i].leaf);
             ml_node *c = n->next[i].fn;
-            if (c && --c->refcount == 0) {
+            if (c && c != &g_unrecorded && --c->refcount == 0) {
                 if (top == cap) {
                     ml_node **ns = realloc(stack, (cap *= 2) * sizeof *stack);
                     if (!ns) continue;
@@ -174,11 +257,63 @@ static size_t *pm_slot(ptr_map *m, ml_tensor *k) {
     return &m->vals[i];
 }
 
-static ml_tensor *accumulate(ml_tensor *acc, ml_tensor *g) {
-    if (!acc) return ml_retain(g);
-    ml_tensor *s = ml_add(acc, g);
-    ml_release(acc);
-    return s;
+/* *acc += g (a new tensor; *acc keeps its value on failure).  e is the
+ * edge the gradients flow along, to name its end in the error. */
+static int accumulate(ml_tensor **acc, ml_tensor *g, const ml_edge *e) {
+    if (!*acc) { *acc = ml_retain(g); return 0; }
+    ml_tensor *s = NULL;
+    if (injected_failure()) ml_error("out of memory");
+    else s = ml_add(*acc, g);
+    if (s) {
+        ml_release(*acc);
+        *acc = s;
+        return 0;
+    }
+    char msg[1024], b[128];
+    snprintf(msg, sizeof msg, "%s", ml_last_error());
+    if (e->fn) return ml_error("backward: summing the gradients for the output of '%s' failed: %s", e->fn->name, msg);
+    return ml_error("backward: summing the gradients for a leaf tensor of shape %s failed: %s",
+                    ml_shape_str(e->leaf, b, sizeof b), msg);
+}
+
+/* A node backward cannot use: not fully recorded in the forward pass. */
+static int refuse_broken(const ml_node *n) {
+    if (n == &g_unrecorded)
+        return ml_error("backward: the graph is incomplete: out of memory while recording the autograd node "
+                        "of '%s' in the forward pass, so its inputs would get no gradient; run the forward "
+                        "pass again", g_unrecorded_op);
+    return ml_error("backward: the node of '%s' was not fully recorded in the forward pass (%s), so its inputs "
+                    "would get wrong gradients; run the forward pass again", n->name, n->broken);
+}
+
+/* The rule PyTorch users know: a tensor saved for backward must still hold
+ * the values it had when saved.  Its storage's version says whether an
+ * in-place op wrote into it (or into any view of it) since. */
+static int check_saved_versions(const ml_node *n) {
+    for (int k = 0; k < n->n_saved; k++) {
+        const ml_tensor *t = n->saved[k];
+        if (!t || t->storage->version == n->saved_version[k]) continue;
+        char b[128];
+        return ml_error("backward: one of the variables needed for gradient computation has been modified by "
+                        "an inplace operation: saved tensor %d of '%s' (shape %s, %s) is at version %lld; "
+                        "expected version %lld (clone it before modifying it, or modify it after backward)",
+                        k + 1, n->name, ml_shape_str(t, b, sizeof b), ml_dtype_short(t->dtype),
+                        (long long)t->storage->version, (long long)n->saved_version[k]);
+    }
+    return 0;
+}
+
+/* A backward function's gradient for input i must have that input's shape. */
+static int check_grad_shape(const ml_node *n, int i, const ml_tensor *g) {
+    const ml_edge *e = &n->next[i];
+    bool same = g->ndim == e->ndim;
+    for (int d = 0; same && d < e->ndim; d++) same = g->shape[d] == e->shape[d];
+    if (same) return 0;
+    char b1[128], b2[128];
+    ml_tensor shape_of_input = {.ndim = e->ndim};
+    memcpy(shape_of_input.shape, e->shape, sizeof e->shape);
+    return ml_error("backward of '%s' returned a gradient of shape %s for input %d of shape %s", n->name,
+                    ml_shape_str(g, b1, sizeof b1), i + 1, ml_shape_str(&shape_of_input, b2, sizeof b2));
 }
 
 static int leaf_done(leaf_slot *s) {
@@ -259,7 +394,10 @@ int ml_backward(ml_tensor *root, ml_tensor *grad, bool retain_graph) {
         goto out;
     }
 
-    /* Discover the graph and count incoming edges. */
+    /* Discover the graph and count incoming edges.  A node not fully
+     * recorded is refused before anything is written into it (the shared
+     * placeholder node is never written). */
+    if (root->grad_fn->broken) { refuse_broken(root->grad_fn); goto out; }
     if (push_node(&g, root->grad_fn) < 0) goto out;
     root->grad_fn->deps = 0;
     root->grad_fn->seq = -1;          /* mark visited */
@@ -273,6 +411,7 @@ int ml_backward(ml_tensor *root, ml_tensor *grad, bool retain_graph) {
         for (int i = 0; i < n->n_inputs; i++) {
             ml_node *c = n->next[i].fn;
             if (c) {
+                if (c->broken) { refuse_broken(c); goto reset; }
                 if (c->seq != -1) { c->seq = -1; c->deps = 0; if (push_node(&g, c) < 0) goto reset; }
                 c->deps++;
             } else if (n->next[i].leaf) {
@@ -306,7 +445,9 @@ int ml_backward(ml_tensor *root, ml_tensor *grad, bool retain_graph) {
         n->grad_acc = NULL;
         ml_tensor *gin[ML_NODE_MAX_INPUTS] = {0};
         if (gout) {
-            if (n->backward(n, gout, gin) < 0) {
+            if (check_saved_versions(n) < 0) {
+                rc = -1;
+            } else if (n->backward(n, gout, gin) < 0) {
                 char msg[1024];
                 snprintf(msg, sizeof msg, "%s", ml_last_error());
                 ml_error("backward of '%s': %s", n->name, msg);
@@ -316,16 +457,13 @@ int ml_backward(ml_tensor *root, ml_tensor *grad, bool retain_graph) {
         }
         for (int i = 0; i < n->n_inputs; i++) {
             ml_edge *e = &n->next[i];
-            if (rc == 0 && gin[i] && (e->fn || e->leaf) && gin[i]->ndim != e->ndim) {
-                rc = ml_error("backward of '%s' returned a gradient with %d dims for an input with %d",
-                              n->name, gin[i]->ndim, e->ndim);
-            }
+            if (rc == 0 && gin[i] && (e->fn || e->leaf) && check_grad_shape(n, i, gin[i]) < 0) rc = -1;
             if (e->fn) {
-                if (gin[i] && rc == 0) e->fn->grad_acc = accumulate(e->fn->grad_acc, gin[i]);
+                if (gin[i] && rc == 0 && accumulate(&e->fn->grad_acc, gin[i], e) < 0) rc = -1;
                 if (--e->fn->deps == 0) ready[top++] = e->fn;
             } else if (e->leaf) {
                 leaf_slot *s = &g.leaves[*pm_slot(&lm, e->leaf)];
-                if (gin[i] && rc == 0) s->acc = accumulate(s->acc, gin[i]);
+                if (gin[i] && rc == 0 && accumulate(&s->acc, gin[i], e) < 0) rc = -1;
                 if (--s->pending == 0 && rc == 0 && leaf_done(s) < 0) rc = -1;
             }
             ml_release(gin[i]);

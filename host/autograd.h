@@ -6,7 +6,9 @@
  * it saved for backward.  Saved tensors are stored as detached aliases (same
  * storage, no grad_fn), so no reference cycle can form.  When backward ends
  * (without retain_graph) every visited node drops its saved tensors at once:
- * memory never waits for Lua's garbage collector.
+ * memory never waits for Lua's garbage collector.  A saved tensor whose
+ * storage was written in place after it was saved makes backward fail
+ * (naming the op that saved it), as in PyTorch.
  *
  * Backward functions run with grad mode off: they may call ordinary ops. */
 #ifndef ML_AUTOGRAD_H
@@ -15,7 +17,7 @@
 #include "tensor.h"
 
 #define ML_NODE_MAX_INPUTS 8
-#define ML_NODE_MAX_SAVED 8
+#define ML_NODE_SAVED_INLINE 8   /* saved tensors held without a heap array */
 
 typedef struct ml_node ml_node;
 
@@ -40,13 +42,22 @@ struct ml_node {
     ml_backward_fn backward;
     int n_inputs;
     ml_edge next[ML_NODE_MAX_INPUTS];
-    int n_saved;
-    ml_tensor *saved[ML_NODE_MAX_SAVED];
+    /* Saved tensors, any number: saved[k] was saved when its storage was at
+     * saved_version[k]; backward refuses to use it if the storage has been
+     * written in place since.  Both point into the inline buffers until a
+     * node saves more than ML_NODE_SAVED_INLINE. */
+    int n_saved, cap_saved;
+    ml_tensor **saved;
+    int64_t *saved_version;
+    ml_tensor *saved_buf[ML_NODE_SAVED_INLINE];
+    int64_t version_buf[ML_NODE_SAVED_INLINE];
     /* op parameters a backward needs */
     double f[8];
     int64_t i[ML_MAX_DIMS * 2];
-    void *ctx;                       /* op-owned extra state */
-    void (*ctx_free)(void *ctx);
+    /* Why the forward pass could not record this node completely (out of
+     * memory saving a tensor, too many inputs), or NULL.  Backward refuses
+     * a graph holding such a node rather than return partial gradients. */
+    const char *broken;
     bool released;                   /* saved tensors already freed */
     /* engine scratch */
     int deps;
@@ -60,9 +71,14 @@ bool ml_set_grad_enabled(bool on);   /* returns the previous value */
 
 /* ---- recording (used by ops) ------------------------------------------- */
 /* Returns a new node if grad mode is on and some input requires grad,
- * else NULL (then the op records nothing).  Inputs may contain NULLs. */
+ * else NULL (then the op records nothing).  Inputs may contain NULLs.
+ * Recording cannot make an op fail: when the node itself cannot be
+ * allocated, the op gets a shared placeholder node that saves nothing, and
+ * a backward that reaches it fails naming the op (never a silently missing
+ * gradient). */
 ml_node *ml_node_begin(const char *name, ml_backward_fn bw, int n_inputs, ml_tensor *const *inputs);
-/* Save a tensor for backward (stored as a detached alias). */
+/* Save a tensor for backward (stored as a detached alias, with its
+ * storage's version).  Out of memory marks the node broken (see above). */
 void ml_node_save(ml_node *n, ml_tensor *t);
 /* Attach node as out's grad_fn (takes the node reference); out becomes a
  * non-leaf requiring grad. */
@@ -71,6 +87,18 @@ bool ml_node_needs_grad(const ml_node *n, int i);
 void ml_node_release(ml_node *n);
 /* True if any of the tensors requires grad and grad mode is on. */
 bool ml_any_requires_grad(int n, ml_tensor *const *ts);
+
+/* ---- in-place writes ------------------------------------------------------ */
+/* The gate every in-place op passes before writing into dst: in-place
+ * writes are not recorded, so while grad mode is on they are refused on
+ * tensors autograd tracks (error naming op).  On success the version of
+ * dst's storage is bumped, so a tensor saved for backward that is then
+ * overwritten (through any view) makes backward fail instead of using the
+ * new values.  Returns 0 or -1. */
+int ml_inplace_begin(const char *op, ml_tensor *dst);
+/* Bump the version only: for writes allowed whatever the grad mode
+ * (optimizer steps update parameters that require grad). */
+void ml_mark_modified(ml_tensor *t);
 
 /* ---- engine ------------------------------------------------------------ */
 /* Backpropagate from root.  grad may be NULL if root has one element (then
@@ -95,5 +123,13 @@ void ml_remove_hook(ml_tensor *leaf, int id);
  * (the data-parallel layer starts bucket all-reduce from here). */
 typedef void (*ml_grad_ready_fn)(void *ctx, ml_tensor *leaf);
 void ml_set_grad_ready_callback(ml_grad_ready_fn fn, void *ctx);
+
+/* ---- failure injection (tests) ---------------------------------------- */
+/* Make autograd's own allocation points fail as if out of memory: the
+ * node allocation in ml_node_begin, growing a node's saved list, and
+ * summing two gradients in backward.  The allocation `skip` points from
+ * now fails once (0: the next one); a negative value turns it off.  Per
+ * thread.  Lets tests reach failure paths that real memory pressure hits. */
+void ml_autograd_fail_alloc_after(int skip);
 
 #endif

@@ -89,20 +89,4 @@ static inline ml_tensor *oc_grad_for_input(ml_node *n, int i, ml_tensor *g) {
     return c;
 }
 
-/* In-place ops are never recorded, so they refuse tensors autograd tracks
- * while grad mode is on (PyTorch refuses leaves; it would record the rest,
- * which this tape does not do — better an error than a wrong gradient).
- * On success the version counter is bumped. */
-static inline int oc_inplace_begin(const char *op, ml_tensor *dst) {
-    if (ml_grad_enabled() && dst->requires_grad) {
-        if (!dst->grad_fn)
-            return ml_error("%s: in-place op on a leaf tensor that requires grad "
-                            "(run it under no_grad)", op);
-        return ml_error("%s: in-place op on a tensor that is part of an autograd graph "
-                        "(in-place ops are not recorded; use the out-of-place op)", op);
-    }
-    dst->version++;
-    return 0;
-}
-
 #endif

@@ -532,7 +532,7 @@ static int inplace_binary(const char *name, ml_binop op, ml_tensor *dst, ml_tens
         return ml_error("%s: result type %s cannot be stored in a %s destination", name,
                         ml_dtype_name(src->dtype), ml_dtype_name(dst->dtype));
     if (dst->dtype == ML_BOOL && op != ML_MUL) return ml_error("%s: not supported for bool tensors", name);
-    if (oc_inplace_begin(name, dst) < 0) return -1;
+    if (ml_inplace_begin(name, dst) < 0) return -1;
     inplace_bin c = {op, src};
     return with_kernel_dtype(dst, inplace_binary_run, &c);
 }
@@ -563,7 +563,7 @@ static int inplace_scalar(const char *name, ml_binop op, ml_tensor *dst, double 
     if (scalar_dtype(op, dst->dtype, s) != dst->dtype)
         return ml_error("%s: the result of a %s tensor and %g cannot be stored in place", name,
                         ml_dtype_name(dst->dtype), s);
-    if (oc_inplace_begin(name, dst) < 0) return -1;
+    if (ml_inplace_begin(name, dst) < 0) return -1;
     inplace_sc c = {op, s};
     return with_kernel_dtype(dst, inplace_scalar_run, &c);
 }
@@ -582,7 +582,7 @@ int ml_clamp_(ml_tensor *dst, double lo, double hi) {
     if (!dst) return ml_error("clamp_: missing operand");
     if (isnan(lo) || isnan(hi)) return ml_error("clamp_: bounds must not be NaN");
     if (dst->dtype == ML_BOOL) return ml_error("clamp_: not supported for bool tensors");
-    if (oc_inplace_begin("clamp_", dst) < 0) return -1;
+    if (ml_inplace_begin("clamp_", dst) < 0) return -1;
     inplace_clamp c = {lo, hi};
     return with_kernel_dtype(dst, inplace_clamp_run, &c);
 }
@@ -609,9 +609,9 @@ int ml_adamw_step_(ml_tensor *p, ml_tensor *g, ml_tensor *m, ml_tensor *v, doubl
     if (p->dtype == ML_F16)
         return ml_error("adamw: f16 parameters are not supported (stochastic rounding is done for bf16): keep f32 "
                         "or bf16 parameters");
-    p->version++;
-    m->version++;
-    v->version++;
+    ml_mark_modified(p);
+    ml_mark_modified(m);
+    ml_mark_modified(v);
     if (p->device.type == ML_CPU)
         return CPU_CALL(ml_adamw_cpu, p, g, m, v, lr, b1, b2, eps, wd, step, seed, offset);
     return CUDA_CALL(ml_adamw_cuda, p, g, m, v, lr, b1, b2, eps, wd, step, seed, offset);

@@ -77,14 +77,14 @@ ml_tensor *ml_randint(int64_t low, int64_t high, int ndim, const int64_t *shape,
 int ml_normal_(ml_tensor *t, double mean, double std, ml_generator *g) {
     if (!t) return ml_error("normal_: missing tensor");
     if (!(std >= 0)) return ml_error("normal_: std must be >= 0 (got %g)", std);
-    if (oc_inplace_begin("normal_", t) < 0) return -1;
+    if (ml_inplace_begin("normal_", t) < 0) return -1;
     return fill_float("normal_", DIST_NORMAL, t, mean, std, g);
 }
 
 int ml_uniform_(ml_tensor *t, double lo, double hi, ml_generator *g) {
     if (!t) return ml_error("uniform_: missing tensor");
     if (!(lo <= hi)) return ml_error("uniform_: expected lo <= hi (got %g, %g)", lo, hi);
-    if (oc_inplace_begin("uniform_", t) < 0) return -1;
+    if (ml_inplace_begin("uniform_", t) < 0) return -1;
     return fill_float("uniform_", DIST_UNIFORM, t, lo, hi, g);
 }
 

@@ -38,6 +38,10 @@ typedef struct ml_storage {
      * Non-NULL for memory we do not own (mmap'd files): called with ctx. */
     void (*release)(void *ctx, void *data, size_t nbytes);
     void *release_ctx;
+    /* Bumped by every in-place write through any tensor on this storage,
+     * so views share it; autograd compares it with the value a saved
+     * tensor had when it was saved. */
+    int64_t version;
 } ml_storage;
 
 struct ml_node;
@@ -53,12 +57,9 @@ typedef struct ml_tensor {
     int refcount;
     /* autograd */
     bool requires_grad;
-    bool retains_grad;              /* non-leaf that keeps .grad */
     struct ml_tensor *grad;         /* accumulated gradient (owned) */
     struct ml_node *grad_fn;        /* producer node; NULL for leaves (owned ref) */
-    int output_nr;                  /* which output of grad_fn this is */
     struct ml_hook *hooks;          /* gradient hooks (leaf tensors) */
-    int64_t version;                /* bumped by in-place ops */
 } ml_tensor;
 
 /* ---- lifetime ---------------------------------------------------------- */

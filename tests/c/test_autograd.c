@@ -1,7 +1,10 @@
 /* test_autograd.c — the backward engine: accumulation, retain_graph,
  * no_grad, detach, hooks and the grad-ready callback, shared subgraphs,
- * errors, very long chains, release of saved tensors; plus gradient checks
- * of the view ops, whose backward runs through sum_to_shape and copies. */
+ * errors, very long chains, release of saved tensors; saved-tensor version
+ * checks and the in-place gate; recording and accumulation failures (forced
+ * with the failure-injection hook) and nodes saving many tensors; plus
+ * gradient checks of the view ops, whose backward runs through sum_to_shape
+ * and copies. */
 #include "check.h"
 #include "gradcheck.h"
 #include "ops.h"
@@ -210,6 +213,260 @@ static void test_saved_release(void) {
     ml_release(x);
 }
 
+/* ---- saved-tensor versions and the in-place gate ------------------------ */
+
+static bool has(const char *s, const char *part) { return s && strstr(s, part); }
+
+static ml_tensor *constant(int n, double v) {
+    int64_t s = n;
+    return ml_full(1, &s, v, ML_F64, ml_cpu());
+}
+
+/* sum(w * x) with w a leaf and x a constant: mul saves both. */
+static ml_tensor *weighted_sum(ml_tensor *w, ml_tensor *x) {
+    ml_tensor *y = ml_mul(w, x), *s = ml_sum(y, 0, NULL, false);
+    ml_release(y);
+    return s;
+}
+
+static void test_saved_versions(void) {
+    /* the PyTorch example: x is modified after mul saved it */
+    ml_tensor *w = leaf(3, (double[]){1, 1, 1}), *x = constant(3, 1);
+    ml_tensor *s = weighted_sum(w, x);
+    CHECK(ml_add_scalar_(x, 10) == 0, "in-place add on a constant is allowed in grad mode");
+    CHECK(ml_backward(s, NULL, false) < 0, "backward after the saved input changed fails");
+    const char *e = ml_last_error();
+    CHECK(has(e, "modified by an inplace operation") && has(e, "'mul'") && has(e, "is at version 1") &&
+          has(e, "expected version 0"), "the error names the op and the versions: %s", e);
+    CHECK(!w->grad, "no gradient was written");
+    ml_release(s);
+
+    /* unmodified: the gradient is x (11 after the add) */
+    s = weighted_sum(w, x);
+    CHECK(ml_backward(s, NULL, false) == 0, "backward with the saved input intact: %s", ml_last_error());
+    expect("gradient uses the values at save time", w->grad, (double[]){11, 11, 11}, 3, 0);
+    ml_release(s); ml_release(x);
+
+    /* views share the version: a write through one view of x's storage
+     * (or through x itself) is seen by a tensor saved through another */
+    x = ml_zeros(2, (int64_t[]){2, 3}, ML_F64, ml_cpu());
+    ml_tensor *row0 = ml_select(x, 0, 0), *row1 = ml_select(x, 0, 1);
+    s = weighted_sum(w, row0);
+    CHECK(ml_fill_(row1, 0) == 0 && ml_backward(s, NULL, true) == 0, "ml_fill_ alone is no in-place op: no bump");
+    CHECK(ml_add_scalar_(row1, 1) == 0, "write through another view");
+    CHECK(ml_backward(s, NULL, false) < 0 && has(ml_last_error(), "saved tensor 2 of 'mul'"),
+          "a write through a sibling view is caught: %s", ml_last_error());
+    ml_release(s);
+    s = weighted_sum(w, row0);
+    ml_tensor *all = ml_view(x, 1, (int64_t[]){6});
+    CHECK(ml_mul_scalar_(all, 2) == 0, "write through a reshaped view of the base");
+    CHECK(ml_backward(s, NULL, false) < 0 && has(ml_last_error(), "modified by an inplace operation"),
+          "a write through the base is caught: %s", ml_last_error());
+    ml_release(s); ml_release(all); ml_release(row0); ml_release(row1); ml_release(x);
+
+    /* retain_graph, an optimizer-style update of the leaf, a second backward */
+    ml_release(w->grad); w->grad = NULL;
+    x = constant(3, 2);
+    s = weighted_sum(w, x);
+    CHECK(ml_backward(s, NULL, true) == 0, "first backward with retain_graph");
+    ml_tensor *m = constant(3, 0), *v = constant(3, 0);
+    bool prev = ml_set_grad_enabled(false);
+    CHECK(ml_adamw_step_(w, w->grad, m, v, 0.1, 0.9, 0.999, 1e-8, 0, 1, 0, 0) == 0, "adamw step");
+    ml_set_grad_enabled(prev);
+    CHECK(ml_backward(s, NULL, false) < 0 && has(ml_last_error(), "saved tensor 1 of 'mul'"),
+          "second backward after the parameter was stepped fails: %s", ml_last_error());
+    ml_release(s); ml_release(m); ml_release(v); ml_release(x); ml_release(w);
+}
+
+static void test_inplace_ops_bump(void) {
+    ml_tensor *t = constant(4, 0.5), *o = constant(4, 1), *m = constant(4, 0), *v = constant(4, 0);
+    ml_generator g = {1, 0};
+    int64_t ver = t->storage->version;
+    struct { const char *name; int rc; } ops[] = {
+        {"add_", ml_add_(t, o, 1.0)},           {"add_ alpha", ml_add_(t, o, -2.0)},
+        {"mul_", ml_mul_(t, o)},                {"mul_scalar_", ml_mul_scalar_(t, 0.5)},
+        {"add_scalar_", ml_add_scalar_(t, 1)},  {"clamp_", ml_clamp_(t, -1, 1)},
+        {"normal_", ml_normal_(t, 0, 1, &g)},   {"uniform_", ml_uniform_(t, 0, 1, &g)},
+        {"adamw_step_", ml_adamw_step_(t, o, m, v, 0.1, 0.9, 0.999, 1e-8, 0, 1, 0, 0)},
+    };
+    for (size_t k = 0; k < sizeof ops / sizeof *ops; k++) {
+        ver++;
+        CHECK(ops[k].rc == 0, "%s ran", ops[k].name);
+    }
+    CHECK(t->storage->version == ver, "each in-place op bumped the version once (%lld, want %lld)",
+          (long long)t->storage->version, (long long)ver);
+    CHECK(m->storage->version == 1 && v->storage->version == 1 && o->storage->version == 0,
+          "adamw bumps its moments; read-only operands stay");
+    CHECK(ml_inplace_begin("fill_", t) == 0 && t->storage->version == ver + 1, "the shared gate bumps too");
+
+    /* the gate refuses tracked tensors in grad mode and bumps nothing then */
+    ml_tensor *w = leaf(2, (double[]){1, 2});
+    int64_t wv = w->storage->version;
+    CHECK(ml_add_scalar_(w, 1) < 0 && has(ml_last_error(), "add_: in-place op on a leaf"), "leaf refused: %s",
+          ml_last_error());
+    ml_tensor *y = ml_mul_scalar(w, 2);
+    CHECK(ml_inplace_begin("copy_", y) < 0 && has(ml_last_error(), "copy_: in-place op on a tensor that is part"),
+          "graph tensor refused: %s", ml_last_error());
+    CHECK(w->storage->version == wv, "a refused write bumps nothing");
+    bool prev = ml_set_grad_enabled(false);
+    CHECK(ml_clamp_(w, 0, 1) == 0 && w->storage->version == wv + 1, "allowed under no_grad, and bumped");
+    ml_set_grad_enabled(prev);
+    ml_release(y); ml_release(w);
+    ml_release(t); ml_release(o); ml_release(m); ml_release(v);
+}
+
+/* ---- nodes built by hand ----------------------------------------------- */
+
+/* "scale_by_saved": out = x * (sum of the n saved constants); backward
+ * multiplies by the same sum read from the saved tensors. */
+static int scale_by_saved_backward(ml_node *n, ml_tensor *gout, ml_tensor **gin) {
+    double k = 0;
+    for (int i = 0; i < n->n_saved; i++) {
+        double v;
+        if (ml_item(n->saved[i], &v) < 0) return -1;
+        k += v;
+    }
+    gin[0] = ml_mul_scalar(gout, k);
+    return gin[0] ? 0 : -1;
+}
+
+/* x (shape [n]) scaled by 1 + 2 + ... + count; the node saves `count`
+ * constants (count > ML_NODE_SAVED_INLINE reaches the heap-held list).  If
+ * fail_at >= 0 the saved list fails to grow at that save. */
+static ml_tensor *scale_by_saved(ml_tensor *x, int count, int fail_at, ml_tensor **consts) {
+    bool prev = ml_set_grad_enabled(false);
+    double k = count * (count + 1) / 2.0;
+    ml_tensor *out = ml_mul_scalar(x, k);
+    ml_set_grad_enabled(prev);
+    ml_node *n = ml_node_begin("scale_by_saved", scale_by_saved_backward, 1, &x);
+    for (int i = 0; n && i < count; i++) {
+        if (i == fail_at) ml_autograd_fail_alloc_after(0);
+        ml_node_save(n, consts[i]);
+    }
+    ml_autograd_fail_alloc_after(-1);
+    if (n) ml_node_finish(n, out);
+    return out;
+}
+
+static void test_many_saved(void) {
+    enum { N = 20 };
+    ml_tensor *consts[N];
+    for (int i = 0; i < N; i++) consts[i] = ml_scalar(i + 1, ML_F64, ml_cpu());
+    ml_tensor *x = leaf(2, (double[]){1, 2});
+    ml_tensor *y = scale_by_saved(x, N, -1, consts), *s = ml_sum(y, 0, NULL, false);
+    CHECK(y->grad_fn && y->grad_fn->n_saved == N, "twenty tensors saved (%d)", y->grad_fn ? y->grad_fn->n_saved : -1);
+    CHECK(ml_backward(s, NULL, true) == 0, "backward reading all saved tensors: %s", ml_last_error());
+    expect("gradient uses every saved tensor", x->grad, (double[]){210, 210}, 2, 0);
+    /* the last one lives in the heap-held list: its version is checked too */
+    CHECK(ml_add_scalar_(consts[N - 1], 1) == 0, "modify the 20th saved tensor");
+    CHECK(ml_backward(s, NULL, false) < 0 && has(ml_last_error(), "saved tensor 20 of 'scale_by_saved'"),
+          "the 20th saved tensor is version-checked: %s", ml_last_error());
+    ml_release(s); ml_release(y);
+    for (int i = 0; i < N; i++) ml_release(consts[i]);
+    ml_release(x);
+}
+
+/* Gradient of the wrong shape: [2] for an input of shape [3]. */
+static int wrong_shape_backward(ml_node *n, ml_tensor *gout, ml_tensor **gin) {
+    gin[0] = ml_zeros(1, (int64_t[]){2}, ML_F64, ml_cpu());
+    return gin[0] ? 0 : -1;
+}
+
+static void test_recording_errors(void) {
+    /* a node asked for more inputs than it can hold */
+    ml_tensor *ins[ML_NODE_MAX_INPUTS + 1];
+    for (int i = 0; i <= ML_NODE_MAX_INPUTS; i++) ins[i] = leaf(1, (double[]){i});
+    ml_tensor *out = ml_scalar(0, ML_F64, ml_cpu());
+    ml_node *n = ml_node_begin("nine_inputs", wrong_shape_backward, ML_NODE_MAX_INPUTS + 1, ins);
+    CHECK(n != NULL, "a node is recorded");
+    if (n) ml_node_finish(n, out);
+    CHECK(ml_backward(out, NULL, false) < 0 && has(ml_last_error(), "'nine_inputs'") &&
+          has(ml_last_error(), "more than"), "backward refuses it: %s", ml_last_error());
+    ml_release(out);
+    for (int i = 0; i <= ML_NODE_MAX_INPUTS; i++) ml_release(ins[i]);
+
+    /* a backward returning a gradient of the wrong shape for an inner node */
+    ml_tensor *x = leaf(3, (double[]){1, 2, 3});
+    ml_tensor *u = ml_mul_scalar(x, 2);
+    bool prev = ml_set_grad_enabled(false);
+    ml_tensor *v = ml_clone(u);
+    ml_set_grad_enabled(prev);
+    n = ml_node_begin("bad_shape", wrong_shape_backward, 1, &u);
+    ml_node_finish(n, v);
+    ml_tensor *s = ml_sum(v, 0, NULL, false);
+    CHECK(ml_backward(s, NULL, false) < 0 && has(ml_last_error(), "backward of 'bad_shape' returned a gradient of "
+          "shape [2] for input 1 of shape [3]"), "wrong gradient shape: %s", ml_last_error());
+    CHECK(!x->grad, "no gradient written");
+    ml_release(s); ml_release(v); ml_release(u); ml_release(x);
+}
+
+static void test_injected_failures(void) {
+    ml_tensor *w = leaf(3, (double[]){1, 2, 3}), *x = constant(3, 2);
+
+    /* the node of mul cannot be allocated: the op succeeds, backward says so */
+    ml_autograd_fail_alloc_after(0);
+    ml_tensor *y = ml_mul(w, x);
+    ml_autograd_fail_alloc_after(-1);
+    CHECK(y && y->requires_grad && y->grad_fn, "the result still requires grad");
+    ml_tensor *z = ml_add_scalar(y, 1), *s = ml_sum(z, 0, NULL, false);
+    CHECK(ml_backward(s, NULL, false) < 0 && has(ml_last_error(), "out of memory while recording") &&
+          has(ml_last_error(), "'mul'"), "backward through the unrecorded node fails: %s", ml_last_error());
+    CHECK(!w->grad, "no partial gradient");
+    ml_tensor *ones = ml_full(1, (int64_t[]){3}, 1, ML_F64, ml_cpu());
+    CHECK(ml_backward(y, ones, false) < 0 && has(ml_last_error(), "out of memory while recording"),
+          "the unrecorded node as root is refused too: %s", ml_last_error());
+    ml_release(ones); ml_release(s); ml_release(z); ml_release(y);
+    /* the placeholder is shared: many failures and releases leave it usable */
+    for (int k = 0; k < 3; k++) {
+        ml_autograd_fail_alloc_after(0);
+        y = ml_mul(w, x);
+        ml_autograd_fail_alloc_after(-1);
+        ml_release(y);
+    }
+    s = weighted_sum(w, x);
+    CHECK(ml_backward(s, NULL, false) == 0, "recording works again afterwards: %s", ml_last_error());
+    expect("and gives the gradient", w->grad, (double[]){2, 2, 2}, 3, 0);
+    ml_release(s);
+    ml_release(w->grad); w->grad = NULL;
+
+    /* the saved list cannot grow past its inline part */
+    ml_tensor *consts[12];
+    for (int i = 0; i < 12; i++) consts[i] = ml_scalar(1, ML_F64, ml_cpu());
+    y = scale_by_saved(w, 12, ML_NODE_SAVED_INLINE, consts);
+    s = ml_sum(y, 0, NULL, false);
+    CHECK(ml_backward(s, NULL, false) < 0 && has(ml_last_error(), "'scale_by_saved' was not fully recorded") &&
+          has(ml_last_error(), "out of memory saving"), "a node missing saved tensors is refused: %s", ml_last_error());
+    CHECK(!w->grad, "no gradient");
+    ml_release(s); ml_release(y);
+    for (int i = 0; i < 12; i++) ml_release(consts[i]);
+
+    /* summing two gradients of a leaf fails */
+    ml_tensor *a = ml_mul_scalar(w, 2), *b = ml_mul_scalar(w, 3), *c = ml_add(a, b);
+    s = ml_sum(c, 0, NULL, false);
+    ml_autograd_fail_alloc_after(0);
+    int rc = ml_backward(s, NULL, true);
+    ml_autograd_fail_alloc_after(-1);
+    CHECK(rc < 0 && has(ml_last_error(), "summing the gradients for a leaf tensor of shape [3] failed") &&
+          has(ml_last_error(), "out of memory"), "leaf accumulation failure: %s", ml_last_error());
+    CHECK(!w->grad, "the gradient is not silently partial");
+    CHECK(ml_backward(s, NULL, false) == 0, "the retained graph still works: %s", ml_last_error());
+    expect("full gradient", w->grad, (double[]){5, 5, 5}, 3, 0);
+    ml_release(s); ml_release(a); ml_release(b); ml_release(c);
+    ml_release(w->grad); w->grad = NULL;
+
+    /* summing two gradients of an inner node (u used twice) fails */
+    ml_tensor *u = ml_add_scalar(w, 0), *uu = ml_mul(u, u);
+    s = ml_sum(uu, 0, NULL, false);
+    ml_autograd_fail_alloc_after(0);
+    rc = ml_backward(s, NULL, false);
+    ml_autograd_fail_alloc_after(-1);
+    CHECK(rc < 0 && has(ml_last_error(), "summing the gradients for the output of 'add' failed"),
+          "inner accumulation failure: %s", ml_last_error());
+    CHECK(!w->grad, "no gradient");
+    ml_release(s); ml_release(uu); ml_release(u);
+    ml_release(x); ml_release(w);
+}
+
 /* ---- view ops ----------------------------------------------------------- */
 
 static ml_tensor *f_views(ml_tensor **x, void *ctx) {
@@ -263,6 +520,11 @@ int main(void) {
     test_diamond();
     test_long_chain();
     test_saved_release();
+    test_saved_versions();
+    test_inplace_ops_bump();
+    test_many_saved();
+    test_recording_errors();
+    test_injected_failures();
     test_view_gradchecks();
     return check_summary();
 }

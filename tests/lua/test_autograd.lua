@@ -1,6 +1,7 @@
 -- test_autograd.lua — the autograd engine as Lua sees it: accumulation,
 -- retain_graph, no_grad, detach, hooks, requires_grad rules, in-place
--- restrictions and .grad assignment.
+-- restrictions, .grad assignment, and the check that tensors saved for
+-- backward were not modified in place since (through any view).
 local ml = require "moonlit"
 local util = require "testutil"
 
@@ -213,6 +214,120 @@ function tests.graph_is_released_after_backward(t)
     x:free()
     t:assert(has(error_of(y.backward, y), "second time"))
     t:assertEq(g:size(), {4})
+end
+
+-- PyTorch's rule: a tensor saved for backward must not be modified in
+-- place before backward uses it.  The error names the op that saved it.
+local function modified_error(e, op)
+    return has(e, "modified by an inplace operation") and has(e, "of '" .. op .. "'")
+end
+
+function tests.saved_tensor_modified_in_place_fails_backward(t)
+    local w = ml.ones({3}, {requires_grad = true})
+    local x = ml.ones(3)
+    local y = (w * x):sum()
+    x:add_(10)
+    local e = error_of(y.backward, y)
+    t:assert(modified_error(e, "mul") and has(e, "is at version 1; expected version 0"), tostring(e))
+    t:assertEq(w.grad, nil, "no gradient computed from the modified values")
+    -- modified before the op saw it: nothing to refuse, gradient is x
+    y = (w * x):sum()
+    y:backward()
+    t:assertEq(w.grad:totable(), {11, 11, 11})
+    -- without the modification the example gives PyTorch's 1, 1, 1
+    w.grad = nil
+    local x2 = ml.ones(3)
+    y = (w * x2):sum()
+    y:backward()
+    t:assertEq(w.grad:totable(), {1, 1, 1})
+end
+
+function tests.every_in_place_op_is_caught(t)
+    local cases = {
+        add_ = function(x) x:add_(1) end, add_tensor = function(x) x:add_(ml.ones(3), 2) end,
+        sub_ = function(x) x:sub_(1) end, mul_ = function(x) x:mul_(ml.ones(3)) end,
+        div_ = function(x) x:div_(2) end, clamp_ = function(x) x:clamp_(0, 0.5) end,
+        fill_ = function(x) x:fill_(7) end, zero_ = function(x) x:zero_() end,
+        copy_ = function(x) x:copy_(ml.zeros(3)) end, normal_ = function(x) x:normal_() end,
+        uniform_ = function(x) x:uniform_() end,
+    }
+    for name, modify in pairs(cases) do
+        local w = ml.ones({3}, {requires_grad = true})
+        local x = ml.ones(3)
+        local y = (w * x):sum()
+        modify(x)
+        t:assert(modified_error(error_of(y.backward, y), "mul"), name .. " is seen by backward")
+    end
+end
+
+function tests.views_share_the_version(t)
+    local w = ml.ones({3}, {requires_grad = true})
+    -- saved through one view, written through another view of the storage
+    local x = ml.ones(2, 3)
+    local y = (w * x[1]):sum()
+    x[2]:fill_(5)
+    t:assert(modified_error(error_of(y.backward, y), "mul"), "sibling row")
+    -- saved as a view, written through the base
+    x = ml.ones(2, 3)
+    y = (w * x:narrow(1, 2, 1):view(3)):sum()
+    x:mul_(3)
+    t:assert(modified_error(error_of(y.backward, y), "mul"), "base written")
+    -- saved as the base, written through a view
+    local w2 = ml.ones({2, 3}, {requires_grad = true})
+    x = ml.ones(2, 3)
+    y = (w2 * x):sum()
+    x:t()[3]:zero_()
+    t:assert(modified_error(error_of(y.backward, y), "mul"), "transposed view written")
+    -- a clone has its own storage and version
+    x = ml.ones(2, 3)
+    y = (w2 * x:clone()):sum()
+    x:add_(1)
+    y:backward()
+    t:assertEq(w2.grad:totable(), {{1, 1, 1}, {1, 1, 1}}, "a clone is not affected")
+end
+
+function tests.ops_saving_many_tensors_check_each(t)
+    -- layer_norm saves x, weight, mean and rstd; sdpa saves q, k, v, out and lse
+    local x = ml.randn({2, 4}, {requires_grad = true})
+    local wt, b = ml.ones(4), ml.zeros(4)
+    local y = ml.F.layer_norm(x, wt, b):sum()
+    wt:mul_(2)
+    local e = error_of(y.backward, y)
+    t:assert(modified_error(e, "layer_norm") and has(e, "saved tensor 2"), tostring(e))
+    local q = ml.randn({1, 3, 1, 4}, {requires_grad = true})
+    local k, v = ml.randn(1, 3, 1, 4), ml.randn(1, 3, 1, 4)
+    local out = ml.F.scaled_dot_product_attention(q, k, v)
+    y = out:sum()
+    v:add_(1)
+    e = error_of(y.backward, y)
+    t:assert(modified_error(e, "sdpa") and has(e, "saved tensor 3"), tostring(e))
+    -- the op's own output is saved too: writing it under no_grad is caught
+    out = ml.F.scaled_dot_product_attention(q, k, v)
+    y = out:sum()
+    ml.no_grad(function() out:fill_(0) end)
+    e = error_of(y.backward, y)
+    t:assert(modified_error(e, "sdpa") and has(e, "saved tensor 4"), tostring(e))
+end
+
+function tests.optimizer_step_between_retained_backwards(t)
+    for _, make in ipairs {
+        function(p) return ml.optim.AdamW({p}, {lr = 0.1}) end,
+        function(p) return ml.optim.SGD({p}, {lr = 0.1}) end,
+    } do
+        local p = ml.tensor({1, 2, 3}, {requires_grad = true})
+        local opt = make(p)
+        local loss = (p * p):sum()
+        loss:backward({retain_graph = true})
+        opt:step()
+        local e = error_of(loss.backward, loss)
+        t:assert(modified_error(e, "mul"), "second backward after a step: " .. tostring(e))
+        -- the ordinary loop: a fresh forward after the step is fine
+        opt:zero_grad()
+        loss = (p * p):sum()
+        loss:backward()
+        opt:step()
+        t:assert(p.grad ~= nil, "training continues")
+    end
 end
 
 return tests

@@ -156,9 +156,10 @@ static int opt_dtype_or_none(lua_State *L, int idx) {
     return d;
 }
 
-/* Load one tensor and move it to `dev`; NULL with the host error set. */
-static ml_tensor *get_on(ml_st_file *f, const char *name, int dt, ml_device dev) {
-    ml_tensor *t = ml_st_get(f, name, dt);
+/* Load one tensor and move it to `dev`; NULL with the host error set.
+ * copy: a tensor that owns its memory, never a view of the file's map. */
+static ml_tensor *get_on(ml_st_file *f, const char *name, int dt, ml_device dev, int copy) {
+    ml_tensor *t = copy ? ml_st_read(f, name, dt) : ml_st_get(f, name, dt);
     if (!t || ml_device_eq(dev, ml_cpu())) return t;
     ml_tensor *d = ml_to_device(t, dev);
     ml_release(t);
@@ -172,7 +173,8 @@ static int st_get(lua_State *L) {
     if (opts) luaL_checktype(L, 3, LUA_TTABLE);
     int dt = opt_dtype_or_none(L, opts);
     ml_device dev = mlua_opt_device(L, opts, ml_cpu());
-    return mlua_push_tensor(L, get_on(f, name, dt, dev));
+    int copy = opts && mlua_opt_field_bool(L, opts, "copy", 0);
+    return mlua_push_tensor(L, get_on(f, name, dt, dev, copy));
 }
 
 static int st_metadata(lua_State *L) {
@@ -217,7 +219,7 @@ static int l_st_load(lua_State *L) {
     lua_createtable(L, 0, n);
     for (int i = 0; i < n; i++) {
         const char *name = ml_st_info_at(f, i)->name;
-        mlua_push_tensor(L, get_on(f, name, dt, dev));
+        mlua_push_tensor(L, get_on(f, name, dt, dev, 0));
         lua_setfield(L, -2, name);
     }
     st_box *b = lua_touserdata(L, hidx);
@@ -713,6 +715,37 @@ static int mark_table(lua_State *L, const char *mt) {
 static int l_json_array(lua_State *L) { return mark_table(L, JSON_ARRAY_MT); }
 static int l_json_object(lua_State *L) { return mark_table(L, JSON_OBJECT_MT); }
 
+/* ---- folder saves (see atomic_file.h) ---------------------------------- */
+
+/* folder_save_begin(dir) -> staging folder to write the new files under */
+static int l_folder_save_begin(lua_State *L) {
+    char *staging = ml_atomic_dir_begin(luaL_checkstring(L, 1));
+    if (!staging) return mlua_error(L, NULL);
+    lua_pushstring(L, staging);
+    free(staging);
+    return 1;
+}
+
+/* folder_save_commit(dir, staging): all the new files in, or an error */
+static int l_folder_save_commit(lua_State *L) {
+    if (ml_atomic_dir_commit(luaL_checkstring(L, 1), luaL_checkstring(L, 2)) < 0)
+        return mlua_error(L, NULL);
+    return 0;
+}
+
+static int l_folder_save_abort(lua_State *L) {
+    ml_atomic_dir_abort(luaL_checkstring(L, 1));
+    return 0;
+}
+
+/* folder_save_recover(dir) -> true when it finished an interrupted save */
+static int l_folder_save_recover(lua_State *L) {
+    int rc = ml_atomic_dir_recover(luaL_checkstring(L, 1));
+    if (rc < 0) return mlua_error(L, NULL);
+    lua_pushboolean(L, rc == 1);
+    return 1;
+}
+
 /* ======================================================================== */
 
 void mlua_open_io(lua_State *L) {
@@ -758,7 +791,10 @@ void mlua_open_io(lua_State *L) {
         {"st_open", l_st_open}, {"st_open_model", l_st_open_model}, {"st_load", l_st_load},
         {"st_save", l_st_save}, {"json_decode", l_json_decode}, {"json_load", l_json_load},
         {"json_encode", l_json_encode}, {"json_save", l_json_save},
-        {"json_array", l_json_array}, {"json_object", l_json_object}, {NULL, NULL},
+        {"json_array", l_json_array}, {"json_object", l_json_object},
+        {"folder_save_begin", l_folder_save_begin}, {"folder_save_commit", l_folder_save_commit},
+        {"folder_save_abort", l_folder_save_abort}, {"folder_save_recover", l_folder_save_recover},
+        {NULL, NULL},
     };
     luaL_setfuncs(L, fns, 0);
     lua_pushlightuserdata(L, NULL_SENTINEL);

@@ -69,6 +69,8 @@ static void map_release_cb(void *ctx, void *data, size_t nbytes) {
 
 typedef struct {
     char *path;
+    int fd;                /* kept open: copies are read with pread, not through the map */
+    uint64_t size;         /* the file's size when it was opened and checked */
     st_map *map;
     uint64_t data_start;   /* 8 + header length */
     uint64_t data_len;
@@ -80,7 +82,10 @@ typedef struct {
     uint64_t begin, end;   /* within the shard's data section */
 } st_entry;
 
-typedef struct { char *key, *value; } st_meta;
+typedef struct {
+    char *key, *value;
+    int seq;               /* arrival order: among equal keys the first shard's wins */
+} st_meta;
 
 struct ml_st_file {
     char *path;
@@ -88,8 +93,8 @@ struct ml_st_file {
     int nshards;
     st_entry *entries;     /* sorted by name once open succeeds */
     int n, cap;
-    st_meta *meta;         /* sorted by key */
-    int nmeta;
+    st_meta *meta;         /* sorted by key once open succeeds */
+    int nmeta, meta_cap;
 };
 
 void ml_st_close(ml_st_file *f) {
@@ -98,6 +103,7 @@ void ml_st_close(ml_st_file *f) {
     free(f->entries);
     for (int i = 0; i < f->nshards; i++) {
         free(f->shards[i].path);
+        if (f->shards[i].fd >= 0) close(f->shards[i].fd);
         map_unref(f->shards[i].map);
     }
     free(f->shards);
@@ -123,7 +129,9 @@ static int cmp_entry_name(const void *a, const void *b) {
     return strcmp(((const st_entry *)a)->info.name, ((const st_entry *)b)->info.name);
 }
 static int cmp_meta_key(const void *a, const void *b) {
-    return strcmp(((const st_meta *)a)->key, ((const st_meta *)b)->key);
+    const st_meta *x = a, *y = b;
+    int c = strcmp(x->key, y->key);
+    return c ? c : (x->seq > y->seq) - (x->seq < y->seq);
 }
 
 /* Index of the first entry whose name is >= name. */
@@ -143,21 +151,35 @@ const ml_st_info *ml_st_find(const ml_st_file *f, const char *name) {
 }
 
 const char *ml_st_metadata_get(const ml_st_file *f, const char *key) {
-    for (int i = 0; i < f->nmeta; i++)
-        if (strcmp(f->meta[i].key, key) == 0) return f->meta[i].value;
+    int lo = 0, hi = f->nmeta;
+    while (lo < hi) {
+        int mid = lo + (hi - lo) / 2;
+        int c = strcmp(f->meta[mid].key, key);
+        if (c == 0) return f->meta[mid].value;
+        if (c < 0) lo = mid + 1;
+        else hi = mid;
+    }
     return NULL;
 }
 
+/* Appended unsorted (a per-key lookup here made parsing quadratic in the
+ * key count); finish() sorts and drops the later duplicates across shards. */
 static int add_meta(ml_st_file *f, const char *key, const char *value) {
-    if (ml_st_metadata_get(f, key)) return 0;   /* the first shard wins */
-    st_meta *m = realloc(f->meta, (size_t)(f->nmeta + 1) * sizeof *m);
-    if (!m) return ml_error("%s: out of memory reading metadata", f->path);
-    f->meta = m;
-    m[f->nmeta].key = strdup(key);
-    m[f->nmeta].value = strdup(value);
-    if (!m[f->nmeta].key || !m[f->nmeta].value) {
-        free(m[f->nmeta].key);
-        free(m[f->nmeta].value);
+    if (f->nmeta == f->meta_cap) {
+        int cap = f->meta_cap ? f->meta_cap * 2 : 16;
+        if (cap < f->meta_cap) return ml_error("%s: too many metadata entries", f->path);
+        st_meta *m = realloc(f->meta, (size_t)cap * sizeof *m);
+        if (!m) return ml_error("%s: out of memory reading metadata", f->path);
+        f->meta = m;
+        f->meta_cap = cap;
+    }
+    st_meta *m = &f->meta[f->nmeta];
+    m->key = strdup(key);
+    m->value = strdup(value);
+    m->seq = f->nmeta;
+    if (!m->key || !m->value) {
+        free(m->key);
+        free(m->value);
         return ml_error("%s: out of memory reading metadata", f->path);
     }
     f->nmeta++;
@@ -295,7 +317,28 @@ static int check_overlaps(ml_st_file *f, int first, const char *path) {
     return rc;
 }
 
-/* Map one file, validate its header, append its entries and metadata. */
+/* Read exactly n bytes at off.  A short read means the file shrank since it
+ * was opened: reported, where touching a truncated mapping would raise SIGBUS. */
+static int read_full(int fd, void *buf, uint64_t n, uint64_t off, const char *path) {
+    char *p = buf;
+    while (n > 0) {
+        size_t chunk = n > ((uint64_t)1 << 30) ? ((size_t)1 << 30) : (size_t)n;
+        ssize_t r = pread(fd, p, chunk, (off_t)off);
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0) return ml_error("reading '%s' failed: %s", path, strerror(errno));
+        if (r == 0)
+            return ml_error("%s: the file ends at byte %llu, before the data its header "
+                            "promises: it was truncated or rewritten while open", path,
+                            (unsigned long long)off);
+        p += r;
+        n -= (uint64_t)r;
+        off += (uint64_t)r;
+    }
+    return 0;
+}
+
+/* Open one file (never blocking on a FIFO or device), map it, validate its
+ * header, append its entries and metadata. */
 static int add_shard(ml_st_file *f, const char *path) {
     st_shard *shards = realloc(f->shards, (size_t)(f->nshards + 1) * sizeof *shards);
     if (!shards) return ml_error("%s: out of memory", path);
@@ -303,37 +346,36 @@ static int add_shard(ml_st_file *f, const char *path) {
     int si = f->nshards;
     st_shard *sh = &shards[si];
     memset(sh, 0, sizeof *sh);
+    sh->fd = -1;
     sh->path = strdup(path);
     if (!sh->path) return ml_error("%s: out of memory", path);
     f->nshards++;
 
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return ml_error("cannot open safetensors file '%s': %s", path, strerror(errno));
+    /* O_NONBLOCK: opening a FIFO for reading would otherwise wait for a
+     * writer forever; the type check below then refuses it. */
+    sh->fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    if (sh->fd < 0) return ml_error("cannot open safetensors file '%s': %s", path, strerror(errno));
     struct stat st;
-    if (fstat(fd, &st) != 0) {
-        int e = errno;
-        close(fd);
-        return ml_error("cannot stat '%s': %s", path, strerror(e));
-    }
-    if (!S_ISREG(st.st_mode)) {
-        close(fd);
-        return ml_error("'%s' is not a regular file", path);
-    }
+    if (fstat(sh->fd, &st) != 0) return ml_error("cannot stat '%s': %s", path, strerror(errno));
+    if (!S_ISREG(st.st_mode))
+        return ml_error("'%s' is not a regular file (a %s): cannot read weights from it", path,
+                        S_ISDIR(st.st_mode) ? "directory" : S_ISFIFO(st.st_mode) ? "FIFO"
+                        : S_ISCHR(st.st_mode) || S_ISBLK(st.st_mode) ? "device" : "special file");
+    int fl = fcntl(sh->fd, F_GETFL);
+    if (fl >= 0) fcntl(sh->fd, F_SETFL, fl & ~O_NONBLOCK);
     uint64_t size = (uint64_t)st.st_size;
-    if (size < 8) {
-        close(fd);
+    sh->size = size;
+    if (size < 8)
         return ml_error("%s: not a safetensors file: %llu bytes, fewer than the 8-byte header "
                         "length", path, (unsigned long long)size);
-    }
     /* Private and writable: in-place ops on zero-copy tensors get their own
      * pages (copy-on-write) instead of faulting or changing the file.
      * NORESERVE: pages never written cost no commit charge, so mapping a
-     * checkpoint larger than RAM + swap still works. */
+     * checkpoint larger than RAM + swap still works.  Only zero-copy tensors
+     * read through the map; the header and every copy use pread. */
     void *addr = mmap(NULL, (size_t)size, PROT_READ | PROT_WRITE,
-                      MAP_PRIVATE | MAP_NORESERVE, fd, 0);
-    int map_errno = errno;
-    close(fd);
-    if (addr == MAP_FAILED) return ml_error("cannot map '%s': %s", path, strerror(map_errno));
+                      MAP_PRIVATE | MAP_NORESERVE, sh->fd, 0);
+    if (addr == MAP_FAILED) return ml_error("cannot map '%s': %s", path, strerror(errno));
     sh->map = malloc(sizeof *sh->map);
     if (!sh->map) {
         munmap(addr, (size_t)size);
@@ -343,9 +385,10 @@ static int add_shard(ml_st_file *f, const char *path) {
     sh->map->len = (size_t)size;
     atomic_init(&sh->map->refs, 1);
 
-    const unsigned char *p = addr;
+    unsigned char lenbuf[8];
+    if (read_full(sh->fd, lenbuf, 8, 0, path) < 0) return -1;
     uint64_t hlen = 0;
-    for (int i = 7; i >= 0; i--) hlen = (hlen << 8) | p[i];
+    for (int i = 7; i >= 0; i--) hlen = (hlen << 8) | lenbuf[i];
     if (hlen > size - 8)
         return ml_error("%s: header length %llu runs past the end of the file (%llu bytes): "
                         "truncated or not a safetensors file", path, (unsigned long long)hlen,
@@ -357,9 +400,17 @@ static int add_shard(ml_st_file *f, const char *path) {
                                   (unsigned long long)hlen);
     sh->data_start = 8 + hlen;
     sh->data_len = size - 8 - hlen;
+    char *htext = malloc((size_t)hlen);
+    if (!htext) return ml_error("%s: out of memory reading the %llu-byte header", path,
+                                (unsigned long long)hlen);
+    if (read_full(sh->fd, htext, hlen, 8, path) < 0) {
+        free(htext);
+        return -1;
+    }
 
     json_error_t jerr;
-    json_t *root = json_loadb((const char *)p + 8, (size_t)hlen, JSON_REJECT_DUPLICATES, &jerr);
+    json_t *root = json_loadb(htext, (size_t)hlen, JSON_REJECT_DUPLICATES, &jerr);
+    free(htext);
     if (!root)
         return ml_error("%s: header is not valid JSON (line %d, column %d: %s)", path,
                         jerr.line, jerr.column, jerr.text);
@@ -404,6 +455,16 @@ static int finish(ml_st_file *f) {
                             f->entries[i].info.name, f->entries[i - 1].info.file,
                             f->entries[i].info.file);
     if (f->nmeta > 1) qsort(f->meta, (size_t)f->nmeta, sizeof *f->meta, cmp_meta_key);
+    int k = 0;
+    for (int i = 0; i < f->nmeta; i++) {
+        if (k > 0 && strcmp(f->meta[k - 1].key, f->meta[i].key) == 0) {
+            free(f->meta[i].key);
+            free(f->meta[i].value);
+            continue;
+        }
+        f->meta[k++] = f->meta[i];
+    }
+    f->nmeta = k;
     return 0;
 }
 
@@ -449,6 +510,11 @@ static char *join_path(const char *dir, const char *name) {
 }
 
 static ml_st_file *open_index(const char *index_path) {
+    /* Reading a FIFO or device would block or never end. */
+    struct stat st;
+    if (stat(index_path, &st) == 0 && !S_ISREG(st.st_mode))
+        return ml_error_null("'%s' is not a regular file: cannot read a safetensors index "
+                             "from it", index_path);
     json_t *root = ml_json_load_file(index_path);
     if (!root) return NULL;
     json_t *wm = json_is_object(root) ? json_object_get(root, "weight_map") : NULL;
@@ -689,7 +755,8 @@ static void missing_tensor_error(const ml_st_file *f, const char *name) {
                   f->path, name, f->n, a, b);
 }
 
-ml_tensor *ml_st_get(ml_st_file *f, const char *name, int dt) {
+/* The entry for name with its dtypes resolved, or NULL with the error set. */
+static const st_entry *lookup_for_read(ml_st_file *f, const char *name, int *dt) {
     if (!f) return ml_error_null("safetensors: the file is closed");
     if (!name) return ml_error_null("%s: tensor name is NULL", f->path);
     const st_entry *e = (const st_entry *)ml_st_find(f, name);
@@ -701,31 +768,81 @@ ml_tensor *ml_st_get(ml_st_file *f, const char *name, int dt) {
         return ml_error_null("%s: tensor '%s' has dtype %s, which moonlit does not support "
                              "(it reads F32, F16, BF16, F64, I32, I64, U8, BOOL)",
                              e->info.file, name, e->info.st_dtype);
-    ml_dtype src_dt = (ml_dtype)e->info.dtype;
-    if (dt < 0) dt = src_dt;
-    if (dt >= ML_NUM_DTYPES) return ml_error_null("%s: tensor '%s': bad dtype %d", f->path, name, dt);
-    const st_shard *sh = &f->shards[e->shard];
-    const char *src = (const char *)sh->map->addr + sh->data_start + e->begin;
-    int64_t numel = (int64_t)(e->info.nbytes / ml_dtype_size(src_dt));
+    if (*dt < 0) *dt = e->info.dtype;
+    if (*dt >= ML_NUM_DTYPES) return ml_error_null("%s: tensor '%s': bad dtype %d", f->path, name, *dt);
+    return e;
+}
 
-    if (dt == (int)src_dt && numel > 0 && (uintptr_t)src % ml_dtype_size(src_dt) == 0) {
-        st_map *m = sh->map;
-        atomic_fetch_add(&m->refs, 1);
-        ml_storage *s = ml_storage_wrap((void *)src, (size_t)e->info.nbytes, ml_cpu(),
-                                        map_release_cb, m);
-        if (!s) {
-            map_unref(m);
-            return NULL;
-        }
-        int64_t strides[ML_MAX_DIMS];
-        ml_contiguous_strides(e->info.ndim, e->info.shape, strides);
-        ml_tensor *t = ml_from_storage(s, 0, e->info.ndim, e->info.shape, strides, src_dt);
-        ml_storage_release(s);
-        return t;
-    }
+/* The shard must still be as long as when it was checked: data past a
+ * truncation would read as SIGBUS through the map. */
+static int check_still_whole(const st_shard *sh) {
+    struct stat st;
+    if (fstat(sh->fd, &st) != 0) return ml_error("cannot stat '%s': %s", sh->path, strerror(errno));
+    if ((uint64_t)st.st_size < sh->size)
+        return ml_error("%s: the file is now %llu bytes, %llu when it was opened: it was "
+                        "truncated or rewritten while open", sh->path,
+                        (unsigned long long)st.st_size, (unsigned long long)sh->size);
+    return 0;
+}
+
+ml_tensor *ml_st_read(ml_st_file *f, const char *name, int dt) {
+    const st_entry *e = lookup_for_read(f, name, &dt);
+    if (!e) return NULL;
+    const st_shard *sh = &f->shards[e->shard];
+    ml_dtype src_dt = (ml_dtype)e->info.dtype;
+    int64_t numel = (int64_t)(e->info.nbytes / ml_dtype_size(src_dt));
+    uint64_t off = sh->data_start + e->begin;
     ml_tensor *t = ml_empty(e->info.ndim, e->info.shape, (ml_dtype)dt, ml_cpu());
     if (!t) return NULL;
-    ml_st_convert(ml_data(t), (ml_dtype)dt, src, src_dt, numel);
+    if (dt == (int)src_dt) {
+        if (read_full(sh->fd, ml_data(t), e->info.nbytes, off, sh->path) < 0) goto fail;
+        return t;
+    }
+    /* Converting: read in slices through a small buffer, not a second
+     * full-size copy. */
+    size_t es = ml_dtype_size(src_dt), des = ml_dtype_size((ml_dtype)dt);
+    int64_t per = (int64_t)(((size_t)4 << 20) / es);
+    void *stage = malloc((size_t)(numel < per ? numel : per) * es + 1);
+    if (!stage) {
+        ml_error("%s: out of memory reading tensor '%s'", sh->path, name);
+        goto fail;
+    }
+    for (int64_t i = 0; i < numel; i += per) {
+        int64_t k = numel - i < per ? numel - i : per;
+        if (read_full(sh->fd, stage, (uint64_t)k * es, off + (uint64_t)i * es, sh->path) < 0) {
+            free(stage);
+            goto fail;
+        }
+        ml_st_convert((char *)ml_data(t) + i * (int64_t)des, (ml_dtype)dt, stage, src_dt, k);
+    }
+    free(stage);
+    return t;
+fail:
+    ml_release(t);
+    return NULL;
+}
+
+ml_tensor *ml_st_get(ml_st_file *f, const char *name, int dt) {
+    const st_entry *e = lookup_for_read(f, name, &dt);
+    if (!e) return NULL;
+    ml_dtype src_dt = (ml_dtype)e->info.dtype;
+    const st_shard *sh = &f->shards[e->shard];
+    const char *src = (const char *)sh->map->addr + sh->data_start + e->begin;
+    if (dt != (int)src_dt || e->info.nbytes == 0 || (uintptr_t)src % ml_dtype_size(src_dt) != 0)
+        return ml_st_read(f, name, dt);
+    if (check_still_whole(sh) < 0) return NULL;
+    st_map *m = sh->map;
+    atomic_fetch_add(&m->refs, 1);
+    ml_storage *s = ml_storage_wrap((void *)src, (size_t)e->info.nbytes, ml_cpu(),
+                                    map_release_cb, m);
+    if (!s) {
+        map_unref(m);
+        return NULL;
+    }
+    int64_t strides[ML_MAX_DIMS];
+    ml_contiguous_strides(e->info.ndim, e->info.shape, strides);
+    ml_tensor *t = ml_from_storage(s, 0, e->info.ndim, e->info.shape, strides, src_dt);
+    ml_storage_release(s);
     return t;
 }
 

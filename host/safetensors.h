@@ -6,14 +6,23 @@
  * "data_offsets": [begin, end]}, ...}, then the data section (offsets are
  * relative to its start, row-major little-endian elements).
  *
- * Reading maps the file (copy-on-write, so in-place ops on loaded weights
- * never touch the file) and checks the whole header when the file is opened:
- * a handle that opened successfully never reads outside the file.  Tensor
- * data is read lazily.  A tensor asked for in its stored dtype whose data is
- * aligned wraps the mapping without a copy; the mapping lives while any such
- * tensor does, even after ml_st_close.  Anything else is converted into a
- * fresh CPU tensor.  (If another program truncates a mapped file in place,
- * reads fault: writers must replace files, as ml_st_save does.)
+ * Reading checks the whole header when the file is opened: a handle that
+ * opened successfully never reads outside the file.  Tensor data is read
+ * lazily, in two ways:
+ *   ml_st_read  always a fresh CPU tensor that owns its memory, read with
+ *               pread: a file truncated or rewritten while open gives an
+ *               error, and nothing read changes when the file does later.
+ *               Model loading uses it (parameters must own their memory).
+ *   ml_st_get   zero-copy where it can: a tensor asked for in its stored
+ *               dtype whose data is aligned wraps the file's private
+ *               (copy-on-write) mapping; the mapping lives while any such
+ *               tensor does, even after ml_st_close.  Anything else is
+ *               ml_st_read.  For inspection and read-only use only: the file
+ *               is checked to be whole when the tensor is made, but if it is
+ *               truncated later, touching the tensor raises SIGBUS, and an
+ *               in-place rewrite of the file shows through pages not yet
+ *               written.  Writers should replace files, as ml_st_save does.
+ * Paths that are not regular files (FIFOs, devices) are refused at open.
  *
  * One handle covers a sharded checkpoint too: open the
  * `*.safetensors.index.json` (its "weight_map" names each tensor's shard)
@@ -63,6 +72,9 @@ const ml_st_info *ml_st_find(const ml_st_file *f, const char *name);
  * the stored one.  Errors: missing name (nearby names are suggested), a
  * dtype moonlit lacks, out of memory. */
 ml_tensor *ml_st_get(ml_st_file *f, const char *name, int dtype_or_minus1);
+/* As ml_st_get, but the result always owns its memory (see above); a file
+ * that shrank since it was opened is an error naming it. */
+ml_tensor *ml_st_read(ml_st_file *f, const char *name, int dtype_or_minus1);
 
 /* The "__metadata__" string map (merged over shards, first shard wins),
  * in key order. */

@@ -185,7 +185,6 @@ end
 -- Module types whose 4-D weight is stored [O, kh, kw, I] here but
 -- [O, I, kh, kw] in PyTorch files.
 local function to_torch_layout(t) return t:permute(1, 4, 2, 3):contiguous() end
-local function from_torch_layout(t) return t:permute(1, 3, 4, 2):contiguous() end
 
 local function conv_weight_names(self)
     local set = {}
@@ -218,12 +217,16 @@ end
 
 local function shape_str(s) return "[" .. table.concat(s, ", ") .. "]" end
 
--- load_state_dict(sd, {strict = true, layout = "torch"|"nhwc", assign = false})
+-- load_state_dict(sd, {strict = true, layout = "torch"|"nhwc", assign = false, owned = false})
 -- Strict mode reports every missing, unexpected and mis-shaped tensor by
 -- name in one error, before anything is changed.  By default values are
 -- copied into the existing tensors (converting dtype/device); with
 -- assign = true each parameter is replaced by the given tensor converted to
--- the parameter's dtype and device (one copy at most: how large models load).
+-- the parameter's dtype, device and layout, or by a copy of it when no
+-- conversion was needed: parameters never share memory with the caller's
+-- tensors.  owned = true says the caller hands the tensors over (nothing
+-- else uses them, as with ml_st_read's results): those needing no
+-- conversion are then taken without a copy (how large models load).
 function Module:load_state_dict(sd, opts)
     opts = opts or {}
     local strict = opts.strict ~= false
@@ -268,12 +271,21 @@ function Module:load_state_dict(sd, opts)
     core.no_grad(function()
         for n, src in pairs(pairs_ok) do
             local dst = targets[n]
-            if convs[n] then src = from_torch_layout(src) end
+            -- Whether a conversion below makes a new tensor.  The layout
+            -- change copies only when the permuted view is not already
+            -- contiguous (it is for 1x1 convs), so it cannot be assumed.
+            local fresh = src.dtype ~= dst.dtype or src.device ~= dst.device
+            if convs[n] then
+                local p = src:permute(1, 3, 4, 2)
+                fresh = fresh or not p:is_contiguous()
+                src = p:contiguous()
+            end
             if opts.assign then
-                -- the source may map a file read-only: the parameter must own its memory
-                local fresh = convs[n] or src.dtype ~= dst.dtype or src.device ~= dst.device
+                -- The parameter must own its memory: the caller's tensor may
+                -- be another model's parameter or a view of a mapped file.
+                -- Only tensors handed over (opts.owned) are taken as they are.
                 local q = src:to{dtype = dst.dtype, device = dst.device}
-                if not fresh then q = q:clone() end
+                if not fresh and not opts.owned then q = q:clone() end
                 q = q:detach()
                 q.requires_grad = dst.requires_grad
                 local m, name, field = table.unpack(owners[n])

@@ -6,7 +6,8 @@
 --   ml.sd.save(dir, m, {dtype = "f32"|"f16"|"bf16"})  -- a folder diffusers loads
 --   ml.sd.generate(m, {prompt = ..., ...})            -- see moonlit.pipelines.stable_diffusion
 -- Loading is strict: a missing, unexpected or mis-shaped tensor is reported
--- by name.  Weights are read through a memory map and copied once.
+-- by name.  Weights are read once into memory the parameters own (never a
+-- view of the file); a save replaces the model's files all together.
 local core = require "moonlit.core"
 local nn = require "moonlit.nn"
 local schedulers = require "moonlit.schedulers"
@@ -88,13 +89,20 @@ function sd.load_component(dir, component, opts)
         model:to{dtype = opts.dtype or "f32", device = opts.device or "cpu"}
     end
     local f = core.st_open_model(dir, weight_base[component], {variant = opts.variant})
+    -- copy: each tensor owns its memory (read, not a view of the file's
+    -- map), so a file changed or truncated later cannot touch the model;
+    -- owned: load_state_dict may then keep them without a second copy.
     local weights = {}
-    for _, k in ipairs(f:keys()) do
-        local name = normalise_key(component, k)
-        if name then weights[name] = f:get(k) end
-    end
-    local ok, err = pcall(model.load_state_dict, model, weights, {layout = "torch", assign = true})
+    local ok, err = pcall(function()
+        for _, k in ipairs(f:keys()) do
+            local name = normalise_key(component, k)
+            if name then weights[name] = f:get(k, {copy = true}) end
+        end
+    end)
     f:close()
+    if ok then
+        ok, err = pcall(model.load_state_dict, model, weights, {layout = "torch", assign = true, owned = true})
+    end
     if not ok then error(string.format("sd.load: %s: %s", dir, tostring(err)), 2) end
     model:eval()
     model.config = cfg
@@ -135,6 +143,9 @@ function sd.load(dir, opts)
         opts = o2
     end
     if not core.is_dir(dir) then error("sd.load: model folder not found: " .. tostring(dir), 2) end
+    -- A save killed after its commit point left the new files half moved in.
+    local ok, err = pcall(core.folder_save_recover, dir)
+    if not ok then error("sd.load: " .. tostring(err), 2) end
     local index, index_raw = read_json(join(dir, "model_index.json"), "model_index.json")
     local want = {}
     for _, c in ipairs(opts.components or {"text_encoder", "unet", "vae", "tokenizer", "scheduler"}) do want[c] = true end
@@ -187,27 +198,38 @@ local function save_component(dir, component, model, opts)
     core.st_save(join(dir, fname), out, {dtype = opts.dtype, metadata = meta})
 end
 
--- sd.save(dir, m, opts): writes every component present in m.
-function sd.save(dir, m, opts)
-    opts = opts or {}
-    core.mkdir_p(dir)
+-- A config about to be written must be a JSON object (a table with string
+-- keys); checked before anything is written.
+local function check_object(v, what)
+    if v == nil then return end
+    local mt = getmetatable(v)
+    if type(v) ~= "table" or (mt and mt.__jsontype == "array") or v[1] ~= nil then
+        error(string.format("sd.save: %s must be a JSON object, not %s", what,
+                            type(v) == "table" and "an array" or "a " .. type(v)), 3)
+    end
+end
+
+local save_dtypes = {f32 = true, f16 = true, bf16 = true, f64 = true}
+
+-- Every file of the folder, written under `root` (the staging folder).
+local function write_folder(root, m, opts)
     for _, c in ipairs {"text_encoder", "unet", "vae"} do
-        if m[c] then save_component(join(dir, c), c, m[c], opts) end
+        if m[c] then save_component(join(root, c), c, m[c], opts) end
     end
     if m.tokenizer_dir then
-        core.mkdir_p(join(dir, "tokenizer"))
+        core.mkdir_p(join(root, "tokenizer"))
         for _, f in ipairs {"vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"} do
             local src = join(m.tokenizer_dir, f)
-            if core.is_file(src) then core.copy_file(src, join(join(dir, "tokenizer"), f)) end
+            if core.is_file(src) then core.copy_file(src, join(join(root, "tokenizer"), f)) end
         end
     end
     if m.scheduler then
-        core.mkdir_p(join(dir, "scheduler"))
+        core.mkdir_p(join(root, "scheduler"))
         local cfg = {}
         for k, v in pairs(m.scheduler_raw_config or {}) do cfg[k] = v end
         for k, v in pairs(m.scheduler.config) do cfg[k] = v end
         cfg._diffusers_version = cfg._diffusers_version or DIFFUSERS_VERSION
-        core.json_save(join(dir, "scheduler/scheduler_config.json"), cfg, {indent = 2, sort_keys = true})
+        core.json_save(join(root, "scheduler/scheduler_config.json"), cfg, {indent = 2, sort_keys = true})
     end
     local index = {}
     for k, v in pairs(m.raw_config or m.config or {}) do index[k] = v end
@@ -219,7 +241,31 @@ function sd.save(dir, m, opts)
     if m.vae then index.vae = {"diffusers", "AutoencoderKL"} end
     if m.scheduler then index.scheduler = {"diffusers", m.scheduler.config._class_name} end
     index.requires_safety_checker = false
-    core.json_save(join(dir, "model_index.json"), index, {indent = 2, sort_keys = true})
+    core.json_save(join(root, "model_index.json"), index, {indent = 2, sort_keys = true})
+end
+
+-- sd.save(dir, m, opts): writes every component present in m, atomically
+-- as a whole: a reader (or a save killed half-way) finds the model's files
+-- all old or all new; other files in dir are left alone (see docs/sd.md).
+function sd.save(dir, m, opts)
+    opts = opts or {}
+    if type(m) ~= "table" then error("sd.save: expected a model table, got " .. type(m), 2) end
+    if opts.dtype ~= nil and not save_dtypes[opts.dtype] then
+        error("sd.save: option 'dtype' must be f32, f16, bf16 or f64, not " .. tostring(opts.dtype), 2)
+    end
+    check_object(m.raw_config or m.config, "the model's model_index.json config")
+    check_object(m.scheduler_raw_config, "the scheduler config")
+    for _, c in ipairs {"text_encoder", "unet", "vae"} do
+        if m[c] then check_object(m[c].raw_config or m[c].config, "the " .. c .. " config") end
+    end
+    core.mkdir_p(dir)
+    local staging = core.folder_save_begin(dir)
+    local ok, err = pcall(write_folder, staging, m, opts)
+    if not ok then
+        core.folder_save_abort(staging)
+        error(err, 0)
+    end
+    core.folder_save_commit(dir, staging)
 end
 
 -- Models with fresh random weights from a folder of configs (tests, benchmarks).

@@ -1,8 +1,11 @@
 /* lua_image.c — Lua glue of host/image.h: image_load, image_save,
  * image_resize, image_png_text (added to the moonlit.core table).
  *
- *   image_load(path [, {dtype = "f32"|"u8"|..., device = "cpu"|"cuda:N"}])
- *       -> [H, W, 3] tensor; float dtypes hold value/255 in [0, 1]
+ *   image_load(path [, {dtype = "f32"|"u8"|..., device = "cpu"|"cuda:N",
+ *                       max_pixels = 64e6}])
+ *       -> [H, W, 3] tensor; float dtypes hold value/255 in [0, 1]; images
+ *       whose header declares more than max_pixels pixels are refused
+ *       before decoding
  *   image_save(path, t [, {meta = {prompt = ..., seed = ...}, quality = 95}])
  *       t: [H, W, C] or [1, H, W, C], C = 1..4, uint8 or floating (clamped
  *       to [0, 1], then (x*255) rounded half-to-even, as torch's round)
@@ -75,9 +78,10 @@ static int l_image_load(lua_State *L) {
     if (dt != ML_U8 && !ml_dtype_is_float(dt))
         return luaL_argerror(L, 2, lua_pushfstring(L, "dtype must be u8 or a floating type, got %s",
                                                    ml_dtype_short(dt)));
+    int64_t max_pixels = mlua_opt_field_integer(L, 2, "max_pixels", ML_IMAGE_DEFAULT_MAX_PIXELS, 1, LUA_MAXINTEGER);
     uint8_t *px;
     int h, w;
-    if (ml_image_load(path, &px, &h, &w) < 0) return mlua_error(L, NULL);
+    if (ml_image_load_max(path, max_pixels, &px, &h, &w) < 0) return mlua_error(L, NULL);
     int64_t shape[3] = {h, w, 3};
     ml_tensor *t = ml_empty(3, shape, dt == ML_U8 ? ML_U8 : ML_F32, ml_cpu());
     if (!t) { free(px); return mlua_error(L, NULL); }
@@ -217,13 +221,12 @@ static int l_image_save(lua_State *L) {
 
 static int l_image_resize(lua_State *L) {
     ml_tensor *t = mlua_check_tensor(L, 1);
-    lua_Integer oh = luaL_checkinteger(L, 2), ow = luaL_checkinteger(L, 3);
+    lua_Integer oh = mlua_check_integer(L, 2, "image_resize: height", 1, INT_MAX);
+    lua_Integer ow = mlua_check_integer(L, 3, "image_resize: width", 1, INT_MAX);
     check_opts(L, 4);
     const char *mode_name = mlua_opt_field_string(L, 4, "mode", "bilinear");
     int mode = ml_resize_mode_parse(mode_name);
     if (mode < 0) return luaL_argerror(L, 4, ml_last_error());
-    luaL_argcheck(L, oh > 0 && oh <= INT_MAX, 2, "height must be a positive integer");
-    luaL_argcheck(L, ow > 0 && ow <= INT_MAX, 3, "width must be a positive integer");
     char buf[128];
     bool ok = (t->ndim == 3 || t->ndim == 4) && ml_numel(t) > 0;
     for (int d = 0; ok && d < t->ndim; d++) ok = t->shape[d] <= INT_MAX;

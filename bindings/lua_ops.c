@@ -4,7 +4,9 @@
 #include "mlua.h"
 #include "ops.h"
 #include "op_registry.h"
+#include <limits.h>
 #include <math.h>
+#include <stdio.h>
 #include <string.h>
 
 /* ---- elementwise -------------------------------------------------------- */
@@ -120,7 +122,7 @@ static int l_adamw_step_(lua_State *L) {
     ml_tensor *m = mlua_check_tensor(L, 3), *v = mlua_check_tensor(L, 4);
     double lr = luaL_checknumber(L, 5), b1 = luaL_checknumber(L, 6), b2 = luaL_checknumber(L, 7);
     double eps = luaL_checknumber(L, 8), wd = luaL_checknumber(L, 9);
-    lua_Integer step = luaL_checkinteger(L, 10);
+    lua_Integer step = mlua_check_integer(L, 10, "adamw_step_: step", 1, LUA_MAXINTEGER);
     ml_generator *gen = NULL;
     uint64_t seed, offset;
     if (lua_isnoneornil(L, 11)) {
@@ -128,8 +130,9 @@ static int l_adamw_step_(lua_State *L) {
         seed = gen->seed;
         offset = gen->offset;
     } else {
-        seed = (uint64_t)luaL_checkinteger(L, 11);
-        offset = (uint64_t)luaL_optinteger(L, 12, 0);
+        /* 64-bit patterns: negative integers are the seeds above 2^63 */
+        seed = (uint64_t)mlua_check_integer(L, 11, "adamw_step_: seed", LUA_MININTEGER, LUA_MAXINTEGER);
+        offset = (uint64_t)mlua_opt_integer(L, 12, "adamw_step_: offset", 0, LUA_MININTEGER, LUA_MAXINTEGER);
     }
     if (ml_adamw_step_(p, g, m, v, lr, b1, b2, eps, wd, step, seed, offset) < 0) return mlua_error(L, NULL);
     if (gen) gen->offset += ml_adamw_random_blocks(p, m, v);
@@ -170,7 +173,7 @@ static int l_var(lua_State *L) {
     ml_tensor *x = mlua_check_tensor(L, 1);
     int dims[ML_MAX_DIMS], n = check_dims(L, 2, x->ndim, dims);
     int opts = lua_istable(L, 3) ? 3 : 0;
-    int corr = (int)mlua_opt_field_number(L, opts, "correction", 1);
+    int corr = (int)mlua_opt_field_integer(L, opts, "correction", 1, 0, INT_MAX);
     bool keep = mlua_opt_field_bool(L, opts, "keepdim", 0);
     return mlua_push_tensor(L, ml_var(x, n, dims, corr, keep));
 }
@@ -223,18 +226,32 @@ static int l_linear(lua_State *L) {
     return mlua_push_tensor(L, ml_linear(mlua_check_tensor(L, 1), mlua_check_tensor(L, 2), mlua_opt_tensor(L, 3)));
 }
 
-/* A pair option: a number n -> (n, n); a table {a, b}. */
-static void pair_opt(lua_State *L, int opts, const char *key, int def, int *a, int *b) {
+/* Entry i (1-based) of the table on the top of the stack as an int of
+ * [lo, INT_MAX]; errors name the option ("conv2d: padding[2]"). */
+static int table_int(lua_State *L, const char *key, int i, int lo) {
+    char what[64];
+    snprintf(what, sizeof what, "conv2d: %s[%d]", key, i);
+    lua_geti(L, -1, i);
+    int v = mlua_check_int(L, -1, what, lo, INT_MAX);
+    lua_pop(L, 1);
+    return v;
+}
+
+/* A pair option: a number n -> (n, n); a table {a, b}; each in [lo, INT_MAX]. */
+static void pair_opt(lua_State *L, int opts, const char *key, int def, int lo, int *a, int *b) {
     *a = *b = def;
     if (!opts) return;
     lua_getfield(L, opts, key);
-    if (lua_type(L, -1) == LUA_TNUMBER) *a = *b = (int)lua_tointeger(L, -1);
-    else if (lua_istable(L, -1)) {
+    if (lua_type(L, -1) == LUA_TNUMBER) {
+        char what[64];
+        snprintf(what, sizeof what, "conv2d: %s", key);
+        *a = *b = mlua_check_int(L, -1, what, lo, INT_MAX);
+    } else if (lua_istable(L, -1)) {
         if (luaL_len(L, -1) != 2)
             luaL_error(L, "option '%s' must be a number or {h, w}%s", key,
                        strcmp(key, "padding") == 0 ? " or {top, bottom, left, right}" : "");
-        lua_geti(L, -1, 1); *a = (int)lua_tointeger(L, -1); lua_pop(L, 1);
-        lua_geti(L, -1, 2); *b = (int)lua_tointeger(L, -1); lua_pop(L, 1);
+        *a = table_int(L, key, 1, lo);
+        *b = table_int(L, key, 2, lo);
     } else if (!lua_isnil(L, -1)) luaL_error(L, "option '%s' must be a number or {h, w}", key);
     lua_pop(L, 1);
 }
@@ -244,23 +261,23 @@ static int l_conv2d(lua_State *L) {
     ml_tensor *x = mlua_check_tensor(L, 1), *w = mlua_check_tensor(L, 2), *b = mlua_opt_tensor(L, 3);
     int opts = lua_istable(L, 4) ? 4 : 0;
     int sh, sw, ph, pw;
-    pair_opt(L, opts, "stride", 1, &sh, &sw);
+    pair_opt(L, opts, "stride", 1, 1, &sh, &sw);
     if (opts) {   /* padding = {top, bottom, left, right}: asymmetric (the VAE's downsampler) */
         lua_getfield(L, opts, "padding");
         bool four = lua_istable(L, -1) && luaL_len(L, -1) == 4;
         int p[4] = {0, 0, 0, 0};
-        for (int i = 0; four && i < 4; i++) { lua_geti(L, -1, i + 1); p[i] = (int)lua_tointeger(L, -1); lua_pop(L, 1); }
+        for (int i = 0; four && i < 4; i++) p[i] = table_int(L, "padding", i + 1, 0);
         lua_pop(L, 1);
         if (four) return mlua_push_tensor(L, ml_conv2d_ex(x, w, b, sh, sw, p[0], p[1], p[2], p[3]));
     }
-    pair_opt(L, opts, "padding", 0, &ph, &pw);
+    pair_opt(L, opts, "padding", 0, 0, &ph, &pw);
     return mlua_push_tensor(L, ml_conv2d(x, w, b, sh, sw, ph, pw));
 }
 
 /* group_norm(x, groups, weight, bias, eps = 1e-5, silu = false) */
 static int l_group_norm(lua_State *L) {
     ml_tensor *x = mlua_check_tensor(L, 1);
-    int g = (int)luaL_checkinteger(L, 2);
+    int g = mlua_check_int(L, 2, "group_norm: groups", 1, INT_MAX);
     return mlua_push_tensor(L, ml_group_norm(x, g, mlua_opt_tensor(L, 3), mlua_opt_tensor(L, 4),
                                              luaL_optnumber(L, 5, 1e-5), lua_toboolean(L, 6)));
 }
@@ -344,7 +361,8 @@ static int l_index_select(lua_State *L) {
 }
 
 static int l_upsample_nearest2d(lua_State *L) {
-    return mlua_push_tensor(L, ml_upsample_nearest2d(mlua_check_tensor(L, 1), (int)luaL_optinteger(L, 2, 2)));
+    ml_tensor *x = mlua_check_tensor(L, 1);
+    return mlua_push_tensor(L, ml_upsample_nearest2d(x, mlua_opt_int(L, 2, "upsample_nearest2d: scale", 2, 1, INT_MAX)));
 }
 
 static int l_mse_loss(lua_State *L) {
@@ -371,9 +389,10 @@ static int random_impl(lua_State *L, int kind) {
     int first = 1;
     int64_t lo = 0, hi = 0;
     if (kind == 2) {                    /* randint(low, high, shape, opts) */
-        lo = luaL_checkinteger(L, 1);
-        hi = luaL_checkinteger(L, 2);
-        if (hi <= lo) return luaL_error(L, "randint: high (%d) must be greater than low (%d)", (int)hi, (int)lo);
+        lo = mlua_check_integer(L, 1, "randint: low", LUA_MININTEGER, LUA_MAXINTEGER);
+        hi = mlua_check_integer(L, 2, "randint: high", LUA_MININTEGER, LUA_MAXINTEGER);
+        if (hi <= lo)
+            return luaL_error(L, "randint: high (%I) must be greater than low (%I)", (LUAI_UACINT)hi, (LUAI_UACINT)lo);
         first = 3;
     }
     int n = mlua_check_shape(L, first, shape);
@@ -405,7 +424,7 @@ static int l_uniform_(lua_State *L) {
 }
 
 static int l_manual_seed(lua_State *L) {
-    ml_manual_seed((uint64_t)luaL_checkinteger(L, 1));
+    ml_manual_seed((uint64_t)mlua_check_integer(L, 1, "manual_seed: seed", LUA_MININTEGER, LUA_MAXINTEGER));
     return 0;
 }
 
@@ -419,8 +438,8 @@ static int l_get_rng_state(lua_State *L) {
 
 static int l_set_rng_state(lua_State *L) {
     ml_generator *g = ml_default_generator();
-    g->seed = (uint64_t)luaL_checkinteger(L, 1);
-    g->offset = (uint64_t)luaL_checkinteger(L, 2);
+    g->seed = (uint64_t)mlua_check_integer(L, 1, "set_rng_state: seed", LUA_MININTEGER, LUA_MAXINTEGER);
+    g->offset = (uint64_t)mlua_check_integer(L, 2, "set_rng_state: offset", LUA_MININTEGER, LUA_MAXINTEGER);
     return 0;
 }
 

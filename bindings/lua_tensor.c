@@ -6,6 +6,7 @@
 #include "ops.h"
 #include <limits.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -95,12 +96,39 @@ ml_tensor *mlua_tensor_or_scalar(lua_State *L, int idx, const ml_tensor *like) {
     return ml_retain(mlua_check_tensor(L, idx));
 }
 
+/* The integer at idx, or an error naming `what`; idx may be a stack slot
+ * that is not an argument (a table entry pushed for reading). */
+static lua_Integer integer_at(lua_State *L, int idx, const char *what, lua_Integer lo, lua_Integer hi) {
+    int isint = 0;
+    /* numbers only: Lua would also convert the string "4" */
+    lua_Integer v = lua_type(L, idx) == LUA_TNUMBER ? lua_tointegerx(L, idx, &isint) : 0;
+    if (!isint) {
+        if (lua_type(L, idx) == LUA_TNUMBER)
+            luaL_error(L, "%s must be an integer (got %s)", what, luaL_tolstring(L, idx, NULL));
+        luaL_error(L, "%s must be an integer (got %s)", what, luaL_typename(L, idx));
+    }
+    if (v < lo || v > hi)
+        luaL_error(L, "%s = %I is out of range (expected %I to %I)", what, (LUAI_UACINT)v, (LUAI_UACINT)lo,
+                   (LUAI_UACINT)hi);
+    return v;
+}
+
+lua_Integer mlua_check_integer(lua_State *L, int idx, const char *what, lua_Integer lo, lua_Integer hi) {
+    return integer_at(L, idx, what, lo, hi);
+}
+
+lua_Integer mlua_opt_integer(lua_State *L, int idx, const char *what, lua_Integer def, lua_Integer lo,
+                             lua_Integer hi) {
+    if (lua_isnoneornil(L, idx)) return def;
+    return integer_at(L, idx, what, lo, hi);
+}
+
 int mlua_check_dim(lua_State *L, int idx, int ndim) {
-    lua_Integer d = luaL_checkinteger(L, idx);
+    lua_Integer d = integer_at(L, idx, "dimension", LUA_MININTEGER, LUA_MAXINTEGER);
     int n = ndim > 0 ? ndim : 1;
     if (d == 0 || d > n || d < -n)
-        luaL_argerror(L, idx, lua_pushfstring(L, "dimension %d out of range (tensor has %d dims; dims are 1-based, -1 is the last)",
-                                              (int)d, ndim));
+        luaL_argerror(L, idx, lua_pushfstring(L, "dimension %I out of range (tensor has %d dims; dims are 1-based, -1 is the last)",
+                                              (LUAI_UACINT)d, ndim));
     return d > 0 ? (int)d - 1 : (int)(d + n);
 }
 
@@ -111,12 +139,8 @@ int mlua_check_shape(lua_State *L, int idx, int64_t *shape) {
         if (n > ML_MAX_DIMS) luaL_argerror(L, idx, "too many dimensions (at most 8)");
         for (int i = 0; i < n; i++) {
             lua_geti(L, idx, i + 1);
-            if (!lua_isinteger(L, -1)) {
-                lua_Number v = lua_tonumber(L, -1);
-                if (!lua_isnumber(L, -1) || v != floor(v))
-                    luaL_argerror(L, idx, "shape entries must be integers");
-                shape[i] = (int64_t)v;
-            } else shape[i] = lua_tointeger(L, -1);
+            /* a float too large for an integer (2^63) is refused, not cast */
+            shape[i] = integer_at(L, -1, "shape entry", LUA_MININTEGER, LUA_MAXINTEGER);
             lua_pop(L, 1);
         }
         return n;
@@ -124,7 +148,7 @@ int mlua_check_shape(lua_State *L, int idx, int64_t *shape) {
     int top = lua_gettop(L);
     for (int i = idx; i <= top && lua_type(L, i) == LUA_TNUMBER; i++) {
         if (n >= ML_MAX_DIMS) luaL_argerror(L, i, "too many dimensions (at most 8)");
-        shape[n++] = luaL_checkinteger(L, i);
+        shape[n++] = integer_at(L, i, "size", LUA_MININTEGER, LUA_MAXINTEGER);
     }
     return n;
 }
@@ -148,6 +172,16 @@ double mlua_opt_field_number(lua_State *L, int idx, const char *key, double def)
     if (!opt_field(L, idx, key)) return def;
     if (!lua_isnumber(L, -1)) luaL_error(L, "option '%s' must be a number", key);
     double v = lua_tonumber(L, -1);
+    lua_pop(L, 1);
+    return v;
+}
+
+lua_Integer mlua_opt_field_integer(lua_State *L, int idx, const char *key, lua_Integer def, lua_Integer lo,
+                                   lua_Integer hi) {
+    if (!opt_field(L, idx, key)) return def;
+    char what[80];
+    snprintf(what, sizeof what, "option '%s'", key);
+    lua_Integer v = integer_at(L, -1, what, lo, hi);
     lua_pop(L, 1);
     return v;
 }
@@ -299,12 +333,13 @@ static int t_index(lua_State *L) {
         lua_pushnil(L);
         return 1;
     }
-    if (lua_isinteger(L, 2)) {          /* t[i] selects along the first dim (Torch7 style) */
+    if (lua_type(L, 2) == LUA_TNUMBER) {   /* t[i] selects along the first dim (Torch7 style) */
         ml_tensor *t = mlua_check_tensor(L, 1);
-        lua_Integer i = lua_tointeger(L, 2);
+        lua_Integer i = integer_at(L, 2, "tensor index", LUA_MININTEGER, LUA_MAXINTEGER);
         if (t->ndim == 0) return luaL_error(L, "cannot index a 0-dim tensor");
         if (i == 0 || i > t->shape[0] || i < -t->shape[0])
-            return luaL_error(L, "index %d out of range for dim 1 of size %d", (int)i, (int)t->shape[0]);
+            return luaL_error(L, "index %I out of range for dim 1 of size %I", (LUAI_UACINT)i,
+                              (LUAI_UACINT)t->shape[0]);
         return mlua_push_tensor(L, ml_select(t, 0, i > 0 ? i - 1 : i + t->shape[0]));
     }
     lua_pushnil(L);
@@ -378,13 +413,15 @@ static int t_narrow(lua_State *L) {
     ml_tensor *t = mlua_check_tensor(L, 1);
     if (t->ndim == 0) return luaL_error(L, "narrow: cannot narrow a 0-dim tensor");
     int d = mlua_check_dim(L, 2, t->ndim);
-    lua_Integer start = luaL_checkinteger(L, 3), len = luaL_checkinteger(L, 4);
+    lua_Integer start = mlua_check_integer(L, 3, "narrow: start", LUA_MININTEGER, LUA_MAXINTEGER);
+    lua_Integer len = mlua_check_integer(L, 4, "narrow: length", LUA_MININTEGER, LUA_MAXINTEGER);
     if (start == 0) return luaL_argerror(L, 3, "start is 1-based (got 0)");
-    /* checked here so the message speaks of the caller's 1-based start */
+    /* checked here so the message speaks of the caller's 1-based start;
+     * len > size - s0 rather than s0 + len > size, which may overflow */
     int64_t size = t->shape[d], s0 = start > 0 ? start - 1 : start + size;
-    if (s0 < 0 || len < 0 || s0 + len > size)
-        return luaL_error(L, "narrow: start %d length %d out of range for dim %d of size %d",
-                          (int)start, (int)len, d + 1, (int)size);
+    if (s0 < 0 || s0 > size || len < 0 || len > size - s0)
+        return luaL_error(L, "narrow: start %I length %I out of range for dim %d of size %I",
+                          (LUAI_UACINT)start, (LUAI_UACINT)len, d + 1, (LUAI_UACINT)size);
     return mlua_push_tensor(L, ml_narrow(t, d, s0, len));
 }
 
@@ -392,10 +429,11 @@ static int t_select(lua_State *L) {
     ml_tensor *t = mlua_check_tensor(L, 1);
     if (t->ndim == 0) return luaL_error(L, "select: cannot index a 0-dim tensor");
     int d = mlua_check_dim(L, 2, t->ndim);
-    lua_Integer i = luaL_checkinteger(L, 3);
+    lua_Integer i = mlua_check_integer(L, 3, "select: index", LUA_MININTEGER, LUA_MAXINTEGER);
     if (i == 0) return luaL_argerror(L, 3, "index is 1-based (got 0)");
     if (i > t->shape[d] || i < -t->shape[d])
-        return luaL_error(L, "select: index %d out of range for dim %d of size %d", (int)i, d + 1, (int)t->shape[d]);
+        return luaL_error(L, "select: index %I out of range for dim %d of size %I", (LUAI_UACINT)i, d + 1,
+                          (LUAI_UACINT)t->shape[d]);
     return mlua_push_tensor(L, ml_select(t, d, i > 0 ? i - 1 : i + t->shape[d]));
 }
 
@@ -414,7 +452,7 @@ static int t_squeeze(lua_State *L) {
 
 static int t_unsqueeze(lua_State *L) {
     ml_tensor *t = mlua_check_tensor(L, 1);
-    lua_Integer d = luaL_checkinteger(L, 2);
+    lua_Integer d = mlua_check_integer(L, 2, "unsqueeze: dimension", LUA_MININTEGER, LUA_MAXINTEGER);
     int n = t->ndim + 1;
     if (d == 0 || d > n || d < -n) return luaL_argerror(L, 2, "dimension out of range (1-based)");
     return mlua_push_tensor(L, ml_unsqueeze(t, d > 0 ? (int)d - 1 : (int)(d + n)));
@@ -460,7 +498,7 @@ static int t_cpu(lua_State *L) { return mlua_push_tensor(L, ml_to_device(mlua_ch
 
 static int t_cuda(lua_State *L) {
     ml_tensor *t = mlua_check_tensor(L, 1);
-    ml_device d = {ML_CUDA, (int8_t)luaL_optinteger(L, 2, 0)};
+    ml_device d = {ML_CUDA, (int8_t)mlua_opt_integer(L, 2, "cuda: device index", 0, 0, 127)};
     return mlua_push_tensor(L, ml_to_device(t, d));
 }
 

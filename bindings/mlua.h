@@ -33,11 +33,33 @@ int mlua_error(lua_State *L, const char *op);
 /* If rc < 0 raise the host error. */
 #define MLUA_CHECK(L, rc) do { if ((rc) < 0) mlua_error((L), NULL); } while (0)
 
+/* Integer arguments.  Every integer the bindings read goes through these
+ * before it is narrowed (to int, int8_t, ...): a number that is not integral
+ * (1.5), not a number, or outside [lo, hi] raises an error naming `what`
+ * ("padding", "scale") and the accepted range, instead of being truncated
+ * (1.5 -> 1) or wrapped (2^32 + 1 -> 1).  Integral floats (2.0) are
+ * accepted, as Lua's own luaL_checkinteger does. */
+lua_Integer mlua_check_integer(lua_State *L, int idx, const char *what, lua_Integer lo, lua_Integer hi);
+/* The same, nil/none giving def. */
+lua_Integer mlua_opt_integer(lua_State *L, int idx, const char *what, lua_Integer def, lua_Integer lo,
+                             lua_Integer hi);
+/* An int (range within INT_MIN..INT_MAX). */
+static inline int mlua_check_int(lua_State *L, int idx, const char *what, int lo, int hi) {
+    return (int)mlua_check_integer(L, idx, what, lo, hi);
+}
+static inline int mlua_opt_int(lua_State *L, int idx, const char *what, int def, int lo, int hi) {
+    return (int)mlua_opt_integer(L, idx, what, def, lo, hi);
+}
+/* Options-table field `key` as an integer in [lo, hi] (def when absent). */
+lua_Integer mlua_opt_field_integer(lua_State *L, int idx, const char *key, lua_Integer def, lua_Integer lo,
+                                   lua_Integer hi);
+
 /* Lua dims are 1-based (negative counts from the end, -1 = last).  Convert
  * to the host's 0-based dim, raising a clear error if out of range. */
 int mlua_check_dim(lua_State *L, int idx, int ndim);
 /* Read a shape given as a table {2,3} or as varargs of integers from idx.
- * Returns ndim. */
+ * Entries must be integers (checked as mlua_check_integer does); whether
+ * the sizes are valid is left to the host (ml_shape_check).  Returns ndim. */
 int mlua_check_shape(lua_State *L, int idx, int64_t *shape);
 /* Read an options-table field (idx is the table's stack index, may be nil). */
 const char *mlua_opt_field_string(lua_State *L, int idx, const char *key, const char *def);

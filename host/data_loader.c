@@ -145,7 +145,7 @@ static int run_sample(const char *path, const ml_data_transform *tf, uint64_t ep
                  path, (long long)pw, (long long)ph, pw * ph / 1e6, max_pixels / 1e6);
         goto done;
     }
-    if (ml_image_decode(file, n, path, &px, &h, &w) < 0) goto done;
+    if (ml_image_decode_max(file, n, path, max_pixels, &px, &h, &w) < 0) goto done;
     free(file); file = NULL;
     if ((int64_t)h * w > max_pixels) {
         ml_error("image '%s' is %d x %d = %.1f megapixels, above the limit of %.1f megapixels "

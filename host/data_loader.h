@@ -24,10 +24,11 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "image.h"
 #include "tensor.h"
 
 #define ML_DATA_MAX_COLS 16
-#define ML_DATA_DEFAULT_MAX_PIXELS (64ll * 1000 * 1000)
+#define ML_DATA_DEFAULT_MAX_PIXELS ML_IMAGE_DEFAULT_MAX_PIXELS
 
 typedef enum { ML_CROP_NONE = 0, ML_CROP_CENTER, ML_CROP_RANDOM } ml_crop_mode;
 

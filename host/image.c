@@ -6,6 +6,7 @@
 #include "image.h"
 #include "atomic_file.h"
 #include "error.h"
+#include "fs.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -97,7 +98,7 @@ uint32_t ml_crc32(uint32_t crc, const void *data, size_t n) {
  * ("cannot decode", "cannot read text of"). */
 static int read_file(const char *path, const char *what, uint8_t **data, size_t *n) {
     *data = NULL; *n = 0;
-    if (!path || !*path) return ml_error("%s '': empty file name", what);
+    if (ml_require_regular_file(path, what) < 0) return -1;
     int fd = open(path, O_RDONLY);
     if (fd < 0) return ml_error("%s '%s': cannot open: %s", what, path, strerror(errno));
     struct stat st;
@@ -105,7 +106,7 @@ static int read_file(const char *path, const char *what, uint8_t **data, size_t 
         int e = errno; close(fd);
         return ml_error("%s '%s': cannot stat: %s", what, path, strerror(e));
     }
-    if (S_ISDIR(st.st_mode)) { close(fd); return ml_error("%s '%s': it is a directory", what, path); }
+    if (!S_ISREG(st.st_mode)) { close(fd); return ml_error("%s '%s': not a regular file", what, path); }
     size_t size = (size_t)st.st_size;
     uint8_t *buf = malloc(size ? size : 1);
     if (!buf) { close(fd); return ml_error("%s '%s': out of memory reading %zu bytes", what, path, size); }
@@ -334,17 +335,36 @@ static int unknown_format(const uint8_t *d, size_t n, const char *name) {
 
 /* ---- loading ------------------------------------------------------------ */
 
-int ml_image_decode(const uint8_t *d, size_t n, const char *name, uint8_t **pixels, int *h, int *w) {
+/* -1 when the header declares more than max_pixels pixels.  Checked first,
+ * before the whole-file checks: those read every chunk, and the point is to
+ * spend nothing on an image that will be refused.  A header stb cannot read
+ * is left to the format checks and the decoder. */
+static int check_pixels(const uint8_t *d, size_t n, const char *name, int64_t max_pixels) {
+    int x, y, comp;
+    if (!stbi_info_from_memory(d, (int)n, &x, &y, &comp)) return 0;
+    if ((int64_t)x * y <= max_pixels) return 0;
+    return ml_error("cannot decode '%s': the image is %d x %d = %.1f megapixels, above the limit of %.1f "
+                    "megapixels (raise max_pixels to allow it)", name, x, y, (double)x * y / 1e6,
+                    (double)max_pixels / 1e6);
+}
+
+int ml_image_decode_max(const uint8_t *d, size_t n, const char *name, int64_t max_pixels,
+                        uint8_t **pixels, int *h, int *w) {
     *pixels = NULL;
     if (!name) name = "<memory>";
+    if (max_pixels <= 0) max_pixels = ML_IMAGE_DEFAULT_MAX_PIXELS;
     if (n == 0) return ml_error("cannot decode '%s': the file is empty", name);
     if (n > INT_MAX) return ml_error("cannot decode '%s': %zu bytes is too large (limit 2 GiB)", name, n);
     int orient = 1, rc;
     const char *fmt;
-    if (n >= 8 && memcmp(d, PNG_SIG, 8) == 0) { fmt = "PNG"; rc = png_check(d, n, name, &orient); }
-    else if (n >= 3 && d[0] == 0xFF && d[1] == 0xD8 && d[2] == 0xFF) { fmt = "JPEG"; rc = jpeg_check(d, n, name, &orient); }
-    else if (n >= 2 && d[0] == 'B' && d[1] == 'M') { fmt = "BMP"; rc = bmp_check(d, n, name); }
-    else return unknown_format(d, n, name);
+    bool png = n >= 8 && memcmp(d, PNG_SIG, 8) == 0;
+    bool jpeg = !png && n >= 3 && d[0] == 0xFF && d[1] == 0xD8 && d[2] == 0xFF;
+    bool bmp = !png && !jpeg && n >= 2 && d[0] == 'B' && d[1] == 'M';
+    if (!png && !jpeg && !bmp) return unknown_format(d, n, name);
+    if (check_pixels(d, n, name, max_pixels) < 0) return -1;
+    if (png) { fmt = "PNG"; rc = png_check(d, n, name, &orient); }
+    else if (jpeg) { fmt = "JPEG"; rc = jpeg_check(d, n, name, &orient); }
+    else { fmt = "BMP"; rc = bmp_check(d, n, name); }
     if (rc < 0) return -1;
 
     int x, y, comp;
@@ -368,14 +388,22 @@ int ml_image_decode(const uint8_t *d, size_t n, const char *name, uint8_t **pixe
     return 0;
 }
 
-int ml_image_load(const char *path, uint8_t **pixels, int *h, int *w) {
+int ml_image_decode(const uint8_t *d, size_t n, const char *name, uint8_t **pixels, int *h, int *w) {
+    return ml_image_decode_max(d, n, name, 0, pixels, h, w);
+}
+
+int ml_image_load_max(const char *path, int64_t max_pixels, uint8_t **pixels, int *h, int *w) {
     uint8_t *d;
     size_t n;
     *pixels = NULL;
     if (read_file(path, "cannot decode", &d, &n) < 0) return -1;
-    int rc = ml_image_decode(d, n, path, pixels, h, w);
+    int rc = ml_image_decode_max(d, n, path, max_pixels, pixels, h, w);
     free(d);
     return rc;
+}
+
+int ml_image_load(const char *path, uint8_t **pixels, int *h, int *w) {
+    return ml_image_load_max(path, 0, pixels, h, w);
 }
 
 /* ---- saving ------------------------------------------------------------- */

@@ -28,12 +28,24 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* The most pixels (width x height) decoded unless the caller raises it:
+ * a small file can declare a huge image (a 249 KB PNG of 16000 x 16000
+ * decodes to 768 MB of RGB, and more as float), so the size the header
+ * declares is checked before any pixel is decoded. */
+#define ML_IMAGE_DEFAULT_MAX_PIXELS (64ll * 1000 * 1000)
+
 /* Decode the image file at `path` to RGB: *pixels gets a malloc'd
- * [H, W, 3] buffer (release with free()). */
+ * [H, W, 3] buffer (release with free()).  Only regular files are read (a
+ * FIFO or device is refused, not waited on).  Images larger than
+ * ML_IMAGE_DEFAULT_MAX_PIXELS are refused before decoding. */
 int ml_image_load(const char *path, uint8_t **pixels, int *h, int *w);
+/* Same with a pixel limit: max_pixels <= 0 means the default. */
+int ml_image_load_max(const char *path, int64_t max_pixels, uint8_t **pixels, int *h, int *w);
 /* Same from bytes in memory; `name` is used only in error messages. */
 int ml_image_decode(const uint8_t *data, size_t n, const char *name,
                     uint8_t **pixels, int *h, int *w);
+int ml_image_decode_max(const uint8_t *data, size_t n, const char *name, int64_t max_pixels,
+                        uint8_t **pixels, int *h, int *w);
 
 /* Write `hwc` ([H, W, C], C = 1 gray, 2 gray+alpha, 3 RGB, 4 RGBA; JPEG
  * ignores alpha) to `path`.  keys/vals: nkv UTF-8 metadata pairs (keys are

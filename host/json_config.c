@@ -2,12 +2,14 @@
  * (see json_config.h). */
 #include "json_config.h"
 #include "error.h"
+#include "fs.h"
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 json_t *ml_json_load_file(const char *path) {
+    if (ml_require_regular_file(path, "cannot read JSON") < 0) return NULL;
     json_error_t err;
     json_t *j = json_load_file(path, JSON_DECODE_ANY, &err);
     if (!j) {

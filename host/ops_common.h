@@ -6,6 +6,7 @@
 #define ML_OPS_COMMON_H
 
 #include "ops.h"
+#include "checked_math.h"
 #include "dispatch.h"
 
 /* Run kernel `fn` on the device: fn##_cpu(...) or its CUDA twin fn##_cuda

@@ -99,7 +99,9 @@ ml_tensor *ml_cat(int n, ml_tensor *const *ts, int dim) {
             return ml_error_null("cat: tensor %d of shape %s does not match tensor 1 of shape %s "
                                  "outside dim %d", k + 1, ml_shape_str(t, sk, sizeof sk),
                                  ml_shape_str(t0, s0, sizeof s0), dim + 1);
-        total += t->shape[dim];
+        if (!ml_add_i64(total, t->shape[dim], &total))
+            return ml_error_null("cat: the sizes along dim %d add up past 2^63 (tensor %d has shape %s)", dim + 1,
+                                 k + 1, ml_shape_str(t, sk, sizeof sk));
     }
     /* A node has at most ML_NODE_MAX_INPUTS inputs: join larger lists in
      * groups, then join the groups. */
@@ -251,7 +253,10 @@ ml_tensor *ml_upsample_nearest2d(ml_tensor *x, int scale) {
     if (x->ndim != 4)
         return ml_error_null("upsample_nearest2d: input %s must be NHWC [N, H, W, C]", ml_shape_str(x, sx, sizeof sx));
     if (scale < 1) return ml_error_null("upsample_nearest2d: scale must be a positive integer (got %d)", scale);
-    int64_t shape[4] = {x->shape[0], x->shape[1] * scale, x->shape[2] * scale, x->shape[3]};
+    int64_t shape[4] = {x->shape[0], 0, 0, x->shape[3]};
+    if (!ml_mul_i64(x->shape[1], scale, &shape[1]) || !ml_mul_i64(x->shape[2], scale, &shape[2]))
+        return ml_error_null("upsample_nearest2d: input %s scaled by %d is too large", ml_shape_str(x, sx, sizeof sx),
+                             scale);
     int rc = 0;
     ml_tensor *xc = ml_kernel_input(x, &rc);
     ml_tensor *out = rc == 0 ? ml_empty(4, shape, x->dtype, x->device) : NULL;

@@ -3,6 +3,7 @@
  * their backward functions sit next to them. */
 #include "tensor.h"
 #include "autograd.h"
+#include "checked_math.h"
 #include "device.h"
 #include "ops.h"
 #include "profile.h"
@@ -49,7 +50,9 @@ bool ml_device_available(ml_device dev) {
 void *ml_device_alloc(ml_device dev, size_t nbytes) {
     if (dev.type == ML_CPU) {
         void *p = NULL;
-        size_t n = (nbytes + 63) & ~(size_t)63;
+        size_t n;
+        if (!ml_round_up_size(nbytes, 64, &n))
+            return ml_error_null("cannot allocate %zu bytes on the CPU: the size overflows", nbytes);
         if (posix_memalign(&p, 64, n ? n : 64) != 0)
             return ml_error_null("out of CPU memory: could not allocate %zu bytes", nbytes);
         return p;
@@ -209,12 +212,32 @@ int ml_broadcast_shape(int na, const int64_t *sa, int nb, const int64_t *sb, int
 
 /* ---- creation ----------------------------------------------------------- */
 
-static ml_tensor *tensor_header(int ndim, const int64_t *shape, ml_dtype dt, ml_device dev) {
+int ml_shape_check(const char *op, int ndim, const int64_t *shape, ml_dtype dt, int64_t *numel) {
+    char b[160];
+    const char *sep = op ? ": " : "";
+    if (!op) op = "";
     if (ndim < 0 || ndim > ML_MAX_DIMS)
-        return ml_error_null("tensors have at most %d dims (asked for %d)", ML_MAX_DIMS, ndim);
-    if ((unsigned)dt >= ML_NUM_DTYPES) return ml_error_null("unknown dtype %d", (int)dt);
+        return ml_error("%s%stensors have at most %d dims (asked for %d)", op, sep, ML_MAX_DIMS, ndim);
     for (int i = 0; i < ndim; i++)
-        if (shape[i] < 0) return ml_error_null("negative size %lld in dim %d", (long long)shape[i], i + 1);
+        if (shape[i] < 0)
+            return ml_error("%s%snegative size %lld in dim %d of shape %s", op, sep, (long long)shape[i], i + 1,
+                            shape_str_raw(ndim, shape, b, sizeof b));
+    /* Sizes of 0 count as 1 here: the contiguous strides of [0, 2^40, 2^40]
+     * are products of the other sizes and must not overflow either. */
+    int64_t span = (int64_t)ml_dtype_size(dt), n = 1;
+    for (int i = 0; i < ndim; i++) {
+        if (!ml_mul_i64(span, shape[i] ? shape[i] : 1, &span))
+            return ml_error("%s%sshape %s of %s is too large (more than 2^63 bytes)", op, sep,
+                            shape_str_raw(ndim, shape, b, sizeof b), ml_dtype_name(dt));
+        n *= shape[i];
+    }
+    if (numel) *numel = n;
+    return 0;
+}
+
+static ml_tensor *tensor_header(int ndim, const int64_t *shape, ml_dtype dt, ml_device dev) {
+    if ((unsigned)dt >= ML_NUM_DTYPES) return ml_error_null("unknown dtype %d", (int)dt);
+    if (ml_shape_check(NULL, ndim, shape, dt, NULL) < 0) return NULL;
     ml_tensor *t = calloc(1, sizeof *t);
     if (!t) return ml_error_null("out of CPU memory (tensor header)");
     t->ndim = ndim;
@@ -239,10 +262,35 @@ ml_tensor *ml_empty(int ndim, const int64_t *shape, ml_dtype dt, ml_device dev) 
     }
     ml_tensor *t = tensor_header(ndim, shape, dt, dev);
     if (!t) return NULL;
+    /* tensor_header checked that this product fits */
     size_t n = (size_t)ml_numel(t) * ml_dtype_size(dt);
     t->storage = ml_storage_new(n, dev);
     if (!t->storage) { free(t); return NULL; }
     return t;
+}
+
+/* 0 when every element of the header lies inside the storage.  Every view
+ * is made here or from a header that passed here, so a slice arithmetic
+ * mistake anywhere becomes this error instead of a read past the end. */
+static int check_in_storage(const ml_tensor *t, const ml_storage *s) {
+    if (ml_numel(t) == 0) return 0;
+    int64_t lo = t->offset, hi = t->offset;
+    bool ok = t->offset >= 0;
+    for (int i = 0; ok && i < t->ndim; i++) {
+        int64_t step;
+        ok = ml_mul_i64(t->strides[i], t->shape[i] - 1, &step);
+        if (ok && step < 0) ok = ml_add_i64(lo, step, &lo);
+        else if (ok) ok = ml_add_i64(hi, step, &hi);
+    }
+    int64_t end;
+    ok = ok && lo >= 0 && ml_add_i64(hi, 1, &end) && ml_mul_i64(end, (int64_t)ml_dtype_size(t->dtype), &end) &&
+         (uint64_t)end <= (uint64_t)s->nbytes;
+    if (!ok) {
+        char b[160];
+        return ml_error("tensor of shape %s (offset %lld) does not fit in its storage of %zu bytes",
+                        ml_shape_str(t, b, sizeof b), (long long)t->offset, s->nbytes);
+    }
+    return 0;
 }
 
 ml_tensor *ml_from_storage(ml_storage *s, int64_t offset, int ndim, const int64_t *shape,
@@ -250,9 +298,10 @@ ml_tensor *ml_from_storage(ml_storage *s, int64_t offset, int ndim, const int64_
     ml_tensor *t = tensor_header(ndim, shape, dt, s->device);
     if (!t) return NULL;
     if (strides) memcpy(t->strides, strides, ndim * sizeof(int64_t));
+    t->offset = offset;
+    if (check_in_storage(t, s) < 0) { free(t); return NULL; }
     t->storage = s;
     s->refcount++;
-    t->offset = offset;
     return t;
 }
 
@@ -284,6 +333,9 @@ ml_tensor *ml_arange(double start, double end, double step, ml_dtype dt, ml_devi
     if (step == 0 || !isfinite(start) || !isfinite(end) || !isfinite(step))
         return ml_error_null("arange: step must be non-zero and bounds finite");
     double cnt = ceil((end - start) / step);
+    /* 2^62 elements is beyond any storage; the bound keeps the cast defined */
+    if (!(cnt < 0x1p62))
+        return ml_error_null("arange: %g elements from %g to %g by %g is too many", cnt, start, end, step);
     int64_t n = cnt > 0 ? (int64_t)cnt : 0;
     ml_tensor *t = ml_empty(1, &n, dt, ml_cpu());
     if (!t) return NULL;
@@ -509,7 +561,7 @@ ml_tensor *ml_view(ml_tensor *t, int ndim, const int64_t *shape_in) {
             if (infer >= 0) return ml_error_null("view: only one dimension can be -1");
             infer = i;
         } else if (shape[i] < 0) return ml_error_null("view: invalid size %lld", (long long)shape[i]);
-        else known *= shape[i];
+        else if (!ml_mul_i64(known, shape[i], &known)) goto bad;
     }
     if (infer >= 0) {
         if (known == 0 || n % known) goto bad;
@@ -581,7 +633,8 @@ ml_tensor *ml_narrow(ml_tensor *t, int dim, int64_t start, int64_t len) {
     if ((dim = ml_wrap_dim(dim, t->ndim)) < 0) return NULL;
     if (t->ndim == 0) return ml_error_null("narrow: cannot narrow a 0-dim tensor");
     if (start < 0) start += t->shape[dim];
-    if (start < 0 || len < 0 || start + len > t->shape[dim])
+    /* len > size - start, not start + len > size: the sum may overflow */
+    if (start < 0 || start > t->shape[dim] || len < 0 || len > t->shape[dim] - start)
         return ml_error_null("narrow: range start %lld length %lld out of bounds for dim %d of size %lld",
                              (long long)start, (long long)len, dim + 1, (long long)t->shape[dim]);
     ml_tensor *o = alias(t);
@@ -639,6 +692,13 @@ ml_tensor *ml_expand(ml_tensor *t, int ndim, const int64_t *shape) {
         int64_t s = i < off ? 1 : t->shape[i - off];
         int64_t st = i < off ? 0 : t->strides[i - off];
         int64_t want = shape[i] == -1 ? s : shape[i];
+        if (want < 0) {
+            char b1[128], b2[128];
+            ml_release(o);
+            return ml_error_null("expand: shape %s cannot be expanded to %s (negative size %lld in dim %d)",
+                                 ml_shape_str(t, b1, sizeof b1), shape_str_raw(ndim, shape, b2, sizeof b2),
+                                 (long long)want, i + 1);
+        }
         if (want == s) { o->shape[i] = s; o->strides[i] = st; }
         else if (s == 1) { o->shape[i] = want; o->strides[i] = 0; }
         else {
@@ -649,6 +709,9 @@ ml_tensor *ml_expand(ml_tensor *t, int ndim, const int64_t *shape) {
                                  i + 1, (long long)s, (long long)want);
         }
     }
+    /* A stride-0 view holds no memory, but the ops that read it allocate and
+     * iterate over its element count: that count must fit like any other. */
+    if (ml_shape_check("expand", ndim, o->shape, o->dtype, NULL) < 0) { ml_release(o); return NULL; }
     ml_node *n = ml_node_begin("expand", expand_backward, 1, &t);
     if (n) ml_node_finish(n, o);
     return o;

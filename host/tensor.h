@@ -99,6 +99,12 @@ bool ml_same_shape(const ml_tensor *a, const ml_tensor *b);
 /* "[2, 3, 4]" into buf. */
 const char *ml_shape_str(const ml_tensor *t, char *buf, size_t n);
 void ml_contiguous_strides(int ndim, const int64_t *shape, int64_t *strides);
+/* 0 if a tensor of `shape` and dtype dt can exist: no negative size, and its
+ * element count (zero sizes counted as 1) times the element size fits in
+ * 2^63 bytes, so numel, contiguous strides and byte sizes never overflow.
+ * Else -1 with an error naming op (may be NULL) and the shape.  Every
+ * header is checked this way when made; *numel (may be NULL) gets the count. */
+int ml_shape_check(const char *op, int ndim, const int64_t *shape, ml_dtype dt, int64_t *numel);
 /* Normalise a possibly negative 0-based dim; -1 + error if out of range. */
 int ml_wrap_dim(int dim, int ndim);
 

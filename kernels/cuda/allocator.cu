@@ -123,6 +123,11 @@ block *new_segment(dev_cache *c, size_t seg, bool small, bool *oom) {
 extern "C" void *ml_cuda_malloc(int device, size_t nbytes) {
     // Also checks that the device exists; cudaMalloc allocates on the current one.
     if (ml_cuda_set_device(device) < 0) return nullptr;
+    // Both roundings below must not wrap to a small size.
+    if (nbytes > SIZE_MAX - kLargeRound) {
+        ml_error("cannot allocate %zu bytes on cuda:%d: the size overflows", nbytes, device);
+        return nullptr;
+    }
     size_t size = round_up(nbytes ? nbytes : 1, kRound);
     bool small = size <= kSmallMax;
 

@@ -31,11 +31,24 @@ for _, name in ipairs {
     methods[name] = core[name]
 end
 
+-- A count or size argument of chunk/split: a positive integer (an integral
+-- float such as 2.0 is taken), else an error naming it.
+local function positive_integer(op, what, v)
+    local n = type(v) == "number" and math.tointeger(v)
+    if not n then
+        error(string.format("%s: %s must be an integer (got %s)", op, what, type(v) == "number" and tostring(v) or type(v)), 3)
+    end
+    if n < 1 then error(string.format("%s: %s must be at least 1 (got %d)", op, what, n), 3) end
+    return n
+end
+
 -- chunk(n, dim): n views along dim (the last may be smaller), as torch.chunk.
 function methods.chunk(t, n, dim)
     dim = dim or 1
+    n = positive_integer("chunk", "the number of chunks", n)
     local size = t:size(dim)
-    local step = (size + n - 1) // n
+    -- size // n + (remainder and 1 or 0): (size + n - 1) // n overflows for n near 2^63
+    local step = size // n + (size % n > 0 and 1 or 0)
     local out = {}
     local start = 1
     while start <= size do
@@ -51,12 +64,20 @@ function methods.split(t, size, dim)
     dim = dim or 1
     local total, out, start = t:size(dim), {}, 1
     if type(size) == "table" then
-        for _, len in ipairs(size) do
+        for i, len in ipairs(size) do
+            len = type(len) == "number" and math.tointeger(len)
+            if not len or len < 0 then
+                error(string.format("split: size %d must be an integer >= 0 (got %s)", i, tostring(size[i])), 2)
+            end
+            if len > total - (start - 1) then
+                error(string.format("split: sizes do not sum to the dimension's size %d (they pass it)", total), 2)
+            end
             out[#out + 1] = t:narrow(dim, start, len)
             start = start + len
         end
-        assert(start - 1 == total, "split: sizes do not sum to the dimension's size")
+        if start - 1 ~= total then error("split: sizes do not sum to the dimension's size", 2) end
     else
+        size = positive_integer("split", "the split size", size)
         while start <= total do
             local len = math.min(size, total - start + 1)
             out[#out + 1] = t:narrow(dim, start, len)

@@ -22,9 +22,26 @@ function C.defaults(cfg, extra)
     return d
 end
 
+-- The schedule is a Lua array of num_train_timesteps entries built in a
+-- loop: 1e8 takes minutes and gigabytes, 2^40 never ends.  Trained models
+-- use 1000; a million leaves room for any real one.
+C.MAX_TRAIN_TIMESTEPS = 1000000
+
+function C.check_train_timesteps(name, cfg)
+    local n = cfg.num_train_timesteps
+    if math.type(n) ~= "integer" and not (math.type(n) == "float" and n == math.floor(n)) then
+        error(string.format("%s: num_train_timesteps must be an integer (got %s %s)", name, type(n), tostring(n)), 0)
+    end
+    if n < 2 or n > C.MAX_TRAIN_TIMESTEPS then
+        error(string.format("%s: num_train_timesteps = %s is out of range (expected 2 to %d)",
+                            name, tostring(n), C.MAX_TRAIN_TIMESTEPS), 0)
+    end
+end
+
 -- betas and alphas_cumprod as Lua arrays indexed by timestep + 1.
 function C.make_schedule(cfg, name)
-    local n = cfg.num_train_timesteps
+    C.check_train_timesteps(name, cfg)
+    local n = math.tointeger(cfg.num_train_timesteps)
     local betas = {}
     if cfg.trained_betas then
         for i, b in ipairs(cfg.trained_betas) do betas[i] = f32(b) end
@@ -227,6 +244,7 @@ function C.class(name, extra_defaults)
         -- dynamic thresholding needs per-sample quantiles; zero-SNR rescaling
         -- changes the betas: neither is implemented, so both are refused
         C.check_off(name, conf, {"thresholding", "rescale_betas_zero_snr"})
+        C.check_train_timesteps(name, conf)
         if c.check then c.check(self) end
         self.num_train_timesteps = conf.num_train_timesteps
         self.betas, self.alphas_cumprod = C.make_schedule(conf, name)

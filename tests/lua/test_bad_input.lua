@@ -1,0 +1,254 @@
+-- test_bad_input.lua — inputs that once crashed, hung or gave silently wrong
+-- results, each now a clear error: sizes whose products overflow, integer
+-- arguments that do not fit, split/chunk sizes, files that are not regular
+-- files, huge scheduler configs and images declaring huge sizes.  Every
+-- input is made here; nothing is allocated at the sizes named.
+local ml = require "moonlit"
+local util = require "testutil"
+local S = require "moonlit.schedulers"
+local core = ml.core
+local F = ml.F
+local has, error_of = util.has, util.error_of
+
+local T = {}
+
+-- fn must fail with a message containing every one of `parts`.
+local function fails_with(t, fn, parts, what)
+    local e = error_of(fn)
+    if not e then t:assert(false, what .. ": no error raised") return end
+    for _, p in ipairs(parts) do
+        t:assert(has(e, p), string.format("%s: error '%s' does not mention '%s'", what, e, p))
+    end
+end
+
+-- ---- sizes ----------------------------------------------------------------
+
+function T.creation_sizes_that_overflow(t)
+    -- numel 2^62 times 4 bytes wrapped to 0 bytes
+    fails_with(t, function() return ml.ones(1 << 31, 1 << 31) end, {"[2147483648, 2147483648]", "too large"},
+               "ones(2^31, 2^31)")
+    -- the 64-byte rounding of the allocation wrapped
+    fails_with(t, function() return ml.zeros {(1 << 62) - 1} end, {"[4611686018427387903]", "too large"},
+               "zeros{2^62 - 1}")
+    -- numel wrapped to 4: a 16-byte storage that a[2] then wrote past
+    fails_with(t, function()
+        local a = ml.zeros {(1 << 62) + 1, 4}
+        a[2]:fill_(42)
+    end, {"[4611686018427387905, 4]", "too large"}, "zeros{2^62 + 1, 4}")
+    -- numel wrapped to 0
+    fails_with(t, function() return ml.zeros {1 << 32, 1 << 32} end, {"[4294967296, 4294967296]"}, "zeros{2^32, 2^32}")
+    -- a zero size does not excuse the rest: the strides would still overflow
+    fails_with(t, function() return ml.zeros {0, 1 << 40, 1 << 40} end, {"too large"}, "zeros{0, 2^40, 2^40}")
+    for _, make in ipairs {ml.empty, ml.rand, ml.randn} do
+        fails_with(t, function() return make(1 << 40, 1 << 40) end, {"too large"}, "empty/rand/randn")
+    end
+    fails_with(t, function() return ml.full({1 << 31, 1 << 31}, 1) end, {"too large"}, "full")
+    fails_with(t, function() return ml.randint(0, 5, {1 << 32, 1 << 32}) end, {"too large"}, "randint")
+    fails_with(t, function() return ml.zeros({1 << 62}, {dtype = "f64"}) end, {"float64", "too large"}, "f64")
+    -- byte-sized elements: 2^62 - 1 bytes passes the size check, and the
+    -- allocation itself is refused with a message instead of wrapping
+    fails_with(t, function() return ml.zeros({(1 << 62) - 1}, {dtype = "u8"}) end, {"memory"}, "u8 2^62")
+    fails_with(t, function() return ml.arange(0, 1e300) end, {"arange", "too many"}, "arange(0, 1e300)")
+end
+
+function T.negative_and_non_integer_sizes(t)
+    fails_with(t, function() return ml.zeros {2, -3} end, {"negative size -3", "[2, -3]"}, "zeros{2, -3}")
+    fails_with(t, function() return ml.ones(-1) end, {"negative size -1"}, "ones(-1)")
+    fails_with(t, function() return ml.zeros {2.5} end, {"must be an integer", "2.5"}, "zeros{2.5}")
+    fails_with(t, function() return ml.zeros {2 ^ 63} end, {"must be an integer"}, "zeros{2^63}")
+    fails_with(t, function() return ml.zeros {"4"} end, {"must be an integer", "string"}, "zeros{'4'}")
+    fails_with(t, function() return ml.ones(3):view(-2, 3) end, {"invalid size -2"}, "view(-2, 3)")
+    fails_with(t, function() return ml.ones(1, 3):expand(-2, 3) end, {"negative size -2"}, "expand(-2, 3)")
+    -- integral floats are integers
+    t:assertEq(ml.zeros {2.0, 3.0}:size(), {2, 3})
+end
+
+function T.views_whose_sizes_overflow(t)
+    local x = ml.tensor {1, 2, 3}
+    fails_with(t, function() return x:expand((1 << 62) + 1, 3) + 1 end, {"expand", "[4611686018427387905, 3]"},
+               "expand(2^62 + 1, 3)")
+    -- 2^61 x 3 elements fit in an int64, but not their float32 bytes
+    fails_with(t, function() return x:expand(1 << 61, 3) end, {"expand", "too large"}, "expand(2^61, 3)")
+    -- the product (2^62 + 1) * 4 wrapped to 4 and passed as a view of 4 elements
+    fails_with(t, function() return ml.zeros(4):view((1 << 62) + 1, 4) end, {"view", "invalid"},
+               "view(2^62 + 1, 4)")
+    fails_with(t, function() return ml.zeros(4):view(1 << 32, 1 << 32, 0) end, {"view", "invalid"},
+               "view(2^32, 2^32, 0)")
+    local ok = ml.ones(2, 3):expand(4, 2, 3)
+    t:assertEq(ok:size(), {4, 2, 3})
+    t:assertEq(ok:stride(1), 0)
+end
+
+function T.narrow_and_select_bounds(t)
+    local a = ml.ones(3, 3)
+    -- start + length overflowed and passed the bounds check
+    fails_with(t, function() return a:narrow(1, math.maxinteger, 2) end, {"narrow", "out of range"},
+               "narrow(1, maxinteger, 2)")
+    fails_with(t, function() return a:narrow(1, 2, math.maxinteger) end, {"narrow", "out of range"},
+               "narrow(1, 2, maxinteger)")
+    fails_with(t, function() return a:narrow(1, math.mininteger, 1) end, {"narrow", "out of range"},
+               "narrow(1, mininteger, 1)")
+    fails_with(t, function() return a:narrow(1, 1.5, 1) end, {"narrow: start", "integer"}, "narrow start 1.5")
+    fails_with(t, function() return a:select(1, math.mininteger) end, {"select", "out of range"}, "select(min)")
+    fails_with(t, function() return a[1.5] end, {"tensor index must be an integer", "1.5"}, "t[1.5]")
+    fails_with(t, function() return a[math.maxinteger] end, {"out of range"}, "t[maxinteger]")
+    -- the host op keeps its own check for C callers
+    t:assertEq(a:narrow(2, 3, 1):size(), {3, 1})
+    t:assertEq(a:narrow(2, 4, 0):size(), {3, 0})
+end
+
+function T.cat_and_upsample_sizes(t)
+    local big = ml.tensor {1}:expand(1 << 60)
+    fails_with(t, function() return ml.cat({big, big, big, big, big, big, big, big}, 1) end, {"cat", "2^63"},
+               "cat past 2^63")
+    local x = ml.ones(1, 1, 2, 1)
+    fails_with(t, function() return F.upsample_nearest2d(x:expand(1, 1 << 40, 2, 1), 1 << 30) end,
+               {"upsample_nearest2d", "too large"}, "upsample of a huge view")
+end
+
+-- ---- integer arguments ----------------------------------------------------
+
+function T.integer_arguments_are_range_checked(t)
+    local x, w = ml.ones(1, 4, 4, 1), ml.ones(1, 3, 3, 1)
+    -- 2^32 + 1 was narrowed to 1, 1.5 truncated to 0
+    fails_with(t, function() return F.conv2d(x, w, nil, {padding = 2 ^ 32 + 1}) end,
+               {"padding", "4294967297", "out of range"}, "padding 2^32 + 1")
+    fails_with(t, function() return F.conv2d(x, w, nil, {padding = (1 << 32) + 1}) end,
+               {"padding", "out of range"}, "integer padding 2^32 + 1")
+    fails_with(t, function() return F.conv2d(x, w, nil, {padding = 1.5}) end, {"padding", "integer", "1.5"},
+               "padding 1.5")
+    fails_with(t, function() return F.conv2d(x, w, nil, {padding = {1, 0.5}}) end, {"padding[2]", "integer"},
+               "padding {1, 0.5}")
+    fails_with(t, function() return F.conv2d(x, w, nil, {padding = {0, 0, 1, 2 ^ 40}}) end,
+               {"padding[4]", "out of range"}, "four paddings")
+    fails_with(t, function() return F.conv2d(x, w, nil, {stride = 0}) end, {"stride", "out of range"}, "stride 0")
+    fails_with(t, function() return F.conv2d(x, w, nil, {stride = 1.5}) end, {"stride", "integer"}, "stride 1.5")
+    -- the same values, integral, still work
+    t:assertEq(F.conv2d(x, w, nil, {padding = 1.0}):size(), {1, 4, 4, 1})
+    -- scale 2^32 + 2 acted as 2
+    fails_with(t, function() return F.upsample_nearest2d(x, 2 ^ 32 + 2) end, {"scale", "out of range"},
+               "upsample scale 2^32 + 2")
+    fails_with(t, function() return F.upsample_nearest2d(x, 1.5) end, {"scale", "integer"}, "upsample 1.5")
+    t:assertEq(F.upsample_nearest2d(x, 2):size(), {1, 8, 8, 1})
+    fails_with(t, function() return F.group_norm(ml.ones(1, 2, 2, 4), 2 ^ 32 + 2) end, {"groups", "out of range"},
+               "group_norm groups")
+    fails_with(t, function() return F.group_norm(ml.ones(1, 2, 2, 4), 1.5) end, {"groups", "integer"}, "groups 1.5")
+    fails_with(t, function() return ml.ones(3):var(1, {correction = 0.5}) end, {"correction", "integer"},
+               "var correction 0.5")
+    fails_with(t, function() return ml.ones(3):sum(1.5) end, {"dimension", "integer"}, "sum(1.5)")
+    fails_with(t, function() return ml.ones(3):cuda(300) end, {"device index", "out of range"}, "cuda(300)")
+    fails_with(t, function() return ml.manual_seed(1.5) end, {"seed", "integer"}, "manual_seed(1.5)")
+    fails_with(t, function() return ml.randint(0.5, 3, {2}) end, {"low", "integer"}, "randint low 0.5")
+    fails_with(t, function() return core.image_resize(ml.zeros(2, 2, 3), 2 ^ 31, 2) end, {"height", "out of range"},
+               "image_resize height")
+    -- seeds are 64-bit: the largest and the negative ones are accepted
+    t:assertNoError(function() ml.manual_seed(math.maxinteger); ml.manual_seed(-1); ml.manual_seed(0) end, "seeds")
+end
+
+-- ---- split and chunk ------------------------------------------------------
+
+function T.split_and_chunk_sizes(t)
+    local x = ml.arange(0, 6)
+    -- split(0) looped forever making empty views
+    fails_with(t, function() return x:split(0) end, {"split", "at least 1"}, "split(0)")
+    fails_with(t, function() return x:split(-2) end, {"split", "at least 1"}, "split(-2)")
+    fails_with(t, function() return x:split(1.5) end, {"split", "integer"}, "split(1.5)")
+    fails_with(t, function() return x:split({2, -1, 5}) end, {"split", "size 2"}, "split{2, -1, 5}")
+    fails_with(t, function() return x:split({2, 5}) end, {"do not sum"}, "split{2, 5}")
+    -- chunk(0) raised "attempt to perform 'n//0'"
+    fails_with(t, function() return x:chunk(0) end, {"chunk", "at least 1"}, "chunk(0)")
+    fails_with(t, function() return x:chunk(-1) end, {"chunk", "at least 1"}, "chunk(-1)")
+    fails_with(t, function() return x:chunk("2") end, {"chunk", "integer"}, "chunk('2')")
+    t:assertEq(#{x:chunk(math.maxinteger)}, 6, "chunk(maxinteger) gives one-element chunks")
+    t:assertEq(#{x:split(math.maxinteger)}, 1)
+    local a, b = x:split(4)
+    t:assertEq(a:totable(), {0, 1, 2, 3})
+    t:assertEq(b:totable(), {4, 5})
+    local p, q, r = x:split({1, 0, 5})
+    t:assertEq({p:numel(), q:numel(), r:numel()}, {1, 0, 5})
+end
+
+-- ---- files that are not regular files ---------------------------------------
+
+local function sh_quote(s) return "'" .. s:gsub("'", "'\\''") .. "'" end
+
+function T.fifo_and_devices_are_refused(t)
+    local dir = util.temp_dir()
+    local fifo = dir .. "/pipe.png"
+    t:assert(os.execute("mkfifo " .. sh_quote(fifo)), "mkfifo")
+    -- opening a FIFO with no writer blocked forever
+    fails_with(t, function() return ml.image.load(fifo) end, {"pipe.png", "FIFO", "not a regular file"},
+               "image from a FIFO")
+    fails_with(t, function() return core.image_png_text(fifo) end, {"FIFO"}, "png text from a FIFO")
+    fails_with(t, function() return core.json_load(fifo) end, {"pipe.png", "FIFO"}, "JSON from a FIFO")
+    fails_with(t, function() return ml.image.load("/dev/zero") end, {"/dev/zero", "device"}, "image from /dev/zero")
+    fails_with(t, function() return core.json_load("/dev/zero") end, {"device"}, "JSON from /dev/zero")
+    fails_with(t, function() return ml.image.load(dir) end, {"folder"}, "image from a folder")
+    fails_with(t, function() return core.json_load(dir .. "/missing.json") end, {"missing.json"}, "missing JSON")
+    util.remove_tree(dir)
+end
+
+-- ---- scheduler configs ------------------------------------------------------
+
+function T.num_train_timesteps_is_bounded(t)
+    for _, cls in ipairs {"DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "EulerDiscreteScheduler",
+                          "DPMSolverMultistepScheduler"} do
+        -- 1e8 took minutes and gigabytes, 2^40 never finished
+        fails_with(t, function() return S[cls] {num_train_timesteps = 1e8} end,
+                   {cls, "num_train_timesteps", "out of range", "1000000"}, cls .. " 1e8")
+        fails_with(t, function() return S[cls] {num_train_timesteps = 1 << 40} end,
+                   {"num_train_timesteps", "out of range"}, cls .. " 2^40")
+        fails_with(t, function() return S[cls] {num_train_timesteps = 0} end, {"num_train_timesteps"}, cls .. " 0")
+        fails_with(t, function() return S[cls] {num_train_timesteps = 10.5} end,
+                   {"num_train_timesteps", "integer"}, cls .. " 10.5")
+        fails_with(t, function() return S[cls] {num_train_timesteps = "1000"} end,
+                   {"num_train_timesteps", "integer"}, cls .. " '1000'")
+        t:assertEq(#S[cls]({num_train_timesteps = 100}).betas, 100, cls)
+    end
+end
+
+-- ---- images declaring huge sizes --------------------------------------------
+
+local function crc32(s)
+    local crc = 0xFFFFFFFF
+    for i = 1, #s do
+        crc = crc ~ s:byte(i)
+        for _ = 1, 8 do crc = (crc >> 1) ~ (0xEDB88320 & -(crc & 1)) end
+    end
+    return ~crc & 0xFFFFFFFF
+end
+
+local function chunk(kind, data) return string.pack(">I4", #data) .. kind .. data .. string.pack(">I4", crc32(kind .. data)) end
+
+-- A well-formed PNG (valid chunk CRCs) whose header declares w x h RGB
+-- pixels; its one IDAT holds only a few rows, so decoding would fail late,
+-- after allocating the whole image.
+local function png_declaring(w, h)
+    local ihdr = string.pack(">I4I4BBBBB", w, h, 8, 2, 0, 0, 0)
+    local idat = "\x78\x01\x01\x04\x00\xfb\xff\x00\x00\x00\x00\x00\x04\x00\x01"
+    return "\x89PNG\r\n\x1a\n" .. chunk("IHDR", ihdr) .. chunk("IDAT", idat) .. chunk("IEND", "")
+end
+
+function T.huge_declared_images_are_refused_before_decoding(t)
+    local dir = util.temp_dir()
+    local path = dir .. "/huge.png"
+    util.write_file(path, png_declaring(16000, 16000))
+    fails_with(t, function() return ml.image.load(path) end, {"huge.png", "16000 x 16000", "256.0 megapixels",
+                                                             "limit of 64.0", "max_pixels"}, "16000 x 16000 PNG")
+    -- raising the limit lets it past the check to the decoder, which finds the data short
+    local e = error_of(function() return ml.image.load(path, {max_pixels = 300e6}) end)
+    t:assert(e and not has(e, "megapixels") and has(e, "huge.png"), "past the raised limit: " .. tostring(e))
+    fails_with(t, function() return ml.image.load(path, {max_pixels = 0}) end, {"max_pixels", "out of range"},
+               "max_pixels 0")
+    fails_with(t, function() return ml.image.load(path, {max_pixels = 1.5}) end, {"max_pixels", "integer"},
+               "max_pixels 1.5")
+    -- a real image: refused under a small limit, loaded at its own size
+    local real = "tests/fixtures/images/photo.png"
+    local img = ml.image.load(real, {dtype = "u8"})
+    local h, w = img:size(1), img:size(2)
+    fails_with(t, function() return ml.image.load(real, {max_pixels = h * w - 1}) end, {"megapixels"}, "limit - 1")
+    t:assertTensorEq(ml.image.load(real, {dtype = "u8", max_pixels = h * w}), img, 0, "limit = the image")
+    util.remove_tree(dir)
+end
+
+return T

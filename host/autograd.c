@@ -153,12 +153,14 @@ static void drop_saved(ml_node *n) {
     n->released = true;
 }
 
-/* Iterative so that very long chains cannot overflow the C stack. */
+/* Iterative so that very long chains cannot overflow the C stack.  The
+ * work list starts on the C stack, so releasing a small graph never needs
+ * memory. */
 void ml_node_release(ml_node *root) {
     if (!root || root == &g_unrecorded || --root->refcount > 0) return;
-    size_t cap = 64, top = 0;
-    ml_node **stack = malloc(cap * sizeof *stack);
-    if (!stack) return;
+    ml_node *local[64];
+    size_t cap = sizeof local / sizeof *local, top = 0;
+    ml_node **stack = local;
     stack[top++] = root;
     while (top) {
         ml_node *n = stack[--top];
@@ -169,16 +171,19 @@ void ml_node_release(ml_node *root) {
             ml_node *c = n->next[i].fn;
             if (c && c != &g_unrecorded && --c->refcount == 0) {
                 if (top == cap) {
-                    ml_node **ns = realloc(stack, (cap *= 2) * sizeof *stack);
-                    if (!ns) continue;
+                    ml_node **ns = malloc(cap * 2 * sizeof *stack);
+                    if (!ns) continue;     /* out of memory: that subgraph leaks */
+                    memcpy(ns, stack, cap * sizeof *stack);
+                    if (stack != local) free(stack);
                     stack = ns;
+                    cap *= 2;
                 }
                 stack[top++] = c;
             }
         }
         free(n);
     }
-    free(stack);
+    if (stack != local) free(stack);
 }
 
 /* ---- hooks -------------------------------------------------------------- */
@@ -408,6 +413,9 @@ int ml_backward(ml_tensor *root, ml_tensor *grad, bool retain_graph) {
                      "pass retain_graph = true the first time", n->name);
             goto reset;
         }
+        /* Checked before any node runs, so no leaf gets a gradient from a
+         * backward that then fails this way. */
+        if (check_saved_versions(n) < 0) goto reset;
         for (int i = 0; i < n->n_inputs; i++) {
             ml_node *c = n->next[i].fn;
             if (c) {
@@ -445,9 +453,7 @@ int ml_backward(ml_tensor *root, ml_tensor *grad, bool retain_graph) {
         n->grad_acc = NULL;
         ml_tensor *gin[ML_NODE_MAX_INPUTS] = {0};
         if (gout) {
-            if (check_saved_versions(n) < 0) {
-                rc = -1;
-            } else if (n->backward(n, gout, gin) < 0) {
+            if (n->backward(n, gout, gin) < 0) {
                 char msg[1024];
                 snprintf(msg, sizeof msg, "%s", ml_last_error());
                 ml_error("backward of '%s': %s", n->name, msg);

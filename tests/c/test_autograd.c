@@ -247,6 +247,17 @@ static void test_saved_versions(void) {
     expect("gradient uses the values at save time", w->grad, (double[]){11, 11, 11}, 3, 0);
     ml_release(s); ml_release(x);
 
+    /* two independent branches, one with a modified saved tensor: the
+     * check runs before any node, so neither leaf gets a gradient */
+    ml_release(w->grad); w->grad = NULL;
+    ml_tensor *w1 = leaf(3, (double[]){1, 2, 3}), *c1 = constant(3, 1), *c2 = constant(3, 1);
+    ml_tensor *s1 = weighted_sum(w1, c1), *s2 = weighted_sum(w, c2), *both = ml_add(s1, s2);
+    CHECK(ml_mul_scalar_(c2, 3) == 0, "modify the second branch's constant");
+    CHECK(ml_backward(both, NULL, false) < 0 && has(ml_last_error(), "modified by an inplace operation"),
+          "two branches: %s", ml_last_error());
+    CHECK(!w1->grad && !w->grad, "no partial gradients");
+    ml_release(both); ml_release(s1); ml_release(s2); ml_release(c1); ml_release(c2); ml_release(w1);
+
     /* views share the version: a write through one view of x's storage
      * (or through x itself) is seen by a tensor saved through another */
     x = ml_zeros(2, (int64_t[]){2, 3}, ML_F64, ml_cpu());

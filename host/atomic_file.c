@@ -238,6 +238,10 @@ static int move_aside(const char *dir_path, const char *old, const char *rel) {
         ml_error("out of memory saving into '%s'", dir_path);
         goto done;
     }
+    if (mkdir(old, 0777) != 0 && errno != EEXIST) {
+        ml_error("cannot save into '%s': cannot create '%s': %s", dir_path, old, strerror(errno));
+        goto done;
+    }
     /* The parent folders of dst, one level at a time. */
     for (char *c = dst + strlen(old) + 1; (c = strchr(c, '/')); c++) {
         *c = 0;

@@ -872,25 +872,20 @@ static char *build_header(const char *path, const save_item *items, int n, int n
     if (!root) return ml_error_null("%s: out of memory", path);
     char *text = NULL;
     if (nmeta > 0) {
-        int *order = malloc((size_t)nmeta * sizeof *order);
+        st_meta *order = malloc((size_t)nmeta * sizeof *order);
         json_t *md = json_object();
         if (!order || !md || json_object_set_new(root, "__metadata__", md) < 0) {
             free(order);
             ml_error("%s: out of memory", path);
             goto done;
         }
-        for (int i = 0; i < nmeta; i++) order[i] = i;
         /* Sorted keys keep the file identical from run to run. */
-        for (int i = 1; i < nmeta; i++)
-            for (int j = i; j > 0 && strcmp(mk[order[j - 1]], mk[order[j]]) > 0; j--) {
-                int tmp = order[j];
-                order[j] = order[j - 1];
-                order[j - 1] = tmp;
-            }
+        for (int i = 0; i < nmeta; i++) order[i] = (st_meta){(char *)mk[i], (char *)mv[i], i};
+        qsort(order, (size_t)nmeta, sizeof *order, cmp_meta_key);
         for (int i = 0; i < nmeta; i++) {
-            json_t *s = json_string(mv[order[i]]);
-            if (!s || json_object_set_new(md, mk[order[i]], s) < 0) {
-                ml_error("%s: metadata '%s' is not valid UTF-8 text", path, mk[order[i]]);
+            json_t *s = json_string(order[i].value);
+            if (!s || json_object_set_new(md, order[i].key, s) < 0) {
+                ml_error("%s: metadata '%s' is not valid UTF-8 text", path, order[i].key);
                 free(order);
                 goto done;
             }

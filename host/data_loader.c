@@ -2,6 +2,7 @@
 #include "data_loader.h"
 #include "device.h"
 #include "error.h"
+#include "fs.h"
 #include "image.h"
 #ifdef ML_WITH_CUDA
 #include "cuda/runtime.h"   /* ml_cuda_set_device (plain C) */
@@ -55,6 +56,8 @@ enum { DRAW_CROP_Y = 1, DRAW_CROP_X = 2, DRAW_FLIP = 3 };
 
 static int read_whole(const char *path, uint8_t **data, size_t *n) {
     *data = NULL;
+    /* before fopen: opening a FIFO would wait for a writer forever */
+    if (ml_require_regular_file(path, "cannot read image") < 0) return -1;
     FILE *f = fopen(path, "rb");
     if (!f) return ml_error("cannot read image '%s': %s", path, strerror(errno));
     struct stat st;

@@ -760,7 +760,15 @@ double *ml_to_doubles(const ml_tensor *t) {
         c = cpu;
     }
     int64_t n = ml_numel(c);
-    double *out = malloc((size_t)(n ? n : 1) * sizeof(double));
+    /* a stride-0 view of 2^62 bytes has 2^62 elements: 2^65 bytes as doubles */
+    size_t bytes;
+    if (!ml_mul_size((size_t)(n ? n : 1), sizeof(double), &bytes)) {
+        char b[160];
+        ml_release(cpu);
+        return ml_error_null("tensor of shape %s has too many elements (%lld) to read as numbers",
+                             ml_shape_str(t, b, sizeof b), (long long)n);
+    }
+    double *out = malloc(bytes);
     if (!out) { ml_release(cpu); return ml_error_null("out of CPU memory"); }
     iter_state it = {.ndim = c->ndim};
     memcpy(it.shape, c->shape, sizeof it.shape);

@@ -74,6 +74,10 @@ function T.views_whose_sizes_overflow(t)
                "view(2^62 + 1, 4)")
     fails_with(t, function() return ml.zeros(4):view(1 << 32, 1 << 32, 0) end, {"view", "invalid"},
                "view(2^32, 2^32, 0)")
+    -- reading a huge byte view as doubles: 2^62 elements are 2^65 bytes, which wrapped to 0
+    local bytes = ml.zeros({1}, {dtype = "u8"}):expand(1 << 62)
+    fails_with(t, function() return bytes:totable() end, {"too many elements"}, "totable of 2^62 bytes")
+    fails_with(t, function() return tostring(bytes) end, {"too many elements"}, "tostring of 2^62 bytes")
     local ok = ml.ones(2, 3):expand(4, 2, 3)
     t:assertEq(ok:size(), {4, 2, 3})
     t:assertEq(ok:stride(1), 0)
@@ -181,6 +185,10 @@ function T.fifo_and_devices_are_refused(t)
                "image from a FIFO")
     fails_with(t, function() return core.image_png_text(fifo) end, {"FIFO"}, "png text from a FIFO")
     fails_with(t, function() return core.json_load(fifo) end, {"pipe.png", "FIFO"}, "JSON from a FIFO")
+    -- a FIFO among a dataset's images: its loader thread waited in fopen
+    fails_with(t, function() return core.data_load(fifo, ml.data.ImageTransform{}) end, {"pipe.png", "FIFO"},
+               "data_load of a FIFO")
+    fails_with(t, function() return ml.data.read_images(dir):take(1) end, {"pipe.png", "FIFO"}, "read_images")
     fails_with(t, function() return ml.image.load("/dev/zero") end, {"/dev/zero", "device"}, "image from /dev/zero")
     fails_with(t, function() return core.json_load("/dev/zero") end, {"device"}, "JSON from /dev/zero")
     fails_with(t, function() return ml.image.load(dir) end, {"folder"}, "image from a folder")

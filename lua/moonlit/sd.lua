@@ -240,6 +240,16 @@ local function write_folder(root, m, opts)
     if m.unet then index.unet = {"diffusers", "UNet2DConditionModel"} end
     if m.vae then index.vae = {"diffusers", "AutoencoderKL"} end
     if m.scheduler then index.scheduler = {"diffusers", m.scheduler.config._class_name} end
+    -- Components this folder does not hold (safety_checker, feature_extractor
+    -- of the original SD repos) are marked absent as diffusers marks optional
+    -- parts left out, [null, null]; listed, diffusers would look for their folders.
+    local written = {text_encoder = m.text_encoder, tokenizer = m.tokenizer_dir, unet = m.unet, vae = m.vae,
+                     scheduler = m.scheduler}
+    for k, v in pairs(index) do
+        if type(v) == "table" and #v == 2 and type(k) == "string" and k:sub(1, 1) ~= "_" and not written[k] then
+            index[k] = core.json_array({core.json_null, core.json_null})
+        end
+    end
     index.requires_safety_checker = false
     core.json_save(join(root, "model_index.json"), index, {indent = 2, sort_keys = true})
 end

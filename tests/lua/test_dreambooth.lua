@@ -105,10 +105,35 @@ function tests.short_run_learns_and_saves_a_working_model(t)
     end
     local before, after = instance_loss(MODEL), instance_loss(dir .. "/out")
     t:assert(after < before * 0.9, string.format("instance loss before %.4f, after %.4f", before, after))
+    -- every component model_index.json names is a folder there (diffusers
+    -- loads each one it lists; absent parts must be [null, null])
+    local index = ml.core.json_load(dir .. "/out/model_index.json", {null = ml.core.json_null})
+    for k, v in pairs(index) do
+        if type(v) == "table" and v[1] ~= ml.core.json_null then
+            t:assert(ml.core.is_dir(dir .. "/out/" .. k), "model_index.json lists " .. k .. " but the folder is missing")
+        end
+    end
     -- the saved folder generates
     local m = ml.sd.load(dir .. "/out")
     local img = ml.sd.generate(m, {prompt = "a photo of sks dog", num_inference_steps = 2, seed = 1})
     t:assertEq(img:size(), {1, 64, 64, 3}, "generated image shape")
+    U.remove_tree(dir)
+end
+
+function tests.saved_index_lists_only_what_is_there(t)
+    -- the original SD repos list safety_checker and feature_extractor, which
+    -- moonlit neither loads nor writes: the saved index must mark them absent
+    local dir = U.temp_dir()
+    local m = ml.sd.load(MODEL)
+    m.raw_config.safety_checker = ml.core.json_array({"stable_diffusion", "StableDiffusionSafetyChecker"})
+    ml.sd.save(dir .. "/saved", m)
+    local index = ml.core.json_load(dir .. "/saved/model_index.json", {null = ml.core.json_null})
+    t:assert(index.safety_checker[1] == ml.core.json_null, "safety_checker marked [null, null]")
+    for k, v in pairs(index) do
+        if type(v) == "table" and v[1] ~= ml.core.json_null then
+            t:assert(ml.core.is_dir(dir .. "/saved/" .. k), "model_index.json lists " .. k .. " but the folder is missing")
+        end
+    end
     U.remove_tree(dir)
 end
 

@@ -42,7 +42,7 @@ int ml_require_regular_file(const char *path, const char *what) {
     if (!path || !*path) return ml_error("%s '': empty file name", what);
     if (stat(path, &st) != 0) return ml_error("%s '%s': cannot open: %s", what, path, strerror(errno));
     if (S_ISREG(st.st_mode)) return 0;
-    const char *kind = S_ISDIR(st.st_mode) ? "a folder" : S_ISFIFO(st.st_mode) ? "a FIFO (named pipe)"
+    const char *kind = S_ISDIR(st.st_mode) ? "a directory" : S_ISFIFO(st.st_mode) ? "a FIFO (named pipe)"
                      : S_ISCHR(st.st_mode) || S_ISBLK(st.st_mode) ? "a device"
                      : S_ISSOCK(st.st_mode) ? "a socket" : "a special file";
     return ml_error("%s '%s': it is %s, not a regular file", what, path, kind);

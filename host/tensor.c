@@ -47,12 +47,20 @@ bool ml_device_available(ml_device dev) {
 #endif
 }
 
+#define CPU_ALLOC_MAX ((size_t)1 << 48)
+
 void *ml_device_alloc(ml_device dev, size_t nbytes) {
     if (dev.type == ML_CPU) {
         void *p = NULL;
         size_t n;
         if (!ml_round_up_size(nbytes, 64, &n))
             return ml_error_null("cannot allocate %zu bytes on the CPU: the size overflows", nbytes);
+        /* More than a 48-bit address space can never succeed; refusing it
+         * here also keeps such requests away from allocators that abort on
+         * them (AddressSanitizer's does) instead of returning NULL. */
+        if (n > CPU_ALLOC_MAX)
+            return ml_error_null("out of CPU memory: could not allocate %zu bytes (more than the %llu-byte "
+                                 "address space)", nbytes, (unsigned long long)CPU_ALLOC_MAX);
         if (posix_memalign(&p, 64, n ? n : 64) != 0)
             return ml_error_null("out of CPU memory: could not allocate %zu bytes", nbytes);
         return p;

@@ -123,7 +123,7 @@ static void test_regular_files(void) {
     CHECK(ml_require_regular_file(file, "read") == 0, "a regular file");
     CHECK(ml_require_regular_file(fifo, "read") < 0 && has(ml_last_error(), "FIFO"), "%s", ml_last_error());
     CHECK(ml_require_regular_file("/dev/null", "read") < 0 && has(ml_last_error(), "device"), "%s", ml_last_error());
-    CHECK(ml_require_regular_file(dir, "read") < 0 && has(ml_last_error(), "folder"), "%s", ml_last_error());
+    CHECK(ml_require_regular_file(dir, "read") < 0 && has(ml_last_error(), "directory"), "%s", ml_last_error());
     CHECK(ml_require_regular_file("", "read") < 0, "empty name");
     uint8_t *px;
     int h, w;

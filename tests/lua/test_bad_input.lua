@@ -191,7 +191,7 @@ function T.fifo_and_devices_are_refused(t)
     fails_with(t, function() return ml.data.read_images(dir):take(1) end, {"pipe.png", "FIFO"}, "read_images")
     fails_with(t, function() return ml.image.load("/dev/zero") end, {"/dev/zero", "device"}, "image from /dev/zero")
     fails_with(t, function() return core.json_load("/dev/zero") end, {"device"}, "JSON from /dev/zero")
-    fails_with(t, function() return ml.image.load(dir) end, {"folder"}, "image from a folder")
+    fails_with(t, function() return ml.image.load(dir) end, {"directory"}, "image from a folder")
     fails_with(t, function() return core.json_load(dir .. "/missing.json") end, {"missing.json"}, "missing JSON")
     util.remove_tree(dir)
 end

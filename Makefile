@@ -118,8 +118,10 @@ $(OBJS) $(C_TESTS): | deps
 fixtures: | deps
 	@scripts/fetch_clip_vocab.sh
 
+# The embedded default job: DreamBooth end to end on the toy model moonlit
+# pretrained itself (no download; about a minute on two CPU cores).
 run: deps all fixtures
-	$(BUILD)/moonlit examples/train_mlp.lua
+	$(BUILD)/moonlit examples/toy_dreambooth.lua
 
 test: deps all fixtures $(C_TESTS)
 	@BUILD=$(BUILD) tests/run_all.sh
@@ -129,6 +131,6 @@ clean:
 
 help:
 	@echo "make            build build/moonlit (CUDA=0 for CPU only)"
-	@echo "make run        run the embedded default job (examples/train_mlp.lua)"
+	@echo "make run        run the embedded default job: DreamBooth on the toy model (examples/toy_dreambooth.lua)"
 	@echo "make test       C + Lua tests; last line 'N passed, N failed'"
 	@echo "make test SANITIZE=address   the same under AddressSanitizer"

@@ -801,7 +801,7 @@ ml_tensor *ml_st_read(ml_st_file *f, const char *name, int dt) {
     /* Converting: read in slices through a small buffer, not a second
      * full-size copy. */
     size_t es = ml_dtype_size(src_dt), des = ml_dtype_size((ml_dtype)dt);
-    int64_t per = (int64_t)(((size_t)4 << 20) / es);
+    int64_t per = (int64_t)(((size_t)256 << 10) / es);   /* stays in L2 */
     void *stage = malloc((size_t)(numel < per ? numel : per) * es + 1);
     if (!stage) {
         ml_error("%s: out of memory reading tensor '%s'", sh->path, name);

@@ -1,7 +1,9 @@
 /* test_safetensors.c — safetensors reading/writing: fixtures, round trips of
  * every dtype, conversions, the Python library's byte layout, zero-copy
- * lifetime, atomic saves, sharded and variant folders, and a fuzz pass that
- * feeds thousands of corrupted files to the reader (errors, never crashes). */
+ * lifetime, owned reads and files truncated under an open handle, FIFOs
+ * refused, metadata merged over shards, atomic saves, sharded and variant
+ * folders, and a fuzz pass that feeds thousands of corrupted files to the
+ * reader (errors, never crashes). */
 #include "check.h"
 #include "safetensors.h"
 #include "atomic_file.h"
@@ -392,6 +394,97 @@ static void test_copy_on_write(void) {
     ml_release(t);
 }
 
+/* ---- reads that own their memory; files changed under an open handle --- */
+
+static void test_read_and_truncation(void) {
+    int64_t s[1] = {1024};
+    ml_tensor *a = ml_full(1, s, 3.0, ML_F32, ml_cpu());
+    ml_tensor *b = ml_full(1, s, -1.5, ML_F16, ml_cpu());
+    const char *names[2] = {"a", "b"};
+    ml_tensor *ts[2] = {a, b};
+    const char *path = tmp_path("trunc.safetensors");
+    CHECK(ml_st_save(path, 2, names, ts, 0, NULL, NULL, -1) == 0, "save: %s", ml_last_error());
+    ml_st_file *f = ml_st_open(path);
+    CHECK(f != NULL, "open: %s", ml_last_error());
+    if (!f) return;
+    ml_tensor *r = ml_st_read(f, "a", -1);
+    CHECK(r && r->storage->release == NULL && same_values(r, a), "ml_st_read owns a copy");
+    ml_tensor *r32 = ml_st_read(f, "b", ML_F32);
+    CHECK(r32 && r32->dtype == ML_F32 && ((float *)ml_data(r32))[1023] == -1.5f, "read converts");
+    /* Cut the file in place (same inode) to a little past its header. */
+    size_t n;
+    unsigned char *bytes = read_bytes(path, &n);
+    uint64_t hl = 0;
+    for (int i = 7; i >= 0; i--) hl = (hl << 8) | bytes[i];
+    write_bytes(path, bytes, (size_t)(8 + hl + 16));
+    free(bytes);
+    const char *names3[3] = {"a", "b", "b"};
+    int dts[3] = {-1, -1, ML_F32};
+    for (int i = 0; i < 3; i++) {
+        ml_clear_error();
+        ml_tensor *g = ml_st_get(f, names3[i], dts[i]);
+        CHECK(!g && strstr(ml_last_error(), path) && strstr(ml_last_error(), "truncated"),
+              "get '%s' after truncation: %s", names3[i], ml_last_error());
+        ml_release(g);
+        ml_clear_error();
+        g = ml_st_read(f, names3[i], dts[i]);
+        CHECK(!g && strstr(ml_last_error(), "truncated"), "read '%s' after truncation: %s",
+              names3[i], ml_last_error());
+        ml_release(g);
+    }
+    CHECK(r && ((float *)ml_data(r))[1023] == 3.0f, "what was read stays as it was");
+    ml_release(r);
+    ml_release(r32);
+    ml_st_close(f);
+    ml_release(a);
+    ml_release(b);
+}
+
+static void test_not_regular_files(void) {
+    const char *fifo = tmp_path("pipe.safetensors");
+    CHECK(mkfifo(fifo, 0600) == 0, "mkfifo");
+    /* Opening it for reading would block forever without a writer. */
+    expect_open_error(fifo, "FIFO", "a FIFO");
+    const char *idx = tmp_path("pipe.safetensors.index.json");
+    CHECK(mkfifo(idx, 0600) == 0, "mkfifo");
+    expect_open_error(idx, "not a regular file", "a FIFO index");
+    ml_clear_error();
+    ml_st_file *f = ml_st_open("/dev/null");
+    CHECK(!f && strstr(ml_last_error(), "device"), "a device: %s", ml_last_error());
+    ml_st_close(f);
+}
+
+/* First shard wins for metadata keys in several shards; lookups by key. */
+static void test_metadata_merge(void) {
+    char dir[300];
+    snprintf(dir, sizeof dir, "%s/meta_shards", g_dir);
+    mkdir(dir, 0777);
+    int64_t s[1] = {2};
+    ml_tensor *t = ml_full(1, s, 1.0, ML_F32, ml_cpu());
+    const char *k1[3] = {"shared", "one", "zeta"}, *v1[3] = {"first", "1", "z"};
+    const char *k2[2] = {"shared", "two"}, *v2[2] = {"second", "2"};
+    char p1[400], p2[400], idx[400];
+    snprintf(p1, sizeof p1, "%s/m-1.safetensors", dir);
+    snprintf(p2, sizeof p2, "%s/m-2.safetensors", dir);
+    snprintf(idx, sizeof idx, "%s/m.safetensors.index.json", dir);
+    const char *na = "a", *nb = "b";
+    CHECK(ml_st_save(p1, 1, &na, &t, 3, k1, v1, -1) == 0, "shard 1");
+    CHECK(ml_st_save(p2, 1, &nb, &t, 2, k2, v2, -1) == 0, "shard 2");
+    const char *index = "{\"weight_map\": {\"a\": \"m-1.safetensors\", \"b\": \"m-2.safetensors\"}}";
+    write_bytes(idx, index, strlen(index));
+    ml_st_file *f = ml_st_open(idx);
+    CHECK(f && ml_st_metadata_count(f) == 4, "4 distinct keys: %s", f ? "" : ml_last_error());
+    if (f) {
+        CHECK(strcmp(ml_st_metadata_get(f, "shared"), "first") == 0, "the first shard wins");
+        CHECK(strcmp(ml_st_metadata_get(f, "two"), "2") == 0 && !ml_st_metadata_get(f, "nope"),
+              "lookup by key");
+        for (int i = 1; i < ml_st_metadata_count(f); i++)
+            CHECK(strcmp(ml_st_metadata_key(f, i - 1), ml_st_metadata_key(f, i)) < 0, "key order");
+    }
+    ml_st_close(f);
+    ml_release(t);
+}
+
 /* ---- atomic saves ------------------------------------------------------- */
 
 static void test_atomic_save(void) {
@@ -756,6 +849,9 @@ int main(void) {
     test_python_layout();
     test_conversions();
     test_copy_on_write();
+    test_read_and_truncation();
+    test_not_regular_files();
+    test_metadata_merge();
     test_atomic_save();
     test_sharded();
     test_lookup_errors();

@@ -51,7 +51,7 @@ end
 local function leftovers(dir)
     local found = {}
     for _, rel in ipairs(walk(dir)) do
-        if rel:find("%.moonlit%-save") or rel:find("%.tmp%.") then found[#found + 1] = rel end
+        if rel:find("%.moonlit%-save") or rel:find("%.tmp") then found[#found + 1] = rel end
     end
     return found
 end

@@ -203,4 +203,32 @@ function tests.bad_inputs_are_clear_errors(t)
     U.remove_tree(dir)
 end
 
+-- A full disk, simulated by a 3 MB tmpfs (needs mount rights: root, as on
+-- the CI machines).  The save of the tuned model fails with an error naming
+-- what could not be written, and leaves no partial files of its own.
+function tests.full_disk_is_a_clear_error(t)
+    local dir = U.temp_dir()
+    local mnt = dir .. "/tiny"
+    ml.core.mkdir_p(mnt)
+    if not os.execute(string.format("mount -t tmpfs -o size=3m tmpfs '%s' 2>/dev/null", mnt)) then
+        print("    note: full-disk case not run: this user cannot mount a tmpfs")
+        U.remove_tree(dir)
+        return
+    end
+    write_images(dir .. "/inst", 1, 1, 64)
+    local a = base_args(dir, {"--max_train_steps", "1"})
+    for i, v in ipairs(a) do if v == dir .. "/out" then a[i] = mnt .. "/out" end end
+    local ok, e = pcall(run_main, a)
+    local leftovers = {}
+    local p = io.popen(string.format("find '%s' -name '*.tmp*' -o -name '*.partial*' -o -name '.*' -type f", mnt))
+    for l in p:lines() do leftovers[#leftovers + 1] = l end
+    p:close()
+    os.execute(string.format("umount '%s'", mnt))
+    t:assert(not ok, "the save cannot fit in 3 MB")
+    e = tostring(e)
+    t:assert(U.has(e, mnt) and (U.has(e, "space") or U.has(e, "write")), "the error names the file and the cause: " .. e)
+    t:assert(#leftovers == 0, "partial files left: " .. table.concat(leftovers, ", "))
+    U.remove_tree(dir)
+end
+
 return tests

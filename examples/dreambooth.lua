@@ -295,10 +295,16 @@ function M.train_fn(m, a)
         end
 
         local wait_total, progress_sheet = 0, nil
+        local function open(epoch, start)
+            return shard:iter_batches{batch_size = a.train_batch_size, device = ctx.device, epoch = epoch,
+                                      start_batch = start, prefetch = 2}
+        end
+        -- the next epoch's loader starts while this one trains, so an epoch's
+        -- first batch does not wait for cold threads
+        local it = open(epoch0, batch0)
         for epoch = epoch0, a.num_epochs do
             if step >= total then break end
-            local it = shard:iter_batches{batch_size = a.train_batch_size, device = ctx.device, epoch = epoch,
-                                          start_batch = epoch == epoch0 and batch0 or 1, prefetch = 2}
+            local nxt = epoch < a.num_epochs and step + per_epoch < total and open(epoch + 1, 1) or nil
             local micro, loss_sum, bi = 0, 0, (epoch == epoch0 and batch0 or 1) - 1
             local last_wait = 0
             for batch in it do
@@ -334,7 +340,9 @@ function M.train_fn(m, a)
                 end
             end
             it:close()
+            it = nxt
         end
+        if it then it:close() end
         if a.validation_prompt and ctx:is_main() then rows[#rows + 1] = M.validate(m, a, step, function(s) ctx:log(s) end) end
         if #rows > 1 then
             local sheet = join(join(a.output_dir, "samples"), "progress.png")

@@ -304,6 +304,7 @@ function M.train_fn(m, a)
         local it = open(epoch0, batch0)
         for epoch = epoch0, a.num_epochs do
             if step >= total then break end
+            it = it or open(epoch, 1)
             local nxt = epoch < a.num_epochs and step + per_epoch < total and open(epoch + 1, 1) or nil
             local micro, loss_sum, bi = 0, 0, (epoch == epoch0 and batch0 or 1) - 1
             local last_wait = 0

@@ -221,10 +221,10 @@ static void test_inplace(void) {
     int64_t s23[2] = {2, 3};
     ml_tensor *d = T(ML_F32, 2, s23, (double[]){1, 2, 3, 4, 5, 6});
     ml_tensor *row = T(ML_F32, 1, (int64_t[]){3}, (double[]){10, 20, 30});
-    int64_t v0 = d->version;
+    int64_t v0 = d->storage->version;
     CHECK(ml_add_(d, row, 1.0) == 0, "add_ broadcast");
     expect("add_ broadcast values", d, (double[]){11, 22, 33, 14, 25, 36}, 6, 0);
-    CHECK(d->version == v0 + 1, "add_ bumps version");
+    CHECK(d->storage->version == v0 + 1, "add_ bumps version");
     CHECK(ml_add_(d, row, -0.5) == 0, "add_ alpha");
     expect("add_ alpha values", d, (double[]){6, 12, 18, 9, 15, 21}, 6, 0);
     CHECK(ml_mul_scalar_(d, 2) == 0 && ml_add_scalar_(d, -1) == 0, "mul_scalar_/add_scalar_");

@@ -39,7 +39,8 @@ os.makedirs(args.class_dir, exist_ok=True)
 
 # class images, as train_dreambooth.py makes them
 t0 = time.time()
-pipe = StableDiffusionPipeline.from_pretrained(args.model_dir, torch_dtype=torch.float16, safety_checker=None)
+pipe = StableDiffusionPipeline.from_pretrained(args.model_dir, torch_dtype=torch.float16, safety_checker=None,
+                                               feature_extractor=None, requires_safety_checker=False)
 pipe.set_progress_bar_config(disable=True)
 pipe.to("cuda")
 done = 0
@@ -74,7 +75,8 @@ if p.returncode != 0:
 # generation from the tuned folder
 if p.returncode == 0:
     t0 = time.time()
-    pipe = StableDiffusionPipeline.from_pretrained(args.output_dir, torch_dtype=torch.bfloat16, safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(args.output_dir, torch_dtype=torch.bfloat16, safety_checker=None,
+                                                   feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     pipe.to("cuda")
     t1 = time.time()

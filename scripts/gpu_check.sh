@@ -74,11 +74,16 @@ done
 if [ -f tests/fixtures/sd1-tiny/pipeline/tokenizer/vocab.json ]; then
     step "generate per precision" generate.log "$BIN" tests/gpu/check_generate_precision.lua
 fi
-step "kernel bandwidth" bench_kernels.log "$BIN" tests/gpu/bench_kernels.lua
-for f in bench/*.lua; do
-    [ -f "$f" ] || continue
-    step "$(basename "$f" .lua)" "$(basename "$f" .lua).log" "$BIN" "$f"
-done
+# ml.data's tests include pinned-memory batches on the GPU, checked against the CPU's
+step "data loader on GPU" data.log "$BIN" tests/lua/run.lua tests/lua/test_data.lua
+# BENCH=0 leaves out the benchmarks (a correctness-only run)
+if [ "${BENCH:-1}" != 0 ]; then
+    step "kernel bandwidth" bench_kernels.log "$BIN" tests/gpu/bench_kernels.lua
+    for f in bench/*.lua; do
+        [ -f "$f" ] || continue
+        step "$(basename "$f" .lua)" "$(basename "$f" .lua).log" "$BIN" "$f"
+    done
+fi
 
 echo
 echo "== summary (logs in $LOG_DIR)"

@@ -184,7 +184,7 @@ function tests.generate_images_checks_its_options(t)
     local gen = require("moonlit.pipelines.generate_images").generate_images
     t:assertError(function() gen(m, {prompts = {}}) end, "prompts must be a non-empty list")
     t:assertError(function() gen(m, {prompts = {"x"}, batch_size = 0}) end, "batch_size must be an integer >= 1")
-    t:assertError(function() gen(m, {prompts = {"x"}, height = 96}) end, "multiples of 64")
+    t:assertError(function() gen(m, {prompts = {"x"}, height = 20}) end, "multiples of 8")
     t:assertError(function() gen(m, {prompts = {"x"}, seed = -1}) end, "seed must be an integer >= 0")
     t:assertError(function() gen(m, {prompts = {"x"}, skip_existing = true}) end, "skip_existing needs output_dir")
     t:assertError(function() gen(m, {prompts = {"x", "y"}, negative_prompt = {"n"}}) end, "one per prompt")

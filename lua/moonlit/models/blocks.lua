@@ -184,6 +184,48 @@ B.Upsample2D = Upsample2D
 function Upsample2D:init(channels)
     self:add_module("conv", nn.Conv2d(channels, channels, 3, {padding = 1}))
 end
-function Upsample2D:forward(x) return self.conv(core.upsample_nearest2d(x, 2)) end
+
+-- Rounds to the nearest float32, so that index arithmetic below matches
+-- PyTorch's, which computes the resize scale and source position in float.
+local function f32(v) return (string.unpack("<f", string.pack("<f", v))) end
+
+-- The 1-based source rows (or columns) that nearest-neighbour resizing from
+-- n_in to n_out reads, as torch.nn.functional.interpolate(size=...) picks
+-- them: floor(i * (n_in / n_out)) computed in float32, clamped to the input.
+local function nearest_source_index(n_in, n_out, device)
+    local scale = f32(n_in / n_out)
+    local idx = {}
+    for i = 0, n_out - 1 do
+        local src = n_out == 2 * n_in and i >> 1 or math.floor(f32(i * scale))
+        idx[i + 1] = math.min(src, n_in - 1) + 1
+    end
+    return core.tensor(idx, {dtype = "i64", device = device})
+end
+B.nearest_source_index = nearest_source_index
+
+-- resize_nearest(x [N,H,W,C], {h, w}) -> [N,h,w,C]: nearest-neighbour resize
+-- to a given size.  Exact doublings use the upsample kernel; other sizes
+-- (an odd skip size in the UNet) gather rows then columns, which keeps
+-- autograd and runs on every device index_select does.
+function B.resize_nearest(x, size)
+    local h, w = size[1], size[2]
+    local H, W = x:size(2), x:size(3)
+    if math.type(h) ~= "integer" or math.type(w) ~= "integer" or h < 1 or w < 1 then
+        error(string.format("resize_nearest: size must be two positive integers (got %s x %s)",
+                            tostring(h), tostring(w)), 2)
+    end
+    if h == 2 * H and w == 2 * W then return core.upsample_nearest2d(x, 2) end
+    if h ~= H then x = core.index_select(x, 2, nearest_source_index(H, h, x.device)) end
+    if w ~= W then x = core.index_select(x, 3, nearest_source_index(W, w, x.device)) end
+    return x
+end
+
+-- forward(x, [output_size {h, w}]): twice the size, or exactly output_size
+-- (diffusers' Upsample2D output_size, passed when a skip is not an exact
+-- doubling of the map below it).
+function Upsample2D:forward(x, output_size)
+    if output_size then return self.conv(B.resize_nearest(x, output_size)) end
+    return self.conv(core.upsample_nearest2d(x, 2))
+end
 
 return B

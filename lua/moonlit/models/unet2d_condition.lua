@@ -99,7 +99,13 @@ function UpBlock:forward(h, temb, context, skips)
         h = r(core.cat({h, s}, 4), temb)       -- channels last: cat on dim 4
         if self.attentions then h = self.attentions[j](h, context) end
     end
-    if self.upsamplers then h = self.upsamplers[1](h) end
+    if self.upsamplers then
+        -- upsample to the size of the skip the next block concatenates: twice
+        -- this size when the sample's sides divide by every downsampling, the
+        -- rounded-up halves' inverse otherwise (diffusers' upsample_size)
+        local nxt = skips[#skips]
+        h = self.upsamplers[1](h, nxt and {nxt:size(2), nxt:size(3)} or nil)
+    end
     return h
 end
 

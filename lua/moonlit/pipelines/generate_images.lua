@@ -86,13 +86,12 @@ function G.generate_images(m, o)
     local vae_scale = 1 << (#m.vae.config.block_out_channels - 1)
     local height = o.height or ucfg.sample_size * vae_scale
     local width = o.width or ucfg.sample_size * vae_scale
-    -- the UNet halves the latents once per down block but the last, and its
-    -- skip connections need every level to halve exactly
-    local multiple = vae_scale << (#ucfg.block_out_channels - 1)
-    if math.type(height) ~= "integer" or math.type(width) ~= "integer" or height < multiple or width < multiple or
-       height % multiple ~= 0 or width % multiple ~= 0 then
+    -- any multiple of the VAE's factor: the UNet upsamples to each skip's
+    -- size when the latents do not halve exactly at every level
+    if math.type(height) ~= "integer" or math.type(width) ~= "integer" or height < vae_scale or width < vae_scale or
+       height % vae_scale ~= 0 or width % vae_scale ~= 0 then
         error(string.format("generate_images: height and width must be positive multiples of %d for this model " ..
-                            "(got %s x %s)", multiple, tostring(height), tostring(width)), 2)
+                            "(got %s x %s)", vae_scale, tostring(height), tostring(width)), 2)
     end
     local latent_shape = {1, height // vae_scale, width // vae_scale, ucfg.in_channels}
 

@@ -13,6 +13,7 @@
 -- loader threads (host/data_loader.c), which deliver [B, H, W, 3] f32
 -- tensors.  See docs/data.md.
 local core = require "moonlit.core"
+local options = require "moonlit.options"
 
 local M = {}
 
@@ -54,12 +55,7 @@ end
 -- torchvision's ToTensor, Resize (shorter side, bilinear, antialiased),
 -- RandomCrop/CenterCrop, RandomHorizontalFlip and Normalize([0.5], [0.5]).
 function M.ImageTransform(opts)
-    opts = opts or {}
-    for k in pairs(opts) do
-        if not ({resize = 1, crop = 1, size = 1, hflip = 1, normalize = 1, seed = 1})[k] then
-            error("ImageTransform: unknown option '" .. tostring(k) .. "'", 2)
-        end
-    end
+    opts = options.check_options("ImageTransform", opts, {"resize", "crop", "size", "hflip", "normalize", "seed"})
     local t = setmetatable({}, Transform)
     t.resize = opts.resize and check_int(opts.resize, "ImageTransform: resize", 1) or 0
     if opts.crop ~= nil and opts.crop ~= "random" and opts.crop ~= "center" then
@@ -122,7 +118,7 @@ end
 -- read_images(dir, {recursive = false, max_pixels = 64e6}): one row per
 -- JPEG/PNG/BMP file (by extension), sorted by path.
 function M.read_images(dir, opts)
-    opts = opts or {}
+    opts = options.check_options("read_images", opts, {"max_pixels", "recursive"})
     if type(dir) ~= "string" then error("read_images: expected a folder path, got " .. type(dir), 2) end
     if not core.is_dir(dir) then error("read_images: no such folder '" .. dir .. "'", 2) end
     local max_pixels = check_int(opts.max_pixels or 64000000, "read_images: max_pixels", 1)
@@ -224,8 +220,10 @@ end
 -- map_batches(fn, {batch_size}) with fn(batch) -> batch, or
 -- map_batches(ImageTransform{...}, {column = "image", output = column}).
 function Dataset:map_batches(fn, opts)
-    opts = opts or {}
-    if getmetatable(fn) == Transform then return apply_transform(self, fn, opts) end
+    if getmetatable(fn) == Transform then
+        return apply_transform(self, fn, options.check_options("map_batches(ImageTransform)", opts, {"column", "output"}))
+    end
+    opts = options.check_options("map_batches", opts, {"batch_size"})
     if type(fn) ~= "function" and not (getmetatable(fn) and getmetatable(fn).__call) then
         error("map_batches: expected a function or an ml.data.ImageTransform, got " .. type(fn), 2)
     end
@@ -262,6 +260,7 @@ end
 -- add_column(name, fn): fn(batch) -> list of the column's values.
 function Dataset:add_column(name, fn, opts)
     if type(name) ~= "string" then error("add_column: name must be a string", 2) end
+    opts = options.check_options("add_column", opts, {"batch_size"})
     local bs = batch_size_opt(opts, DEFAULT_MAP_BATCH, "add_column")
     local src = self._rows
     return dataset(function(epoch)
@@ -477,13 +476,8 @@ Iter.__call = Iter.next
 
 -- iter_batches{batch_size, drop_last, device, prefetch, epoch, start_batch, num_threads}
 function Dataset:iter_batches(opts)
-    opts = opts or {}
-    for k in pairs(opts) do
-        if not ({batch_size = 1, drop_last = 1, device = 1, prefetch = 1, epoch = 1, start_batch = 1,
-                 num_threads = 1})[k] then
-            error("iter_batches: unknown option '" .. tostring(k) .. "'", 2)
-        end
-    end
+    opts = options.check_options("iter_batches", opts, {"batch_size", "drop_last", "device", "prefetch", "epoch",
+                                                        "start_batch", "num_threads"})
     local bs = batch_size_opt(opts, DEFAULT_BATCH, "iter_batches")
     local epoch = check_int(opts.epoch or 1, "iter_batches: epoch", 1)
     local start = check_int(opts.start_batch or 1, "iter_batches: start_batch", 1)

@@ -11,6 +11,7 @@
 local core = require "moonlit.core"
 local nn = require "moonlit.nn"
 local schedulers = require "moonlit.schedulers"
+local options = require "moonlit.options"
 
 local sd = {}
 
@@ -133,8 +134,17 @@ function sd.autocast(m, fn, ...)
     return fn(...)
 end
 
+sd.COMPONENTS = {"text_encoder", "unet", "vae", "tokenizer", "scheduler"}
+sd.LOAD_OPTIONS = {"device", "precision", "dtype", "variant", "components"}
+
 function sd.load(dir, opts)
-    opts = opts or {}
+    opts = options.check_options("sd.load", opts, sd.LOAD_OPTIONS)
+    if opts.components ~= nil then
+        if type(opts.components) ~= "table" then
+            error("sd.load: option 'components' must be a list of names (got " .. type(opts.components) .. ")", 2)
+        end
+        for _, c in pairs(opts.components) do options.check_choice("sd.load", "components", c, sd.COMPONENTS) end
+    end
     local wdt = weight_dtype(opts)
     if wdt ~= (opts.dtype or "f32") then
         local o2 = {}
@@ -148,7 +158,7 @@ function sd.load(dir, opts)
     if not ok then error("sd.load: " .. tostring(err), 2) end
     local index, index_raw = read_json(join(dir, "model_index.json"), "model_index.json")
     local want = {}
-    for _, c in ipairs(opts.components or {"text_encoder", "unet", "vae", "tokenizer", "scheduler"}) do want[c] = true end
+    for _, c in ipairs(opts.components or sd.COMPONENTS) do want[c] = true end
     local m = {dir = dir, config = index, raw_config = index_raw, device = opts.device or "cpu",
                precision = opts.precision or "f32"}
     if want.tokenizer then

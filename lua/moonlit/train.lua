@@ -27,6 +27,7 @@
 -- workers there); this file keeps that seam: everything a worker needs is
 -- in ctx, and only ctx:is_main() writes.
 local core = require "moonlit.core"
+local options = require "moonlit.options"
 
 local train = {}
 
@@ -245,7 +246,8 @@ function train.default_device()
 end
 
 function train.run(train_fn, opts)
-    opts = opts or {}
+    opts = options.check_options("ml.train.run", opts, {"num_workers", "config", "output_dir", "device", "datasets",
+                                                         "log_every", "summary"})
     if type(train_fn) ~= "function" then error("ml.train.run: train_fn must be a function", 2) end
     local nw = opts.num_workers or 1
     if math.type(nw) ~= "integer" or nw < 1 then

@@ -7,7 +7,9 @@
 --       batch_size = 1, steps = 50, guidance_scale = 7.5, scheduler = nil,
 --       negative_prompt = "" (or one per prompt), height = nil, width = nil,
 --       output_dir = nil, name = fn(prompt_idx, sample_idx, seed) -> file name,
---       skip_existing = false, progress = fn(done, total, batch_seconds), meta = {...}})
+--       skip_existing = false, progress = fn(done, total, batch_seconds), meta = {...},
+--       model = name for the PNG metadata (default m.dir), eta = 0 (DDIM only)})
+--   Unknown option names are errors (see moonlit.options).
 --   -> made: list of {path, prompt, prompt_idx, sample_idx, seed, image [H,W,3] in [0,1]},
 --      info: {generated, skipped, seconds, scheduler, height, width}
 --
@@ -29,6 +31,7 @@ local core = require "moonlit.core"
 local image = require "moonlit.image"
 local schedulers = require "moonlit.schedulers"
 local pipeline = require "moonlit.pipelines.stable_diffusion"
+local options = require "moonlit.options"
 
 local G = {}
 
@@ -50,8 +53,12 @@ local function positive_integer(v, what, default)
     return v
 end
 
+G.OPTIONS = {"prompts", "num_samples_per_prompt", "seed", "batch_size", "steps", "guidance_scale", "scheduler",
+             "negative_prompt", "height", "width", "output_dir", "name", "skip_existing", "progress", "meta",
+             "model", "eta"}
+
 function G.generate_images(m, o)
-    o = o or {}
+    o = options.check_options("generate_images", o, G.OPTIONS)
     local prompts = o.prompts
     if type(prompts) == "string" then prompts = {prompts} end
     if type(prompts) ~= "table" or #prompts == 0 then error("generate_images: prompts must be a non-empty list", 2) end
@@ -132,7 +139,7 @@ function G.generate_images(m, o)
         end
         local imgs = pipeline.generate(m, {prompt = ps, negative_prompt = ns, num_images_per_prompt = 1,
                                            num_inference_steps = steps, guidance_scale = guidance,
-                                           scheduler = o.scheduler, height = height, width = width,
+                                           scheduler = o.scheduler, height = height, width = width, eta = o.eta,
                                            latents = #latents == 1 and latents[1] or core.cat(latents, 1)})
         for k, j in ipairs(group) do
             j.image = imgs:select(1, k)

@@ -7,10 +7,14 @@
 --              num_images_per_prompt = 1, height = 512, width = 512,
 --              num_inference_steps = 50, guidance_scale = 7.5, seed = nil,
 --              scheduler = nil (name: pndm, ddim, euler, ...), latents = nil (NHWC),
+--              eta = 0 (DDIM only: the share of fresh noise per step, as
+--                       diffusers' DDIMScheduler.step eta),
 --              callback = fn(step, t, latents)})
+-- Unknown option names are errors (see moonlit.options).
 --   -> images [B, H, W, 3] f32 in [0, 1] (CPU), plus info {seed, steps, ...}
 local core = require "moonlit.core"
 local schedulers = require "moonlit.schedulers"
+local options = require "moonlit.options"
 
 local P = {}
 
@@ -27,7 +31,14 @@ function P.encode_prompts(m, prompts)
     return m.text_encoder(ids:to(dev))
 end
 
+P.OPTIONS = {"prompt", "negative_prompt", "num_images_per_prompt", "height", "width", "num_inference_steps",
+             "steps", "guidance_scale", "seed", "scheduler", "latents", "callback", "eta"}
+
+-- Schedulers whose step takes eta (diffusers passes eta only to those).
+local TAKES_ETA = {DDIMScheduler = true}
+
 function P.generate(m, o)
+    o = options.check_options("sd.generate", o, P.OPTIONS)
     assert(m.unet and m.vae and m.text_encoder and m.tokenizer, "generate: the model needs unet, vae, text_encoder and tokenizer")
     local prompts = type(o.prompt) == "table" and o.prompt or {o.prompt or ""}
     local per = o.num_images_per_prompt or 1
@@ -45,7 +56,20 @@ function P.generate(m, o)
     local dev = m.device or "cpu"
     local sch = o.scheduler and schedulers.from_config(m.scheduler.config, o.scheduler) or
                 schedulers.from_config(m.scheduler.config)
+    local eta = o.eta or 0
+    if type(eta) ~= "number" or eta < 0 or eta ~= eta then
+        error("generate: option 'eta' must be a number >= 0 (got " .. tostring(o.eta) .. ")", 2)
+    end
+    local sch_name = sch.config._class_name
+    if eta ~= 0 and not TAKES_ETA[sch_name] then
+        error("generate: option 'eta' applies to the DDIM scheduler only (this run uses " .. tostring(sch_name) ..
+              "; pass scheduler = \"ddim\")", 2)
+    end
+    local step_opts = eta ~= 0 and {eta = eta} or nil
     local seed = o.seed
+    if seed ~= nil and math.type(seed) ~= "integer" then
+        error("generate: option 'seed' must be an integer (got " .. tostring(seed) .. ")", 2)
+    end
     if seed then core.manual_seed(seed) end
 
     local udt = m.unet.conv_in.weight.dtype
@@ -78,7 +102,7 @@ function P.generate(m, o)
                 local u, c = eps:chunk(2, 1)
                 eps = u + (c - u) * guidance
             end
-            latents = sch:step(eps, t, latents)
+            latents = sch:step(eps, t, latents, step_opts)
             if o.callback then o.callback(i, t, latents) end
         end
         local img = m.vae:decode((latents / m.vae.scaling_factor):to(m.vae.decoder.conv_in.weight.dtype))

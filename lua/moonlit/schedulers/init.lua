@@ -34,12 +34,29 @@ local carried = {"num_train_timesteps", "beta_start", "beta_end", "beta_schedule
                  "clip_sample_range", "skip_prk_steps", "rescale_betas_zero_snr"}
 
 -- from_config(cfg, [name], [overrides]): cfg as read from scheduler_config.json.
+-- The names from_config accepts, for error messages.
+local function known_names()
+    local list = {}
+    for k in pairs(aliases) do list[#list + 1] = k end
+    for k, v in pairs(S) do
+        if type(v) == "table" and k:match("Scheduler$") then list[#list + 1] = k end
+    end
+    table.sort(list)
+    return table.concat(list, ", ")
+end
+
+-- A name that is given must be known: it never falls back to the config's
+-- own class (asking for "lms" and silently sampling with PNDM).
 function S.from_config(cfg, name, overrides)
+    if name ~= nil and (type(name) ~= "string" or not S.class_name(name)) then
+        error("scheduler: unknown scheduler " .. (type(name) == "string" and "'" .. name .. "'" or tostring(name)) ..
+              " (accepted: " .. known_names() .. ")", 2)
+    end
     local cls_name = name and S.class_name(name) or cfg._class_name
     local cls = cls_name and S[cls_name]
     if not cls then
-        error("scheduler: unknown scheduler '" .. tostring(name or cfg._class_name) ..
-              "' (known: pndm, ddim, ddpm, euler, euler_ancestral, dpmpp_2m)", 2)
+        error("scheduler: the config's scheduler class '" .. tostring(cfg._class_name) ..
+              "' is not supported (accepted: " .. known_names() .. ")", 2)
     end
     local c = {}
     if name and cls_name ~= cfg._class_name then

@@ -3,6 +3,8 @@
 #include "mlua.h"
 #include <time.h>
 
+void mlua_open_pickle(lua_State *L); /* ckpt_load: torch checkpoints, never executed */
+
 /* now() -> seconds on the monotonic clock (for timing; os.clock is CPU time). */
 static int l_now(lua_State *L) {
     struct timespec ts;
@@ -23,6 +25,7 @@ int luaopen_moonlit_core(lua_State *L) {
     mlua_open_fs(L);
     mlua_open_profile(L);
     mlua_open_data(L);
+    mlua_open_pickle(L);
 #ifdef ML_WITH_CUDA
     lua_pushboolean(L, 1);
 #else

@@ -31,6 +31,12 @@ LDLIBS  := $(LIBDIR)/liblua5.4.a $(LIBDIR)/libutf8proc.a $(LIBDIR)/libjansson.a 
            $(LIBDIR)/libopenblas.a $(shell $(CC) -print-file-name=libgfortran.a) \
            $(shell $(CC) -print-file-name=libquadmath.a) -lm -ldl -lpthread
 
+# The main binary exports the whole Lua C API (-Wl,-E, and every object of the
+# static Lua library, not only those moonlit calls), so that Lua C modules
+# built against Lua 5.4's headers resolve lua_*/luaL_* against it when
+# `require` loads them.  The test binaries link Lua as before.
+EXPORT_LUA := -Wl,-E -Wl,--whole-archive $(LIBDIR)/liblua5.4.a -Wl,--no-whole-archive
+
 ifneq ($(SANITIZE),)
 CFLAGS  += -fsanitize=$(SANITIZE) -fno-omit-frame-pointer -O1
 LDFLAGS += -fsanitize=$(SANITIZE)
@@ -87,7 +93,7 @@ $(BUILD)/moonlit: $(OBJS)
 	@echo "moonlit: $(CUDA_MSG)"
 	@echo "moonlit: $(FOUND)"
 	$(call say,LINK,$@)
-	$(Q)$(CC) $(LDFLAGS) -o $@ $(OBJS) $(LDLIBS)
+	$(Q)$(CC) $(LDFLAGS) $(EXPORT_LUA) -o $@ $(OBJS) $(LDLIBS)
 
 $(BUILD)/%.o: %.c
 	@mkdir -p $(dir $@)

@@ -11,6 +11,7 @@
 #include <errno.h>
 #include <limits.h>
 #include <signal.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -168,47 +169,69 @@ static int bundled_lua_dir(char *out)
     return realpath(candidate, out) ? 0 : -1;
 }
 
-/* Add the search templates of one directory: dir/?.lua and dir/?/init.lua.
- * An entry that already holds a '?' is a template and is added as it is. */
-static void add_search_dir(luaL_Buffer *b, const char *dir, size_t len)
+/* Add the search templates of one directory: dir/?.lua and dir/?/init.lua
+ * (Lua modules) or dir/?.so (C modules).  An entry that already holds a '?'
+ * is a template and goes, as it is, to the list its ending names: ".so" to
+ * the C modules', anything else to the Lua modules'. */
+static void add_search_dir(luaL_Buffer *b, const char *dir, size_t len, bool c_modules)
 {
     if (memchr(dir, '?', len)) {
-        luaL_addlstring(b, dir, len);
-        luaL_addchar(b, ';');
+        bool so = len >= 3 && memcmp(dir + len - 3, ".so", 3) == 0;
+        if (so == c_modules) {
+            luaL_addlstring(b, dir, len);
+            luaL_addchar(b, ';');
+        }
         return;
     }
     while (len > 1 && dir[len - 1] == '/')
         len--;
+    if (c_modules) {
+        luaL_addlstring(b, dir, len);
+        luaL_addstring(b, "/?.so;");
+        return;
+    }
     luaL_addlstring(b, dir, len);
     luaL_addstring(b, "/?.lua;");
     luaL_addlstring(b, dir, len);
     luaL_addstring(b, "/?/init.lua;");
 }
 
-/* package.path = MOONLIT_PATH entries, then the bundled lua/, then Lua's
- * own entries (LUA_PATH or the default, which ends with ./?.lua). */
-static void setup_package_path(lua_State *L)
+/* Prefix package[field] with the MOONLIT_PATH entries (and, for Lua
+ * modules, the bundled lua/), keeping Lua's own entries after them. */
+static void prefix_search_path(lua_State *L, const char *field, bool c_modules)
 {
-    lua_getglobal(L, "package");
-    lua_getfield(L, -1, "path");
+    lua_getfield(L, -1, field);
     luaL_Buffer b;
     luaL_buffinit(L, &b);
     const char *env = getenv("MOONLIT_PATH");
     while (env && *env) {
         size_t len = strcspn(env, ";");
         if (len > 0)
-            add_search_dir(&b, env, len);
+            add_search_dir(&b, env, len, c_modules);
         env += len;
         if (*env == ';')
             env++;
     }
     char dir[PATH_MAX];
-    if (bundled_lua_dir(dir) == 0)
-        add_search_dir(&b, dir, strlen(dir));
+    if (!c_modules && bundled_lua_dir(dir) == 0)
+        add_search_dir(&b, dir, strlen(dir), false);
     luaL_pushresult(&b);          /* package, old path, prefix */
     lua_insert(L, -2);
     lua_concat(L, 2);
-    lua_setfield(L, -2, "path");
+    lua_setfield(L, -2, field);
+}
+
+/* package.path = MOONLIT_PATH entries, then the bundled lua/, then Lua's
+ * own entries (LUA_PATH or the default, which ends with ./?.lua).
+ * package.cpath = dir/?.so of each MOONLIT_PATH directory, then Lua's own
+ * (LUA_CPATH or the default: /usr/local/lib/lua/5.4/?.so, where LuaRocks
+ * installs, and the system's).  C modules link against the Lua API this
+ * binary exports (see the Makefile), not against a shared liblua. */
+static void setup_package_path(lua_State *L)
+{
+    lua_getglobal(L, "package");
+    prefix_search_path(L, "path", false);
+    prefix_search_path(L, "cpath", true);
     lua_pop(L, 1);
 }
 

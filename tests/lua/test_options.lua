@@ -65,7 +65,7 @@ function T.schedulers_reject_unknown_names(t)
     for k, v in pairs(cfg) do bogus[k] = v end
     bogus._class_name = "LMSDiscreteScheduler"
     fails_with(t, function() ml.schedulers.from_config(bogus) end,
-               {"'LMSDiscreteScheduler' is not supported"}, "unsupported class in the config")
+               {"unknown scheduler 'LMSDiscreteScheduler' (the config's _class_name"}, "unsupported class in the config")
 end
 
 function T.sd_load_rejects_unknown_components_and_options(t)

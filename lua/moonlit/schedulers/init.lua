@@ -55,8 +55,8 @@ function S.from_config(cfg, name, overrides)
     local cls_name = name and S.class_name(name) or cfg._class_name
     local cls = cls_name and S[cls_name]
     if not cls then
-        error("scheduler: the config's scheduler class '" .. tostring(cfg._class_name) ..
-              "' is not supported (accepted: " .. known_names() .. ")", 2)
+        error("scheduler: unknown scheduler '" .. tostring(cfg._class_name) ..
+              "' (the config's _class_name; accepted: " .. known_names() .. ")", 2)
     end
     local c = {}
     if name and cls_name ~= cfg._class_name then

@@ -506,4 +506,8 @@ function nn.parameters(...)
     return out
 end
 
+
+-- ml.nn.lora (moonlit.lora) loads on first use: it builds on this module.
+setmetatable(nn, {__index = function(t, k) if k == "lora" then rawset(t, k, require "moonlit.lora"); return rawget(t, k) end end})
+
 return nn

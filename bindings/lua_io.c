@@ -37,6 +37,8 @@
 #include "safetensors.h"
 #include "json_config.h"
 #include "atomic_file.h"
+#include "error.h"
+#include "fs.h"
 #include <jansson.h>
 #include <math.h>
 #include <stdlib.h>
@@ -315,10 +317,13 @@ static void push_json(lua_State *L, json_t *j, int null_idx) {
     case JSON_OBJECT: {
         lua_createtable(L, 0, (int)json_object_size(j));
         const char *k;
+        size_t klen;
         json_t *v;
-        json_object_foreach(j, k, v) {
+        /* with the key's length: a key may hold NUL bytes (\u0000) */
+        json_object_keylen_foreach(j, k, klen, v) {
+            lua_pushlstring(L, k, klen);
             push_json(L, v, null_idx);
-            lua_setfield(L, -2, k);
+            lua_rawset(L, -3);
         }
         luaL_setmetatable(L, JSON_OBJECT_MT);
         break;
@@ -366,17 +371,33 @@ static int push_decoded(lua_State *L, json_t *j, int null_idx) {
     return 1;
 }
 
+/* Decoding for Lua accepts \u0000 (valid JSON): Lua strings carry NUL bytes,
+ * and push_json passes every string and key with its length.  The C readers
+ * of json_config.h keep refusing it, since they use NUL-terminated strings. */
+#define LUA_JSON_FLAGS (JSON_DECODE_ANY | JSON_ALLOW_NUL)
+
 static int l_json_decode(lua_State *L) {
     size_t len;
     const char *s = luaL_checklstring(L, 1, &len);
     int null_idx = null_standin(L, 2);
-    return push_decoded(L, ml_json_load_buffer(s, len, "json_decode"), null_idx);
+    json_error_t err;
+    json_t *j = json_loadb(s, len, LUA_JSON_FLAGS, &err);
+    if (!j) ml_error("json_decode:%d:%d: %s", err.line, err.column, err.text);
+    return push_decoded(L, j, null_idx);
 }
 
 static int l_json_load(lua_State *L) {
     const char *path = luaL_checkstring(L, 1);
     int null_idx = null_standin(L, 2);
-    return push_decoded(L, ml_json_load_file(path), null_idx);
+    if (ml_require_regular_file(path, "cannot read JSON") < 0) return mlua_error(L, NULL);
+    json_error_t err;
+    json_t *j = json_load_file(path, LUA_JSON_FLAGS, &err);
+    if (!j) {
+        /* jansson reports a file it cannot open with line -1 */
+        if (err.line < 0) ml_error("%s: %s", path, err.text);
+        else ml_error("%s:%d:%d: %s", path, err.line, err.column, err.text);
+    }
+    return push_decoded(L, j, null_idx);
 }
 
 /* ======================================================================== */

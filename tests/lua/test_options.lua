@@ -1,6 +1,6 @@
 -- test_options.lua — strict options: unknown names and values are errors
 -- naming the option and listing what is accepted (moonlit.options), and
--- DDIM's eta through generation.
+-- DDIM's eta through generation; JSON's \u0000 decoded, not refused or cut.
 local ml = require "moonlit"
 local options = require "moonlit.options"
 local util = require "testutil"
@@ -125,6 +125,25 @@ function T.ddim_eta_reaches_the_scheduler(t)
         return core.clamp(m.vae:decode(x / m.vae.scaling_factor) / 2 + 0.5, 0, 1)
     end)
     t:assertTensorEq(a, image, 1e-6, "pipeline = hand-stepped DDIM with eta")
+end
+
+-- \u0000 is valid JSON (prompt lists, metadata): strings keep the NUL byte;
+-- a key holding one is refused by the JSON library with a clear message.
+function T.json_strings_keep_nul(t)
+    local v = core.json_decode('["a\\u0000b", {"p": "x\\u0000"}, "\\u0000"]')
+    t:assertEq(v[1], "a\0b", "NUL inside")
+    t:assertEq(#v[1], 3)
+    t:assertEq(v[2].p, "x\0", "NUL at the end of an object value")
+    t:assertEq(v[3], "\0", "only a NUL")
+    local dir = util.temp_dir()
+    util.write_file(dir .. "/p.json", '{"prompts": ["a\\u0000dog", "cat"]}')
+    t:assertEq(core.json_load(dir .. "/p.json").prompts, {"a\0dog", "cat"}, "json_load")
+    util.write_file(dir .. "/k.json", '{"k\\u0000x": 1}')
+    fails_with(t, function() core.json_load(dir .. "/k.json") end, {dir .. "/k.json:1:", "NUL byte in object key"},
+               "NUL in a key")
+    fails_with(t, function() core.json_decode("[1,") end, {"json_decode:1:"}, "syntax error still located")
+    fails_with(t, function() core.json_load(dir .. "/missing.json") end, {"missing.json"}, "missing file")
+    util.remove_tree(dir)
 end
 
 return T

@@ -138,6 +138,10 @@ sd.COMPONENTS = {"text_encoder", "unet", "vae", "tokenizer", "scheduler"}
 sd.LOAD_OPTIONS = {"device", "precision", "dtype", "variant", "components"}
 
 function sd.load(dir, opts)
+    -- A single-file checkpoint (LDM layout) goes to its own loader and options.
+    if type(dir) == "string" and core.is_file(dir) and (dir:lower():match("%.safetensors$") or dir:lower():match("%.ckpt$")) then
+        return sd.load_single_file(dir, opts)
+    end
     opts = options.check_options("sd.load", opts, sd.LOAD_OPTIONS)
     if opts.components ~= nil then
         if type(opts.components) ~= "table" then
@@ -312,6 +316,10 @@ function sd.from_configs(dir, opts)
     m.scheduler = schedulers.from_config(m.scheduler_config)
     return m
 end
+
+-- Single-file checkpoints in the original (LDM) layout: see moonlit.single_file.
+function sd.load_single_file(path, opts) return require("moonlit.single_file").load(path, opts) end
+function sd.save_single_file(path, m, opts) return require("moonlit.single_file").save(path, m, opts) end
 
 function sd.generate(m, opts)
     return require("moonlit.pipelines.stable_diffusion").generate(m, opts)

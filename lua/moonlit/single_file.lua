@@ -344,6 +344,17 @@ local function ignorable(k)
         or k:match("^" .. OPENCLIP:gsub("%.", "%%.") .. "transformer%.resblocks%.23%.")
 end
 
+-- What the shapes say, without building anything: {family, text, unet, vae,
+-- text_encoder} (configs as diffusers writes them; heads and group counts
+-- are SD's, as they are not in the shapes).
+function M.inspect(path)
+    local w = read_checkpoint(path)
+    local text = w[OPENCLIP .. "token_embedding.weight"] and "openclip" or "clip"
+    local family = text == "openclip" and "sd2" or "sd1"
+    return {family = family, text = text, unet = unet_config(w, family, nil, path), vae = vae_config(w, path),
+            text_encoder = text_config(w, text, path)}
+end
+
 function M.load(path, opts)
     opts = opts or {}
     for k in pairs(opts) do

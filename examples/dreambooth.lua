@@ -66,6 +66,12 @@ function M.parser()
     p:option("snr_gamma", {type = "number", help = "min-SNR loss weighting gamma (5.0 is the usual value)"})
     p:option("offset_noise", {type = "boolean", default = false, help = "add offset noise (0.1 per channel) to the noise"})
     p:option("save_dtype", {type = "string", default = "f32", choices = {"f32", "f16", "bf16"}, help = "dtype of the saved model"})
+    -- LoRA (docs/lora.md): the Ray example's --use_lora
+    p:option("use_lora", {type = "boolean", default = false,
+                          help = "train LoRA adapters on the UNet's attention projections only; saves pytorch_lora_weights.safetensors"})
+    p:option("lora_rank", {type = "integer", default = 4, help = "rank of the LoRA adapters"})
+    p:option("lora_alpha", {type = "number", help = "LoRA alpha (scale alpha/rank; default: the rank)"})
+    p:option("lora_text_encoder", {type = "boolean", default = false, help = "with --use_lora, adapters in the text encoder too"})
     return p
 end
 
@@ -91,6 +97,19 @@ function M.check_args(a)
     if a.precision == nil then a.precision = a.device:match("^cuda") and "bf16-mixed" or "f32" end
     if a.precision ~= "f32" and not a.device:match("^cuda") then
         bad("--precision " .. a.precision .. " needs a GPU (--device cuda); the CPU trains in f32")
+    end
+    local given = a._given or {}
+    if a.use_lora then
+        if a.lora_rank < 1 then bad("--lora_rank must be >= 1") end
+        a.lora_alpha = a.lora_alpha or a.lora_rank
+        if not (a.lora_alpha > 0) then bad("--lora_alpha must be > 0") end
+        if given.train_text_encoder and a.train_text_encoder then
+            bad("--train_text_encoder trains the whole text encoder; with --use_lora use --lora_text_encoder")
+        end
+    else
+        for _, k in ipairs {"lora_rank", "lora_alpha", "lora_text_encoder"} do
+            if given[k] then bad("--" .. k .. " needs --use_lora") end
+        end
     end
     return a
 end
@@ -265,6 +284,17 @@ function M.train_fn(m, a)
         if a.train_text_encoder then te:train(); trained.text_encoder = te
         else te:requires_grad_(false); te:eval() end
         local params = a.train_text_encoder and ml.nn.parameters(unet, te) or ml.nn.parameters(unet)
+        if a.use_lora then
+            -- only the adapters train, and checkpoints hold only them
+            local lora, lo = ml.nn.lora, {rank = a.lora_rank, alpha = a.lora_alpha}
+            te:requires_grad_(false); te:eval()
+            params = lora.inject(unet, lo)
+            trained = {unet = lora.trainable(unet)}
+            if a.lora_text_encoder then
+                for _, p in ipairs(lora.inject(te, lo)) do params[#params + 1] = p end
+                te:train(); trained.text_encoder = lora.trainable(te)
+            end
+        end
         local opt = ml.optim.AdamW(params, {lr = a.lr, weight_decay = a.adam_weight_decay})
         local shard = ctx:dataset_shard("train")
         local per_epoch, batches = steps_per_epoch(shard:count(), a)
@@ -400,7 +430,11 @@ function M.main(argv)
 
     t0 = ml.now()
     m.unet:eval(); m.text_encoder:eval()
-    ml.sd.save(a.output_dir, m, {dtype = a.save_dtype})
+    if a.use_lora then
+        ml.nn.lora.save_weights(a.output_dir, {unet = m.unet, text_encoder = m.text_encoder}, {dtype = a.save_dtype})
+    else
+        ml.sd.save(a.output_dir, m, {dtype = a.save_dtype})
+    end
     phases[#phases + 1] = {"save", ml.now() - t0}
 
     log("")
@@ -416,7 +450,7 @@ function M.main(argv)
                       imgs / math.max(train_s, 1e-9)))
     log(string.format("data wait: %.1f ms in all, %.2f ms per step; peak memory %.2f GiB", res.data_wait_ms,
                       res.data_wait_ms / math.max(1, res.steps), (ml.train.peak_memory(a.device) or 0) / 2 ^ 30))
-    log("tuned model:   " .. a.output_dir .. " (diffusers folder)")
+    log("tuned model:   " .. a.output_dir .. (a.use_lora and " (" .. ml.nn.lora.WEIGHT_NAME .. ")" or " (diffusers folder)"))
     log("metrics:       " .. join(a.output_dir, "metrics.jsonl"))
     if a.validation_prompt then log("samples:       " .. join(a.output_dir, "samples")) end
     if res.progress_sheet then log("before/after:  " .. res.progress_sheet .. " (rows: before training, each validation, after)") end

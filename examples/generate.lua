@@ -46,6 +46,10 @@ function M.parser()
     p:option("precision", {type = "string", choices = {"f32", "bf16-mixed", "bf16-sr"},
                            help = "f32, bf16-mixed or bf16-sr (default: bf16-mixed on a GPU, f32 on the CPU)"})
     p:option("num_workers", {type = "integer", default = 1, help = "data-parallel workers; only 1 (multi-worker generation is not built yet)"})
+    p:option("lora_weights_dir", {type = "string",
+                                  help = "LoRA weights to apply: a folder with pytorch_lora_weights.safetensors, or the file"})
+    p:option("lora_scale", {type = "number", help = "strength of the LoRA weights (default 1)"})
+    p:option("lora_merge", {type = "boolean", default = false, help = "merge the LoRA weights into the model (same images, faster)"})
     p:positional("model", {required = false, help = "model folder (the older form of --model_dir)"})
     p:positional("prompt_text", {required = false, help = "one prompt (the older form of --prompt)"})
     return p
@@ -88,6 +92,13 @@ function M.parse(argv, opts)
     if a.precision ~= "f32" and not on_gpu then return bad("--precision " .. a.precision .. " needs a GPU; the CPU computes in f32") end
     a.batch_size = a.batch_size or (on_gpu and 4 or 1)
     if not ml.core.is_dir(a.model_dir) then return bad("--model_dir: no such folder: " .. a.model_dir) end
+    if a.lora_weights_dir then
+        if not ml.core.is_dir(a.lora_weights_dir) and not ml.core.is_file(a.lora_weights_dir) then
+            return bad("--lora_weights_dir: no such folder or file: " .. a.lora_weights_dir)
+        end
+    elseif a.lora_scale ~= nil or (a._given or {}).lora_merge then
+        return bad("--" .. (a.lora_scale ~= nil and "lora_scale" or "lora_merge") .. " needs --lora_weights_dir")
+    end
     return a
 end
 
@@ -98,6 +109,12 @@ function M.run(a, log)
     local t_load = ml.now()
     local m = ml.sd.load(a.model_dir, {device = a.device, precision = a.precision})
     log(string.format("loaded %s on %s (%s) in %.1f s", a.model_dir, a.device, a.precision, ml.now() - t_load))
+    if a.lora_weights_dir then
+        local got = ml.nn.lora.load_weights(m, a.lora_weights_dir, {scale = a.lora_scale or 1, merge = a.lora_merge})
+        log(string.format("LoRA %s: rank %d, alpha %g, %d UNet and %d text encoder layers, scale %g%s", a.lora_weights_dir,
+                          got.rank, got.alpha, got.unet or 0, got.text_encoder or 0, a.lora_scale or 1,
+                          a.lora_merge and ", merged" or ""))
+    end
     local total = #a.prompts * a.num_samples_per_prompt
     local batches = (total + a.batch_size - 1) // a.batch_size
     local nbatch = 0

@@ -66,6 +66,8 @@ function M.parser()
     p:option("snr_gamma", {type = "number", help = "min-SNR loss weighting gamma (5.0 is the usual value)"})
     p:option("offset_noise", {type = "boolean", default = false, help = "add offset noise (0.1 per channel) to the noise"})
     p:option("save_dtype", {type = "string", default = "f32", choices = {"f32", "f16", "bf16"}, help = "dtype of the saved model"})
+    p:option("save_single_file", {type = "string",
+                                  help = "also write the tuned model as one .safetensors in the original (LDM) layout the web UIs load"})
     -- LoRA (docs/lora.md): the Ray example's --use_lora
     p:option("use_lora", {type = "boolean", default = false,
                           help = "train LoRA adapters on the UNet's attention projections only; saves pytorch_lora_weights.safetensors"})
@@ -89,7 +91,9 @@ function M.check_args(a)
     if a.validation_steps < 1 then bad("--validation_steps must be >= 1") end
     if a.num_validation_images < 1 then bad("--num_validation_images must be >= 1") end
     if a.sample_batch_size < 1 then bad("--sample_batch_size must be >= 1") end
-    if not ml.core.is_dir(a.model_dir) then bad("--model_dir: no such folder: " .. a.model_dir) end
+    if not ml.core.is_dir(a.model_dir) and not ml.core.is_file(a.model_dir) then bad("--model_dir: no such folder or file: " .. a.model_dir) end
+    if a.save_single_file and a.use_lora then bad("--save_single_file writes a whole model; with --use_lora the adapters are saved alone") end
+    if a.save_single_file and not a.save_single_file:match("%.safetensors$") then bad("--save_single_file must name a .safetensors file") end
     if not ml.core.is_dir(a.instance_images_dir) then bad("--instance_images_dir: no such folder: " .. a.instance_images_dir) end
     local function real(p) return (p:gsub("/+$", "")) end
     if real(a.output_dir) == real(a.model_dir) then bad("--output_dir must not be --model_dir (the base model would be overwritten)") end
@@ -435,6 +439,7 @@ function M.main(argv)
     else
         ml.sd.save(a.output_dir, m, {dtype = a.save_dtype})
     end
+    if a.save_single_file then ml.sd.save_single_file(a.save_single_file, m, {dtype = a.save_dtype}) end
     phases[#phases + 1] = {"save", ml.now() - t0}
 
     log("")

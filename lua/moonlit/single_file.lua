@@ -305,6 +305,13 @@ local function dig(t, ...)
     return t
 end
 
+-- configs/sd-v1-4/tokenizer of this checkout (found from where this file is).
+local function bundled_sd1_tokenizer()
+    local me = package.searchpath("moonlit.single_file", package.path)
+    local root = me and me:match("^(.-)lua/moonlit/single_file%.lua$")
+    return root and (root == "" and "." or root:gsub("/$", "")) .. "/configs/sd-v1-4/tokenizer"
+end
+
 -- ---- loading -------------------------------------------------------------------
 
 local load_options = {device = true, dtype = true, precision = true, components = true, config = true,
@@ -434,7 +441,12 @@ function M.load(path, opts)
         if want[c] then
             local cfg = cfgs[c]
             local cls = cfg._class_name or (cfg.architectures and cfg.architectures[1])
-            local model = nn.no_init(function() return sd.models[cls]()(cfg) end)
+            local ok, model = pcall(nn.no_init, function() return sd.models[cls]()(cfg) end)
+            if not ok then
+                error(string.format("sd.load_single_file: %s: cannot build the %s from %s config (%s); give option "
+                                    .. "'config' (a diffusers folder whose %s/config.json fits the file)", path, c,
+                                    folder_cfg(c) and "the given" or "the shapes'", tostring(model), c), 2)
+            end
             model:to{dtype = dtype, device = opts.device or "cpu"}
             local weights = component_weights(model, c, w, ctx, path, used)
             local ok, err = pcall(model.load_state_dict, model, weights, {layout = "torch"})
@@ -480,10 +492,17 @@ function M.load(path, opts)
         m.scheduler = schedulers.from_config(scfg)
     end
     if want.tokenizer then
+        local function has_vocab(d)
+            return d and (core.is_file(join(d, "vocab.json")) or core.is_file(join(d, "tokenizer.json")))
+        end
         local tdir = cdir and join(cdir, "tokenizer")
-        if not (tdir and (core.is_file(join(tdir, "vocab.json")) or core.is_file(join(tdir, "tokenizer.json")))) then
+        -- SD 1.x uses CLIP's own tokenizer, the one of configs/sd-v1-4 (after
+        -- scripts/fetch_clip_vocab.sh); SD 2.x pads differently, so it needs its folder.
+        if not cdir and family == "sd1" then tdir = bundled_sd1_tokenizer() end
+        if not has_vocab(tdir) then
             error("sd.load_single_file: " .. path .. ": a single-file checkpoint holds no tokenizer: give option " ..
-                  "'config' (a diffusers folder with tokenizer/, e.g. configs/sd-v1-4) or leave 'tokenizer' out of 'components'", 2)
+                  "'config' (a diffusers folder with tokenizer/; for SD 1.x configs/sd-v1-4 after scripts/fetch_clip_vocab.sh) " ..
+                  "or leave 'tokenizer' out of 'components'", 2)
         end
         m.tokenizer_dir = tdir
         m.tokenizer = core.tokenizer_load(tdir)

@@ -148,4 +148,33 @@ function T.unknown_layout_names_what_was_expected(t)
     util.remove_tree(dir)
 end
 
+-- examples/dreambooth.lua --save_single_file: the file holds the tuned
+-- model, equal to the diffusers folder the recipe saves beside it.
+function T.dreambooth_save_single_file(t)
+    local dir = util.temp_dir()
+    for _, sub in ipairs {"inst", "class"} do
+        core.mkdir_p(dir .. "/" .. sub)
+        for i = 1, 2 do ml.image.save(string.format("%s/%s/%02d.png", dir, sub, i), ml.rand({64, 64, 3})) end
+    end
+    local M = assert(loadfile("examples/dreambooth.lua"))({as_module = true})
+    local quiet, saved = function() end, print
+    print = quiet
+    local ok, err = pcall(M.main, {"--model_dir", "tests/fixtures/sd1-tiny/pipeline", "--output_dir", dir .. "/out",
+        "--instance_images_dir", dir .. "/inst", "--instance_prompt", "a photo of sks dog", "--class_images_dir",
+        dir .. "/class", "--class_prompt", "a photo of a dog", "--resolution", "64", "--device", "cpu",
+        "--num_class_images", "2", "--max_train_steps", "1", "--lr", "1e-3", "--checkpointing_steps", "0",
+        "--save_single_file", dir .. "/tuned.safetensors"})
+    print = saved
+    t:assert(ok, tostring(err))
+    if ok then
+        local folder = ml.sd.load(dir .. "/out", {components = NETS})
+        local file = ml.sd.load_single_file(dir .. "/tuned.safetensors", {config = dir .. "/out", components = NETS})
+        same_weights(t, file, folder, "dreambooth --save_single_file")
+        local base = ml.sd.load("tests/fixtures/sd1-tiny/pipeline", {components = {"unet"}})
+        local a, b = file.unet:state_dict{layout = "torch"}, base.unet:state_dict{layout = "torch"}
+        t:assert((a["conv_in.weight"] - b["conv_in.weight"]):abs():max():item() > 0, "the file holds the tuned weights")
+    end
+    util.remove_tree(dir)
+end
+
 return T

@@ -487,6 +487,8 @@ function M.load(path, opts)
                     prediction_type = (P.parameterization == "v" or (P.parameterization == nil and family == "sd2"))
                         and "v_prediction" or "epsilon"}
         end
+        local param = dig(orig, "model", "params", "parameterization")
+        if param then scfg.prediction_type = param == "v" and "v_prediction" or "epsilon" end
         if opts.prediction_type then scfg.prediction_type = opts.prediction_type end
         m.scheduler_config, m.scheduler_raw_config = scfg, scfg
         m.scheduler = schedulers.from_config(scfg)

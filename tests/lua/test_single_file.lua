@@ -177,4 +177,27 @@ function T.dreambooth_save_single_file(t)
     util.remove_tree(dir)
 end
 
+-- --original_config: the LDM YAML (a subset) or JSON; its parameterization
+-- picks the prediction type, prediction_type overrides both.
+function T.original_config_yaml_and_json(t)
+    local dir = util.temp_dir()
+    util.write_file(dir .. "/v2.yaml", table.concat({
+        "model:", "  base_learning_rate: 1.0e-4", "  target: ldm.models.diffusion.ddpm.LatentDiffusion",
+        "  params:", "    parameterization: \"v\"  # 768-v", "    linear_start: 0.00085", "    scale_factor: 0.18215",
+        "    unet_config:", "      params:", "        num_head_channels: 64", "        channel_mult: [ 1, 2, 4, 4 ]", ""}, "\n"))
+    core.json_save(dir .. "/eps.json", {model = {params = {parameterization = "eps"}}})
+    local function pred(o)
+        o.config, o.components = F .. "pipeline", {"scheduler"}
+        return ml.sd.load_single_file(F .. "tiny.ckpt", o).scheduler.config.prediction_type
+    end
+    t:assertEq(pred{}, "epsilon", "the folder's scheduler")
+    t:assertEq(pred{original_config = dir .. "/v2.yaml"}, "v_prediction", "YAML parameterization v")
+    t:assertEq(pred{original_config = dir .. "/eps.json"}, "epsilon", "JSON parameterization eps")
+    t:assertEq(pred{original_config = dir .. "/v2.yaml", prediction_type = "epsilon"}, "epsilon", "the option wins")
+    util.write_file(dir .. "/bad.yaml", "model:\n  - a\n")
+    t:assertError(function() pred{original_config = dir .. "/bad.yaml"} end, "bad.yaml:2: YAML block lists")
+    t:assertError(function() pred{original_config = dir .. "/none.yaml"} end, "original_config: no such file")
+    util.remove_tree(dir)
+end
+
 return T

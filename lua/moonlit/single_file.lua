@@ -377,6 +377,13 @@ function M.load(path, opts)
         error("sd.load_single_file: option 'prediction_type' must be epsilon or v_prediction, not " ..
               tostring(opts.prediction_type), 2)
     end
+    local precision = opts.precision or "f32"
+    if precision ~= "f32" and precision ~= "bf16-mixed" and precision ~= "bf16-sr" then
+        error("sd.load_single_file: unknown precision '" .. tostring(precision) .. "' (expected f32, bf16-mixed or bf16-sr)", 2)
+    end
+    if precision ~= "f32" and (opts.device or "cpu") == "cpu" then
+        error("sd.load_single_file: precision " .. precision .. " needs a CUDA device (the CPU computes in f32)", 2)
+    end
     if not core.is_file(path) then error("sd.load_single_file: no such file: " .. tostring(path), 2) end
     local sd = require "moonlit.sd"
     local w, names, info = read_checkpoint(path)

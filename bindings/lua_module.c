@@ -25,6 +25,7 @@ int luaopen_moonlit_core(lua_State *L) {
     mlua_open_fs(L);
     mlua_open_profile(L);
     mlua_open_data(L);
+    mlua_open_dist(L);
     mlua_open_pickle(L);
 #ifdef ML_WITH_CUDA
     lua_pushboolean(L, 1);

@@ -80,6 +80,7 @@ void mlua_open_cuda(lua_State *L);       /* device info, allocator stats */
 void mlua_open_fs(lua_State *L);         /* mkdir_p, copy_file, list_dir */
 void mlua_open_profile(lua_State *L);    /* profile(fn): per-kernel times */
 void mlua_open_data(lua_State *L);       /* data_loader: ml.data's loader threads */
+void mlua_open_dist(lua_State *L);       /* dist_*: ml.dist's collectives between processes */
 
 /* Entry point: require "moonlit.core". */
 int luaopen_moonlit_core(lua_State *L);

@@ -119,6 +119,7 @@ local lazy = {
     image = "moonlit.image", sd = "moonlit.sd", gradcheck = "moonlit.gradcheck", argparse = "moonlit.argparse",
     schedulers = "moonlit.schedulers", train = "moonlit.train",
     data = "moonlit.data",
+    dist = "moonlit.dist",
 }
 
 -- ml.profile(fn, ...) -> report, fn's results.  report lists kernels by total

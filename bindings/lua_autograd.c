@@ -1,6 +1,7 @@
 /* lua_autograd.c — backward, grad mode and gradient hooks for Lua. */
 #include "mlua.h"
 #include "autograd.h"
+#include <stdio.h>
 #include <stdlib.h>
 
 /* t:backward([grad], [{retain_graph = true}]) */
@@ -89,10 +90,63 @@ static int t_remove_hook(lua_State *L) {
     return 0;
 }
 
+/* The grad-ready callback (DistributedDataParallel's bucket trigger): one
+ * Lua function, called as fn(key) with tensor_key(leaf) when a leaf's
+ * gradient is complete for this backward.  The C callback cannot fail, so
+ * an error in fn is kept and returned by grad_ready_error(), which ddp
+ * checks when it finishes the step. */
+static struct { lua_State *L; int ref; char err[512]; } g_ready = {NULL, LUA_NOREF, ""};
+
+static void lua_grad_ready(void *ctx, ml_tensor *leaf) {
+    (void)ctx;
+    lua_State *L = g_ready.L;
+    if (!L || g_ready.ref == LUA_NOREF) return;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, g_ready.ref);
+    lua_pushlightuserdata(L, leaf);
+    if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
+        if (!g_ready.err[0]) snprintf(g_ready.err, sizeof g_ready.err, "%s", lua_tostring(L, -1));
+        lua_pop(L, 1);
+    }
+}
+
+/* set_grad_ready_callback(fn | nil) */
+static int l_set_grad_ready_callback(lua_State *L) {
+    if (!lua_isnoneornil(L, 1)) luaL_checktype(L, 1, LUA_TFUNCTION);
+    ml_set_grad_ready_callback(NULL, NULL);
+    if (g_ready.L && g_ready.ref != LUA_NOREF) luaL_unref(g_ready.L, LUA_REGISTRYINDEX, g_ready.ref);
+    g_ready.ref = LUA_NOREF;
+    g_ready.err[0] = 0;
+    if (lua_isnoneornil(L, 1)) return 0;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
+    g_ready.L = lua_tothread(L, -1);
+    lua_pop(L, 1);
+    lua_pushvalue(L, 1);
+    g_ready.ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    ml_set_grad_ready_callback(lua_grad_ready, NULL);
+    return 0;
+}
+
+/* grad_ready_error() -> message of the first failed callback since the last call, or nil */
+static int l_grad_ready_error(lua_State *L) {
+    if (!g_ready.err[0]) { lua_pushnil(L); return 1; }
+    lua_pushstring(L, g_ready.err);
+    g_ready.err[0] = 0;
+    return 1;
+}
+
+/* tensor_key(t) -> a value equal for every Lua handle of the same tensor
+ * (the key the grad-ready callback passes) */
+static int l_tensor_key(lua_State *L) {
+    lua_pushlightuserdata(L, mlua_check_tensor(L, 1));
+    return 1;
+}
+
 void mlua_open_autograd(lua_State *L) {
     static const luaL_Reg funcs[] = {
         {"is_grad_enabled", l_is_grad_enabled}, {"set_grad_enabled", l_set_grad_enabled},
-        {"no_grad", l_no_grad}, {"enable_grad", l_enable_grad}, {NULL, NULL},
+        {"no_grad", l_no_grad}, {"enable_grad", l_enable_grad},
+        {"set_grad_ready_callback", l_set_grad_ready_callback}, {"grad_ready_error", l_grad_ready_error},
+        {"tensor_key", l_tensor_key}, {NULL, NULL},
     };
     static const luaL_Reg methods[] = {
         {"backward", t_backward}, {"register_hook", t_register_hook}, {"remove_hook", t_remove_hook},

@@ -23,9 +23,10 @@
 --   ml.train.latest_checkpoint(output_dir) -> path or nil
 --   ml.train.prune_checkpoints(output_dir, keep)  -- deletes all but the `keep` newest
 --
--- num_workers > 1 is the data-parallel launcher's job (ml.train.run forks
--- workers there); this file keeps that seam: everything a worker needs is
--- in ctx, and only ctx:is_main() writes.
+-- num_workers > 1 makes this process the launcher (train.launch below): it
+-- starts the workers, which run the same command line, relays their output
+-- and exits when they are done.  In a worker, ctx carries the rank, and only
+-- ctx:is_main() writes.  DistributedDataParallel: moonlit.ddp (train.ddp).
 local core = require "moonlit.core"
 local options = require "moonlit.options"
 
@@ -213,7 +214,9 @@ function Context:report(metrics, opts)
         -- the first step's images count from the start of the loop
         self.first_report_time = self.start_time
     end
-    self.images = self.images + (metrics.images or 0)
+    -- every rank steps in lockstep on its own batch: the global count is
+    -- this rank's times the world size
+    self.images = self.images + (metrics.images or 0) * self.world_size
     self.last_step = step
     self.last_loss = metrics.loss
     local elapsed = now - self.first_report_time
@@ -238,6 +241,260 @@ function Context:report(metrics, opts)
     end
 end
 
+-- ---- data-parallel workers ------------------------------------------------------------------
+
+-- A process is a worker when its environment says so: torchrun's variables
+-- (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT, which our own
+-- launcher sets too) or Slurm's (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID;
+-- master SLURM_LAUNCH_NODE_IPADDR unless MASTER_ADDR is set).  A one-task
+-- Slurm step is not a worker: it may launch workers itself.
+local DEFAULT_PORT = 29500
+
+local function env_int(name, lo)
+    local v = os.getenv(name)
+    if v == nil or v == "" then return nil end
+    local n = math.tointeger(tonumber(v))
+    if not n or n < lo then error(string.format("ml.train: environment variable %s=%s is not an integer >= %d", name, v, lo), 0) end
+    return n
+end
+
+function train.worker_env()
+    local w
+    if os.getenv("RANK") and os.getenv("RANK") ~= "" then
+        w = {rank = env_int("RANK", 0), world_size = env_int("WORLD_SIZE", 1), local_rank = env_int("LOCAL_RANK", 0),
+             master_addr = os.getenv("MASTER_ADDR"), master_port = env_int("MASTER_PORT", 1), source = "RANK"}
+        if not w.world_size then error("ml.train: RANK is set but WORLD_SIZE is not", 0) end
+    elseif (env_int("SLURM_NTASKS", 1) or 1) > 1 and os.getenv("SLURM_PROCID") then
+        w = {rank = env_int("SLURM_PROCID", 0), world_size = env_int("SLURM_NTASKS", 1), local_rank = env_int("SLURM_LOCALID", 0),
+             master_addr = os.getenv("MASTER_ADDR") or os.getenv("SLURM_LAUNCH_NODE_IPADDR"),
+             master_port = env_int("MASTER_PORT", 1), source = "SLURM_PROCID"}
+    else
+        return nil
+    end
+    if w.rank >= w.world_size then
+        error(string.format("ml.train: rank %d (%s) is not below the world size %d", w.rank, w.source, w.world_size), 0)
+    end
+    w.local_rank = w.local_rank or w.rank
+    w.master_addr = w.master_addr or "127.0.0.1"
+    w.master_port = w.master_port or DEFAULT_PORT
+    return w
+end
+
+function train.is_worker() return train.worker_env() ~= nil end
+
+-- Worker output reaches the launcher through a pipe: line buffering keeps
+-- each rank's lines timely and whole.
+if train.worker_env() then io.stdout:setvbuf("line") end
+
+-- Joins this worker to its group (ml.dist.init) once; later calls return
+-- the same identity.  Needed before any collective (class images use a
+-- barrier before training starts); ml.train.run calls it itself.
+local joined
+function train.init_worker(device)
+    if joined then return joined end
+    local w = train.worker_env()
+    if not w then return nil end
+    device = device or train.default_device()
+    local ok, dist = pcall(require, "moonlit.dist")
+    if not ok then
+        if w.world_size > 1 then error("ml.train: worker rank " .. w.rank .. " needs ml.dist: " .. tostring(dist), 0) end
+        dist = nil
+    end
+    if dist and not dist.is_initialized() then
+        dist.init{rank = w.rank, world_size = w.world_size, local_rank = w.local_rank,
+                  backend = tostring(device):match("^cuda") and "nccl" or "cpu",
+                  master_addr = w.master_addr, master_port = w.master_port}
+    end
+    -- Per-rank random streams: the same seed, each rank's Philox counter
+    -- moved 2^40 blocks further per rank, so rank 0 draws what a single
+    -- process would and a run is reproducible for a given world size.
+    if w.world_size > 1 then
+        local seed, offset = core.get_rng_state()
+        core.set_rng_state(seed, offset + w.rank * (1 << 40))
+    end
+    w.device, w.dist = device, dist
+    joined = w
+    return w
+end
+
+-- The command line this process was started with: the interpreter and its
+-- options (arg's negative indices), the script arg[0] and its arguments.
+local function own_command_line()
+    if type(arg) ~= "table" or arg[0] == nil then
+        error("ml.train.run: more than one worker needs a script started from the command line " ..
+              "(the workers run the same command line)", 0)
+    end
+    local lo = 0
+    while arg[lo - 1] ~= nil do lo = lo - 1 end
+    local argv = {}
+    for i = lo, #arg do argv[#argv + 1] = tostring(arg[i]) end
+    local exe = core.self_exe() or argv[1]
+    if not exe:find("/", 1, true) then
+        error("ml.train.run: cannot tell the path of the running binary '" .. exe .. "'", 0)
+    end
+    return exe, argv
+end
+
+-- GPUs the workers can have, without initialising CUDA in the launcher:
+-- the entries of CUDA_VISIBLE_DEVICES when set, else the driver's count.
+local function visible_gpus()
+    local cvd = os.getenv("CUDA_VISIBLE_DEVICES")
+    local list = {}
+    if cvd ~= nil then
+        for id in cvd:gmatch("[^,%s]+") do list[#list + 1] = id end
+        return list
+    end
+    local n = core.cuda_peek_device_count and core.cuda_peek_device_count() or 0
+    for i = 0, (n or 0) - 1 do list[#list + 1] = tostring(i) end
+    return list
+end
+
+local GRACE_S = 3   -- SIGTERM, then SIGKILL after this many seconds
+
+-- Starts this node's workers, relays their output line by line (rank 0
+-- unprefixed, others "[rank r] "), and waits.  The first worker to fail
+-- (non-zero exit or a signal), or SIGINT/SIGTERM to the launcher, stops
+-- the rest: SIGTERM, then SIGKILL after GRACE_S.  Every worker is reaped.
+-- Returns true when all exited 0, else raises an error naming the rank and
+-- the cause.
+function train.launch(o)
+    o = options.check_options("ml.train.launch", o, {"num_workers", "nnodes", "node_rank", "master_addr",
+                                                      "master_port", "device", "grace_s"})
+    local n, nnodes, node_rank = o.num_workers or 1, o.nnodes or 1, o.node_rank or 0
+    local function int_opt(name, v, lo)
+        if math.type(v) ~= "integer" or v < lo then
+            error(string.format("ml.train.run: %s must be an integer >= %d (got %s)", name, lo, tostring(v)), 0)
+        end
+    end
+    int_opt("num_workers", n, 1); int_opt("nnodes", nnodes, 1); int_opt("node_rank", node_rank, 0)
+    if node_rank >= nnodes then error(string.format("ml.train.run: node_rank %d is not below nnodes %d", node_rank, nnodes), 0) end
+    if nnodes > 1 and not o.master_addr then
+        error("ml.train.run: nnodes > 1 needs master_addr (the address of node 0, which every node reaches)", 0)
+    end
+    if o.master_port ~= nil then int_opt("master_port", o.master_port, 1) end
+    local port = o.master_port or (nnodes == 1 and core.free_tcp_port()) or DEFAULT_PORT
+    local exe, argv = own_command_line()
+    local device = o.device and tostring(o.device) or nil
+    local gpus = {}
+    if device == nil or device:match("^cuda") then
+        gpus = visible_gpus()
+        if #gpus > 0 and #gpus < n then
+            error(string.format("ml.train.run: num_workers = %d needs one GPU each; %d visible%s", n, #gpus,
+                                os.getenv("CUDA_VISIBLE_DEVICES") and " (CUDA_VISIBLE_DEVICES)" or ""), 0)
+        end
+        if device and #gpus == 0 then error("ml.train.run: device " .. device .. " but no GPU is visible", 0) end
+    end
+    local world = n * nnodes
+    local kids, by_fd = {}, {}
+    local function emit(k, stream, line)
+        local f = stream == "err" and io.stderr or io.stdout
+        f:write(k.rank == 0 and "" or "[rank " .. k.rank .. "] ", line, "\n")
+        f:flush()
+    end
+    local function stop_all(sig)
+        for _, k in ipairs(kids) do if not k.status then core.kill_pid(k.pid, sig) end end
+    end
+    core.trap_stop_signals(true)
+    local ok, err = pcall(function()
+        for i = 0, n - 1 do
+            local rank = node_rank * n + i
+            local env = {RANK = rank, WORLD_SIZE = world, LOCAL_RANK = i, LOCAL_WORLD_SIZE = n,
+                         MASTER_ADDR = o.master_addr or "127.0.0.1", MASTER_PORT = port, NCCL_NVLS_ENABLE = "0"}
+            if #gpus > 0 then env.CUDA_VISIBLE_DEVICES = gpus[i + 1] end
+            local pid, out_fd, err_fd = core.spawn(exe, argv, env)
+            local k = {rank = rank, pid = pid, bufs = {}, open = 2}
+            kids[#kids + 1] = k
+            by_fd[out_fd] = {k, "out"}; by_fd[err_fd] = {k, "err"}
+        end
+    end)
+    if not ok then
+        stop_all("SIGKILL")
+        for _, k in ipairs(kids) do while not core.try_wait(k.pid) do core.poll_readable({}, 10) end end
+        for fd in pairs(by_fd) do core.close_fd(fd) end
+        core.trap_stop_signals(false)
+        error("ml.train.run: starting workers: " .. tostring(err), 0)
+    end
+    local failure, stop_time, killed = nil, nil, false
+    local grace = o.grace_s or GRACE_S
+    while true do
+        local fds = {}
+        for fd in pairs(by_fd) do fds[#fds + 1] = fd end
+        local running = 0
+        for _, k in ipairs(kids) do if not k.status then running = running + 1 end end
+        if running == 0 and #fds == 0 then break end
+        local ready = core.poll_readable(fds, 100)
+        for _, fd in ipairs(ready) do
+            local k, stream = by_fd[fd][1], by_fd[fd][2]
+            local chunk = core.read_fd(fd)
+            local buf = (k.bufs[stream] or "") .. (chunk or "")
+            local from = 1
+            while true do
+                local nl = buf:find("\n", from, true)
+                if not nl then break end
+                emit(k, stream, buf:sub(from, nl - 1))
+                from = nl + 1
+            end
+            k.bufs[stream] = buf:sub(from)
+            if not chunk then
+                if k.bufs[stream] ~= "" then emit(k, stream, k.bufs[stream]) end
+                k.bufs[stream] = ""
+                core.close_fd(fd)
+                by_fd[fd] = nil
+            end
+        end
+        for _, k in ipairs(kids) do
+            if not k.status then
+                local how, detail = core.try_wait(k.pid)
+                if how then
+                    k.status, k.detail = how, detail
+                    if not failure and (how == "signal" or detail ~= 0) then
+                        failure = how == "signal" and string.format("worker rank %d (pid %d) was killed by %s", k.rank, k.pid, detail)
+                                  or string.format("worker rank %d (pid %d) exited with code %d", k.rank, k.pid, detail)
+                    end
+                end
+            end
+        end
+        local sig = core.stop_signal_caught()
+        if sig and not failure then failure = "the launcher got " .. sig end
+        if failure and not stop_time then
+            stop_time = core.now()
+            stop_all("SIGTERM")
+        end
+        if stop_time and not killed and core.now() - stop_time > grace then
+            killed = true
+            stop_all("SIGKILL")
+        end
+        -- a worker's own child could hold a pipe open after every worker ended
+        if running == 0 and #fds > 0 then
+            local t = stop_time or core.now()
+            stop_time = t
+            if core.now() - t > grace then
+                for fd in pairs(by_fd) do core.close_fd(fd) end
+                by_fd = {}
+            end
+        end
+    end
+    core.trap_stop_signals(false)
+    if failure then
+        error(string.format("ml.train.run: %s; all %d workers of this node have ended", failure, #kids), 0)
+    end
+    return true
+end
+
+-- For scripts that do heavy work before ml.train.run (loading a model):
+-- call this first.  In a launcher (num_workers > 1 or nnodes > 1, not a
+-- worker itself) it runs the workers and returns true once they all
+-- succeeded (the script should then return); in a worker or a single
+-- process it returns false at once.
+function train.launch_if_needed(num_workers, o)
+    o = o or {}
+    if train.is_worker() then return false end
+    if (num_workers or 1) == 1 and (o.nnodes or 1) == 1 then return false end
+    local lo = {num_workers = num_workers}
+    for k, v in pairs(o) do lo[k] = v end
+    return train.launch(lo)
+end
+
 -- ---- run ------------------------------------------------------------------------------------
 
 function train.default_device()
@@ -247,26 +504,34 @@ end
 
 function train.run(train_fn, opts)
     opts = options.check_options("ml.train.run", opts, {"num_workers", "config", "output_dir", "device", "datasets",
-                                                         "log_every", "summary"})
+                                                         "log_every", "summary", "nnodes", "node_rank", "master_addr",
+                                                         "master_port"})
     if type(train_fn) ~= "function" then error("ml.train.run: train_fn must be a function", 2) end
     local nw = opts.num_workers or 1
     if math.type(nw) ~= "integer" or nw < 1 then
         error("ml.train.run: num_workers must be an integer >= 1 (got " .. tostring(nw) .. ")", 2)
     end
-    if nw > 1 then
-        error(string.format("ml.train.run: num_workers = %d needs the data-parallel launcher, which is not built yet; " ..
-                            "use num_workers = 1", nw), 2)
+    local w = train.worker_env()
+    if not w and (nw > 1 or (opts.nnodes or 1) > 1) then
+        -- the launcher: the workers run this same script; code after
+        -- ml.train.run runs in them, not here, so the launcher ends here
+        train.launch{num_workers = nw, nnodes = opts.nnodes, node_rank = opts.node_rank,
+                     master_addr = opts.master_addr, master_port = opts.master_port, device = opts.device}
+        io.stdout:flush()
+        os.exit(0, true)
     end
     local cfg = opts.config or {}
+    local device = opts.device or cfg.device or train.default_device()
+    if w then w = train.init_worker(device) end
     local out = opts.output_dir or cfg.output_dir
     local ctx = setmetatable({
-        rank = 0, world_size = 1, local_rank = 0,
-        device = opts.device or cfg.device or train.default_device(),
+        rank = w and w.rank or 0, world_size = w and w.world_size or 1, local_rank = w and w.local_rank or 0,
+        device = device, dist = w and w.dist,
         config = cfg, output_dir = out, datasets = opts.datasets or {},
         reports = 0, images = 0, outputs = {}, start_time = core.now(),
         progress = Progress.new{log_every = opts.log_every, device = opts.device},
     }, Context)
-    if out then
+    if out and ctx:is_main() then
         local ok, err = pcall(core.mkdir_p, out)
         if not ok then error("ml.train.run: cannot create output_dir " .. out .. ": " .. tostring(err), 2) end
         local path = join(out, "metrics.jsonl")
@@ -428,5 +693,9 @@ function train.prune_checkpoints(output_dir, keep)
     local l = train.list_checkpoints(output_dir)
     for i = 1, #l - keep do remove_tree(l[i].path) end
 end
+
+-- ---- DistributedDataParallel (moonlit.ddp) --------------------------------------------------
+
+function train.ddp(params, o) return require("moonlit.ddp").new(params, o) end
 
 return train

@@ -1,0 +1,174 @@
+-- moonlit.ddp — DistributedDataParallel for a training loop's parameters
+-- (ml.train.ddp): every rank holds the same weights and, after each step's
+-- backward, the same gradients, averaged over the ranks.
+--
+--   local ddp = ml.train.ddp(params, {bucket_mb = 25, dtype = "f32" | "bf16"})
+--   loss:backward()          -- buckets start their all-reduce as they fill
+--   ddp:finish()             -- before clip_grad_norm and opt:step()
+--   ddp:set_sync(false)      -- gradient accumulation: micro-steps that do not reduce
+--   ddp:no_sync(fn, ...)     -- the same around one call
+--   ddp:close()              -- drops the grad-ready callback
+--
+-- At creation every parameter is broadcast from rank 0.  Parameters that
+-- require grad are packed, in reverse order (backward reaches the last
+-- layers first), into buckets of about bucket_mb MiB.  Each bucket owns one
+-- flat buffer (allocated once); when the grad-ready callback has seen every
+-- parameter of a bucket, its gradients are copied in and one averaged
+-- all-reduce is launched asynchronously while backward goes on.
+--
+-- Buckets are always launched in order (bucket i only after bucket i-1):
+-- collectives pair up by order across ranks, and the order in which
+-- gradients become ready may differ between ranks.  A parameter that gets
+-- no gradient this step (a branch the batch did not use) keeps its bucket,
+-- and those after it, waiting until finish(), which launches all that is
+-- left, treating missing gradients as zeros.  Every bucket carries one
+-- extra slot per parameter saying whether this rank had a gradient: a
+-- parameter no rank had a gradient for keeps grad = nil, as it would in
+-- one process; otherwise its gradient is the average over all ranks
+-- (zeros counted), which is the gradient of the mean loss over the global
+-- batch.  Frozen parameters (requires_grad false) are broadcast but never
+-- bucketed, so a frozen text encoder needs no flag.
+local core = require "moonlit.core"
+local options = require "moonlit.options"
+
+local M = {}
+
+local DDP = {}
+DDP.__index = DDP
+
+local BYTES = {f32 = 4, bf16 = 2}
+
+function M.new(params, o)
+    o = options.check_options("ml.train.ddp", o, {"bucket_mb", "dtype", "dist"})
+    if type(params) ~= "table" or #params == 0 then error("ml.train.ddp: params must be a non-empty list of tensors", 2) end
+    local dtype = o.dtype or "f32"
+    if not BYTES[dtype] then error("ml.train.ddp: dtype must be \"f32\" or \"bf16\" (got " .. tostring(dtype) .. ")", 2) end
+    local bucket_mb = o.bucket_mb or 25
+    if type(bucket_mb) ~= "number" or not (bucket_mb > 0) then
+        error("ml.train.ddp: bucket_mb must be a number > 0 (got " .. tostring(bucket_mb) .. ")", 2)
+    end
+    local dist = o.dist or require "moonlit.dist"
+    if not dist.is_initialized() then error("ml.train.ddp: ml.dist is not initialized (run under ml.train.run)", 2) end
+    local self = setmetatable({dist = dist, dtype = dtype, sync = true, buckets = {}, of_key = {},
+                               world_size = dist.world_size()}, DDP)
+    core.no_grad(function()
+        for i, p in ipairs(params) do
+            if not core.is_tensor(p) then error("ml.train.ddp: params[" .. i .. "] is not a tensor", 0) end
+            dist.broadcast(p, 0)
+        end
+    end)
+    local limit = bucket_mb * 2 ^ 20
+    local cur
+    for i = #params, 1, -1 do
+        local p = params[i]
+        if p.requires_grad then
+            local bytes = p:numel() * BYTES[dtype]
+            if not cur or (cur.bytes > 0 and cur.bytes + bytes > limit) or cur.device ~= tostring(p.device) then
+                cur = {params = {}, offsets = {}, numel = 0, bytes = 0, device = tostring(p.device)}
+                self.buckets[#self.buckets + 1] = cur
+            end
+            cur.params[#cur.params + 1] = p
+            cur.offsets[#cur.params] = cur.numel
+            cur.numel = cur.numel + p:numel()
+            cur.bytes = cur.bytes + bytes
+            self.of_key[core.tensor_key(p)] = {cur, #cur.params}
+        end
+    end
+    for _, b in ipairs(self.buckets) do
+        -- gradients, then one presence slot per parameter
+        b.flat = core.zeros({b.numel + #b.params}, {dtype = dtype, device = b.device})
+        b.ready = {}
+    end
+    self:_reset()
+    core.set_grad_ready_callback(function(key) self:_on_ready(key) end)
+    return self
+end
+
+function DDP:_reset()
+    for _, b in ipairs(self.buckets) do b.ready, b.nready, b.work = {}, 0, nil end
+    self.next_launch = 1
+end
+
+function DDP:_launch(b)
+    local flat, n = b.flat, b.numel
+    for j, p in ipairs(b.params) do
+        local seg = flat:narrow(1, b.offsets[j] + 1, p:numel())
+        local g = p.grad
+        if g then
+            g = g:reshape(p:numel())
+            seg:copy_(g.dtype == flat.dtype and g or g:to(flat.dtype))
+        else
+            seg:zero_()
+        end
+        flat:narrow(1, n + j, 1):fill_(g and 1 or 0)
+    end
+    b.work = self.dist.all_reduce(flat, {op = "avg", async = true})
+end
+
+-- Launches, in order, every bucket from next_launch on that is complete.
+function DDP:_launch_ready(all)
+    while self.next_launch <= #self.buckets do
+        local b = self.buckets[self.next_launch]
+        if not all and b.nready < #b.params then break end
+        self:_launch(b)
+        self.next_launch = self.next_launch + 1
+    end
+end
+
+function DDP:_on_ready(key)
+    if not self.sync then return end
+    local e = self.of_key[key]
+    if not e then return end
+    local b, j = e[1], e[2]
+    if not b.ready[j] then
+        b.ready[j] = true
+        b.nready = b.nready + 1
+        if b.nready == #b.params then self:_launch_ready(false) end
+    end
+end
+
+-- Waits for every bucket and writes the averaged gradients back.  Without
+-- sync (an accumulation micro-step) it does nothing.
+function DDP:finish()
+    local err = core.grad_ready_error()
+    if err then self:_reset(); error("ml.train.ddp: " .. err, 2) end
+    if not self.sync then return end
+    self:_launch_ready(true)
+    core.no_grad(function()
+        for _, b in ipairs(self.buckets) do
+            b.work:wait()
+            local flat, n = b.flat, b.numel
+            for j, p in ipairs(b.params) do
+                if flat:narrow(1, n + j, 1):item() > 0 then
+                    local seg = flat:narrow(1, b.offsets[j] + 1, p:numel()):reshape(p:size())
+                    if seg.dtype ~= p.dtype then seg = seg:to(p.dtype) end
+                    if p.grad then p.grad:copy_(seg) else p.grad = seg:clone() end
+                else
+                    p.grad = nil
+                end
+            end
+        end
+    end)
+    self:_reset()
+end
+
+function DDP:set_sync(on)
+    self.sync = on and true or false
+    if self.sync then self:_reset() end
+end
+
+function DDP:no_sync(fn, ...)
+    local prev = self.sync
+    self.sync = false
+    local res = table.pack(pcall(fn, ...))
+    self.sync = prev
+    if not res[1] then error(res[2], 0) end
+    return table.unpack(res, 2, res.n)
+end
+
+function DDP:close()
+    core.set_grad_ready_callback(nil)
+    self.buckets, self.of_key = {}, {}
+end
+
+return M

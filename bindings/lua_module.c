@@ -4,6 +4,7 @@
 #include <time.h>
 
 void mlua_open_pickle(lua_State *L); /* ckpt_load: torch checkpoints, never executed */
+void mlua_open_launcher(lua_State *L); /* spawn/poll/reap: ml.train's worker launcher */
 
 /* now() -> seconds on the monotonic clock (for timing; os.clock is CPU time). */
 static int l_now(lua_State *L) {
@@ -27,6 +28,7 @@ int luaopen_moonlit_core(lua_State *L) {
     mlua_open_data(L);
     mlua_open_dist(L);
     mlua_open_pickle(L);
+    mlua_open_launcher(L);
 #ifdef ML_WITH_CUDA
     lua_pushboolean(L, 1);
 #else

@@ -149,7 +149,8 @@ function tests.report_writes_one_json_line_each(t)
 end
 
 function tests.run_errors_are_clear(t)
-    t:assert(U.has(U.error_of(T.run, function() end, {num_workers = 2}), "launcher"), "num_workers > 1 says what is missing")
+    t:assert(U.has(U.error_of(T.run, function() end, {num_workers = 2, nnodes = 2}), "needs master_addr"),
+             "a launch that cannot work is refused before any worker starts")
     t:assert(U.has(U.error_of(T.run, function() end, {num_workers = 0}), "num_workers must be"), "bad num_workers")
     local err = U.error_of(T.run, function(cfg, ctx) ctx:dataset_shard("valid") end, {datasets = {train = {}}, summary = false})
     t:assert(U.has(err, "no dataset named 'valid'") and U.has(err, "train"), "unknown dataset named: " .. tostring(err))

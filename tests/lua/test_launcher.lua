@@ -1,0 +1,131 @@
+-- test_launcher.lua — ml.train.run's worker launcher on CPU workers: the
+-- environment each worker gets and its rank-prefixed output; a worker
+-- killed with SIGKILL, or failing on a bad flag, stops the others quickly
+-- with a message naming it; SIGINT to the launcher stops every worker; no
+-- worker outlives the launcher (kill -0 fails for each recorded pid).
+local U = require "testutil"
+local tests = {}
+
+local function sh_quote(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
+local function running_interpreter()
+    local i = -1
+    while arg[i - 1] ~= nil do i = i - 1 end
+    return arg[i]
+end
+local BIN = os.getenv("MOONLIT_BIN") or running_interpreter() or "build/moonlit"
+local core = require "moonlit.core"
+
+-- Each worker records its pid (from /proc/self/stat: the reading process)
+-- in <dir>/pid-<rank>, then acts out `mode`.
+local SCRIPT = [[
+local ml = require "moonlit"
+local dir, mode, n = arg[1], arg[2], tonumber(arg[3])
+ml.train.run(function(cfg, ctx)
+    local f = io.open("/proc/self/stat")
+    local pid = f:read("a"):match("^(%d+)")
+    f:close()
+    f = io.open(dir .. "/pid-" .. ctx.rank, "w"); f:write(pid); f:close()
+    print(string.format("rank=%d world=%d local=%d env=%s,%s,%s nvls=%s", ctx.rank, ctx.world_size, ctx.local_rank,
+                        os.getenv("RANK"), os.getenv("WORLD_SIZE"), os.getenv("LOCAL_RANK"), os.getenv("NCCL_NVLS_ENABLE")))
+    io.stderr:write("to stderr from " .. ctx.rank .. "\n")
+    if mode == "ok" then ml.dist.barrier(); return end
+    if mode == "badflag" and ctx.rank == 1 then error("dreambooth: --lr must be >= 0", 0) end
+    if mode == "sigkill" and ctx.rank == 1 then os.execute("kill -KILL " .. pid) end
+    -- everyone else waits forever (until the launcher stops them)
+    while true do os.execute("sleep 0.05") end
+end, {num_workers = n, device = "cpu", summary = false})
+]]
+
+local function setup()
+    local dir = U.temp_dir()
+    U.write_file(dir .. "/w.lua", SCRIPT)
+    return dir
+end
+
+local function run(dir, mode, n)
+    local t0 = core.now()
+    local p = io.popen(string.format("%s %s %s %s %d 2>&1; echo \"exit=$?\"", sh_quote(BIN), sh_quote(dir .. "/w.lua"),
+                                     sh_quote(dir), mode, n))
+    local text = p:read("a")
+    p:close()
+    return text, tonumber(text:match("exit=(%d+)%s*$")), core.now() - t0
+end
+
+local function alive(pid) return os.execute("kill -0 " .. pid .. " 2>/dev/null") == true end
+
+local function assert_no_survivors(t, dir, n)
+    for r = 0, n - 1 do
+        local f = io.open(dir .. "/pid-" .. r)
+        if f then
+            local pid = f:read("a"); f:close()
+            t:assert(not alive(pid), "worker rank " .. r .. " (pid " .. pid .. ") outlived the launcher")
+        end
+    end
+end
+
+function tests.workers_get_their_rank_and_prefixed_output(t)
+    local dir = setup()
+    local text, code = run(dir, "ok", 3)
+    t:assert(code == 0, "3 workers exit 0:\n" .. text)
+    t:assert(text:find("\nrank=0 world=3 local=0 env=0,3,0 nvls=0", 1, true) or text:find("^rank=0 world=3"),
+             "rank 0's lines are unprefixed:\n" .. text)
+    for r = 1, 2 do
+        t:assert(U.has(text, string.format("[rank %d] rank=%d world=3 local=%d env=%d,3,%d nvls=0", r, r, r, r, r)),
+                 "rank " .. r .. "'s stdout line, prefixed:\n" .. text)
+        t:assert(U.has(text, string.format("[rank %d] to stderr from %d", r, r)), "rank " .. r .. "'s stderr, prefixed")
+    end
+    assert_no_survivors(t, dir, 3)
+    U.remove_tree(dir)
+end
+
+function tests.sigkilled_worker_stops_the_run(t)
+    local dir = setup()
+    local text, code, secs = run(dir, "sigkill", 3)
+    t:assert(code ~= 0, "the launcher exits non-zero")
+    t:assert(U.has(text, "worker rank 1") and U.has(text, "killed by SIGKILL"), "the message names the rank and signal:\n" .. text)
+    -- SIGTERM reaches the others at once; 3 s of grace bounds the worst case
+    t:assert(secs < 8, string.format("the run stopped in %.1f s", secs))
+    assert_no_survivors(t, dir, 3)
+    U.remove_tree(dir)
+end
+
+function tests.bad_flag_on_one_rank_does_not_hang_the_others(t)
+    local dir = setup()
+    local text, code, secs = run(dir, "badflag", 2)
+    t:assert(code ~= 0, "the launcher exits non-zero")
+    t:assert(U.has(text, "[rank 1] moonlit: dreambooth: --lr must be >= 0"), "rank 1's error is shown, prefixed:\n" .. text)
+    t:assert(U.has(text, "worker rank 1") and U.has(text, "exited with code 1"), "the launcher names rank 1 and its exit code")
+    t:assert(secs < 8, string.format("the run stopped in %.1f s", secs))
+    assert_no_survivors(t, dir, 2)
+    U.remove_tree(dir)
+end
+
+function tests.sigint_to_the_launcher_stops_every_worker(t)
+    local dir = setup()
+    local p = io.popen(string.format("%s %s %s hang 2 >%s 2>&1 & echo $!", sh_quote(BIN), sh_quote(dir .. "/w.lua"),
+                                     sh_quote(dir), sh_quote(dir .. "/log")))
+    local launcher = p:read("l")
+    p:close()
+    -- wait for both workers to be up
+    local t0 = core.now()
+    while not (core.is_file(dir .. "/pid-0") and core.is_file(dir .. "/pid-1")) and core.now() - t0 < 10 do
+        os.execute("sleep 0.05")
+    end
+    os.execute("kill -INT " .. launcher)
+    while alive(launcher) and core.now() - t0 < 15 do os.execute("sleep 0.05") end
+    t:assert(not alive(launcher), "the launcher ended after SIGINT")
+    local text = U.read_file(dir .. "/log")
+    t:assert(U.has(text, "the launcher got SIGINT"), "the message names the interrupt:\n" .. text)
+    assert_no_survivors(t, dir, 2)
+    U.remove_tree(dir)
+end
+
+function tests.launcher_bad_options(t)
+    local T = require("moonlit").train
+    t:assert(U.has(U.error_of(T.launch, {num_workers = 2, nnodes = 2}), "needs master_addr"), "nnodes > 1 without master")
+    t:assert(U.has(U.error_of(T.launch, {num_workers = 2, nnodes = 2, node_rank = 2, master_addr = "h"}),
+                   "node_rank 2 is not below nnodes 2"), "node_rank out of range")
+    t:assert(U.has(U.error_of(T.launch, {num_workers = 0}), "num_workers must be"), "num_workers 0")
+end
+
+return tests

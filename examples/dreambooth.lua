@@ -37,7 +37,7 @@ function M.parser()
     p:option("prior_loss_weight", {type = "number", default = 1.0, help = "weight of the class-image (prior) loss"})
     p:option("max_grad_norm", {type = "number", default = 1.0, help = "gradient clipping (total 2-norm)"})
     p:option("num_workers", {type = "integer", default = 1,
-                             help = "data-parallel workers (one per GPU; more than 1 needs the launcher, not built yet)"})
+                             help = "data-parallel workers on this machine (one GPU each; docs/dist.md)"})
     -- the flags of diffusers' train_dreambooth.py that users reach for
     p:option("seed", {type = "integer", default = 0, help = "seed of the training stream, the data order and the class images"})
     p:option("resolution", {type = "integer", default = 512, help = "training (and class image) size in pixels"})
@@ -299,6 +299,8 @@ function M.train_fn(m, a)
                 te:train(); trained.text_encoder = lora.trainable(te)
             end
         end
+        -- world_size > 1: weights broadcast from rank 0, gradients averaged
+        local ddp = ctx.world_size > 1 and ml.train.ddp(params) or nil
         local opt = ml.optim.AdamW(params, {lr = a.lr, weight_decay = a.adam_weight_decay})
         local shard = ctx:dataset_shard("train")
         local per_epoch, batches = steps_per_epoch(shard:count(), a)
@@ -348,10 +350,15 @@ function M.train_fn(m, a)
                 local ids = ml.cat({batch.instance_prompt_ids, batch.class_prompt_ids}, 1)
                 local loss = M.loss(m, images, ids, a)
                 local scaled = a.gradient_accumulation_steps > 1 and loss / a.gradient_accumulation_steps or loss
+                if ddp then ddp:set_sync(micro + 1 == a.gradient_accumulation_steps or bi == batches) end
                 scaled:backward()
                 loss_sum = loss_sum + loss:item()
                 micro = micro + 1
                 if micro == a.gradient_accumulation_steps or bi == batches then
+                    if ddp then
+                        ddp:finish()
+                        loss_sum = ctx.dist.all_reduce_number(loss_sum, "avg")
+                    end
                     local gnorm = ml.optim.clip_grad_norm(params, a.max_grad_norm)
                     opt.lr = sched:lr(step)
                     opt:step()
@@ -378,6 +385,7 @@ function M.train_fn(m, a)
             it = nxt
         end
         if it then it:close() end
+        if ddp then ddp:close() end
         if a.validation_prompt and ctx:is_main() then rows[#rows + 1] = M.validate(m, a, step, function(s) ctx:log(s) end) end
         if #rows > 1 then
             local sheet = join(join(a.output_dir, "samples"), "progress.png")
@@ -394,9 +402,15 @@ end
 -- ---- main ------------------------------------------------------------------------------
 
 function M.main(argv)
-    local a = M.check_args(M.parser():parse(argv))
-    local function log(s) print(s); io.stdout:flush() end
-    ml.core.mkdir_p(a.output_dir)
+    local parsed = M.parser():parse(argv)
+    -- --num_workers > 1: this process only starts the workers (which run
+    -- this same command line) and waits; they load the model and train
+    if ml.train.launch_if_needed(parsed.num_workers, {device = parsed.device}) then return end
+    local a = M.check_args(parsed)
+    local worker = ml.train.init_worker(a.device)
+    local main_rank = not worker or worker.rank == 0
+    local function log(s) if main_rank then print(s); io.stdout:flush() end end
+    if main_rank then ml.core.mkdir_p(a.output_dir) end
     if a.resume_from_checkpoint then
         if a.resume_from_checkpoint == "latest" then
             a.resume_path = ml.train.latest_checkpoint(a.output_dir)
@@ -419,7 +433,9 @@ function M.main(argv)
     local phases = {{"load", ml.now() - t0}}
 
     t0 = ml.now()
-    local made = M.generate_class_images(m, a, log)
+    -- rank 0 makes the missing class images; the others wait for them
+    local made = main_rank and M.generate_class_images(m, a, log) or 0
+    if worker and worker.world_size > 1 then worker.dist.barrier() end
     phases[#phases + 1] = {"class images (" .. made .. " made)", ml.now() - t0}
 
     -- the training stream starts here, whether or not class images were made
@@ -434,6 +450,7 @@ function M.main(argv)
 
     t0 = ml.now()
     m.unet:eval(); m.text_encoder:eval()
+    if not main_rank then return {model = m, args = a, steps = res.steps} end
     if a.use_lora then
         ml.nn.lora.save_weights(a.output_dir, {unet = m.unet, text_encoder = m.text_encoder}, {dtype = a.save_dtype})
     else

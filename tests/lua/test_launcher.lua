@@ -128,4 +128,33 @@ function tests.launcher_bad_options(t)
     t:assert(U.has(U.error_of(T.launch, {num_workers = 0}), "num_workers must be"), "num_workers 0")
 end
 
+-- The recipe with --num_workers 2 on the sd1-tiny fixture: both ranks
+-- train on their shard (1 of the 2 pairs each), rank 0 alone writes the metrics (one
+-- row per step) and the tuned model.
+function tests.dreambooth_on_two_cpu_workers(t)
+    local ml = require "moonlit"
+    local dir = U.temp_dir()
+    for _, sub in ipairs({"inst", "class"}) do
+        ml.core.mkdir_p(dir .. "/" .. sub)
+        for i = 1, 2 do ml.image.save(string.format("%s/%s/%02d.png", dir, sub, i), ml.rand({64, 64, 3})) end
+    end
+    local args = {"examples/dreambooth.lua", "--model_dir", "tests/fixtures/sd1-tiny/pipeline", "--output_dir", dir .. "/out",
+                  "--instance_images_dir", dir .. "/inst", "--instance_prompt", "a photo of sks dog",
+                  "--class_images_dir", dir .. "/class", "--class_prompt", "a photo of a dog", "--resolution", "64",
+                  "--device", "cpu", "--num_class_images", "2", "--lr", "1e-3", "--checkpointing_steps", "0",
+                  "--max_train_steps", "1", "--num_epochs", "1", "--num_workers", "2"}
+    for i, a in ipairs(args) do args[i] = sh_quote(a) end
+    local p = io.popen(sh_quote(BIN) .. " " .. table.concat(args, " ") .. " 2>&1; echo \"exit=$?\"")
+    local text = p:read("a")
+    p:close()
+    t:assert(text:match("exit=0%s*$"), "the recipe on 2 workers succeeds:\n" .. text)
+    -- 2 pairs, sharded: rank 0 logs its half
+    t:assert(U.has(text, "training: 1 pairs"), "each rank trains on its shard of the 2 pairs:\n" .. text)
+    local rows = 0
+    for _ in U.read_file(dir .. "/out/metrics.jsonl"):gmatch("[^\n]+") do rows = rows + 1 end
+    t:assert(rows == 1, "one metrics row per step, written by rank 0 only (got " .. rows .. ")")
+    t:assert(core.is_file(dir .. "/out/unet/diffusion_pytorch_model.safetensors"), "the tuned UNet is written")
+    U.remove_tree(dir)
+end
+
 return tests

@@ -38,6 +38,7 @@ ML_CUDA_TWIN void *ml_nccl_comm_init(const void *id, int world_size, int rank, i
 ML_CUDA_TWIN void ml_nccl_comm_destroy(void *comm);
 ML_CUDA_TWIN int ml_nccl_collective(void *comm, int kind, const ml_tensor *send, ml_tensor *recv, ml_dist_op op,
                                     int root, void **async);
+ML_CUDA_TWIN int ml_nccl_comm_check(void *comm);
 ML_CUDA_TWIN int ml_nccl_work_wait(void *work);
 ML_CUDA_TWIN int ml_nccl_work_done(void *work);
 ML_CUDA_TWIN void ml_nccl_work_free(void *work);
@@ -743,6 +744,7 @@ struct ml_dist_work {
 int ml_dist_work_wait(ml_dist_work *w) {
     if (!w || !w->nccl_work) return 0;
 #ifdef ML_WITH_CUDA
+    if (G.nccl && ml_nccl_comm_check && ml_nccl_comm_check(G.nccl) < 0) return fail("all_reduce", "%s", ml_last_error());
     int rc = ml_nccl_work_wait(w->nccl_work);
     if (rc < 0) return fail("all_reduce", "%s", ml_last_error());
     return rc;
@@ -754,6 +756,7 @@ int ml_dist_work_wait(ml_dist_work *w) {
 int ml_dist_work_done(ml_dist_work *w) {
     if (!w || !w->nccl_work) return 1;
 #ifdef ML_WITH_CUDA
+    if (G.nccl && ml_nccl_comm_check && ml_nccl_comm_check(G.nccl) < 0) return fail("all_reduce", "%s", ml_last_error());
     int rc = ml_nccl_work_done(w->nccl_work);
     if (rc < 0) return fail("all_reduce", "%s", ml_last_error());
     return rc;

@@ -90,6 +90,8 @@ void ml_nccl_comm_destroy(void *comm);
  * wait on; else the compute stream waits at once. */
 int ml_nccl_collective(void *comm, int kind, const ml_tensor *send, ml_tensor *recv, ml_dist_op op, int root,
                        void **async);
+/* -1 + the watchdog's message once the communicator was aborted. */
+int ml_nccl_comm_check(void *comm);
 int ml_nccl_work_wait(void *work);
 int ml_nccl_work_done(void *work);
 void ml_nccl_work_free(void *work);

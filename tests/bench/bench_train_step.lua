@@ -21,6 +21,8 @@ p:option("device", {type = "string", default = "cuda", help = "cpu, cuda or cuda
 p:option("precision", {type = "string", default = "f32", choices = {"f32", "bf16-mixed", "bf16-sr"}, help = "see above"})
 p:option("size", {type = "integer", default = 512, help = "image size in pixels"})
 p:option("profile", {type = "integer", default = 0, help = "print the N kernels that took the most GPU time in one step"})
+p:option("lora", {type = "integer", default = 0,
+                  help = "train LoRA adapters of this rank on the UNet's attention instead of UNet + text encoder (0: full)"})
 local o = p:parse(arg or {})
 local dev = o.device
 local on_gpu = dev:sub(1, 4) == "cuda"
@@ -41,6 +43,14 @@ local S = require "moonlit.schedulers"
 local ddpm = S.DDPMScheduler {beta_start = 0.00085, beta_end = 0.012, beta_schedule = "scaled_linear",
                               num_train_timesteps = 1000, clip_sample = false}
 local params = ml.nn.parameters(m.unet, m.text_encoder)
+if o.lora > 0 then
+    -- the Ray example's --use_lora: adapters on the UNet's attention projections, text encoder frozen
+    m.text_encoder:requires_grad_(false)
+    m.text_encoder:eval()
+    params = ml.nn.lora.inject(m.unet, {rank = o.lora})
+    print(string.format("LoRA rank %d: %d adapter tensors, %.2fM parameters trained", o.lora, #params,
+                        (function() local n = 0 for _, q in ipairs(params) do n = n + q:numel() end return n / 1e6 end)()))
+end
 local opt = ml.optim.AdamW(params, {lr = 5e-6})
 local B = 2 * o.batch
 local images = ml.rand({B, o.size, o.size, 3}, {device = dev}) * 2 - 1

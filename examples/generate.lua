@@ -91,7 +91,9 @@ function M.parse(argv, opts)
     a.precision = a.precision or (on_gpu and "bf16-mixed" or "f32")
     if a.precision ~= "f32" and not on_gpu then return bad("--precision " .. a.precision .. " needs a GPU; the CPU computes in f32") end
     a.batch_size = a.batch_size or (on_gpu and 4 or 1)
-    if not ml.core.is_dir(a.model_dir) then return bad("--model_dir: no such folder: " .. a.model_dir) end
+    if not ml.core.is_dir(a.model_dir) and not ml.core.is_file(a.model_dir) then
+        return bad("--model_dir: no such folder or file: " .. a.model_dir)
+    end
     if a.lora_weights_dir then
         if not ml.core.is_dir(a.lora_weights_dir) and not ml.core.is_file(a.lora_weights_dir) then
             return bad("--lora_weights_dir: no such folder or file: " .. a.lora_weights_dir)

@@ -208,7 +208,7 @@ function tests.flag_errors_exit_2_naming_the_flag(t)
         {{MODEL, "--prompt", "x", "--num_workers", "2"}, "multi-worker generation is not built yet"},
         {{"--prompt", "x"}, "missing required option --model_dir"},
         {{MODEL}, "no prompt"},
-        {{"no/such/model", "--prompt", "x"}, "--model_dir: no such folder: no/such/model"},
+        {{"no/such/model", "--prompt", "x"}, "--model_dir: no such folder or file: no/such/model"},
         {{MODEL, "--prompt", "x", "--precision", "bf16-mixed", "--device", "cpu"}, "--precision bf16-mixed needs a GPU"},
     }
     for _, c in ipairs(cases) do

@@ -25,8 +25,8 @@ TUNED_MODEL_DIR=${TUNED_MODEL_DIR:-$DATA_PREFIX/model-tuned}
 IMAGES_REG_DIR=${IMAGES_REG_DIR:-$DATA_PREFIX/images-reg}
 IMAGES_OWN_DIR=${IMAGES_OWN_DIR:-$DATA_PREFIX/images-own}
 IMAGES_NEW_DIR=${IMAGES_NEW_DIR:-$DATA_PREFIX/images-new}
-# One worker until the data-parallel launcher exists (dreambooth.lua refuses
-# more); the reference's default is the number of GPUs.
+# One worker by default until the multi-GPU path has run on GPUs (the
+# reference's default is the number of GPUs); NUM_WORKERS=N starts N workers.
 NUM_WORKERS=${NUM_WORKERS:-1}
 CLASS_NAME=${CLASS_NAME:-dog}
 INSTANCE_DIR=${INSTANCE_DIR:-$root/datasets/dreambooth/dog}

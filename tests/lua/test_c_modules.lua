@@ -5,14 +5,9 @@
 -- (cc, or $CC) and the Lua 5.4 headers (LUA_INCDIR, default the system's).
 local util = require "testutil"
 
-local function sh_quote(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
+local sh_quote = util.shell_quote
 
-local function running_interpreter()
-    if type(arg) ~= "table" or arg[-1] == nil then return nil end
-    local i = -1
-    while arg[i - 1] ~= nil do i = i - 1 end
-    return arg[i]
-end
+local running_interpreter = util.running_interpreter
 local BIN = os.getenv("MOONLIT_BIN") or running_interpreter() or "build/moonlit"
 local CC = os.getenv("CC") or "cc"
 local INC = os.getenv("LUA_INCDIR") or "/usr/include/lua5.4"

@@ -1,19 +1,12 @@
 -- test_cli.lua — the moonlit command line and REPL, driven as a separate
 -- process through pipes, files and a fifo (POSIX sh, mkfifo, kill, grep).
-local function sh_quote(s)
-    return "'" .. s:gsub("'", "'\\''") .. "'"
-end
+local util = require "testutil"
+local sh_quote = util.shell_quote
 
 -- The binary under test: MOONLIT_BIN, else the interpreter running this
 -- suite (the lowest index of `arg`), else build/moonlit.
-local function running_interpreter()
-    if type(arg) ~= "table" or arg[-1] == nil then return nil end
-    local i = -1
-    while arg[i - 1] ~= nil do i = i - 1 end
-    return arg[i]
-end
+local running_interpreter = util.running_interpreter
 local BIN = sh_quote(os.getenv("MOONLIT_BIN") or running_interpreter() or "build/moonlit")
-local util = require "testutil"
 local read_file, write_file, temp_dir, remove_tree = util.read_file, util.write_file, util.temp_dir, util.remove_tree
 
 -- The first line a shell command prints.

@@ -8,12 +8,8 @@ local ml = require "moonlit"
 local U = require "testutil"
 local tests = {}
 
-local function sh_quote(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
-local function running_interpreter()
-    local i = -1
-    while arg[i - 1] ~= nil do i = i - 1 end
-    return arg[i]
-end
+local sh_quote = U.shell_quote
+local running_interpreter = U.running_interpreter
 local BIN = os.getenv("MOONLIT_BIN") or running_interpreter() or "build/moonlit"
 
 -- The script each worker runs: data and its split are fixed before

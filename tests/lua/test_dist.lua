@@ -4,20 +4,12 @@
 local ml = require "moonlit"
 local dist = ml.dist
 
+local U = require "testutil"
 local tests = {}
 
-local function moonlit_bin()
-    local bin = os.getenv("MOONLIT_BIN")
-    if bin and bin ~= "" then return bin end
-    if not arg then return nil end
-    local i = -1
-    while arg[i - 1] ~= nil do i = i - 1 end
-    return arg[i]
-end
+local moonlit_bin = U.moonlit_bin
 
-local function shell_quote(s)
-    return "'" .. s:gsub("'", "'\\''") .. "'"
-end
+local shell_quote = U.shell_quote
 
 -- What every worker runs first: R, N, P (rank, world size, port) from the
 -- environment, and out(name, tensor|value) printing "name=v1,v2,..." lines.

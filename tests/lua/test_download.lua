@@ -10,16 +10,10 @@ local SCRIPT = "scripts/download_model.sh"
 local REPO = "org/tiny-sd"
 local COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
-local function q(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
+local q = U.shell_quote
 
 -- The binary running this suite (the parser of the hub's JSON).
-local function moonlit_bin()
-    local bin = os.getenv("MOONLIT_BIN")
-    if bin and bin ~= "" then return bin end
-    local i = -1
-    while arg and arg[i - 1] ~= nil do i = i - 1 end
-    return arg and arg[i]
-end
+local moonlit_bin = U.moonlit_bin
 
 -- Deterministic bytes, different for each seed (xorshift32).
 local function bytes(n, seed)

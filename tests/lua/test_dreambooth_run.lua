@@ -12,15 +12,9 @@ local FIXTURE = "tests/fixtures/sd1-tiny/pipeline"
 local TRAIN_ARGS = "--resolution 64 --device cpu --num_inference_steps 2 --sample_batch_size 2 --checkpointing_steps 0"
 local GENERATE_ARGS = "--steps 2 --height 64 --width 64 --device cpu"
 
-local function q(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
+local q = U.shell_quote
 
-local function moonlit_bin()
-    local bin = os.getenv("MOONLIT_BIN")
-    if bin and bin ~= "" then return bin end
-    local i = -1
-    while arg and arg[i - 1] ~= nil do i = i - 1 end
-    return arg and arg[i]
-end
+local moonlit_bin = U.moonlit_bin
 
 local function exists(path)
     local f = io.open(path, "rb")

@@ -2,24 +2,16 @@
 -- examples/train_mlp.lua trains (its loss falls at least 10x), both inside
 -- this interpreter and as a script run by the moonlit binary, and names a
 -- bad argument.  (examples/generate.lua is tested in test_generate.lua.)
+local U = require "testutil"
 local tests = {}
 
 local SCRIPT = "examples/train_mlp.lua"
 
 -- The binary running this suite: MOONLIT_BIN (set by tests/run_all.sh) or
 -- the interpreter that started the runner (the lowest index of `arg`).
-local function moonlit_bin()
-    local bin = os.getenv("MOONLIT_BIN")
-    if bin and bin ~= "" then return bin end
-    if not arg then return nil end
-    local i = -1
-    while arg[i - 1] ~= nil do i = i - 1 end
-    return arg[i]
-end
+local moonlit_bin = U.moonlit_bin
 
-local function shell_quote(s)
-    return "'" .. s:gsub("'", "'\\''") .. "'"
-end
+local shell_quote = U.shell_quote
 
 function tests.train_mlp_in_process(t)
     local saved_arg, saved_print = arg, print

@@ -27,6 +27,27 @@ function U.write_file(path, data)
 end
 
 local function sh_quote(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
+U.shell_quote = sh_quote
+
+-- The moonlit binary running this suite: MOONLIT_BIN (set by
+-- tests/run_all.sh), else the interpreter that started the runner (the
+-- lowest index of `arg`); nil when neither is known.
+function U.moonlit_bin()
+    local bin = os.getenv("MOONLIT_BIN")
+    if bin and bin ~= "" then return bin end
+    if type(arg) ~= "table" or arg[-1] == nil then return nil end
+    local i = -1
+    while arg[i - 1] ~= nil do i = i - 1 end
+    return arg[i]
+end
+
+-- The interpreter that started the runner, whatever MOONLIT_BIN says.
+function U.running_interpreter()
+    if type(arg) ~= "table" or arg[-1] == nil then return nil end
+    local i = -1
+    while arg[i - 1] ~= nil do i = i - 1 end
+    return arg[i]
+end
 
 -- A fresh empty folder (mktemp -d); remove it with U.remove_tree.
 function U.temp_dir()

@@ -38,6 +38,11 @@ function M.parser()
     p:option("max_grad_norm", {type = "number", default = 1.0, help = "gradient clipping (total 2-norm)"})
     p:option("num_workers", {type = "integer", default = 1,
                              help = "data-parallel workers on this machine (one GPU each; docs/dist.md)"})
+    -- several machines (docs/dist.md): each node runs this command with its node_rank
+    p:option("nnodes", {type = "integer", default = 1, help = "machines taking part (each starts --num_workers workers)"})
+    p:option("node_rank", {type = "integer", default = 0, help = "this machine's index, 0 .. nnodes-1"})
+    p:option("master_addr", {type = "string", help = "address of node 0, reachable from every node (needed when nnodes > 1)"})
+    p:option("master_port", {type = "integer", help = "TCP port on node 0 for the rendezvous (default: a free one, or 29500 across nodes)"})
     -- the flags of diffusers' train_dreambooth.py that users reach for
     p:option("seed", {type = "integer", default = 0, help = "seed of the training stream, the data order and the class images"})
     p:option("resolution", {type = "integer", default = 512, help = "training (and class image) size in pixels"})
@@ -405,7 +410,11 @@ function M.main(argv)
     local parsed = M.parser():parse(argv)
     -- --num_workers > 1: this process only starts the workers (which run
     -- this same command line) and waits; they load the model and train
-    if ml.train.launch_if_needed(parsed.num_workers, {device = parsed.device}) then return end
+    if ml.train.launch_if_needed(parsed.num_workers, {device = parsed.device, nnodes = parsed.nnodes,
+                                                      node_rank = parsed.node_rank, master_addr = parsed.master_addr,
+                                                      master_port = parsed.master_port}) then
+        return
+    end
     local a = M.check_args(parsed)
     local worker = ml.train.init_worker(a.device)
     local main_rank = not worker or worker.rank == 0

@@ -74,13 +74,13 @@ end
 function tests.short_run_learns_and_saves_a_working_model(t)
     local dir = U.temp_dir()
     write_images(dir .. "/inst", 2, 1, 80)
-    local res, out = run_main(base_args(dir, {"--max_train_steps", "12", "--num_epochs", "100"}))
-    t:assert(res.steps == 12, "12 steps taken, got " .. tostring(res.steps))
+    local res, out = run_main(base_args(dir, {"--max_train_steps", "20", "--num_epochs", "100"}))
+    t:assert(res.steps == 20, "20 steps taken, got " .. tostring(res.steps))
     t:assert(#ml.core.list_dir(dir .. "/class") == 3, "3 class images generated")
     -- one metrics line per step
     local n = 0
     for _ in io.lines(dir .. "/out/metrics.jsonl") do n = n + 1 end
-    t:assertEq(n, 12, "metrics.jsonl lines")
+    t:assertEq(n, 20, "metrics.jsonl lines")
     t:assert(U.has(out, "tuned model:"), "the summary says where the model is")
     -- the loss on the instance images with fixed draws: before (base model) vs after (tuned)
     local M = recipe()

@@ -140,8 +140,11 @@ function M.class_image_name(prompt_idx, sample_idx, seed)
 end
 
 -- Fills class_images_dir up to num_class_images.  Images already there are
--- kept (the user's own count too); returns how many were generated.
-function M.generate_class_images(m, a, log)
+-- kept (the user's own count too); returns how many were generated.  With
+-- share = {rank, world_size}, this worker makes only images k with
+-- (k - 1) % world_size == rank: the workers split the missing images, and
+-- each image is the same whichever worker makes it (its seed is its own).
+function M.generate_class_images(m, a, log, share)
     local dir = a.class_images_dir
     ml.core.mkdir_p(dir)
     local foreign, ours = 0, 0
@@ -161,6 +164,7 @@ function M.generate_class_images(m, a, log)
                          batch_size = a.sample_batch_size, steps = a.num_inference_steps,
                          guidance_scale = a.guidance_scale, height = a.resolution, width = a.resolution,
                          output_dir = dir, name = M.class_image_name, skip_existing = true,
+                         only = share and function(_, k) return (k - 1) % share.world_size == share.rank end,
                          progress = function(done, total) log(string.format("class images: %d/%d", done, total)) end})
     local n = 0
     for _ in ipairs(made or {}) do n = n + 1 end
@@ -442,9 +446,13 @@ function M.main(argv)
     local phases = {{"load", ml.now() - t0}}
 
     t0 = ml.now()
-    -- rank 0 makes the missing class images; the others wait for them
-    local made = main_rank and M.generate_class_images(m, a, log) or 0
-    if worker and worker.world_size > 1 then worker.dist.barrier() end
+    -- the workers split the missing class images; training waits for all of them
+    local share = worker and worker.world_size > 1 and {rank = worker.rank, world_size = worker.world_size} or nil
+    local made = M.generate_class_images(m, a, log, share)
+    if share then
+        worker.dist.barrier()
+        made = math.tointeger(worker.dist.all_reduce_number(made, "sum")) or made
+    end
     phases[#phases + 1] = {"class images (" .. made .. " made)", ml.now() - t0}
 
     -- the training stream starts here, whether or not class images were made

@@ -153,4 +153,42 @@ function tests.dreambooth_on_two_cpu_workers(t)
     U.remove_tree(dir)
 end
 
+-- Class images split over 2 workers: image k is made by rank (k - 1) % 2,
+-- and every image equals the one a single process makes (its seed is its own).
+function tests.class_images_split_over_two_workers(t)
+    local ml = require "moonlit"
+    local dir = U.temp_dir()
+    ml.core.mkdir_p(dir .. "/inst")
+    for i = 1, 2 do ml.image.save(string.format("%s/inst/%02d.png", dir, i), ml.rand({64, 64, 3})) end
+    local function recipe_args(class_dir, out, workers)
+        local a = {"examples/dreambooth.lua", "--model_dir", "tests/fixtures/sd1-tiny/pipeline", "--output_dir", out,
+                   "--instance_images_dir", dir .. "/inst", "--instance_prompt", "a photo of sks dog",
+                   "--class_images_dir", class_dir, "--class_prompt", "a photo of a dog", "--resolution", "64",
+                   "--device", "cpu", "--num_class_images", "3", "--num_inference_steps", "2", "--sample_batch_size", "1",
+                   "--checkpointing_steps", "0", "--max_train_steps", "1", "--num_epochs", "1",
+                   "--num_workers", tostring(workers)}
+        for i, v in ipairs(a) do a[i] = sh_quote(v) end
+        return table.concat(a, " ")
+    end
+    local p = io.popen(sh_quote(BIN) .. " " .. recipe_args(dir .. "/class2", dir .. "/out2", 2) .. " 2>&1; echo \"exit=$?\"")
+    local text = p:read("a")
+    p:close()
+    t:assert(text:match("exit=0%s*$"), "the recipe on 2 workers succeeds:\n" .. text)
+    t:assert(U.has(text, "class images (3 made)"), "3 class images made in all:\n" .. text)
+    t:assert(U.has(text, "class images: 2/2") and not U.has(text, "class images: 3/3"),
+             "rank 0 made its share only (images 1 and 3):\n" .. text)
+    p = io.popen(sh_quote(BIN) .. " " .. recipe_args(dir .. "/class1", dir .. "/out1", 1) .. " 2>&1; echo \"exit=$?\"")
+    text = p:read("a")
+    p:close()
+    t:assert(text:match("exit=0%s*$"), "the recipe on 1 worker succeeds:\n" .. text)
+    for k = 1, 3 do
+        local name = string.format("/class-%05d-seed%d.png", k, k - 1)
+        local a, b = dir .. "/class2" .. name, dir .. "/class1" .. name
+        if t:assert(core.is_file(a) and core.is_file(b), "class image " .. k .. " made in both runs") then
+            t:assert(U.read_file(a) == U.read_file(b), "class image " .. k .. " is the same whichever worker made it")
+        end
+    end
+    U.remove_tree(dir)
+end
+
 return tests

@@ -8,6 +8,7 @@
 --       negative_prompt = "" (or one per prompt), height = nil, width = nil,
 --       output_dir = nil, name = fn(prompt_idx, sample_idx, seed) -> file name,
 --       skip_existing = false, progress = fn(done, total, batch_seconds), meta = {...},
+--       only = fn(prompt_idx, sample_idx) -> bool (make only these: a worker's share),
 --       model = name for the PNG metadata (default m.dir), eta = 0 (DDIM only)})
 --   Unknown option names are errors (see moonlit.options).
 --   -> made: list of {path, prompt, prompt_idx, sample_idx, seed, image [H,W,3] in [0,1]},
@@ -54,7 +55,7 @@ local function positive_integer(v, what, default)
 end
 
 G.OPTIONS = {"prompts", "num_samples_per_prompt", "seed", "batch_size", "steps", "guidance_scale", "scheduler",
-             "negative_prompt", "height", "width", "output_dir", "name", "skip_existing", "progress", "meta",
+             "negative_prompt", "height", "width", "output_dir", "name", "skip_existing", "progress", "meta", "only",
              "model", "eta"}
 
 function G.generate_images(m, o)
@@ -115,7 +116,9 @@ function G.generate_images(m, o)
                 end
                 path = join(o.output_dir, file)
             end
-            if o.skip_existing and core.is_file(path) then
+            if o.only and not o.only(p, s) then
+                -- another worker's share (data-parallel class images): not made here
+            elseif o.skip_existing and core.is_file(path) then
                 skipped = skipped + 1
             else
                 jobs[#jobs + 1] = {prompt_idx = p, sample_idx = s, seed = sd_seed, path = path,

@@ -16,6 +16,8 @@
 local ml = require "moonlit"
 local argparse = require "moonlit.argparse"
 
+local generate_images = require("moonlit.pipelines.generate_images").generate_images
+
 local M = {}
 
 -- ---- flags ----------------------------------------------------------------------
@@ -157,10 +159,8 @@ function M.generate_class_images(m, a, log, share)
     if ours >= want then return 0 end
     log(string.format("class images: %d in %s, generating %d more (\"%s\", %d steps)", foreign + ours, dir,
                       want - ours, a.class_prompt, a.num_inference_steps))
-    local gen = require "moonlit.pipelines.generate_images"
-    if type(gen) == "table" then gen = gen.generate_images end
     local t0 = ml.now()
-    local made = gen(m, {prompts = {a.class_prompt}, num_samples_per_prompt = want, seed = a.seed,
+    local made = generate_images(m, {prompts = {a.class_prompt}, num_samples_per_prompt = want, seed = a.seed,
                          batch_size = a.sample_batch_size, steps = a.num_inference_steps,
                          guidance_scale = a.guidance_scale, height = a.resolution, width = a.resolution,
                          output_dir = dir, name = M.class_image_name, skip_existing = true,
@@ -264,12 +264,10 @@ end
 -- Images of the validation prompt with fixed seeds (the same noise at every
 -- validation, so the rows of the progress sheet compare like with like).
 function M.validate(m, a, step, log)
-    local gen = require "moonlit.pipelines.generate_images"
-    if type(gen) == "table" then gen = gen.generate_images end
     local dir = join(join(a.output_dir, "samples"), "step-" .. step)
     local was_unet, was_te = m.unet.training, m.text_encoder.training
     m.unet:eval(); m.text_encoder:eval()
-    local made = ml.no_grad(gen, m, {prompts = {a.validation_prompt}, num_samples_per_prompt = a.num_validation_images,
+    local made = ml.no_grad(generate_images, m, {prompts = {a.validation_prompt}, num_samples_per_prompt = a.num_validation_images,
                                      seed = a.seed, batch_size = a.sample_batch_size, steps = a.num_inference_steps,
                                      guidance_scale = a.guidance_scale, height = a.resolution, width = a.resolution,
                                      output_dir = dir})

@@ -228,18 +228,12 @@ function tests.declaration_mistakes_are_errors(t)
 end
 
 -- Exit mode, as a script uses it: stdout/stderr and the exit status.
-local function bin()
-    local b = os.getenv("MOONLIT_BIN")
-    if b and b ~= "" then return b end
-    local i = -1
-    while arg[i - 1] ~= nil do i = i - 1 end
-    return arg[i]
-end
+local bin = util.moonlit_bin
 
 local function run_script(src, args)
     local dir = util.temp_dir()
     util.write_file(dir .. "/s.lua", src)
-    local q = function(s) return "'" .. s:gsub("'", "'\\''") .. "'" end
+    local q = util.shell_quote
     local p = io.popen(string.format("%s %s/s.lua %s >%s/out 2>%s/err; echo $?", q(bin()), dir, args, dir, dir))
     local rc = tonumber(p:read("l"))
     p:close()

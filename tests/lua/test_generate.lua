@@ -13,15 +13,9 @@ local H, W = 64, 128
 
 local tests = {}
 
-local function bin()
-    local b = os.getenv("MOONLIT_BIN")
-    if b and b ~= "" then return b end
-    local i = -1
-    while arg[i - 1] ~= nil do i = i - 1 end
-    return arg[i]
-end
+local bin = util.moonlit_bin
 
-local function q(s) return "'" .. s:gsub("'", "'\\''") .. "'" end
+local q = util.shell_quote
 
 -- Runs generate.lua with `args` (a list); returns stdout, stderr, status.
 local function run(args)

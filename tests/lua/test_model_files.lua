@@ -18,23 +18,12 @@ local WEIGHTS = {
     vae = "vae/diffusion_pytorch_model.safetensors",
 }
 
-local function sh_quote(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
+local sh_quote = util.shell_quote
 
--- The binary running this suite (the lowest index of `arg`), as test_cli.lua.
-local function moonlit_bin()
-    if os.getenv("MOONLIT_BIN") then return os.getenv("MOONLIT_BIN") end
-    local i = -1
-    while arg and arg[i - 1] ~= nil do i = i - 1 end
-    return arg and arg[i] or "build/moonlit"
-end
+-- The binary running this suite, else build/moonlit.
+local function moonlit_bin() return util.moonlit_bin() or "build/moonlit" end
 
-local function copy_tree(src, dst)
-    core.mkdir_p(dst)
-    for _, name in ipairs(core.list_dir(src)) do
-        local s, d = src .. "/" .. name, dst .. "/" .. name
-        if core.is_dir(s) then copy_tree(s, d) else core.copy_file(s, d) end
-    end
-end
+local copy_tree = util.copy_tree
 
 -- Every entry under dir (relative paths), hidden ones included.
 local function walk(dir, prefix, out)

@@ -8,13 +8,7 @@ local core = ml.core
 
 local FIX = "tests/fixtures/sd1-tiny/pipeline"
 
-local function copy_tree(src, dst)
-    core.mkdir_p(dst)
-    for _, name in ipairs(core.list_dir(src)) do
-        local s, d = src .. "/" .. name, dst .. "/" .. name
-        if core.is_dir(s) then copy_tree(s, d) else core.copy_file(s, d) end
-    end
-end
+local copy_tree = util.copy_tree
 
 local function max_abs_diff(a, b) return (a:double() - b:double()):abs():max():item() end
 

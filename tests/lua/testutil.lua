@@ -57,6 +57,16 @@ function U.temp_dir()
     return assert(d, "mktemp -d failed")
 end
 
+-- cp -r in Lua through the core's file functions.
+function U.copy_tree(src, dst)
+    local core = require "moonlit.core"
+    core.mkdir_p(dst)
+    for _, name in ipairs(core.list_dir(src)) do
+        local s, d = src .. "/" .. name, dst .. "/" .. name
+        if core.is_dir(s) then U.copy_tree(s, d) else core.copy_file(s, d) end
+    end
+end
+
 function U.remove_tree(dir) os.execute("rm -rf " .. sh_quote(dir)) end
 
 return U

@@ -13,8 +13,7 @@
 #include "autograd.h"
 
 /* ---- elementwise, broadcasting (host/ops_elementwise.c) ------------------ */
-typedef enum { ML_ADD, ML_SUB, ML_MUL, ML_DIV, ML_POW, ML_MAXIMUM, ML_MINIMUM,
-               ML_EQ, ML_NE, ML_LT, ML_LE, ML_GT, ML_GE } ml_binop;
+/* ml_binop and ml_unop (the op codes the kernels take) are in kernels/kernel.h. */
 ml_tensor *ml_binary(ml_binop op, ml_tensor *a, ml_tensor *b);
 ml_tensor *ml_add(ml_tensor *a, ml_tensor *b);
 ml_tensor *ml_sub(ml_tensor *a, ml_tensor *b);
@@ -28,9 +27,6 @@ ml_tensor *ml_rsub_scalar(ml_tensor *a, double s);   /* s - a */
 ml_tensor *ml_rdiv_scalar(ml_tensor *a, double s);   /* s / a */
 ml_tensor *ml_where(ml_tensor *cond, ml_tensor *a, ml_tensor *b);
 
-typedef enum { ML_NEG, ML_SQRT, ML_RSQRT, ML_EXP, ML_LOG, ML_ABS, ML_SIN, ML_COS,
-               ML_SILU, ML_GELU, ML_GELU_TANH, ML_QUICK_GELU, ML_SIGMOID, ML_TANH,
-               ML_RELU, ML_SQUARE, ML_ROUND, ML_FLOOR, ML_SIGN, ML_NUM_UNOPS } ml_unop;
 ml_tensor *ml_unary(ml_unop op, ml_tensor *x);
 ml_tensor *ml_clamp(ml_tensor *x, double lo, double hi);   /* use +-INFINITY for none */
 

@@ -17,14 +17,8 @@
 #include <stddef.h>
 #include "dtype.h"
 #include "error.h"
+#include "kernel.h"   /* ML_MAX_DIMS, ml_device, ml_cpu(), and the kernels' descriptor */
 
-#define ML_MAX_DIMS 8
-
-typedef enum { ML_CPU = 0, ML_CUDA = 1 } ml_device_type;
-typedef struct { int8_t type; int8_t index; } ml_device;
-
-static inline ml_device ml_cpu(void) { ml_device d = {ML_CPU, 0}; return d; }
-static inline bool ml_device_eq(ml_device a, ml_device b) { return a.type == b.type && a.index == b.index; }
 /* Parse "cpu", "cuda", "cuda:1"; returns 0 or -1 with error set. */
 int ml_device_parse(const char *s, ml_device *out);
 void ml_device_str(ml_device d, char *buf, size_t n);

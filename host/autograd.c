@@ -470,6 +470,11 @@ int ml_backward(ml_tensor *root, ml_tensor *grad, bool retain_graph) {
             } else if (e->leaf) {
                 leaf_slot *s = &g.leaves[*pm_slot(&lm, e->leaf)];
                 if (gin[i] && rc == 0 && accumulate(&s->acc, gin[i], e) < 0) rc = -1;
+                /* Drop our reference before the leaf takes its gradient, so a
+                 * gradient nobody else holds becomes leaf->grad as is instead
+                 * of being cloned (one copy per parameter per step). */
+                ml_release(gin[i]);
+                gin[i] = NULL;
                 if (--s->pending == 0 && rc == 0 && leaf_done(s) < 0) rc = -1;
             }
             ml_release(gin[i]);

@@ -18,6 +18,8 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -95,8 +97,10 @@ static struct {
     int cuda_device;
 } G;
 
-/* Why the last low-level transfer failed (single-threaded use). */
-static char g_cause[600];
+/* Why the last low-level transfer failed.  Per thread: the communication
+ * thread (below) and the main thread never transfer at the same time, but
+ * each reads the cause its own transfer left. */
+static _Thread_local char g_cause[600];
 
 static void set_cause(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static void set_cause(const char *fmt, ...) {
@@ -725,7 +729,10 @@ int ml_dist_init(const ml_dist_config *c) {
     return 0;
 }
 
+static void comm_stop(void);
+
 void ml_dist_destroy(void) {
+    comm_stop();
 #ifdef ML_WITH_CUDA
     if (G.nccl && ml_nccl_comm_destroy) ml_nccl_comm_destroy(G.nccl);
 #endif
@@ -735,14 +742,114 @@ void ml_dist_destroy(void) {
     G.broken[0] = 0;
 }
 
-/* ---- work handles ------------------------------------------------------- */
+/* ---- work handles and the "cpu" backend's communication thread --------- */
 
+/* An async all_reduce on the "cpu" backend (world size > 1) is queued and
+ * run by one communication thread per process, started at the first such
+ * call, so the hub's reduction and the socket transfers overlap the
+ * caller's compute (DDP launches buckets during backward).  The thread
+ * runs the queue in order.  Every other entry point that touches the
+ * sockets or G first waits until the queue is empty (comm_drain), so one
+ * thread at a time uses them, and each rank issues its collectives in the
+ * order it called them, which is the order the hub pairs them in.  The
+ * thread runs C only (no Lua) and never retains or releases a tensor: the
+ * work holds a reference taken and dropped on the calling thread. */
 struct ml_dist_work {
-    void *nccl_work;     /* NULL: already complete (cpu backend) */
+    void *nccl_work;       /* nccl backend: the pending collective */
+    ml_tensor *tensor;     /* cpu backend, queued: the tensor reduced in place (retained) */
+    ml_dist_op op;
+    uint64_t nbytes;
+    bool done;             /* under Q.mu */
+    int rc;
+    char msg[1024];        /* the error when rc < 0 */
+    ml_dist_work *next;
 };
 
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;     /* signalled when work is queued or finishes, and at stop */
+    bool started, stop;
+    pthread_t tid;
+    ml_dist_work *head, *tail;   /* head stays queued while it runs */
+} Q = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, false, false, 0, NULL, NULL};
+
+static int cpu_reduce(const char *what, uint32_t kind, const ml_tensor *t, ml_dist_op op, void *out, uint64_t out_bytes);
+
+static void *comm_main(void *arg) {
+    (void)arg;
+    pthread_mutex_lock(&Q.mu);
+    for (;;) {
+        while (!Q.head && !Q.stop) pthread_cond_wait(&Q.cv, &Q.mu);
+        if (!Q.head) break;
+        ml_dist_work *w = Q.head;
+        pthread_mutex_unlock(&Q.mu);
+        int rc = cpu_reduce("all_reduce", K_ALL_REDUCE, w->tensor, w->op, ml_data(w->tensor), w->nbytes);
+        pthread_mutex_lock(&Q.mu);
+        w->rc = rc;
+        if (rc < 0) snprintf(w->msg, sizeof w->msg, "%s", ml_last_error());
+        w->done = true;
+        Q.head = w->next;
+        if (!Q.head) Q.tail = NULL;
+        pthread_cond_broadcast(&Q.cv);
+    }
+    pthread_mutex_unlock(&Q.mu);
+    return NULL;
+}
+
+/* Start the thread with every signal blocked, so that SIGINT and SIGTERM
+ * keep reaching the main thread (the REPL's and the launcher's handlers). */
+static int comm_start(void) {
+    if (Q.started) return 0;
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    int e = pthread_create(&Q.tid, NULL, comm_main, NULL);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (e != 0) return arg_error("all_reduce", "cannot start the communication thread: %s", strerror(e));
+    Q.started = true;
+    return 0;
+}
+
+/* Wait until every queued collective has run. */
+static void comm_drain(void) {
+    if (!Q.started) return;
+    pthread_mutex_lock(&Q.mu);
+    while (Q.head) pthread_cond_wait(&Q.cv, &Q.mu);
+    pthread_mutex_unlock(&Q.mu);
+}
+
+static void comm_stop(void) {
+    if (!Q.started) return;
+    comm_drain();
+    pthread_mutex_lock(&Q.mu);
+    Q.stop = true;
+    pthread_cond_broadcast(&Q.cv);
+    pthread_mutex_unlock(&Q.mu);
+    pthread_join(Q.tid, NULL);
+    Q.started = Q.stop = false;
+}
+
+static void comm_enqueue(ml_dist_work *w) {
+    pthread_mutex_lock(&Q.mu);
+    if (Q.tail) Q.tail->next = w; else Q.head = w;
+    Q.tail = w;
+    pthread_cond_broadcast(&Q.cv);
+    pthread_mutex_unlock(&Q.mu);
+}
+
+/* Blocks until a queued work has run; its result. */
+static int comm_wait(ml_dist_work *w) {
+    pthread_mutex_lock(&Q.mu);
+    while (!w->done) pthread_cond_wait(&Q.cv, &Q.mu);
+    pthread_mutex_unlock(&Q.mu);
+    if (w->rc < 0) return ml_error("%s", w->msg);
+    return 0;
+}
+
 int ml_dist_work_wait(ml_dist_work *w) {
-    if (!w || !w->nccl_work) return 0;
+    if (!w) return 0;
+    if (w->tensor) return comm_wait(w);
+    if (!w->nccl_work) return 0;
 #ifdef ML_WITH_CUDA
     if (G.nccl && ml_nccl_comm_check && ml_nccl_comm_check(G.nccl) < 0) return fail("all_reduce", "%s", ml_last_error());
     int rc = ml_nccl_work_wait(w->nccl_work);
@@ -754,7 +861,15 @@ int ml_dist_work_wait(ml_dist_work *w) {
 }
 
 int ml_dist_work_done(ml_dist_work *w) {
-    if (!w || !w->nccl_work) return 1;
+    if (!w) return 1;
+    if (w->tensor) {
+        pthread_mutex_lock(&Q.mu);
+        bool done = w->done;
+        pthread_mutex_unlock(&Q.mu);
+        if (!done) return 0;
+        return w->rc < 0 ? ml_error("%s", w->msg) : 1;
+    }
+    if (!w->nccl_work) return 1;
 #ifdef ML_WITH_CUDA
     if (G.nccl && ml_nccl_comm_check && ml_nccl_comm_check(G.nccl) < 0) return fail("all_reduce", "%s", ml_last_error());
     int rc = ml_nccl_work_done(w->nccl_work);
@@ -767,6 +882,11 @@ int ml_dist_work_done(ml_dist_work *w) {
 
 void ml_dist_work_free(ml_dist_work *w) {
     if (!w) return;
+    if (w->tensor) {
+        /* never free memory the thread may still be reducing into */
+        if (comm_wait(w) < 0) ml_clear_error();
+        ml_release(w->tensor);
+    }
 #ifdef ML_WITH_CUDA
     if (w->nccl_work && ml_nccl_work_free) ml_nccl_work_free(w->nccl_work);
 #endif
@@ -775,9 +895,10 @@ void ml_dist_work_free(ml_dist_work *w) {
 
 /* ---- tensor collectives ------------------------------------------------- */
 
-/* Common checks; *nbytes gets the tensor's byte size. */
-static int check_tensor(const char *what, const ml_tensor *t, uint64_t *nbytes) {
-    if (check_usable(what) < 0) return -1;
+/* The checks of the tensor alone (no look at G.broken, which the
+ * communication thread may be writing); *nbytes gets its byte size. */
+static int check_tensor_args(const char *what, const ml_tensor *t, uint64_t *nbytes) {
+    if (!G.init) return check_usable(what);
     if (!ml_is_contiguous(t)) return arg_error(what, "the tensor must be contiguous (call :contiguous() first)");
     bool nccl = G.backend == ML_DIST_BACKEND_NCCL;
     if (nccl && t->device.type != ML_CUDA)
@@ -794,6 +915,11 @@ static int check_tensor(const char *what, const ml_tensor *t, uint64_t *nbytes) 
         return arg_error(what, "tensor too large");
     *nbytes = bytes;
     return 0;
+}
+
+static int check_tensor(const char *what, const ml_tensor *t, uint64_t *nbytes) {
+    if (check_usable(what) < 0) return -1;
+    return check_tensor_args(what, t, nbytes);
 }
 
 static uint32_t pack_param(ml_dtype dt, int op, int root) {
@@ -858,7 +984,7 @@ static int nccl_call(const char *what, int kind, const ml_tensor *send, ml_tenso
 int ml_dist_all_reduce(ml_tensor *t, ml_dist_op op, ml_dist_work **work) {
     if (work) *work = NULL;
     uint64_t nbytes;
-    if (check_tensor("all_reduce", t, &nbytes) < 0) return -1;
+    if (check_tensor_args("all_reduce", t, &nbytes) < 0) return -1;
     if (op == ML_DIST_AVG && !ml_dtype_is_float(t->dtype))
         return arg_error("all_reduce", "op avg needs a floating-point tensor (got %s)", ml_dtype_short(t->dtype));
     ml_dist_work *w = NULL;
@@ -866,6 +992,19 @@ int ml_dist_all_reduce(ml_tensor *t, ml_dist_op op, ml_dist_work **work) {
         w = calloc(1, sizeof *w);
         if (!w) return arg_error("all_reduce", "out of memory");
     }
+    if (w && G.backend == ML_DIST_BACKEND_CPU && G.world_size > 1) {
+        /* queued: a broken group is reported by the thread, at wait */
+        if (comm_start() < 0) { free(w); return -1; }
+        w->tensor = ml_retain(t);
+        w->op = op;
+        w->nbytes = nbytes;
+        t->storage->version++;
+        comm_enqueue(w);
+        *work = w;
+        return 0;
+    }
+    comm_drain();
+    if (check_usable("all_reduce") < 0) { free(w); return -1; }
 #ifdef ML_WITH_CUDA
     if (G.backend == ML_DIST_BACKEND_NCCL) {
         if (nccl_call("all_reduce", 0, t, t, op, 0, w ? &w->nccl_work : NULL) < 0) { free(w); return -1; }
@@ -881,6 +1020,7 @@ int ml_dist_all_reduce(ml_tensor *t, ml_dist_op op, ml_dist_work **work) {
 }
 
 int ml_dist_broadcast(ml_tensor *t, int root) {
+    comm_drain();
     uint64_t nbytes;
     if (check_tensor("broadcast", t, &nbytes) < 0) return -1;
     if (root < 0 || root >= G.world_size)
@@ -933,6 +1073,7 @@ int ml_dist_broadcast(ml_tensor *t, int root) {
 }
 
 ml_tensor *ml_dist_all_gather(const ml_tensor *t) {
+    comm_drain();
     uint64_t nbytes;
     if (check_tensor("all_gather", t, &nbytes) < 0) return NULL;
     if (t->ndim < 1) return arg_error("all_gather", "needs a tensor of at least 1 dim (got a scalar)"), NULL;
@@ -986,6 +1127,7 @@ ml_tensor *ml_dist_all_gather(const ml_tensor *t) {
 }
 
 ml_tensor *ml_dist_reduce_scatter(const ml_tensor *t, ml_dist_op op) {
+    comm_drain();
     uint64_t nbytes;
     if (check_tensor("reduce_scatter", t, &nbytes) < 0) return NULL;
     int n = G.world_size;
@@ -1015,6 +1157,7 @@ ml_tensor *ml_dist_reduce_scatter(const ml_tensor *t, ml_dist_op op) {
 /* ---- host collectives (TCP on every backend) ---------------------------- */
 
 int ml_dist_barrier(void) {
+    comm_drain();
     if (check_usable("barrier") < 0) return -1;
     int n = G.world_size;
     if (n == 1) return 0;
@@ -1035,6 +1178,7 @@ int ml_dist_barrier(void) {
 }
 
 int ml_dist_all_reduce_double(double *x, ml_dist_op op) {
+    comm_drain();
     if (check_usable("all_reduce_number") < 0) return -1;
     int n = G.world_size;
     if (n == 1) return 0;
@@ -1066,6 +1210,7 @@ out:
 }
 
 int ml_dist_broadcast_bytes(char **data, size_t *len, int root) {
+    comm_drain();
     const char *what = "broadcast_string";
     if (check_usable(what) < 0) return -1;
     int n = G.world_size;

@@ -51,10 +51,13 @@ ml_dist_backend ml_dist_get_backend(void);
 /* Close the connections (and the NCCL communicator).  Safe to call twice. */
 void ml_dist_destroy(void);
 
-/* A collective in flight ("nccl" async all_reduce); the "cpu" backend
- * completes every collective before returning, so its work is done at once. */
+/* A collective in flight (async all_reduce).  "nccl": enqueued on the
+ * communication stream.  "cpu" with world size > 1: queued for this
+ * process's communication thread, which runs the queue in order while the
+ * caller computes; every other call waits for the queue to empty first. */
 typedef struct ml_dist_work ml_dist_work;
-/* Order the compute stream after the collective (the host does not block). */
+/* "nccl": order the compute stream after the collective (the host does not
+ * block).  "cpu": block until the thread has run it.  -1 + its error. */
 int ml_dist_work_wait(ml_dist_work *w);
 /* 1 when finished, 0 if not yet, -1 on error. */
 int ml_dist_work_done(ml_dist_work *w);

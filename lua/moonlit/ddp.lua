@@ -11,22 +11,33 @@
 --
 -- At creation every parameter is broadcast from rank 0.  Parameters that
 -- require grad are packed, in reverse order (backward reaches the last
--- layers first), into buckets of about bucket_mb MiB.  Each bucket owns one
--- flat buffer (allocated once); when the grad-ready callback has seen every
--- parameter of a bucket, its gradients are copied in and one averaged
--- all-reduce is launched asynchronously while backward goes on.
+-- layers first), into buckets of about bucket_mb MiB, one per device and
+-- parameter dtype.  Each bucket owns one flat buffer (allocated once);
+-- when the grad-ready callback has seen every parameter of a bucket, its
+-- gradients are copied in and one averaged all-reduce is launched
+-- asynchronously while backward goes on.
+--
+-- After finish(), each gradient is a view of its bucket's buffer (as
+-- PyTorch's gradient_as_bucket_view): nothing is copied back, and a
+-- gradient that is still that view next step (accumulated in place, no
+-- zero_grad in between) is not copied in either.  So a p.grad kept past
+-- the next backward is overwritten by it; clone it to keep it.  A bf16
+-- bucket is converted back to the parameters' dtype once per bucket and
+-- the gradients are views of that.
 --
 -- Buckets are always launched in order (bucket i only after bucket i-1):
 -- collectives pair up by order across ranks, and the order in which
 -- gradients become ready may differ between ranks.  A parameter that gets
--- no gradient this step (a branch the batch did not use) keeps its bucket,
--- and those after it, waiting until finish(), which launches all that is
--- left, treating missing gradients as zeros.  Every bucket carries one
--- extra slot per parameter saying whether this rank had a gradient: a
--- parameter no rank had a gradient for keeps grad = nil, as it would in
--- one process; otherwise its gradient is the average over all ranks
--- (zeros counted), which is the gradient of the mean loss over the global
--- batch.  Frozen parameters (requires_grad false) are broadcast but never
+-- no gradient this step (a branch the batch did not use, or a rank with no
+-- data left) keeps its bucket, and those after it, waiting until finish(),
+-- which launches all that is left with zeros for the missing gradients.
+-- Its gradient is then the average over all ranks, zeros counted, which
+-- is the gradient of the mean loss over the global batch; a parameter no
+-- rank had a gradient for keeps grad = nil, as it would in one process.
+-- Which gradients were missing goes over the host channel, not in the
+-- buckets: finish() adds one number over the ranks (how many gradients
+-- were missing anywhere) and, only when that is not zero, exchanges the
+-- lists.  Frozen parameters (requires_grad false) are broadcast but never
 -- bucketed, so a frozen text encoder needs no flag.
 local core = require "moonlit.core"
 local options = require "moonlit.options"
@@ -50,7 +61,7 @@ function M.new(params, o)
     local dist = o.dist or require "moonlit.dist"
     if not dist.is_initialized() then error("ml.train.ddp: ml.dist is not initialized (run under ml.train.run)", 2) end
     local self = setmetatable({dist = dist, dtype = dtype, sync = true, buckets = {}, of_key = {},
-                               world_size = dist.world_size()}, DDP)
+                               world_size = dist.world_size(), rank = dist.rank()}, DDP)
     core.no_grad(function()
         for i, p in ipairs(params) do
             if not core.is_tensor(p) then error("ml.train.ddp: params[" .. i .. "] is not a tensor", 0) end
@@ -58,26 +69,35 @@ function M.new(params, o)
         end
     end)
     local limit = bucket_mb * 2 ^ 20
-    local cur
+    local cur, count = nil, 0
     for i = #params, 1, -1 do
         local p = params[i]
         if p.requires_grad then
             local bytes = p:numel() * BYTES[dtype]
-            if not cur or (cur.bytes > 0 and cur.bytes + bytes > limit) or cur.device ~= tostring(p.device) then
-                cur = {params = {}, offsets = {}, numel = 0, bytes = 0, device = tostring(p.device)}
+            local device = tostring(p.device)
+            if not cur or (cur.bytes > 0 and cur.bytes + bytes > limit) or cur.device ~= device
+               or cur.param_dtype ~= p.dtype then
+                cur = {params = {}, offsets = {}, numel = 0, bytes = 0, device = device, param_dtype = p.dtype,
+                       first = count}
                 self.buckets[#self.buckets + 1] = cur
             end
             cur.params[#cur.params + 1] = p
             cur.offsets[#cur.params] = cur.numel
             cur.numel = cur.numel + p:numel()
             cur.bytes = cur.bytes + bytes
+            count = count + 1
             self.of_key[core.tensor_key(p)] = {cur, #cur.params}
         end
     end
     for _, b in ipairs(self.buckets) do
-        -- gradients, then one presence slot per parameter
-        b.flat = core.zeros({b.numel + #b.params}, {dtype = dtype, device = b.device})
-        b.ready = {}
+        b.flat = core.zeros({b.numel}, {dtype = dtype, device = b.device})
+        b.convert = b.param_dtype ~= dtype
+        -- each parameter's segment, shaped like it: the gradient it gets back
+        b.segs, b.seg_keys = {}, {}
+        for j, p in ipairs(b.params) do
+            b.segs[j] = b.flat:narrow(1, b.offsets[j] + 1, p:numel()):view(p:size())
+            b.seg_keys[j] = core.tensor_key(b.segs[j])
+        end
     end
     self:_reset()
     core.set_grad_ready_callback(function(key) self:_on_ready(key) end)
@@ -85,24 +105,21 @@ function M.new(params, o)
 end
 
 function DDP:_reset()
-    for _, b in ipairs(self.buckets) do b.ready, b.nready, b.work = {}, 0, nil end
+    for _, b in ipairs(self.buckets) do b.ready, b.nready, b.work, b.missing = {}, 0, nil, {} end
     self.next_launch = 1
 end
 
 function DDP:_launch(b)
-    local flat, n = b.flat, b.numel
     for j, p in ipairs(b.params) do
-        local seg = flat:narrow(1, b.offsets[j] + 1, p:numel())
         local g = p.grad
-        if g then
-            g = g:reshape(p:numel())
-            seg:copy_(g.dtype == flat.dtype and g or g:to(flat.dtype))
-        else
-            seg:zero_()
+        if not g then
+            b.segs[j]:zero_()
+            b.missing[#b.missing + 1] = b.first + j
+        elseif core.tensor_key(g) ~= b.seg_keys[j] then
+            b.segs[j]:copy_(g)   -- converts to the bucket's dtype
         end
-        flat:narrow(1, n + j, 1):fill_(g and 1 or 0)
     end
-    b.work = self.dist.all_reduce(flat, {op = "avg", async = true})
+    b.work = self.dist.all_reduce(b.flat, {op = "avg", async = true})
 end
 
 -- Launches, in order, every bucket from next_launch on that is complete.
@@ -127,24 +144,56 @@ function DDP:_on_ready(key)
     end
 end
 
--- Waits for every bucket and writes the averaged gradients back.  Without
--- sync (an accumulation micro-step) it does nothing.
+-- The parameters (numbers in bucket order) that no rank had a gradient for.
+function DDP:_absent_everywhere()
+    local mine = {}
+    for _, b in ipairs(self.buckets) do
+        for _, k in ipairs(b.missing) do mine[#mine + 1] = k end
+    end
+    if self.world_size == 1 then
+        local absent = {}
+        for _, k in ipairs(mine) do absent[k] = true end
+        return absent
+    end
+    if self.dist.all_reduce_number(#mine, "sum") == 0 then return nil end
+    local missing_on = {}
+    local list = table.concat(mine, ",")
+    for r = 0, self.world_size - 1 do
+        local got = self.dist.broadcast_string(r == self.rank and list or nil, r)
+        for k in got:gmatch("%d+") do
+            k = tonumber(k)
+            missing_on[k] = (missing_on[k] or 0) + 1
+        end
+    end
+    local absent = {}
+    for k, n in pairs(missing_on) do
+        if n == self.world_size then absent[k] = true end
+    end
+    return absent
+end
+
+-- Waits for every bucket and hands the averaged gradients back as views of
+-- the buckets.  Without sync (an accumulation micro-step) it does nothing.
 function DDP:finish()
     local err = core.grad_ready_error()
     if err then self:_reset(); error("ml.train.ddp: " .. err, 2) end
     if not self.sync then return end
     self:_launch_ready(true)
+    local absent = self:_absent_everywhere()
     core.no_grad(function()
         for _, b in ipairs(self.buckets) do
             b.work:wait()
-            local flat, n = b.flat, b.numel
+            local src, keys = b.segs, b.seg_keys
+            if b.convert then
+                local full = b.flat:to(b.param_dtype)
+                src, keys = {}, {}
+                for j, p in ipairs(b.params) do src[j] = full:narrow(1, b.offsets[j] + 1, p:numel()):view(p:size()) end
+            end
             for j, p in ipairs(b.params) do
-                if flat:narrow(1, n + j, 1):item() > 0 then
-                    local seg = flat:narrow(1, b.offsets[j] + 1, p:numel()):reshape(p:size())
-                    if seg.dtype ~= p.dtype then seg = seg:to(p.dtype) end
-                    if p.grad then p.grad:copy_(seg) else p.grad = seg:clone() end
-                else
+                if absent and absent[b.first + j] then
                     p.grad = nil
+                elseif keys[j] == nil or p.grad == nil or core.tensor_key(p.grad) ~= keys[j] then
+                    p.grad = src[j]
                 end
             end
         end

@@ -1,18 +1,13 @@
 /* ops_common.h — helpers shared by the matmul/nn/index ops (host/ops_matmul.c,
  * host/ops_nn.c, host/ops_index.c): argument checks, reshaped headers over
  * contiguous data, the kernels' contiguous inputs and gradient buffers, and
- * CPU/CUDA dispatch. */
+ * CPU/CUDA dispatch (ML_RUN and ML_KT, host/dispatch.h). */
 #ifndef ML_OPS_COMMON_H
 #define ML_OPS_COMMON_H
 
 #include "ops.h"
 #include "checked_math.h"
 #include "dispatch.h"
-
-/* Run kernel `fn` on the device: fn##_cpu(...) or its CUDA twin fn##_cuda
- * (declared ML_CUDA_TWIN by the calling file; see dispatch.h). */
-#define ML_RUN(dev, fn, ...) \
-    ((dev).type == ML_CPU ? ML_TIMED(#fn "_cpu", false, fn##_cpu(__VA_ARGS__)) : CUDA_CALL(fn##_cuda, __VA_ARGS__))
 
 /* A new header over t's storage at t's offset with contiguous strides for
  * `shape` (t's data must be laid out that way).  New reference. */

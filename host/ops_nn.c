@@ -9,7 +9,7 @@
 #include "ops.h"
 #include "ops_common.h"
 #include "cpu/conv2d.h"
-#include "cpu/norm.h"
+#include "norm.h"
 #include "cpu/softmax.h"
 #include "cpu/attention.h"
 #include <math.h>
@@ -20,18 +20,6 @@ ML_CUDA_TWIN int ml_conv2d_forward_cuda(ml_tensor *out, const ml_tensor *x, cons
                                         const ml_tensor *b, const ml_conv2d_params *p);
 ML_CUDA_TWIN int ml_conv2d_backward_cuda(ml_tensor *dx, ml_tensor *dw, ml_tensor *db, const ml_tensor *dout,
                                          const ml_tensor *x, const ml_tensor *w, const ml_conv2d_params *p);
-ML_CUDA_TWIN int ml_group_norm_forward_cuda(ml_tensor *out, ml_tensor *mean, ml_tensor *rstd, const ml_tensor *x,
-                                            const ml_tensor *w, const ml_tensor *b, int groups, double eps,
-                                            bool fuse_silu);
-ML_CUDA_TWIN int ml_group_norm_backward_cuda(ml_tensor *dx, ml_tensor *dw, ml_tensor *db, const ml_tensor *dout,
-                                             const ml_tensor *x, const ml_tensor *w, const ml_tensor *b,
-                                             const ml_tensor *mean, const ml_tensor *rstd, int groups,
-                                             bool fuse_silu);
-ML_CUDA_TWIN int ml_layer_norm_forward_cuda(ml_tensor *out, ml_tensor *mean, ml_tensor *rstd, const ml_tensor *x,
-                                            const ml_tensor *w, const ml_tensor *b, double eps);
-ML_CUDA_TWIN int ml_layer_norm_backward_cuda(ml_tensor *dx, ml_tensor *dw, ml_tensor *db, const ml_tensor *dout,
-                                             const ml_tensor *x, const ml_tensor *w, const ml_tensor *mean,
-                                             const ml_tensor *rstd);
 ML_CUDA_TWIN int ml_softmax_forward_cuda(ml_tensor *out, const ml_tensor *x, int dim, bool log);
 ML_CUDA_TWIN int ml_softmax_backward_cuda(ml_tensor *dx, const ml_tensor *dout, const ml_tensor *out, int dim,
                                           bool log);
@@ -151,7 +139,8 @@ static int group_norm_backward(ml_node *n, ml_tensor *g, ml_tensor **gin) {
     ml_tensor *gcl = gc ? ml_header_as(gc, 3, x->shape) : NULL;
     if (gc && !gcl) rc = -1;
     if (rc == 0)
-        rc = ML_RUN(g->device, ml_group_norm_backward, dx, dw, db, gcl, x, w, b, mean, rstd, (int)n->i[0], n->i[1]);
+        rc = ML_RUN(g->device, ml_group_norm_backward, ML_KT(dx), ML_KT(dw), ML_KT(db), ML_KT(gcl), ML_KT(x),
+                    ML_KT(w), ML_KT(b), ML_KT(mean), ML_KT(rstd), (int)n->i[0], n->i[1]);
     gin[0] = as_input_shape(dx, n, 0, &rc);
     ml_release(gc); ml_release(gcl); ml_release(dx);
     if (rc < 0) { ml_release(gin[0]); gin[0] = NULL; ml_release(dw); ml_release(db); return -1; }
@@ -181,7 +170,9 @@ ml_tensor *ml_group_norm(ml_tensor *x, int groups, ml_tensor *w, ml_tensor *b, d
     ml_tensor *mean = ml_empty(2, sg, stats_dtype(x->dtype), x->device);
     ml_tensor *rstd = ml_empty(2, sg, stats_dtype(x->dtype), x->device);
     if (rc == 0 && (!x3 || !o3 || !mean || !rstd)) rc = -1;
-    if (rc == 0) rc = ML_RUN(x->device, ml_group_norm_forward, o3, mean, rstd, x3, wc, bc, groups, eps, fuse_silu);
+    if (rc == 0)
+        rc = ML_RUN(x->device, ml_group_norm_forward, ML_KT(o3), ML_KT(mean), ML_KT(rstd), ML_KT(x3), ML_KT(wc),
+                    ML_KT(bc), groups, eps, fuse_silu);
     ml_release(xc); ml_release(o3);
     if (rc == 0) {
         ml_tensor *ins[3] = {x, w, b};
@@ -211,7 +202,9 @@ static int layer_norm_backward(ml_node *n, ml_tensor *g, ml_tensor **gin) {
     ml_tensor *db = ml_grad_buffer(n, 2, 1, &C, g, &rc);
     ml_tensor *g2 = gc ? ml_header_as(gc, 2, x->shape) : NULL;
     if (gc && !g2) rc = -1;
-    if (rc == 0) rc = ML_RUN(g->device, ml_layer_norm_backward, dx, dw, db, g2, x, w, mean, rstd);
+    if (rc == 0)
+        rc = ML_RUN(g->device, ml_layer_norm_backward, ML_KT(dx), ML_KT(dw), ML_KT(db), ML_KT(g2), ML_KT(x),
+                    ML_KT(w), ML_KT(mean), ML_KT(rstd));
     gin[0] = as_input_shape(dx, n, 0, &rc);
     ml_release(gc); ml_release(g2); ml_release(dx);
     if (rc < 0) { ml_release(gin[0]); gin[0] = NULL; ml_release(dw); ml_release(db); return -1; }
@@ -237,7 +230,9 @@ ml_tensor *ml_layer_norm(ml_tensor *x, ml_tensor *w, ml_tensor *b, double eps) {
     ml_tensor *mean = ml_empty(1, &M, stats_dtype(x->dtype), x->device);
     ml_tensor *rstd = ml_empty(1, &M, stats_dtype(x->dtype), x->device);
     if (rc == 0 && (!x2 || !o2 || !mean || !rstd)) rc = -1;
-    if (rc == 0) rc = ML_RUN(x->device, ml_layer_norm_forward, o2, mean, rstd, x2, wc, bc, eps);
+    if (rc == 0)
+        rc = ML_RUN(x->device, ml_layer_norm_forward, ML_KT(o2), ML_KT(mean), ML_KT(rstd), ML_KT(x2), ML_KT(wc),
+                    ML_KT(bc), eps);
     ml_release(xc); ml_release(o2); ml_release(bc);
     if (rc == 0) {
         ml_tensor *ins[3] = {x, w, b};

@@ -1,5 +1,5 @@
-/* allocator.h — the CUDA caching allocator: statistics and cache control.
- * (ml_cuda_malloc / ml_cuda_free themselves are declared in host/device.h.)
+/* allocator.h — the CUDA caching allocator: allocation, statistics, cache
+ * control, and the workspace helper CUDA kernels take scratch memory from.
  *
  * How it works (kernels/cuda/allocator.cu):
  * - Sizes are rounded up to 512 bytes.  Requests up to 1 MiB come from a
@@ -22,11 +22,25 @@
 #ifndef ML_CUDA_ALLOCATOR_H
 #define ML_CUDA_ALLOCATOR_H
 
+#include <stddef.h>
 #include <stdint.h>
+#ifdef __cplusplus
+#include <initializer_list>
+extern "C" {
+#include "error.h"
+}
+#endif
 
 #ifdef __cplusplus
 extern "C" {
 #endif
+
+/* nbytes of device memory on `device` (NULL + error, naming the size and
+ * the free memory, on failure); ml_cuda_free gives it back to the cache
+ * with the size it was asked for.  host/device.h's ml_device_alloc comes
+ * here for cuda devices. */
+void *ml_cuda_malloc(int device, size_t nbytes);
+void ml_cuda_free(int device, void *p, size_t nbytes);
 
 typedef struct {
     uint64_t allocated;        /* bytes in live blocks (rounded sizes) */
@@ -47,5 +61,61 @@ int ml_cuda_empty_cache(int dev);
 
 #ifdef __cplusplus
 }
+
+/* Scratch memory for one kernel call: the one way a CUDA kernel gets
+ * temporary device memory.  It comes from the caching allocator and goes
+ * back when the object goes out of scope.  That is safe as soon as the
+ * kernels using it are queued, without waiting for them: all work on a
+ * device runs on its one compute stream, so whatever reuses the memory is
+ * queued after them.  The sizes of its parts (in bytes) are given up front;
+ * each part starts 16-byte aligned:
+ *
+ *     ml_cuda_workspace ws(dev, {n * sizeof(double), m * sizeof(float)});
+ *     if (!ws.ok()) return -1;                  // ml_error says why
+ *     double *sums = ws.part<double>(0);
+ *     float *rows = ws.part<float>(1);
+ *
+ * The caller's products (n * sizeof(double)) come from sizes the host
+ * checked; the sum and the rounding of the parts are checked here. */
+class ml_cuda_workspace {
+  public:
+    static constexpr int kMaxParts = 8;
+
+    ml_cuda_workspace(int dev, std::initializer_list<size_t> parts) : dev_(dev) {
+        if (parts.size() > (size_t)kMaxParts) {
+            ml_error("cuda workspace: %zu parts asked for, at most %d", parts.size(), kMaxParts);
+            return;
+        }
+        size_t total = 0;
+        for (size_t n : parts) {
+            size_t rounded;
+            offset_[nparts_++] = total;
+            if (__builtin_add_overflow(n, (size_t)15, &rounded) ||
+                __builtin_add_overflow(total, rounded & ~(size_t)15, &total)) {
+                ml_error("cuda workspace: the sizes asked for overflow (a part of %zu bytes)", n);
+                return;
+            }
+        }
+        bytes_ = total < 16 ? 16 : total;
+        p_ = (char *)ml_cuda_malloc(dev, bytes_);
+    }
+    ~ml_cuda_workspace() {
+        if (p_) ml_cuda_free(dev_, p_, bytes_);
+    }
+    ml_cuda_workspace(const ml_cuda_workspace &) = delete;
+    ml_cuda_workspace &operator=(const ml_cuda_workspace &) = delete;
+
+    /* False when the memory could not be had (ml_error holds the reason). */
+    bool ok() const { return p_ != nullptr; }
+    /* Part i (0-based, in the constructor's order) as an array of A. */
+    template <typename A> A *part(int i) const { return (A *)(p_ + offset_[i]); }
+
+  private:
+    int dev_;
+    size_t bytes_ = 0;
+    char *p_ = nullptr;
+    int nparts_ = 0;
+    size_t offset_[kMaxParts] = {};
+};
 #endif
 #endif

@@ -13,12 +13,15 @@
 #include <cuda_fp16.h>
 
 extern "C" {
-#include "tensor.h"
+#include "kernel.h"
 #include "error.h"
+// ml_tensor, for the kernels that still take it (attention) and for
+// nccl.cu, which is not a kernel but a communication layer over tensors.
+#include "tensor.h"
 #include "device.h"
-#include "ops.h"
 }
 #include "runtime.h"
+#include "allocator.h"
 
 // ---- checked calls -------------------------------------------------------
 
@@ -34,9 +37,18 @@ int ml_cuda_fail(cudaError_t e, const char *what, const char *file, int line);
             return ml_cuda_fail(ml_e_, #call, __FILE__, __LINE__);         \
     } while (0)
 
+// ml_cuda_fail for a kernel launch: "CUDA error in <file>:<line> (launch of
+// <kernel>): <message>".
+int ml_cuda_launch_fail(cudaError_t e, const char *kernel, const char *file, int line);
+
 // After a <<<...>>> launch: reports a bad configuration or an earlier
-// asynchronous fault.
-#define ML_CUDA_LAUNCHED(name) ML_CUDA_TRY(cudaGetLastError())
+// asynchronous fault, naming the kernel (any const char *).
+#define ML_CUDA_LAUNCHED(kernel)                                           \
+    do {                                                                   \
+        cudaError_t ml_e_ = cudaGetLastError();                            \
+        if (ml_e_ != cudaSuccess)                                          \
+            return ml_cuda_launch_fail(ml_e_, (kernel), __FILE__, __LINE__); \
+    } while (0)
 
 // Number of SMs of dev (cached), for sizing grid-stride launches.
 int ml_cuda_sm_count(int dev);
@@ -271,11 +283,16 @@ template <int N> static inline bool ml_indexer_contiguous(const ml_indexer<N> &i
 
 static inline bool ml_fits_u32(int64_t n) { return n < (int64_t)0x7fffffff; }
 
-// Typed pointer to a tensor's first element (storage + offset).
-template <typename T> static inline T *ml_ptr(const ml_tensor *t) { return (T *)ml_data(t); }
+// Typed pointer to a descriptor's first element.
+template <typename T> static inline T *ml_ptr(const ml_ktensor *t) { return (T *)t->data; }
 
-// Checks shared by the launchers: t lives on a CUDA device; selects that
-// device on this thread and returns its stream.
+// Selects t's device on this thread and returns its compute stream; t must
+// be on a CUDA device (the host op dispatched on that, so failing here
+// means a kernel was called from the wrong place).
+int ml_cuda_prepare(const ml_ktensor *t, const char *op, cudaStream_t *stream);
+
+// The same for the kernels that still take ml_tensor (attention).
+template <typename T> static inline T *ml_ptr(const ml_tensor *t) { return (T *)ml_data(t); }
 int ml_cuda_prepare(const ml_tensor *t, const char *op, cudaStream_t *stream);
 
 #endif

@@ -69,7 +69,7 @@ template <typename B> __device__ __forceinline__ B affine_shift(B m, B r, B w, B
     return sub_rn(b, mul_rn(mul_rn(m, r), w));
 }
 
-template <typename T> const T *opt_ptr(const ml_tensor *t) { return t ? ml_ptr<T>(t) : nullptr; }
+template <typename T> const T *opt_ptr(const ml_ktensor *t) { return t ? ml_ptr<T>(t) : nullptr; }
 
 // ---- the partial pass: per-channel sums over slices of rows ----------------
 
@@ -400,41 +400,6 @@ __global__ void ln_param_finish(const double *ws1, const double *ws2, int64_t S,
 
 // ---- host side -------------------------------------------------------------------
 
-// t (if given) shares x's dtype and device, is contiguous and holds n values.
-int check_like(const char *op, const char *what, const ml_tensor *t, const ml_tensor *x, int64_t n) {
-    if (!t) return 0;
-    if (t->dtype != x->dtype)
-        return ml_error("%s (cuda): %s is %s but the input is %s", op, what, ml_dtype_name(t->dtype),
-                        ml_dtype_name(x->dtype));
-    if (!ml_device_eq(t->device, x->device)) return ml_error("%s (cuda): %s is on another device than the input", op, what);
-    if (!ml_is_contiguous(t) || ml_numel(t) != n)
-        return ml_error("%s (cuda): %s must be contiguous with %lld values", op, what, (long long)n);
-    return 0;
-}
-
-// mean/rstd: contiguous, n values, f32 (f64 for an f64 input).
-int check_stats(const char *op, const ml_tensor *mean, const ml_tensor *rstd, const ml_tensor *x, int64_t n) {
-    ml_dtype want = x->dtype == ML_F64 ? ML_F64 : ML_F32;
-    const ml_tensor *ts[2] = {mean, rstd};
-    for (const ml_tensor *t : ts) {
-        if (t->dtype != want)
-            return ml_error("%s (cuda): mean/rstd must be %s for a %s input (got %s)", op, ml_dtype_name(want),
-                            ml_dtype_name(x->dtype), ml_dtype_name(t->dtype));
-        if (!ml_device_eq(t->device, x->device) || !ml_is_contiguous(t) || ml_numel(t) != n)
-            return ml_error("%s (cuda): mean/rstd must be contiguous with %lld values on the input's device", op,
-                            (long long)n);
-    }
-    return 0;
-}
-
-int check_input(const char *op, const ml_tensor *x, int ndim) {
-    if (x->ndim != ndim || !ml_is_contiguous(x)) {
-        char sx[128];
-        return ml_error("%s (cuda): input %s must be contiguous with %d dims", op, ml_shape_str(x, sx, sizeof sx), ndim);
-    }
-    return 0;
-}
-
 template <typename T> bool aligned_to(const T *p, int v) { return (uintptr_t)p % (sizeof(T) * v) == 0; }
 
 // Launches an elementwise kernel over n elements of rows of C: vectors of
@@ -461,19 +426,14 @@ unsigned warp_grid(int64_t warps) { return (unsigned)((warps * 32 + kBlock - 1) 
 
 // ---- entry points -------------------------------------------------------------------
 
-extern "C" int ml_group_norm_forward_cuda(ml_tensor *out, ml_tensor *mean, ml_tensor *rstd, const ml_tensor *x,
-                                          const ml_tensor *w, const ml_tensor *b, int groups, double eps,
+extern "C" int ml_group_norm_forward_cuda(ml_ktensor *out, ml_ktensor *mean, ml_ktensor *rstd, const ml_ktensor *x,
+                                          const ml_ktensor *w, const ml_ktensor *b, int groups, double eps,
                                           bool fuse_silu) {
     const char *op = "group_norm";
     cudaStream_t s;
-    if (ml_cuda_prepare(x, op, &s) < 0 || check_input(op, x, 3) < 0) return -1;
+    if (ml_cuda_prepare(x, op, &s) < 0) return -1;
     gn_dims d = {x->shape[0], x->shape[1], x->shape[2], groups, 0};
-    if (groups < 1 || d.C % groups)
-        return ml_error("group_norm (cuda): %d groups do not divide %lld channels", groups, (long long)d.C);
     d.cg = d.C / d.G;
-    if (check_like(op, "output", out, x, ml_numel(x)) < 0 || check_like(op, "weight", w, x, d.C) < 0 ||
-        check_like(op, "bias", b, x, d.C) < 0 || check_stats(op, mean, rstd, x, d.N * d.G) < 0)
-        return -1;
     if (d.N == 0) return 0;
     int dev = x->device.index;
     return ml_dispatch_float(x->dtype, "group_norm (cuda)", [&](auto tag) -> int {
@@ -483,20 +443,20 @@ extern "C" int ml_group_norm_forward_cuda(ml_tensor *out, ml_tensor *mean, ml_te
         int64_t ctiles = (d.C + kCX - 1) / kCX, chunk;
         int64_t S = pick_slices(d.L, ctiles * d.N, dev, &chunk);
         size_t nws = (size_t)(d.N * S * d.C), nss = (size_t)(2 * d.N * d.C);
-        scratch ws(dev, bytes_for({nws * sizeof(double), nws * sizeof(double), nss * sizeof(F)}));
-        if (!ws.p) return -1;
-        double *ws1 = ws.take<double>(nws), *ws2 = ws.take<double>(nws);
-        F *ss = ws.take<F>(nss);
+        ml_cuda_workspace ws(dev, {nws * sizeof(double), nws * sizeof(double), nss * sizeof(F)});
+        if (!ws.ok()) return -1;
+        double *ws1 = ws.part<double>(0), *ws2 = ws.part<double>(1);
+        F *ss = ws.part<F>(2);
         const T *xp = ml_ptr<T>(x);
         if (ctiles > 0) {
             col_partial<<<partial_grid(d.C, S, d.N), dim3(kCX, kRY), 0, s>>>(gn_fwd_map<T>{xp, d}, d.N, d.L, d.C,
                                                                               chunk, ws1, ws2);
-            ML_CUDA_LAUNCHED(op);
+            ML_CUDA_LAUNCHED("col_partial");
         }
         gn_stats<<<warp_grid(d.N * d.G), kBlock, 0, s>>>(xp, opt_ptr<T>(w), opt_ptr<T>(b), d, S, eps, ws1, ws2,
                                                            ml_ptr<SS>(mean), ml_ptr<SS>(rstd), ss);
-        ML_CUDA_LAUNCHED(op);
-        int64_t n = ml_numel(x);
+        ML_CUDA_LAUNCHED("gn_stats");
+        int64_t n = ml_kt_numel(x);
         if (n == 0) return 0;
         T *yp = ml_ptr<T>(out);
         bool al = aligned_to(xp, 16 / sizeof(T)) && aligned_to(yp, 16 / sizeof(T));
@@ -508,28 +468,21 @@ extern "C" int ml_group_norm_forward_cuda(ml_tensor *out, ml_tensor *mean, ml_te
             else
                 gn_apply<T, F, V, false, Idx><<<grid, kBlock, 0, s>>>(xp, yp, ss, (Idx)nvec, (Idx)d.C, (Idx)(d.L * d.C));
         });
-        ML_CUDA_LAUNCHED(op);
+        ML_CUDA_LAUNCHED("gn_apply");
         return 0;
     });
 }
 
-extern "C" int ml_group_norm_backward_cuda(ml_tensor *dx, ml_tensor *dw, ml_tensor *db, const ml_tensor *dout,
-                                           const ml_tensor *x, const ml_tensor *w, const ml_tensor *b,
-                                           const ml_tensor *mean, const ml_tensor *rstd, int groups, bool fuse_silu) {
+extern "C" int ml_group_norm_backward_cuda(ml_ktensor *dx, ml_ktensor *dw, ml_ktensor *db, const ml_ktensor *dout,
+                                           const ml_ktensor *x, const ml_ktensor *w, const ml_ktensor *b,
+                                           const ml_ktensor *mean, const ml_ktensor *rstd, int groups, bool fuse_silu) {
     const char *op = "group_norm backward";
     if (!dx && !dw && !db) return 0;
     cudaStream_t s;
-    if (ml_cuda_prepare(x, op, &s) < 0 || check_input(op, x, 3) < 0) return -1;
+    if (ml_cuda_prepare(x, op, &s) < 0) return -1;
     gn_dims d = {x->shape[0], x->shape[1], x->shape[2], groups, 0};
-    if (groups < 1 || d.C % groups)
-        return ml_error("group_norm backward (cuda): %d groups do not divide %lld channels", groups, (long long)d.C);
     d.cg = d.C / d.G;
-    int64_t n = ml_numel(x);
-    if (check_like(op, "gradient", dout, x, n) < 0 || check_like(op, "dx", dx, x, n) < 0 ||
-        check_like(op, "weight", w, x, d.C) < 0 || check_like(op, "bias", b, x, d.C) < 0 ||
-        check_like(op, "dweight", dw, x, d.C) < 0 || check_like(op, "dbias", db, x, d.C) < 0 ||
-        check_stats(op, mean, rstd, x, d.N * d.G) < 0)
-        return -1;
+    int64_t n = ml_kt_numel(x);
     if (d.C == 0) return 0;
     int dev = x->device.index;
     return ml_dispatch_float(x->dtype, "group_norm backward (cuda)", [&](auto tag) -> int {
@@ -540,12 +493,12 @@ extern "C" int ml_group_norm_backward_cuda(ml_tensor *dx, ml_tensor *dw, ml_tens
         int64_t S = pick_slices(d.L, ctiles * d.N, dev, &chunk);
         size_t nws = (size_t)(d.N * S * d.C), nc = (size_t)(d.N * d.C);
         size_t D8 = sizeof(double), ncoef = (size_t)(2 * d.N * d.G);
-        scratch ws(dev, bytes_for({nws * D8, nws * D8, nc * D8, nc * D8, ncoef * D8, 2 * nc * sizeof(B)}));
-        if (!ws.p) return -1;
-        double *ws1 = ws.take<double>(nws), *ws2 = ws.take<double>(nws);
-        double *tot1 = ws.take<double>(nc), *tot2 = ws.take<double>(nc);
-        double *coef = ws.take<double>(ncoef);
-        B *ss = ws.take<B>(2 * nc);
+        ml_cuda_workspace ws(dev, {nws * D8, nws * D8, nc * D8, nc * D8, ncoef * D8, 2 * nc * sizeof(B)});
+        if (!ws.ok()) return -1;
+        double *ws1 = ws.part<double>(0), *ws2 = ws.part<double>(1);
+        double *tot1 = ws.part<double>(2), *tot2 = ws.part<double>(3);
+        double *coef = ws.part<double>(4);
+        B *ss = ws.part<B>(5);
         const T *xp = ml_ptr<T>(x), *gp = ml_ptr<T>(dout);
         const SS *mp = ml_ptr<SS>(mean), *rp = ml_ptr<SS>(rstd);
         gn_affine<T, B, SS> af{opt_ptr<T>(w), fuse_silu ? opt_ptr<T>(b) : nullptr, mp, rp, d};
@@ -555,18 +508,18 @@ extern "C" int ml_group_norm_backward_cuda(ml_tensor *dx, ml_tensor *dw, ml_tens
                 col_partial<<<grid, block, 0, s>>>(gn_bwd_map<T, B, SS, true>{gp, xp, af}, d.N, d.L, d.C, chunk, ws1, ws2);
             else
                 col_partial<<<grid, block, 0, s>>>(gn_bwd_map<T, B, SS, false>{gp, xp, af}, d.N, d.L, d.C, chunk, ws1, ws2);
-            ML_CUDA_LAUNCHED(op);
+            ML_CUDA_LAUNCHED("col_partial");
             gn_bwd_totals<<<ml_grid_for((int64_t)nc, kBlock, dev), kBlock, 0, s>>>(af, S, ws1, ws2, tot1, tot2, ss);
-            ML_CUDA_LAUNCHED(op);
+            ML_CUDA_LAUNCHED("gn_bwd_totals");
         }
         if (dw || db) {
             gn_bwd_params<<<ml_grid_for(d.C, kBlock, dev), kBlock, 0, s>>>(mp, rp, d, tot1, tot2, dw ? ml_ptr<T>(dw) : nullptr,
                                                                                db ? ml_ptr<T>(db) : nullptr);
-            ML_CUDA_LAUNCHED(op);
+            ML_CUDA_LAUNCHED("gn_bwd_params");
         }
         if (!dx || n == 0) return 0;
         gn_bwd_coef<<<warp_grid(d.N * d.G), kBlock, 0, s>>>(opt_ptr<T>(w), mp, rp, d, tot1, tot2, coef);
-        ML_CUDA_LAUNCHED(op);
+        ML_CUDA_LAUNCHED("gn_bwd_coef");
         T *dxp = ml_ptr<T>(dx);
         constexpr int VV = (int)(16 / sizeof(T));
         bool al = aligned_to(xp, VV) && aligned_to(gp, VV) && aligned_to((const T *)dxp, VV);
@@ -579,20 +532,17 @@ extern "C" int ml_group_norm_backward_cuda(ml_tensor *dx, ml_tensor *dw, ml_tens
             else
                 gn_bwd_dx<T, B, V, false, Idx><<<grid, kBlock, 0, s>>>(gp, xp, dxp, ss, coef, (Idx)nvec, C, LC, cg, G);
         });
-        ML_CUDA_LAUNCHED(op);
+        ML_CUDA_LAUNCHED("gn_bwd_dx");
         return 0;
     });
 }
 
-extern "C" int ml_layer_norm_forward_cuda(ml_tensor *out, ml_tensor *mean, ml_tensor *rstd, const ml_tensor *x,
-                                          const ml_tensor *w, const ml_tensor *b, double eps) {
+extern "C" int ml_layer_norm_forward_cuda(ml_ktensor *out, ml_ktensor *mean, ml_ktensor *rstd, const ml_ktensor *x,
+                                          const ml_ktensor *w, const ml_ktensor *b, double eps) {
     const char *op = "layer_norm";
     cudaStream_t s;
-    if (ml_cuda_prepare(x, op, &s) < 0 || check_input(op, x, 2) < 0) return -1;
+    if (ml_cuda_prepare(x, op, &s) < 0) return -1;
     int64_t M = x->shape[0], C = x->shape[1];
-    if (check_like(op, "output", out, x, M * C) < 0 || check_like(op, "weight", w, x, C) < 0 ||
-        check_like(op, "bias", b, x, C) < 0 || check_stats(op, mean, rstd, x, M) < 0)
-        return -1;
     if (M == 0) return 0;
     return ml_dispatch_float(x->dtype, "layer_norm (cuda)", [&](auto tag) -> int {
         typedef decltype(tag) T;
@@ -605,23 +555,19 @@ extern "C" int ml_layer_norm_forward_cuda(ml_tensor *out, ml_tensor *mean, ml_te
         else
             ln_fwd<32, T, F, SS><<<warp_grid(M), kBlock, 0, s>>>(xp, wp, bp, ml_ptr<T>(out), ml_ptr<SS>(mean),
                                                                   ml_ptr<SS>(rstd), M, C, eps);
-        ML_CUDA_LAUNCHED(op);
+        ML_CUDA_LAUNCHED("ln_fwd");
         return 0;
     });
 }
 
-extern "C" int ml_layer_norm_backward_cuda(ml_tensor *dx, ml_tensor *dw, ml_tensor *db, const ml_tensor *dout,
-                                           const ml_tensor *x, const ml_tensor *w,
-                                           const ml_tensor *mean, const ml_tensor *rstd) {
+extern "C" int ml_layer_norm_backward_cuda(ml_ktensor *dx, ml_ktensor *dw, ml_ktensor *db, const ml_ktensor *dout,
+                                           const ml_ktensor *x, const ml_ktensor *w,
+                                           const ml_ktensor *mean, const ml_ktensor *rstd) {
     const char *op = "layer_norm backward";
     if (!dx && !dw && !db) return 0;
     cudaStream_t s;
-    if (ml_cuda_prepare(x, op, &s) < 0 || check_input(op, x, 2) < 0) return -1;
+    if (ml_cuda_prepare(x, op, &s) < 0) return -1;
     int64_t M = x->shape[0], C = x->shape[1];
-    if (check_like(op, "gradient", dout, x, M * C) < 0 || check_like(op, "dx", dx, x, M * C) < 0 ||
-        check_like(op, "weight", w, x, C) < 0 || check_like(op, "dweight", dw, x, C) < 0 ||
-        check_like(op, "dbias", db, x, C) < 0 || check_stats(op, mean, rstd, x, M) < 0)
-        return -1;
     int dev = x->device.index;
     return ml_dispatch_float(x->dtype, "layer_norm backward (cuda)", [&](auto tag) -> int {
         typedef decltype(tag) T;
@@ -634,21 +580,21 @@ extern "C" int ml_layer_norm_backward_cuda(ml_tensor *dx, ml_tensor *dw, ml_tens
                 ln_bwd_dx<kBlock, T, B, SS><<<(unsigned)M, kBlock, 0, s>>>(gp, xp, wp, mp, rp, ml_ptr<T>(dx), M, C);
             else
                 ln_bwd_dx<32, T, B, SS><<<warp_grid(M), kBlock, 0, s>>>(gp, xp, wp, mp, rp, ml_ptr<T>(dx), M, C);
-            ML_CUDA_LAUNCHED(op);
+            ML_CUDA_LAUNCHED("ln_bwd_dx");
         }
         if ((!dw && !db) || C == 0) return 0;
         int64_t ctiles = (C + kCX - 1) / kCX, chunk;
         int64_t S = pick_slices(M, ctiles, dev, &chunk);
         size_t nws = (size_t)(S * C);
-        scratch ws(dev, bytes_for({nws * sizeof(double), nws * sizeof(double)}));
-        if (!ws.p) return -1;
-        double *ws1 = ws.take<double>(nws), *ws2 = ws.take<double>(nws);
+        ml_cuda_workspace ws(dev, {nws * sizeof(double), nws * sizeof(double)});
+        if (!ws.ok()) return -1;
+        double *ws1 = ws.part<double>(0), *ws2 = ws.part<double>(1);
         col_partial<<<partial_grid(C, S, 1), dim3(kCX, kRY), 0, s>>>(ln_param_map<T, SS>{gp, xp, mp, rp}, 1, M, C,
                                                                       chunk, ws1, ws2);
-        ML_CUDA_LAUNCHED(op);
+        ML_CUDA_LAUNCHED("col_partial");
         ln_param_finish<<<ml_grid_for(C, kBlock, dev), kBlock, 0, s>>>(ws1, ws2, S, C, dw ? ml_ptr<T>(dw) : nullptr,
                                                                            db ? ml_ptr<T>(db) : nullptr);
-        ML_CUDA_LAUNCHED(op);
+        ML_CUDA_LAUNCHED("ln_param_finish");
         return 0;
     });
 }

@@ -76,6 +76,12 @@ int ml_cuda_fail(cudaError_t e, const char *what, const char *file, int line) {
                     is_sticky(e) ? "; the CUDA context is now unusable, restart moonlit" : "");
 }
 
+int ml_cuda_launch_fail(cudaError_t e, const char *kernel, const char *file, int line) {
+    char what[160];
+    snprintf(what, sizeof what, "launch of %s", kernel ? kernel : "a kernel");
+    return ml_cuda_fail(e, what, file, line);
+}
+
 extern "C" int ml_cuda_device_count(void) {
     std::call_once(g_count_once, count_devices);
     return g_count;
@@ -190,6 +196,11 @@ extern "C" int ml_cuda_get_device_info(int dev, ml_cuda_device_info *out) {
     out->sm_count = p.multiProcessorCount;
     ML_CUDA_TRY(cudaMemGetInfo(&out->free_mem, &out->total_mem));
     return 0;
+}
+
+int ml_cuda_prepare(const ml_ktensor *t, const char *op, cudaStream_t *stream) {
+    if (t->device.type != ML_CUDA) return ml_error("%s: expected a cuda tensor, got a cpu one", op);
+    return ml_cuda_enter(t->device.index, stream);
 }
 
 int ml_cuda_prepare(const ml_tensor *t, const char *op, cudaStream_t *stream) {

@@ -7,23 +7,11 @@
  * The others dispatch to kernels (kernels/cpu/index.c, upsample.c). */
 #include "ops.h"
 #include "ops_common.h"
-#include "cpu/index.h"
-#include "cpu/upsample.h"
+#include "index.h"
+#include "upsample.h"
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-#ifdef ML_WITH_CUDA
-ML_CUDA_TWIN int ml_embedding_forward_cuda(ml_tensor *out, const ml_tensor *weight, const ml_tensor *ids);
-ML_CUDA_TWIN int ml_embedding_backward_cuda(ml_tensor *dweight, const ml_tensor *dout, const ml_tensor *ids);
-ML_CUDA_TWIN int ml_gather_forward_cuda(ml_tensor *out, const ml_tensor *x, int dim, const ml_tensor *index);
-ML_CUDA_TWIN int ml_gather_backward_cuda(ml_tensor *dx, const ml_tensor *dout, int dim, const ml_tensor *index);
-ML_CUDA_TWIN int ml_index_select_forward_cuda(ml_tensor *out, const ml_tensor *x, int dim, const ml_tensor *index);
-ML_CUDA_TWIN int ml_index_select_backward_cuda(ml_tensor *dx, const ml_tensor *dout, int dim,
-                                               const ml_tensor *index);
-ML_CUDA_TWIN int ml_upsample_nearest2d_forward_cuda(ml_tensor *out, const ml_tensor *x, int scale);
-ML_CUDA_TWIN int ml_upsample_nearest2d_backward_cuda(ml_tensor *dx, const ml_tensor *dout, int scale);
-#endif
 
 /* ---- embedding ---------------------------------------------------------- */
 
@@ -36,7 +24,7 @@ static int embedding_backward(ml_node *n, ml_tensor *g, ml_tensor **gin) {
     ml_tensor *g2 = gc ? ml_header_as(gc, 2, gs) : NULL;
     ml_tensor *dw = ml_grad_buffer(n, 0, 2, n->next[0].shape, g, &rc);
     if (rc == 0 && !g2) rc = -1;
-    if (rc == 0) rc = ML_RUN(g->device, ml_embedding_backward, dw, g2, ids);
+    if (rc == 0) rc = ML_RUN(g->device, ml_embedding_backward, ML_KT(dw), ML_KT(g2), ML_KT(ids));
     ml_release(gc); ml_release(g2);
     if (rc < 0) { ml_release(dw); return -1; }
     gin[0] = dw;
@@ -59,7 +47,7 @@ ml_tensor *ml_embedding(ml_tensor *weight, ml_tensor *ids) {
     ml_tensor *out = ml_empty(ids->ndim + 1, oshape, weight->dtype, weight->device);
     ml_tensor *o2 = out ? ml_header_as(out, 2, s2) : NULL;
     if (rc == 0 && (!flat || !o2)) rc = -1;
-    if (rc == 0) rc = ML_RUN(weight->device, ml_embedding_forward, o2, wc, flat);
+    if (rc == 0) rc = ML_RUN(weight->device, ml_embedding_forward, ML_KT(o2), ML_KT(wc), ML_KT(flat));
     ml_release(wc); ml_release(ic); ml_release(o2);
     if (rc < 0) { ml_release(flat); ml_release(out); return NULL; }
     ml_node *nd = ml_node_begin("embedding", embedding_backward, 1, &weight);
@@ -170,7 +158,7 @@ static int gather_backward(ml_node *n, ml_tensor *g, ml_tensor **gin) {
     int rc = 0;
     ml_tensor *gc = ml_kernel_input(g, &rc);
     ml_tensor *dx = ml_grad_buffer(n, 0, n->next[0].ndim, n->next[0].shape, g, &rc);
-    if (rc == 0) rc = ML_RUN(g->device, ml_gather_backward, dx, gc, (int)n->i[0], n->saved[0]);
+    if (rc == 0) rc = ML_RUN(g->device, ml_gather_backward, ML_KT(dx), ML_KT(gc), (int)n->i[0], ML_KT(n->saved[0]));
     ml_release(gc);
     if (rc < 0) { ml_release(dx); return -1; }
     gin[0] = dx;
@@ -190,7 +178,7 @@ ml_tensor *ml_gather(ml_tensor *x, int dim, ml_tensor *index) {
     int rc = 0;
     ml_tensor *xc = ml_kernel_input(x, &rc), *ic = ml_kernel_input(index, &rc);
     ml_tensor *out = rc == 0 ? ml_empty(index->ndim, index->shape, x->dtype, x->device) : NULL;
-    if (!out || ML_RUN(x->device, ml_gather_forward, out, xc, dim, ic) < 0) rc = -1;
+    if (!out || ML_RUN(x->device, ml_gather_forward, ML_KT(out), ML_KT(xc), dim, ML_KT(ic)) < 0) rc = -1;
     ml_release(xc);
     if (rc < 0) { ml_release(ic); ml_release(out); return NULL; }
     ml_node *n = ml_node_begin("gather", gather_backward, 1, &x);
@@ -204,7 +192,8 @@ static int index_select_backward(ml_node *n, ml_tensor *g, ml_tensor **gin) {
     int rc = 0;
     ml_tensor *gc = ml_kernel_input(g, &rc);
     ml_tensor *dx = ml_grad_buffer(n, 0, n->next[0].ndim, n->next[0].shape, g, &rc);
-    if (rc == 0) rc = ML_RUN(g->device, ml_index_select_backward, dx, gc, (int)n->i[0], n->saved[0]);
+    if (rc == 0) rc = ML_RUN(g->device, ml_index_select_backward, ML_KT(dx), ML_KT(gc), (int)n->i[0],
+                                 ML_KT(n->saved[0]));
     ml_release(gc);
     if (rc < 0) { ml_release(dx); return -1; }
     gin[0] = dx;
@@ -225,7 +214,8 @@ ml_tensor *ml_index_select(ml_tensor *x, int dim, ml_tensor *index) {
     ml_tensor *xc = ml_kernel_input(x, &rc), *ic = ml_kernel_input(index, &rc);
     ml_tensor *flat = ic ? ml_header_as(ic, 1, &m) : NULL;
     ml_tensor *out = rc == 0 ? ml_empty(x->ndim, shape, x->dtype, x->device) : NULL;
-    if (!out || !flat || ML_RUN(x->device, ml_index_select_forward, out, xc, dim, flat) < 0) rc = -1;
+    if (!out || !flat || ML_RUN(x->device, ml_index_select_forward, ML_KT(out), ML_KT(xc), dim, ML_KT(flat)) < 0)
+        rc = -1;
     ml_release(xc); ml_release(ic);
     if (rc < 0) { ml_release(flat); ml_release(out); return NULL; }
     ml_node *n = ml_node_begin("index_select", index_select_backward, 1, &x);
@@ -241,7 +231,7 @@ static int upsample_backward(ml_node *n, ml_tensor *g, ml_tensor **gin) {
     int rc = 0;
     ml_tensor *gc = ml_kernel_input(g, &rc);
     ml_tensor *dx = ml_grad_buffer(n, 0, 4, n->next[0].shape, g, &rc);
-    if (rc == 0) rc = ML_RUN(g->device, ml_upsample_nearest2d_backward, dx, gc, (int)n->i[0]);
+    if (rc == 0) rc = ML_RUN(g->device, ml_upsample_nearest2d_backward, ML_KT(dx), ML_KT(gc), (int)n->i[0]);
     ml_release(gc);
     if (rc < 0) { ml_release(dx); return -1; }
     gin[0] = dx;
@@ -260,7 +250,7 @@ ml_tensor *ml_upsample_nearest2d(ml_tensor *x, int scale) {
     int rc = 0;
     ml_tensor *xc = ml_kernel_input(x, &rc);
     ml_tensor *out = rc == 0 ? ml_empty(4, shape, x->dtype, x->device) : NULL;
-    if (!out || ML_RUN(x->device, ml_upsample_nearest2d_forward, out, xc, scale) < 0) rc = -1;
+    if (!out || ML_RUN(x->device, ml_upsample_nearest2d_forward, ML_KT(out), ML_KT(xc), scale) < 0) rc = -1;
     ml_release(xc);
     if (rc < 0) { ml_release(out); return NULL; }
     ml_node *n = ml_node_begin("upsample_nearest2d", upsample_backward, 1, &x);

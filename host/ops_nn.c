@@ -10,7 +10,7 @@
 #include "ops_common.h"
 #include "cpu/conv2d.h"
 #include "norm.h"
-#include "cpu/softmax.h"
+#include "softmax.h"
 #include "cpu/attention.h"
 #include <math.h>
 #include <string.h>
@@ -20,9 +20,6 @@ ML_CUDA_TWIN int ml_conv2d_forward_cuda(ml_tensor *out, const ml_tensor *x, cons
                                         const ml_tensor *b, const ml_conv2d_params *p);
 ML_CUDA_TWIN int ml_conv2d_backward_cuda(ml_tensor *dx, ml_tensor *dw, ml_tensor *db, const ml_tensor *dout,
                                          const ml_tensor *x, const ml_tensor *w, const ml_conv2d_params *p);
-ML_CUDA_TWIN int ml_softmax_forward_cuda(ml_tensor *out, const ml_tensor *x, int dim, bool log);
-ML_CUDA_TWIN int ml_softmax_backward_cuda(ml_tensor *dx, const ml_tensor *dout, const ml_tensor *out, int dim,
-                                          bool log);
 ML_CUDA_TWIN int ml_sdpa_forward_cuda(ml_tensor *out, ml_tensor *lse, const ml_tensor *q, const ml_tensor *k,
                                       const ml_tensor *v, bool causal, double scale);
 ML_CUDA_TWIN int ml_sdpa_backward_cuda(ml_tensor *dq, ml_tensor *dk, ml_tensor *dv, const ml_tensor *dout,
@@ -257,7 +254,7 @@ static int softmax_backward(ml_node *n, ml_tensor *g, ml_tensor **gin) {
     int rc = 0;
     ml_tensor *gc = ml_kernel_input(g, &rc);
     ml_tensor *dx = ml_grad_buffer(n, 0, y->ndim, y->shape, g, &rc);
-    if (rc == 0) rc = ML_RUN(g->device, ml_softmax_backward, dx, gc, y, (int)n->i[0], n->i[1]);
+    if (rc == 0) rc = ML_RUN(g->device, ml_softmax_backward, ML_KT(dx), ML_KT(gc), ML_KT(y), (int)n->i[0], n->i[1]);
     ml_release(gc);
     if (rc < 0) { ml_release(dx); return -1; }
     gin[0] = dx;
@@ -275,7 +272,7 @@ static ml_tensor *softmax_op(ml_tensor *x, int dim, bool log) {
     if (out && x->ndim == 0) {
         /* A single value: softmax 1, log_softmax 0. */
         rc = ml_fill_(out, log ? 0.0 : 1.0);
-    } else if (!out || ML_RUN(x->device, ml_softmax_forward, out, xc, dim, log) < 0) rc = -1;
+    } else if (!out || ML_RUN(x->device, ml_softmax_forward, ML_KT(out), ML_KT(xc), dim, log) < 0) rc = -1;
     ml_release(xc);
     if (rc < 0) { ml_release(out); return NULL; }
     ml_node *n = ml_node_begin(name, softmax_backward, 1, &x);

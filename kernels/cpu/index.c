@@ -4,12 +4,14 @@
 #include "index.h"
 #include <string.h>
 
-static int64_t index_at(const ml_tensor *t, int64_t i) {
-    return t->dtype == ML_I32 ? ((const int32_t *)ml_data(t))[i] : ((const int64_t *)ml_data(t))[i];
+static int64_t index_at(const ml_ktensor *t, int64_t i) {
+    return t->dtype == ML_I32 ? ((const int32_t *)t->data)[i] : ((const int64_t *)t->data)[i];
 }
 
-static int check_range(const char *op, const ml_tensor *index, int64_t size, const char *what) {
-    int64_t n = ml_numel(index);
+/* -1 naming the first index outside [0, size): the values are data, which
+ * only the kernel sees (the host checked everything else). */
+static int require_in_range(const char *op, const ml_ktensor *index, int64_t size, const char *what) {
+    int64_t n = ml_kt_numel(index);
     for (int64_t i = 0; i < n; i++) {
         int64_t v = index_at(index, i);
         if (v < 0 || v >= size)
@@ -25,13 +27,13 @@ static void add_run(ml_dtype dt, void *dst, const void *src, int64_t n) {
     else { double *d = dst; const double *s = src; for (int64_t i = 0; i < n; i++) d[i] += s[i]; }
 }
 
-static int check_grad_dtype(const char *op, const ml_tensor *g) {
+static int require_cpu_float(const char *op, const ml_ktensor *g) {
     if (g->dtype != ML_F32 && g->dtype != ML_F64)
         return ml_error("%s backward: the CPU computes in float32 or float64, not %s", op, ml_dtype_name(g->dtype));
     return 0;
 }
 
-static int64_t prod_range(const ml_tensor *t, int from, int to) {
+static int64_t prod_range(const ml_ktensor *t, int from, int to) {
     int64_t p = 1;
     for (int i = from; i < to; i++) p *= t->shape[i];
     return p;
@@ -39,24 +41,24 @@ static int64_t prod_range(const ml_tensor *t, int from, int to) {
 
 /* ---- embedding ---------------------------------------------------------- */
 
-int ml_embedding_forward_cpu(ml_tensor *out, const ml_tensor *weight, const ml_tensor *ids) {
-    int64_t V = weight->shape[0], D = weight->shape[1], n = ml_numel(ids);
-    if (check_range("embedding", ids, V, "a vocabulary of") < 0) return -1;
+int ml_embedding_forward_cpu(ml_ktensor *out, const ml_ktensor *weight, const ml_ktensor *ids) {
+    int64_t V = weight->shape[0], D = weight->shape[1], n = ml_kt_numel(ids);
+    if (require_in_range("embedding", ids, V, "a vocabulary of") < 0) return -1;
     size_t row = (size_t)D * ml_dtype_size(weight->dtype);
     for (int64_t i = 0; i < n; i++)
-        memcpy((char *)ml_data(out) + (size_t)i * row, (const char *)ml_data(weight) + (size_t)index_at(ids, i) * row, row);
+        memcpy((char *)out->data + (size_t)i * row, (const char *)weight->data + (size_t)index_at(ids, i) * row, row);
     return 0;
 }
 
-int ml_embedding_backward_cpu(ml_tensor *dweight, const ml_tensor *dout, const ml_tensor *ids) {
-    if (check_grad_dtype("embedding", dweight) < 0 || check_range("embedding", ids, dweight->shape[0], "a vocabulary of") < 0)
+int ml_embedding_backward_cpu(ml_ktensor *dweight, const ml_ktensor *dout, const ml_ktensor *ids) {
+    if (require_cpu_float("embedding", dweight) < 0 || require_in_range("embedding", ids, dweight->shape[0], "a vocabulary of") < 0)
         return -1;
-    int64_t D = dweight->shape[1], n = ml_numel(ids);
+    int64_t D = dweight->shape[1], n = ml_kt_numel(ids);
     size_t es = ml_dtype_size(dweight->dtype);
-    memset(ml_data(dweight), 0, (size_t)ml_numel(dweight) * es);
+    memset(dweight->data, 0, (size_t)ml_kt_numel(dweight) * es);
     for (int64_t i = 0; i < n; i++)
-        add_run(dweight->dtype, (char *)ml_data(dweight) + (size_t)(index_at(ids, i) * D) * es,
-                (const char *)ml_data(dout) + (size_t)(i * D) * es, D);
+        add_run(dweight->dtype, (char *)dweight->data + (size_t)(index_at(ids, i) * D) * es,
+                (const char *)dout->data + (size_t)(i * D) * es, D);
     return 0;
 }
 
@@ -64,11 +66,11 @@ int ml_embedding_backward_cpu(ml_tensor *dweight, const ml_tensor *dout, const m
 
 /* Calls visit for every element of index (row-major) with the flat offset of
  * the x element it selects. */
-static void gather_walk(const ml_tensor *x, int dim, const ml_tensor *index,
+static void gather_walk(const ml_ktensor *x, int dim, const ml_ktensor *index,
                         void (*visit)(void *ctx, int64_t i, int64_t src), void *ctx) {
     int nd = index->ndim;
-    int64_t n = ml_numel(index), xs[ML_MAX_DIMS], pos[ML_MAX_DIMS] = {0}, base = 0;
-    ml_contiguous_strides(x->ndim, x->shape, xs);
+    int64_t n = ml_kt_numel(index), xs[ML_MAX_DIMS], pos[ML_MAX_DIMS] = {0}, base = 0;
+    ml_kt_contiguous_strides(x->ndim, x->shape, xs);
     for (int64_t i = 0; i < n; i++) {
         visit(ctx, i, base + index_at(index, i) * xs[dim]);
         for (int d = nd - 1; d >= 0; d--) {
@@ -91,47 +93,47 @@ static void gather_add(void *vc, int64_t i, int64_t src) {
     add_run(c->dt, c->dst + (size_t)src * c->es, c->src + (size_t)i * c->es, 1);
 }
 
-int ml_gather_forward_cpu(ml_tensor *out, const ml_tensor *x, int dim, const ml_tensor *index) {
-    if (check_range("gather", index, x->shape[dim], "a dim of size") < 0) return -1;
-    walk_ctx c = {ml_data(out), ml_data(x), ml_dtype_size(x->dtype), x->dtype};
+int ml_gather_forward_cpu(ml_ktensor *out, const ml_ktensor *x, int dim, const ml_ktensor *index) {
+    if (require_in_range("gather", index, x->shape[dim], "a dim of size") < 0) return -1;
+    walk_ctx c = {out->data, x->data, ml_dtype_size(x->dtype), x->dtype};
     gather_walk(x, dim, index, gather_copy, &c);
     return 0;
 }
 
-int ml_gather_backward_cpu(ml_tensor *dx, const ml_tensor *dout, int dim, const ml_tensor *index) {
-    if (check_grad_dtype("gather", dx) < 0 || check_range("gather", index, dx->shape[dim], "a dim of size") < 0)
+int ml_gather_backward_cpu(ml_ktensor *dx, const ml_ktensor *dout, int dim, const ml_ktensor *index) {
+    if (require_cpu_float("gather", dx) < 0 || require_in_range("gather", index, dx->shape[dim], "a dim of size") < 0)
         return -1;
-    walk_ctx c = {ml_data(dx), ml_data(dout), ml_dtype_size(dx->dtype), dx->dtype};
-    memset(c.dst, 0, (size_t)ml_numel(dx) * c.es);
+    walk_ctx c = {dx->data, dout->data, ml_dtype_size(dx->dtype), dx->dtype};
+    memset(c.dst, 0, (size_t)ml_kt_numel(dx) * c.es);
     gather_walk(dx, dim, index, gather_add, &c);
     return 0;
 }
 
 /* ---- index_select ------------------------------------------------------- */
 
-int ml_index_select_forward_cpu(ml_tensor *out, const ml_tensor *x, int dim, const ml_tensor *index) {
-    int64_t X = x->shape[dim], n = ml_numel(index);
-    if (check_range("index_select", index, X, "a dim of size") < 0) return -1;
+int ml_index_select_forward_cpu(ml_ktensor *out, const ml_ktensor *x, int dim, const ml_ktensor *index) {
+    int64_t X = x->shape[dim], n = ml_kt_numel(index);
+    if (require_in_range("index_select", index, X, "a dim of size") < 0) return -1;
     int64_t outer = prod_range(x, 0, dim), inner = prod_range(x, dim + 1, x->ndim);
     size_t blk = (size_t)inner * ml_dtype_size(x->dtype);
-    const char *src = ml_data(x);
-    char *dst = ml_data(out);
+    const char *src = x->data;
+    char *dst = out->data;
     for (int64_t o = 0; o < outer; o++)
         for (int64_t i = 0; i < n; i++)
             memcpy(dst + (size_t)(o * n + i) * blk, src + (size_t)(o * X + index_at(index, i)) * blk, blk);
     return 0;
 }
 
-int ml_index_select_backward_cpu(ml_tensor *dx, const ml_tensor *dout, int dim, const ml_tensor *index) {
-    int64_t X = dx->shape[dim], n = ml_numel(index);
-    if (check_grad_dtype("index_select", dx) < 0 || check_range("index_select", index, X, "a dim of size") < 0)
+int ml_index_select_backward_cpu(ml_ktensor *dx, const ml_ktensor *dout, int dim, const ml_ktensor *index) {
+    int64_t X = dx->shape[dim], n = ml_kt_numel(index);
+    if (require_cpu_float("index_select", dx) < 0 || require_in_range("index_select", index, X, "a dim of size") < 0)
         return -1;
     int64_t outer = prod_range(dx, 0, dim), inner = prod_range(dx, dim + 1, dx->ndim);
     size_t es = ml_dtype_size(dx->dtype);
-    memset(ml_data(dx), 0, (size_t)ml_numel(dx) * es);
+    memset(dx->data, 0, (size_t)ml_kt_numel(dx) * es);
     for (int64_t o = 0; o < outer; o++)
         for (int64_t i = 0; i < n; i++)
-            add_run(dx->dtype, (char *)ml_data(dx) + (size_t)((o * X + index_at(index, i)) * inner) * es,
-                    (const char *)ml_data(dout) + (size_t)((o * n + i) * inner) * es, inner);
+            add_run(dx->dtype, (char *)dx->data + (size_t)((o * X + index_at(index, i)) * inner) * es,
+                    (const char *)dout->data + (size_t)((o * n + i) * inner) * es, inner);
     return 0;
 }

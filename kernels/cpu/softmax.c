@@ -7,31 +7,31 @@
 #define ML_TYPED_BODY "softmax_t.h"
 #include "typed.h"
 
-static void split_dims(const ml_tensor *t, int dim, int64_t *outer, int64_t *D, int64_t *inner) {
+static void split_dims(const ml_ktensor *t, int dim, int64_t *outer, int64_t *D, int64_t *inner) {
     *outer = *inner = 1;
     *D = t->ndim ? t->shape[dim] : 1;
     for (int i = 0; i < dim; i++) *outer *= t->shape[i];
     for (int i = dim + 1; i < t->ndim; i++) *inner *= t->shape[i];
 }
 
-int ml_softmax_forward_cpu(ml_tensor *out, const ml_tensor *x, int dim, bool log) {
+int ml_softmax_forward_cpu(ml_ktensor *out, const ml_ktensor *x, int dim, bool log) {
     int64_t outer, D, inner;
     split_dims(x, dim, &outer, &D, &inner);
     double *buf = malloc((size_t)(2 * inner) * sizeof *buf);
     if (!buf) return ml_error("softmax: out of CPU memory");
-    if (x->dtype == ML_F32) softmax_rows_f32(ml_data(out), ml_data(x), outer, D, inner, log, buf);
-    else softmax_rows_f64(ml_data(out), ml_data(x), outer, D, inner, log, buf);
+    if (x->dtype == ML_F32) softmax_rows_f32(out->data, x->data, outer, D, inner, log, buf);
+    else softmax_rows_f64(out->data, x->data, outer, D, inner, log, buf);
     free(buf);
     return 0;
 }
 
-int ml_softmax_backward_cpu(ml_tensor *dx, const ml_tensor *dout, const ml_tensor *out, int dim, bool log) {
+int ml_softmax_backward_cpu(ml_ktensor *dx, const ml_ktensor *dout, const ml_ktensor *out, int dim, bool log) {
     int64_t outer, D, inner;
     split_dims(out, dim, &outer, &D, &inner);
     double *buf = malloc((size_t)inner * sizeof *buf);
     if (!buf) return ml_error("softmax backward: out of CPU memory");
-    if (out->dtype == ML_F32) softmax_rows_backward_f32(ml_data(dx), ml_data(dout), ml_data(out), outer, D, inner, log, buf);
-    else softmax_rows_backward_f64(ml_data(dx), ml_data(dout), ml_data(out), outer, D, inner, log, buf);
+    if (out->dtype == ML_F32) softmax_rows_backward_f32(dx->data, dout->data, out->data, outer, D, inner, log, buf);
+    else softmax_rows_backward_f64(dx->data, dout->data, out->data, outer, D, inner, log, buf);
     free(buf);
     return 0;
 }

@@ -38,34 +38,17 @@ __global__ void __launch_bounds__(kBlock) up_bwd(T *__restrict__ dx, const T *__
     }
 }
 
-int check_nhwc(const char *op, const char *what, const ml_tensor *t, const ml_tensor *ref, const int64_t *shape) {
-    char a[128];
-    if (t->ndim != 4 || t->shape[0] != shape[0] || t->shape[1] != shape[1] || t->shape[2] != shape[2] ||
-        t->shape[3] != shape[3])
-        return ml_error("%s (cuda): %s has shape %s, expected [%lld, %lld, %lld, %lld]", op, what,
-                        ml_shape_str(t, a, sizeof a), (long long)shape[0], (long long)shape[1], (long long)shape[2],
-                        (long long)shape[3]);
-    if (t->dtype != ref->dtype)
-        return ml_error("%s (cuda): %s is %s, expected %s", op, what, ml_dtype_name(t->dtype), ml_dtype_name(ref->dtype));
-    if (!ml_device_eq(t->device, ref->device) || !ml_is_contiguous(t))
-        return ml_error("%s (cuda): %s must be contiguous and on the same device", op, what);
-    return 0;
-}
-
 }  // namespace
 
-extern "C" int ml_upsample_nearest2d_forward_cuda(ml_tensor *out, const ml_tensor *x, int scale) {
+extern "C" int ml_upsample_nearest2d_forward_cuda(ml_ktensor *out, const ml_ktensor *x, int scale) {
     const char *op = "upsample_nearest2d";
     cudaStream_t st;
     if (ml_cuda_prepare(x, op, &st) < 0) return -1;
-    if (x->ndim != 4 || scale < 1) return ml_error("upsample_nearest2d (cuda): needs NHWC input and a scale >= 1");
     int64_t s = scale, N = x->shape[0], H = x->shape[1], W = x->shape[2], C = x->shape[3];
-    int64_t oshape[4] = {N, H * s, W * s, C};
-    if (check_nhwc(op, "input", x, x, x->shape) < 0 || check_nhwc(op, "output", out, x, oshape) < 0) return -1;
-    if (ml_numel(out) == 0) return 0;
+    if (ml_kt_numel(out) == 0) return 0;
     size_t rb = (size_t)C * ml_dtype_size(x->dtype);
     int dev = x->device.index;
-    return with_unit(rb, {ml_data(out), ml_data(x)}, [&](auto u) -> int {
+    return with_unit(rb, {out->data, x->data}, [&](auto u) -> int {
         typedef decltype(u) U;
         int64_t units = (int64_t)(rb / sizeof(U)), total = N * H * s * W * s * units;
         unsigned grid = ml_grid_for(total, kBlock, dev);
@@ -76,31 +59,28 @@ extern "C" int ml_upsample_nearest2d_forward_cuda(ml_tensor *out, const ml_tenso
                                                          (uint32_t)units, (uint32_t)total);
         else
             up_fwd<U, int64_t><<<grid, kBlock, 0, st>>>(yp, xp, H, W, s, units, total);
-        ML_CUDA_LAUNCHED(op);
+        ML_CUDA_LAUNCHED("up_fwd");
         return 0;
     });
 }
 
-extern "C" int ml_upsample_nearest2d_backward_cuda(ml_tensor *dx, const ml_tensor *dout, int scale) {
+extern "C" int ml_upsample_nearest2d_backward_cuda(ml_ktensor *dx, const ml_ktensor *dout, int scale) {
     const char *op = "upsample_nearest2d backward";
     cudaStream_t st;
     if (ml_cuda_prepare(dx, op, &st) < 0) return -1;
-    if (dx->ndim != 4 || scale < 1) return ml_error("upsample_nearest2d backward (cuda): needs NHWC dx and a scale >= 1");
-    int64_t s = scale, N = dx->shape[0], H = dx->shape[1], W = dx->shape[2], C = dx->shape[3];
-    int64_t oshape[4] = {N, H * s, W * s, C};
-    if (check_nhwc(op, "dx", dx, dx, dx->shape) < 0 || check_nhwc(op, "gradient", dout, dx, oshape) < 0) return -1;
-    int64_t total = ml_numel(dx);
+    int64_t s = scale, H = dx->shape[1], W = dx->shape[2], C = dx->shape[3];
+    int64_t total = ml_kt_numel(dx);
     if (total == 0) return 0;
     int dev = dx->device.index;
     auto run = [&](auto tag) -> int {
         typedef decltype(tag) T;
         unsigned grid = ml_grid_for(total, kBlock, dev);
-        if (ml_fits_u32(ml_numel(dout)))
+        if (ml_fits_u32(ml_kt_numel(dout)))
             up_bwd<T, uint32_t><<<grid, kBlock, 0, st>>>(ml_ptr<T>(dx), ml_ptr<T>(dout), (uint32_t)H, (uint32_t)W,
                                                          (uint32_t)C, (uint32_t)s, (uint32_t)total);
         else
             up_bwd<T, int64_t><<<grid, kBlock, 0, st>>>(ml_ptr<T>(dx), ml_ptr<T>(dout), H, W, C, s, total);
-        ML_CUDA_LAUNCHED(op);
+        ML_CUDA_LAUNCHED("up_bwd");
         return 0;
     };
     switch (dx->dtype) {

@@ -1,6 +1,9 @@
 /* lua_ops.c — Lua bindings of host/ops.h: argument checks, 1-based dims,
- * numbers accepted where a tensor operand is expected.  The Lua library
- * (lua/moonlit/init.lua) arranges these into ml.F.* and tensor methods. */
+ * numbers accepted where a tensor operand is expected.  The functions of
+ * the registry's ops (host/op_registry.h) are bound under their Lua names
+ * from ML_OP_LIST, and the registry itself is moonlit.core.op_registry(),
+ * from which the Lua library (lua/moonlit/init.lua, functional.lua) makes
+ * the tensor methods and ml.F. */
 #include "mlua.h"
 #include "ops.h"
 #include "op_registry.h"
@@ -11,27 +14,18 @@
 
 /* ---- elementwise -------------------------------------------------------- */
 
-/* a op b where either side may be a Lua number. */
+/* a op b where either side may be a Lua number.  A number with add, sub,
+ * mul or div (either side) or as pow's exponent is the host's arithmetic
+ * of a tensor with a number (ml_binary_scalar); any other number becomes a
+ * 0-dim tensor of the other operand's kind. */
 static int binary_impl(lua_State *L, ml_binop op) {
     bool an = lua_type(L, 1) == LUA_TNUMBER, bn = lua_type(L, 2) == LUA_TNUMBER;
     if (an && bn) return luaL_error(L, "expected at least one tensor operand");
-    if (bn && (op == ML_ADD || op == ML_SUB || op == ML_MUL || op == ML_DIV || op == ML_POW)) {
-        ml_tensor *a = mlua_check_tensor(L, 1);
-        double s = lua_tonumber(L, 2);
-        if (op == ML_ADD) return mlua_push_tensor(L, ml_add_scalar(a, s));
-        if (op == ML_SUB) return mlua_push_tensor(L, ml_add_scalar(a, -s));
-        if (op == ML_MUL) return mlua_push_tensor(L, ml_mul_scalar(a, s));
-        if (op == ML_DIV) return mlua_push_tensor(L, ml_mul_scalar(a, 1.0 / s));
-        return mlua_push_tensor(L, ml_pow_scalar(a, s));
-    }
-    if (an && (op == ML_ADD || op == ML_MUL || op == ML_SUB || op == ML_DIV)) {
-        ml_tensor *b = mlua_check_tensor(L, 2);
-        double s = lua_tonumber(L, 1);
-        if (op == ML_ADD) return mlua_push_tensor(L, ml_add_scalar(b, s));
-        if (op == ML_MUL) return mlua_push_tensor(L, ml_mul_scalar(b, s));
-        if (op == ML_SUB) return mlua_push_tensor(L, ml_rsub_scalar(b, s));
-        return mlua_push_tensor(L, ml_rdiv_scalar(b, s));
-    }
+    bool arith = op == ML_ADD || op == ML_SUB || op == ML_MUL || op == ML_DIV;
+    if (bn && (arith || op == ML_POW))
+        return mlua_push_tensor(L, ml_binary_scalar(op, mlua_check_tensor(L, 1), lua_tonumber(L, 2), false));
+    if (an && arith)
+        return mlua_push_tensor(L, ml_binary_scalar(op, mlua_check_tensor(L, 2), lua_tonumber(L, 1), true));
     /* check both operands before taking references: an error must not leak one */
     ml_tensor *like = an ? mlua_check_tensor(L, 2) : mlua_check_tensor(L, 1);
     if (!an && !bn) mlua_check_tensor(L, 2);
@@ -43,12 +37,47 @@ static int binary_impl(lua_State *L, ml_binop op) {
     return mlua_push_tensor(L, r);
 }
 
-static int l_binary(lua_State *L) { return binary_impl(L, (ml_binop)lua_tointeger(L, lua_upvalueindex(1))); }
+static int unary_impl(lua_State *L, ml_unop op) { return mlua_push_tensor(L, ml_unary(op, mlua_check_tensor(L, 1))); }
 
-static int l_unary(lua_State *L) {
-    ml_tensor *x = mlua_check_tensor(L, 1);
-    return mlua_push_tensor(L, ml_unary((ml_unop)lua_tointeger(L, lua_upvalueindex(1)), x));
-}
+/* The bindings of the registry's binary and unary ops: each op with its
+ * kernel op code.  The names are parenthesised because luaconf.h defines
+ * l_floor as a function-like macro. */
+#define BINARY_BINDING(lua, code) static int (l_##lua)(lua_State *L) { return binary_impl(L, code); }
+#define UNARY_BINDING(lua, code) static int (l_##lua)(lua_State *L) { return unary_impl(L, code); }
+BINARY_BINDING(add, ML_ADD)
+BINARY_BINDING(sub, ML_SUB)
+BINARY_BINDING(mul, ML_MUL)
+BINARY_BINDING(div, ML_DIV)
+BINARY_BINDING(pow, ML_POW)
+BINARY_BINDING(maximum, ML_MAXIMUM)
+BINARY_BINDING(minimum, ML_MINIMUM)
+BINARY_BINDING(eq, ML_EQ)
+BINARY_BINDING(ne, ML_NE)
+BINARY_BINDING(lt, ML_LT)
+BINARY_BINDING(le, ML_LE)
+BINARY_BINDING(gt, ML_GT)
+BINARY_BINDING(ge, ML_GE)
+UNARY_BINDING(neg, ML_NEG)
+UNARY_BINDING(sqrt, ML_SQRT)
+UNARY_BINDING(rsqrt, ML_RSQRT)
+UNARY_BINDING(exp, ML_EXP)
+UNARY_BINDING(log, ML_LOG)
+UNARY_BINDING(abs, ML_ABS)
+UNARY_BINDING(sin, ML_SIN)
+UNARY_BINDING(cos, ML_COS)
+UNARY_BINDING(square, ML_SQUARE)
+UNARY_BINDING(round, ML_ROUND)
+UNARY_BINDING(floor, ML_FLOOR)
+UNARY_BINDING(sign, ML_SIGN)
+UNARY_BINDING(silu, ML_SILU)
+UNARY_BINDING(gelu, ML_GELU)
+UNARY_BINDING(gelu_tanh, ML_GELU_TANH)
+UNARY_BINDING(quick_gelu, ML_QUICK_GELU)
+UNARY_BINDING(sigmoid, ML_SIGMOID)
+UNARY_BINDING(tanh, ML_TANH)
+UNARY_BINDING(relu, ML_RELU)
+#undef BINARY_BINDING
+#undef UNARY_BINDING
 
 static int l_clamp(lua_State *L) {
     ml_tensor *x = mlua_check_tensor(L, 1);
@@ -82,8 +111,8 @@ static int l_add_(lua_State *L) {
 static int l_sub_(lua_State *L) {
     ml_tensor *d = mlua_check_tensor(L, 1);
     int rc;
-    if (lua_type(L, 2) == LUA_TNUMBER) rc = ml_add_scalar_(d, -lua_tonumber(L, 2));
-    else rc = ml_add_(d, mlua_check_tensor(L, 2), -luaL_optnumber(L, 3, 1.0));
+    if (lua_type(L, 2) == LUA_TNUMBER) rc = ml_sub_scalar_(d, lua_tonumber(L, 2));
+    else rc = ml_sub_(d, mlua_check_tensor(L, 2), luaL_optnumber(L, 3, 1.0));
     if (rc < 0) return mlua_error(L, NULL);
     lua_settop(L, 1);
     return 1;
@@ -101,7 +130,7 @@ static int l_mul_(lua_State *L) {
 static int l_div_(lua_State *L) {
     ml_tensor *d = mlua_check_tensor(L, 1);
     double s = luaL_checknumber(L, 2);
-    if (ml_mul_scalar_(d, 1.0 / s) < 0) return mlua_error(L, NULL);
+    if (ml_div_scalar_(d, s) < 0) return mlua_error(L, NULL);
     lua_settop(L, 1);
     return 1;
 }
@@ -192,22 +221,18 @@ static int l_max(lua_State *L) {
     }
     int d = mlua_check_dim(L, 2, x->ndim);
     mlua_push_tensor(L, ml_max(x, d, keep));
-    ml_tensor *idx = ml_argmax(x, d, keep);
+    ml_tensor *idx = ml_argmax_ex(x, d, keep, 1);
     if (!idx) return mlua_error(L, "max");
-    ml_tensor *one = ml_add_scalar(idx, 1);
-    ml_release(idx);
-    mlua_push_tensor(L, one);
+    mlua_push_tensor(L, idx);
     return 2;
 }
 
 static int l_argmax(lua_State *L) {
     ml_tensor *x = mlua_check_tensor(L, 1);
     int d = mlua_check_dim(L, 2, x->ndim);
-    ml_tensor *idx = ml_argmax(x, d, lua_toboolean(L, 3));
+    ml_tensor *idx = ml_argmax_ex(x, d, lua_toboolean(L, 3), 1);   /* 1-based like every Lua index */
     if (!idx) return mlua_error(L, "argmax");
-    ml_tensor *one = ml_add_scalar(idx, 1);   /* 1-based like every Lua index */
-    ml_release(idx);
-    return mlua_push_tensor(L, one);
+    return mlua_push_tensor(L, idx);
 }
 
 /* norm(x, p = 2, dims = all, keepdim = false) */
@@ -300,7 +325,7 @@ static int l_log_softmax(lua_State *L) {
 }
 
 /* sdpa(q, k, v, {causal = false, scale = 1/sqrt(D)}) with BSHD tensors */
-static int l_sdpa(lua_State *L) {
+static int l_scaled_dot_product_attention(lua_State *L) {
     ml_tensor *q = mlua_check_tensor(L, 1), *k = mlua_check_tensor(L, 2), *v = mlua_check_tensor(L, 3);
     int opts = lua_istable(L, 4) ? 4 : 0;
     return mlua_push_tensor(L, ml_sdpa(q, k, v, mlua_opt_field_bool(L, opts, "causal", 0),
@@ -335,29 +360,16 @@ static int l_cat(lua_State *L) { return list_op(L, false); }
 static int l_stack(lua_State *L) { return list_op(L, true); }
 
 /* gather/index_select take 1-based indices, as every Lua index is. */
-static ml_tensor *zero_based(lua_State *L, int idx) {
-    ml_tensor *i = mlua_check_tensor(L, idx);
-    ml_tensor *z = ml_add_scalar(i, -1);
-    if (!z) mlua_error(L, NULL);
-    return z;
-}
-
 static int l_gather(lua_State *L) {
     ml_tensor *x = mlua_check_tensor(L, 1);
     int d = mlua_check_dim(L, 2, x->ndim);
-    ml_tensor *i = zero_based(L, 3);
-    ml_tensor *r = ml_gather(x, d, i);
-    ml_release(i);
-    return mlua_push_tensor(L, r);
+    return mlua_push_tensor(L, ml_gather_ex(x, d, mlua_check_tensor(L, 3), 1));
 }
 
 static int l_index_select(lua_State *L) {
     ml_tensor *x = mlua_check_tensor(L, 1);
     int d = mlua_check_dim(L, 2, x->ndim);
-    ml_tensor *i = zero_based(L, 3);
-    ml_tensor *r = ml_index_select(x, d, i);
-    ml_release(i);
-    return mlua_push_tensor(L, r);
+    return mlua_push_tensor(L, ml_index_select_ex(x, d, mlua_check_tensor(L, 3), 1));
 }
 
 static int l_upsample_nearest2d(lua_State *L) {
@@ -445,60 +457,58 @@ static int l_set_rng_state(lua_State *L) {
 
 /* ---- registry ----------------------------------------------------------- */
 
+/* op_registry() -> the registry as a list, in its order, of
+ *   {name =, lua =, differentiable =, gradcheck =, cuda =, fn =, method =, F =}
+ * gradcheck: the gradient is checked by finite differences (GRAD); an op
+ * that is differentiable without it is checked by the parity suite.  fn,
+ * method, F: moonlit.core[lua], the tensor method t:<lua>() and ml.F[lua]
+ * reach it. */
 static int l_op_registry(lua_State *L) {
-    lua_newtable(L);
-    int i = 0;
-#define PUSH_OP(name, diff, cuda)                                   \
-    lua_createtable(L, 0, 3);                                       \
-    lua_pushstring(L, #name); lua_setfield(L, -2, "name");          \
-    lua_pushboolean(L, diff); lua_setfield(L, -2, "differentiable");\
-    lua_pushboolean(L, cuda); lua_setfield(L, -2, "cuda");          \
-    lua_rawseti(L, -2, ++i);
-    ML_OP_LIST(PUSH_OP)
-#undef PUSH_OP
+    lua_createtable(L, ML_OP_COUNT, 0);
+    for (int k = 0; k < ML_OP_COUNT; k++) {
+        const ml_op_info *op = ml_op_info_of((ml_op)k);
+        lua_createtable(L, 0, 8);
+        lua_pushstring(L, op->name); lua_setfield(L, -2, "name");
+        lua_pushstring(L, op->lua); lua_setfield(L, -2, "lua");
+        lua_pushboolean(L, op->grad != ML_NO_GRAD); lua_setfield(L, -2, "differentiable");
+        lua_pushboolean(L, op->grad == ML_GRAD); lua_setfield(L, -2, "gradcheck");
+        lua_pushboolean(L, op->cuda); lua_setfield(L, -2, "cuda");
+        lua_pushboolean(L, (op->where & ML_LUA_CORE) != 0); lua_setfield(L, -2, "fn");
+        lua_pushboolean(L, (op->where & ML_LUA_AS_METHOD) != 0); lua_setfield(L, -2, "method");
+        lua_pushboolean(L, (op->where & ML_LUA_IN_F) != 0); lua_setfield(L, -2, "F");
+        lua_rawseti(L, -2, k + 1);
+    }
     return 1;
 }
 
-static const struct { const char *name; int op; } binops[] = {
-    {"add", ML_ADD}, {"sub", ML_SUB}, {"mul", ML_MUL}, {"div", ML_DIV}, {"pow", ML_POW},
-    {"maximum", ML_MAXIMUM}, {"minimum", ML_MINIMUM}, {"eq", ML_EQ}, {"ne", ML_NE},
-    {"lt", ML_LT}, {"le", ML_LE}, {"gt", ML_GT}, {"ge", ML_GE},
+/* The registry's ops bound as moonlit.core functions: l_<lua> under <lua>. */
+static const luaL_Reg op_funcs[] = {
+#define CORE_FN_OF_OP(name, grad, cuda, lua, where) ML_OP_IF_CORE_FN(where, {#lua, l_##lua},)
+    ML_OP_LIST(CORE_FN_OF_OP)
+#undef CORE_FN_OF_OP
+    {NULL, NULL},
 };
 
-static const struct { const char *name; int op; } unops[] = {
-    {"neg", ML_NEG}, {"sqrt", ML_SQRT}, {"rsqrt", ML_RSQRT}, {"exp", ML_EXP}, {"log", ML_LOG},
-    {"abs", ML_ABS}, {"sin", ML_SIN}, {"cos", ML_COS}, {"silu", ML_SILU}, {"gelu", ML_GELU},
-    {"gelu_tanh", ML_GELU_TANH}, {"quick_gelu", ML_QUICK_GELU}, {"sigmoid", ML_SIGMOID},
-    {"tanh", ML_TANH}, {"relu", ML_RELU}, {"square", ML_SQUARE}, {"round", ML_ROUND},
-    {"floor", ML_FLOOR}, {"sign", ML_SIGN},
+/* The in-place writes: not registry ops (nothing is recorded; their
+ * kernels are those of the ops above), both core functions and methods. */
+static const luaL_Reg inplace_funcs[] = {
+    {"add_", l_add_}, {"sub_", l_sub_}, {"mul_", l_mul_}, {"div_", l_div_}, {"clamp_", l_clamp_},
+    {"normal_", l_normal_}, {"uniform_", l_uniform_},
+    {NULL, NULL},
 };
 
 static const luaL_Reg funcs[] = {
-    {"clamp", l_clamp}, {"where", l_where},
-    {"add_", l_add_}, {"sub_", l_sub_}, {"mul_", l_mul_}, {"div_", l_div_}, {"clamp_", l_clamp_},
-    {"adamw_step_", l_adamw_step_},
-    {"sum", l_sum}, {"mean", l_mean}, {"var", l_var}, {"max", l_max}, {"argmax", l_argmax}, {"norm", l_norm},
-    {"matmul", l_matmul}, {"linear", l_linear}, {"conv2d", l_conv2d}, {"group_norm", l_group_norm},
-    {"layer_norm", l_layer_norm}, {"softmax", l_softmax}, {"log_softmax", l_log_softmax},
-    {"scaled_dot_product_attention", l_sdpa}, {"embedding", l_embedding}, {"cat", l_cat},
-    {"stack", l_stack}, {"gather", l_gather}, {"index_select", l_index_select},
-    {"upsample_nearest2d", l_upsample_nearest2d}, {"mse_loss", l_mse_loss}, {"dropout", l_dropout},
-    {"randn", l_randn}, {"rand", l_rand}, {"randint", l_randint}, {"normal_", l_normal_},
-    {"uniform_", l_uniform_}, {"manual_seed", l_manual_seed}, {"get_rng_state", l_get_rng_state},
+    {"manual_seed", l_manual_seed}, {"get_rng_state", l_get_rng_state},
     {"set_rng_state", l_set_rng_state}, {"op_registry", l_op_registry},
     {NULL, NULL},
 };
 
 void mlua_open_ops(lua_State *L) {
-    for (size_t i = 0; i < sizeof binops / sizeof binops[0]; i++) {
-        lua_pushinteger(L, binops[i].op);
-        lua_pushcclosure(L, l_binary, 1);
-        lua_setfield(L, -2, binops[i].name);
-    }
-    for (size_t i = 0; i < sizeof unops / sizeof unops[0]; i++) {
-        lua_pushinteger(L, unops[i].op);
-        lua_pushcclosure(L, l_unary, 1);
-        lua_setfield(L, -2, unops[i].name);
-    }
+    luaL_setfuncs(L, op_funcs, 0);
+    luaL_setfuncs(L, inplace_funcs, 0);
     luaL_setfuncs(L, funcs, 0);
+    luaL_getmetatable(L, MLUA_TENSOR);
+    lua_getfield(L, -1, "__methods");
+    luaL_setfuncs(L, inplace_funcs, 0);
+    lua_pop(L, 2);
 }

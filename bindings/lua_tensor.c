@@ -4,6 +4,7 @@
 #include "mlua.h"
 #include "autograd.h"
 #include "ops.h"
+#include "op_registry.h"
 #include <limits.h>
 #include <math.h>
 #include <stdio.h>
@@ -506,25 +507,20 @@ static int t_cuda(lua_State *L) {
 
 static int t_copy_(lua_State *L) {
     ml_tensor *t = mlua_check_tensor(L, 1), *s = mlua_check_tensor(L, 2);
-    if (ml_inplace_begin("copy_", t) < 0) return mlua_error(L, NULL);
-    if (ml_copy_(t, s) < 0) return mlua_error(L, NULL);   /* the host message names copy */
+    if (ml_inplace_copy_(t, s) < 0) return mlua_error(L, NULL);
     lua_settop(L, 1);
     return 1;
 }
 
 static int t_fill_(lua_State *L) {
     ml_tensor *t = mlua_check_tensor(L, 1);
-    double v = luaL_checknumber(L, 2);
-    if (ml_inplace_begin("fill_", t) < 0) return mlua_error(L, NULL);
-    if (ml_fill_(t, v) < 0) return mlua_error(L, "fill_");
+    if (ml_inplace_fill_(t, luaL_checknumber(L, 2)) < 0) return mlua_error(L, NULL);
     lua_settop(L, 1);
     return 1;
 }
 
 static int t_zero_(lua_State *L) {
-    ml_tensor *t = mlua_check_tensor(L, 1);
-    if (ml_inplace_begin("zero_", t) < 0) return mlua_error(L, NULL);
-    if (ml_fill_(t, 0) < 0) return mlua_error(L, "zero_");
+    if (ml_inplace_zero_(mlua_check_tensor(L, 1)) < 0) return mlua_error(L, NULL);
     lua_settop(L, 1);
     return 1;
 }
@@ -698,13 +694,17 @@ static int l_is_tensor(lua_State *L) {
 }
 
 static const luaL_Reg tensor_methods[] = {
+    /* the registry's view and copy ops (host/op_registry.h, where METHOD): t_<lua> */
+#define TENSOR_METHOD_OF_OP(name, grad, cuda, lua, where) ML_OP_IF_TENSOR_METHOD(where, {#lua, t_##lua},)
+    ML_OP_LIST(TENSOR_METHOD_OF_OP)
+#undef TENSOR_METHOD_OF_OP
+    /* their other names, the conversions (the registry's to_dtype and
+     * to_device), and what is no op */
+    {"reshape", t_view}, {"transpose", t_transpose}, {"t", t_transpose}, {"squeeze", t_squeeze},
+    {"to", t_to}, {"cpu", t_cpu}, {"cuda", t_cuda},
     {"free", t_free}, {"is_freed", t_is_freed},
     {"size", t_size}, {"shape", t_size}, {"stride", t_stride}, {"dim", t_dim}, {"numel", t_numel},
-    {"is_contiguous", t_is_contiguous}, {"item", t_item}, {"totable", t_totable},
-    {"view", t_view}, {"reshape", t_view}, {"permute", t_permute}, {"transpose", t_transpose},
-    {"t", t_transpose}, {"narrow", t_narrow}, {"select", t_select}, {"expand", t_expand},
-    {"squeeze", t_squeeze}, {"unsqueeze", t_unsqueeze}, {"contiguous", t_contiguous},
-    {"clone", t_clone}, {"detach", t_detach}, {"to", t_to}, {"cpu", t_cpu}, {"cuda", t_cuda},
+    {"is_contiguous", t_is_contiguous}, {"item", t_item}, {"totable", t_totable}, {"detach", t_detach},
     {"copy_", t_copy_}, {"fill_", t_fill_}, {"zero_", t_zero_}, {"requires_grad_", t_requires_grad_},
     {NULL, NULL},
 };

@@ -44,16 +44,18 @@ bool ml_any_requires_grad(int n, ml_tensor *const *ts) {
  * touched.  Ops may still write op parameters (f, i) into it: those are
  * never read.  The name of the op that last failed is kept for the error
  * backward reports. */
-static ml_node g_unrecorded = {.name = "unrecorded", .broken = "out of memory recording the node"};
+static ml_node g_unrecorded = {.op = ML_NODE_UNRECORDED, .name = "unrecorded",
+                               .broken = "out of memory recording the node"};
 static const char *_Atomic g_unrecorded_op = "?";
 
-ml_node *ml_node_begin(const char *name, ml_backward_fn bw, int n_inputs, ml_tensor *const *inputs) {
+static ml_node *node_begin(ml_op op, const char *name, ml_backward_fn bw, int n_inputs, ml_tensor *const *inputs) {
     if (!ml_any_requires_grad(n_inputs, inputs)) return NULL;
     ml_node *n = injected_failure() ? NULL : calloc(1, sizeof *n);
     if (!n) {
         g_unrecorded_op = name;
         return &g_unrecorded;
     }
+    n->op = op;
     n->name = name;
     n->refcount = 1;
     n->backward = bw;
@@ -84,6 +86,14 @@ ml_node *ml_node_begin(const char *name, ml_backward_fn bw, int n_inputs, ml_ten
         }
     }
     return n;
+}
+
+ml_node *ml_node_begin(ml_op op, ml_backward_fn bw, int n_inputs, ml_tensor *const *inputs) {
+    return node_begin(op, ml_op_name(op), bw, n_inputs, inputs);
+}
+
+ml_node *ml_node_begin_custom(const char *name, ml_backward_fn bw, int n_inputs, ml_tensor *const *inputs) {
+    return node_begin(ML_NODE_CUSTOM, name, bw, n_inputs, inputs);
 }
 
 void ml_node_save(ml_node *n, ml_tensor *t) {

@@ -15,6 +15,7 @@
 #define ML_AUTOGRAD_H
 
 #include "tensor.h"
+#include "op_registry.h"
 
 #define ML_NODE_MAX_INPUTS 8
 #define ML_NODE_SAVED_INLINE 8   /* saved tensors held without a heap array */
@@ -37,7 +38,9 @@ typedef struct {
 } ml_edge;
 
 struct ml_node {
-    const char *name;
+    ml_op op;             /* which op recorded it (host/op_registry.h) */
+    const char *name;     /* printable, for errors and t.grad_fn: ml_op_name(op),
+                           * or the caller's name for ML_NODE_CUSTOM */
     int refcount;
     ml_backward_fn backward;
     int n_inputs;
@@ -70,13 +73,16 @@ bool ml_grad_enabled(void);
 bool ml_set_grad_enabled(bool on);   /* returns the previous value */
 
 /* ---- recording (used by ops) ------------------------------------------- */
-/* Returns a new node if grad mode is on and some input requires grad,
- * else NULL (then the op records nothing).  Inputs may contain NULLs.
- * Recording cannot make an op fail: when the node itself cannot be
- * allocated, the op gets a shared placeholder node that saves nothing, and
- * a backward that reaches it fails naming the op (never a silently missing
- * gradient). */
-ml_node *ml_node_begin(const char *name, ml_backward_fn bw, int n_inputs, ml_tensor *const *inputs);
+/* Returns a new node of registry op `op` if grad mode is on and some input
+ * requires grad, else NULL (then the op records nothing).  Inputs may
+ * contain NULLs.  Recording cannot make an op fail: when the node itself
+ * cannot be allocated, the op gets a shared placeholder node that saves
+ * nothing, and a backward that reaches it fails naming the op (never a
+ * silently missing gradient). */
+ml_node *ml_node_begin(ml_op op, ml_backward_fn bw, int n_inputs, ml_tensor *const *inputs);
+/* The same for a backward that is not a registry op (ML_NODE_CUSTOM): the
+ * node prints `name`, which must outlive it (a string literal). */
+ml_node *ml_node_begin_custom(const char *name, ml_backward_fn bw, int n_inputs, ml_tensor *const *inputs);
 /* Save a tensor for backward (stored as a detached alias, with its
  * storage's version).  Out of memory marks the node broken (see above). */
 void ml_node_save(ml_node *n, ml_tensor *t);

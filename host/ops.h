@@ -25,6 +25,13 @@ ml_tensor *ml_mul_scalar(ml_tensor *a, double s);
 ml_tensor *ml_pow_scalar(ml_tensor *a, double p);
 ml_tensor *ml_rsub_scalar(ml_tensor *a, double s);   /* s - a */
 ml_tensor *ml_rdiv_scalar(ml_tensor *a, double s);   /* s / a */
+ml_tensor *ml_sub_scalar(ml_tensor *a, double s);    /* a + (-s): one kernel and node with add */
+ml_tensor *ml_div_scalar(ml_tensor *a, double s);    /* a * (1/s): one kernel and node with mul */
+/* a op s, or s op a when scalar_first, for op add, sub, mul, div or pow: a
+ * tensor with a number as the Lua operators compute it (`t - 2`, `2 / t`),
+ * through the ops above (a - s and a / s as ml_sub_scalar and
+ * ml_div_scalar). */
+ml_tensor *ml_binary_scalar(ml_binop op, ml_tensor *a, double s, bool scalar_first);
 ml_tensor *ml_where(ml_tensor *cond, ml_tensor *a, ml_tensor *b);
 
 ml_tensor *ml_unary(ml_unop op, ml_tensor *x);
@@ -39,6 +46,16 @@ int ml_mul_(ml_tensor *dst, ml_tensor *src);                 /* dst *= src */
 int ml_mul_scalar_(ml_tensor *dst, double s);
 int ml_add_scalar_(ml_tensor *dst, double s);
 int ml_clamp_(ml_tensor *dst, double lo, double hi);
+int ml_sub_(ml_tensor *dst, ml_tensor *src, double alpha);   /* ml_add_ with -alpha */
+int ml_sub_scalar_(ml_tensor *dst, double s);                /* ml_add_scalar_ with -s */
+int ml_div_scalar_(ml_tensor *dst, double s);                /* ml_mul_scalar_ with 1/s */
+/* copy_, fill_ and zero_ as the in-place ops users call: the gate every
+ * in-place op passes (ml_inplace_begin: refused on tracked tensors in grad
+ * mode, bumps the version), then the plain writes of tensor.h (ml_copy_,
+ * ml_fill_), which ops use on their own fresh outputs without the gate. */
+int ml_inplace_copy_(ml_tensor *dst, const ml_tensor *src);
+int ml_inplace_fill_(ml_tensor *dst, double v);
+int ml_inplace_zero_(ml_tensor *dst);
 /* Fused AdamW update (PyTorch semantics, decoupled decay, bias correction):
  * p -= lr*wd*p; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
  * p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps).
@@ -58,6 +75,8 @@ ml_tensor *ml_mean(ml_tensor *x, int ndims, const int *dims, bool keepdim);
 ml_tensor *ml_var(ml_tensor *x, int ndims, const int *dims, int correction, bool keepdim);
 ml_tensor *ml_max(ml_tensor *x, int dim, bool keepdim);          /* values */
 ml_tensor *ml_argmax(ml_tensor *x, int dim, bool keepdim);       /* int64, no grad */
+/* argmax with indices counted from index_base (1 for Lua, whose indices are 1-based) */
+ml_tensor *ml_argmax_ex(ml_tensor *x, int dim, bool keepdim, int64_t index_base);
 ml_tensor *ml_norm(ml_tensor *x, double p, int ndims, const int *dims, bool keepdim);
 
 /* ---- matmul (host/ops_matmul.c) ----------------------------------------- */
@@ -91,6 +110,10 @@ ml_tensor *ml_cat(int n, ml_tensor *const *ts, int dim);
 ml_tensor *ml_stack(int n, ml_tensor *const *ts, int dim);
 ml_tensor *ml_gather(ml_tensor *x, int dim, ml_tensor *index);
 ml_tensor *ml_index_select(ml_tensor *x, int dim, ml_tensor *index);
+/* The same with the index's values counted from index_base (1 for Lua):
+ * ml_gather and ml_index_select are these with 0. */
+ml_tensor *ml_gather_ex(ml_tensor *x, int dim, ml_tensor *index, int64_t index_base);
+ml_tensor *ml_index_select_ex(ml_tensor *x, int dim, ml_tensor *index, int64_t index_base);
 ml_tensor *ml_upsample_nearest2d(ml_tensor *x, int scale);        /* NHWC */
 
 /* ---- losses / regularisation (host/ops_loss.c) -------------------------- */

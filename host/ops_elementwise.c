@@ -62,6 +62,56 @@ static ml_dtype result_dtype(const ml_tensor *a, const ml_tensor *b) {
 
 static bool is_compare(ml_binop op) { return op >= ML_EQ && op <= ML_GE; }
 
+/* ---- the registry op of a kernel op code -------------------------------- */
+
+/* What a node of each kernel op code is in the registry (host/op_registry.h).
+ * Every code is listed without a default, so a new code is a -Wswitch
+ * warning until it has its op. */
+static ml_op binop_registry_op(ml_binop op) {
+    switch (op) {
+    case ML_ADD: return ML_OP_add;
+    case ML_SUB: return ML_OP_sub;
+    case ML_MUL: return ML_OP_mul;
+    case ML_DIV: return ML_OP_div;
+    case ML_POW: return ML_OP_pow;
+    case ML_MAXIMUM: return ML_OP_maximum;
+    case ML_MINIMUM: return ML_OP_minimum;
+    case ML_EQ: return ML_OP_eq;
+    case ML_NE: return ML_OP_ne;
+    case ML_LT: return ML_OP_lt;
+    case ML_LE: return ML_OP_le;
+    case ML_GT: return ML_OP_gt;
+    case ML_GE: return ML_OP_ge;
+    }
+    return ML_NODE_CUSTOM;   /* not reached: the callers check the code */
+}
+
+static ml_op unop_registry_op(ml_unop op) {
+    switch (op) {
+    case ML_NEG: return ML_OP_neg;
+    case ML_SQRT: return ML_OP_sqrt;
+    case ML_RSQRT: return ML_OP_rsqrt;
+    case ML_EXP: return ML_OP_exp;
+    case ML_LOG: return ML_OP_log;
+    case ML_ABS: return ML_OP_abs;
+    case ML_SIN: return ML_OP_sin;
+    case ML_COS: return ML_OP_cos;
+    case ML_SILU: return ML_OP_silu;
+    case ML_GELU: return ML_OP_gelu;
+    case ML_GELU_TANH: return ML_OP_gelu_tanh;
+    case ML_QUICK_GELU: return ML_OP_quick_gelu;
+    case ML_SIGMOID: return ML_OP_sigmoid;
+    case ML_TANH: return ML_OP_tanh;
+    case ML_RELU: return ML_OP_relu;
+    case ML_SQUARE: return ML_OP_square;
+    case ML_ROUND: return ML_OP_round;
+    case ML_FLOOR: return ML_OP_floor;
+    case ML_SIGN: return ML_OP_sign;
+    case ML_NUM_UNOPS: break;
+    }
+    return ML_NODE_CUSTOM;   /* not reached: the callers check the code */
+}
+
 /* ---- dispatch wrappers -------------------------------------------------- */
 
 static int run_binary(ml_binop op, ml_tensor *out, const ml_tensor *a, const ml_tensor *b) {
@@ -186,7 +236,7 @@ ml_tensor *ml_binary(ml_binop op, ml_tensor *a, ml_tensor *b) {
         if (!(out = o)) return NULL;
     }
     if (is_compare(op) || !ml_dtype_is_float(ct)) return out;
-    ml_node *n = ml_node_begin(name, binary_backward, 2, ab);
+    ml_node *n = ml_node_begin(binop_registry_op(op), binary_backward, 2, ab);
     if (n) {
         n->i[0] = op;
         ml_node_save(n, a);
@@ -272,7 +322,7 @@ static ml_tensor *binary_scalar(ml_binop op, ml_tensor *a, double s, bool first,
         if (!(out = o)) return NULL;
     }
     if (!record || op > ML_POW || !ml_dtype_is_float(ct)) return out;   /* no grad for max/min/compare */
-    ml_node *n = ml_node_begin(name, scalar_backward, 1, &a);
+    ml_node *n = ml_node_begin(binop_registry_op(op), scalar_backward, 1, &a);
     if (n) {
         n->i[0] = op;
         n->i[1] = first;
@@ -293,6 +343,25 @@ ml_tensor *ml_mul_scalar(ml_tensor *a, double s) { return binary_scalar(ML_MUL, 
 ml_tensor *ml_pow_scalar(ml_tensor *a, double p) { return binary_scalar(ML_POW, a, p, false, true); }
 ml_tensor *ml_rsub_scalar(ml_tensor *a, double s) { return binary_scalar(ML_SUB, a, s, true, true); }
 ml_tensor *ml_rdiv_scalar(ml_tensor *a, double s) { return binary_scalar(ML_DIV, a, s, true, true); }
+
+/* Subtracting s is adding -s and dividing by s multiplying by 1/s: one
+ * kernel and one backward each, and the results the Lua operators have
+ * always given. */
+ml_tensor *ml_sub_scalar(ml_tensor *a, double s) { return ml_add_scalar(a, -s); }
+ml_tensor *ml_div_scalar(ml_tensor *a, double s) { return ml_mul_scalar(a, 1.0 / s); }
+
+ml_tensor *ml_binary_scalar(ml_binop op, ml_tensor *a, double s, bool scalar_first) {
+    switch (op) {
+    case ML_ADD: return ml_add_scalar(a, s);
+    case ML_MUL: return ml_mul_scalar(a, s);
+    case ML_SUB: return scalar_first ? ml_rsub_scalar(a, s) : ml_sub_scalar(a, s);
+    case ML_DIV: return scalar_first ? ml_rdiv_scalar(a, s) : ml_div_scalar(a, s);
+    case ML_POW: return scalar_first ? binary_scalar(ML_POW, a, s, true, true) : ml_pow_scalar(a, s);
+    default:
+        return ml_error_null("binary_scalar: %s is not an arithmetic op (add, sub, mul, div, pow); compare a "
+                             "tensor with a number through ml_binary and ml_scalar", ml_binop_name(op));
+    }
+}
 
 /* ---- where -------------------------------------------------------------- */
 
@@ -342,7 +411,7 @@ ml_tensor *ml_where(ml_tensor *cond, ml_tensor *a, ml_tensor *b) {
     if (rc < 0) { ml_release(out); return NULL; }
     if (!ml_dtype_is_float(ct)) return out;
     ml_tensor *ab[2] = {a, b};
-    ml_node *n = ml_node_begin("where", where_backward, 2, ab);
+    ml_node *n = ml_node_begin(ML_OP_where, where_backward, 2, ab);
     if (n) {
         ml_node_save(n, cond);
         ml_node_finish(n, out);
@@ -395,7 +464,7 @@ ml_tensor *ml_unary(ml_unop op, ml_tensor *x) {
         if (!(out = o)) return NULL;
     }
     if (!ml_dtype_is_float(ct)) return out;
-    ml_node *n = ml_node_begin(name, unary_backward, 1, &x);
+    ml_node *n = ml_node_begin(unop_registry_op(op), unary_backward, 1, &x);
     if (n) {
         n->i[0] = op;
         ml_node_save(n, x);
@@ -445,7 +514,7 @@ ml_tensor *ml_clamp(ml_tensor *x, double lo, double hi) {
         if (!(out = o)) return NULL;
     }
     if (!ml_dtype_is_float(x->dtype)) return out;
-    ml_node *n = ml_node_begin("clamp", clamp_backward, 1, &x);
+    ml_node *n = ml_node_begin(ML_OP_clamp, clamp_backward, 1, &x);
     if (n) {
         n->f[0] = lo;
         n->f[1] = hi;
@@ -586,6 +655,25 @@ int ml_clamp_(ml_tensor *dst, double lo, double hi) {
     inplace_clamp c = {lo, hi};
     return with_kernel_dtype(dst, inplace_clamp_run, &c);
 }
+
+int ml_sub_(ml_tensor *dst, ml_tensor *src, double alpha) { return ml_add_(dst, src, -alpha); }
+int ml_sub_scalar_(ml_tensor *dst, double s) { return ml_add_scalar_(dst, -s); }
+int ml_div_scalar_(ml_tensor *dst, double s) { return ml_mul_scalar_(dst, 1.0 / s); }
+
+int ml_inplace_copy_(ml_tensor *dst, const ml_tensor *src) {
+    if (!dst || !src) return ml_error("copy_: missing tensor");
+    if (ml_inplace_begin("copy_", dst) < 0) return -1;
+    return ml_copy_(dst, src);   /* its messages name copy */
+}
+
+static int inplace_fill(const char *name, ml_tensor *dst, double v) {
+    if (!dst) return ml_error("%s: missing tensor", name);
+    if (ml_inplace_begin(name, dst) < 0) return -1;
+    return ml_fill_(dst, v) < 0 ? oc_prefix_error(name) : 0;
+}
+
+int ml_inplace_fill_(ml_tensor *dst, double v) { return inplace_fill("fill_", dst, v); }
+int ml_inplace_zero_(ml_tensor *dst) { return inplace_fill("zero_", dst, 0); }
 
 /* ---- fused AdamW -------------------------------------------------------- */
 

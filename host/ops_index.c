@@ -50,7 +50,7 @@ ml_tensor *ml_embedding(ml_tensor *weight, ml_tensor *ids) {
     if (rc == 0) rc = ML_RUN(weight->device, ml_embedding_forward, ML_KT(o2), ML_KT(wc), ML_KT(flat));
     ml_release(wc); ml_release(ic); ml_release(o2);
     if (rc < 0) { ml_release(flat); ml_release(out); return NULL; }
-    ml_node *nd = ml_node_begin("embedding", embedding_backward, 1, &weight);
+    ml_node *nd = ml_node_begin(ML_OP_embedding, embedding_backward, 1, &weight);
     if (nd) { ml_node_save(nd, flat); ml_node_finish(nd, out); }
     ml_release(flat);
     return out;
@@ -121,7 +121,7 @@ ml_tensor *ml_cat(int n, ml_tensor *const *ts, int dim) {
         if (rc < 0) { ml_release(out); return NULL; }
         off += ts[k]->shape[dim];
     }
-    ml_node *nd = ml_node_begin("cat", cat_backward, n, ts);
+    ml_node *nd = ml_node_begin(ML_OP_cat, cat_backward, n, ts);
     if (nd) {
         for (int k = 0; k < n; k++) nd->i[k] = ts[k]->shape[dim];
         nd->i[ML_NODE_MAX_INPUTS] = dim;
@@ -153,6 +153,19 @@ ml_tensor *ml_stack(int n, ml_tensor *const *ts, int dim) {
 
 /* ---- gather / index_select ---------------------------------------------- */
 
+/* The kernels' index: contiguous and counted from 0.  An index counted from
+ * index_base (1 from Lua) is shifted on the way, in one elementwise pass
+ * that also makes it contiguous.  *rc as for ml_kernel_input. */
+static ml_tensor *kernel_index(ml_tensor *index, int64_t index_base, int *rc) {
+    if (index_base == 0) return ml_kernel_input(index, rc);
+    if (*rc < 0) return NULL;
+    ml_tensor *d = ml_detach(index);
+    ml_tensor *z = d ? ml_add_scalar(d, -(double)index_base) : NULL;   /* an integer result: no node */
+    ml_release(d);
+    if (!z) *rc = -1;
+    return z;
+}
+
 /* saved: the index (contiguous); i[0] the dim. */
 static int gather_backward(ml_node *n, ml_tensor *g, ml_tensor **gin) {
     int rc = 0;
@@ -165,7 +178,7 @@ static int gather_backward(ml_node *n, ml_tensor *g, ml_tensor **gin) {
     return 0;
 }
 
-ml_tensor *ml_gather(ml_tensor *x, int dim, ml_tensor *index) {
+ml_tensor *ml_gather_ex(ml_tensor *x, int dim, ml_tensor *index, int64_t index_base) {
     char sx[128], si[128];
     if (ml_check_index("gather", "index", index, x) < 0) return NULL;
     if (x->ndim == 0) return ml_error_null("gather: the input needs at least one dim");
@@ -176,16 +189,18 @@ ml_tensor *ml_gather(ml_tensor *x, int dim, ml_tensor *index) {
         return ml_error_null("gather: index %s does not fit input %s (same number of dims, no larger "
                              "outside dim %d)", ml_shape_str(index, si, sizeof si), ml_shape_str(x, sx, sizeof sx), dim + 1);
     int rc = 0;
-    ml_tensor *xc = ml_kernel_input(x, &rc), *ic = ml_kernel_input(index, &rc);
+    ml_tensor *xc = ml_kernel_input(x, &rc), *ic = kernel_index(index, index_base, &rc);
     ml_tensor *out = rc == 0 ? ml_empty(index->ndim, index->shape, x->dtype, x->device) : NULL;
     if (!out || ML_RUN(x->device, ml_gather_forward, ML_KT(out), ML_KT(xc), dim, ML_KT(ic)) < 0) rc = -1;
     ml_release(xc);
     if (rc < 0) { ml_release(ic); ml_release(out); return NULL; }
-    ml_node *n = ml_node_begin("gather", gather_backward, 1, &x);
+    ml_node *n = ml_node_begin(ML_OP_gather, gather_backward, 1, &x);
     if (n) { ml_node_save(n, ic); n->i[0] = dim; ml_node_finish(n, out); }
     ml_release(ic);
     return out;
 }
+
+ml_tensor *ml_gather(ml_tensor *x, int dim, ml_tensor *index) { return ml_gather_ex(x, dim, index, 0); }
 
 /* saved: the index [n]; i[0] the dim. */
 static int index_select_backward(ml_node *n, ml_tensor *g, ml_tensor **gin) {
@@ -200,7 +215,7 @@ static int index_select_backward(ml_node *n, ml_tensor *g, ml_tensor **gin) {
     return 0;
 }
 
-ml_tensor *ml_index_select(ml_tensor *x, int dim, ml_tensor *index) {
+ml_tensor *ml_index_select_ex(ml_tensor *x, int dim, ml_tensor *index, int64_t index_base) {
     char si[128];
     if (ml_check_index("index_select", "index", index, x) < 0) return NULL;
     if (x->ndim == 0) return ml_error_null("index_select: the input needs at least one dim");
@@ -211,18 +226,20 @@ ml_tensor *ml_index_select(ml_tensor *x, int dim, ml_tensor *index) {
     memcpy(shape, x->shape, (size_t)x->ndim * sizeof *shape);
     shape[dim] = m;
     int rc = 0;
-    ml_tensor *xc = ml_kernel_input(x, &rc), *ic = ml_kernel_input(index, &rc);
+    ml_tensor *xc = ml_kernel_input(x, &rc), *ic = kernel_index(index, index_base, &rc);
     ml_tensor *flat = ic ? ml_header_as(ic, 1, &m) : NULL;
     ml_tensor *out = rc == 0 ? ml_empty(x->ndim, shape, x->dtype, x->device) : NULL;
     if (!out || !flat || ML_RUN(x->device, ml_index_select_forward, ML_KT(out), ML_KT(xc), dim, ML_KT(flat)) < 0)
         rc = -1;
     ml_release(xc); ml_release(ic);
     if (rc < 0) { ml_release(flat); ml_release(out); return NULL; }
-    ml_node *n = ml_node_begin("index_select", index_select_backward, 1, &x);
+    ml_node *n = ml_node_begin(ML_OP_index_select, index_select_backward, 1, &x);
     if (n) { ml_node_save(n, flat); n->i[0] = dim; ml_node_finish(n, out); }
     ml_release(flat);
     return out;
 }
+
+ml_tensor *ml_index_select(ml_tensor *x, int dim, ml_tensor *index) { return ml_index_select_ex(x, dim, index, 0); }
 
 /* ---- upsample_nearest2d ------------------------------------------------- */
 
@@ -253,7 +270,7 @@ ml_tensor *ml_upsample_nearest2d(ml_tensor *x, int scale) {
     if (!out || ML_RUN(x->device, ml_upsample_nearest2d_forward, ML_KT(out), ML_KT(xc), scale) < 0) rc = -1;
     ml_release(xc);
     if (rc < 0) { ml_release(out); return NULL; }
-    ml_node *n = ml_node_begin("upsample_nearest2d", upsample_backward, 1, &x);
+    ml_node *n = ml_node_begin(ML_OP_upsample_nearest2d, upsample_backward, 1, &x);
     if (n) { n->i[0] = scale; ml_node_finish(n, out); }
     return out;
 }

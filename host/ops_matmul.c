@@ -174,7 +174,7 @@ static ml_tensor *matmul_nd(ml_tensor *a, ml_tensor *b) {
     }
     ml_release(o3);
     ml_tensor *ins[2] = {a, b};
-    ml_node *n = ml_node_begin("matmul", matmul_backward, 2, ins);
+    ml_node *n = ml_node_begin(ML_OP_matmul, matmul_backward, 2, ins);
     if (n) {
         ml_node_save(n, ka);
         ml_node_save(n, kb);
@@ -264,7 +264,7 @@ ml_tensor *ml_linear(ml_tensor *x, ml_tensor *w, ml_tensor *b) {
     ml_release(xc); ml_release(bc); ml_release(o2);
     if (rc < 0) { ml_release(x2); ml_release(wc); ml_release(out); return NULL; }
     ml_tensor *ins[3] = {x, w, b};
-    ml_node *n = ml_node_begin("linear", linear_backward, 3, ins);
+    ml_node *n = ml_node_begin(ML_OP_linear, linear_backward, 3, ins);
     if (n) {
         ml_node_save(n, x2);
         ml_node_save(n, wc);

@@ -95,7 +95,7 @@ ml_tensor *ml_conv2d_ex(ml_tensor *x, ml_tensor *w, ml_tensor *b, int stride_h, 
         return NULL;
     }
     ml_tensor *ins[3] = {x, w, b};
-    ml_node *n = ml_node_begin("conv2d", conv2d_backward, 3, ins);
+    ml_node *n = ml_node_begin(ML_OP_conv2d, conv2d_backward, 3, ins);
     if (n) {
         ml_node_save(n, xc);
         ml_node_save(n, wc);
@@ -173,7 +173,7 @@ ml_tensor *ml_group_norm(ml_tensor *x, int groups, ml_tensor *w, ml_tensor *b, d
     ml_release(xc); ml_release(o3);
     if (rc == 0) {
         ml_tensor *ins[3] = {x, w, b};
-        ml_node *n = ml_node_begin("group_norm", group_norm_backward, 3, ins);
+        ml_node *n = ml_node_begin(ML_OP_group_norm, group_norm_backward, 3, ins);
         if (n) {
             ml_node_save(n, x3); ml_node_save(n, wc); ml_node_save(n, bc);
             ml_node_save(n, mean); ml_node_save(n, rstd);
@@ -233,7 +233,7 @@ ml_tensor *ml_layer_norm(ml_tensor *x, ml_tensor *w, ml_tensor *b, double eps) {
     ml_release(xc); ml_release(o2); ml_release(bc);
     if (rc == 0) {
         ml_tensor *ins[3] = {x, w, b};
-        ml_node *n = ml_node_begin("layer_norm", layer_norm_backward, 3, ins);
+        ml_node *n = ml_node_begin(ML_OP_layer_norm, layer_norm_backward, 3, ins);
         if (n) {
             ml_node_save(n, x2); ml_node_save(n, wc); ml_node_save(n, mean); ml_node_save(n, rstd);
             ml_node_finish(n, out);
@@ -275,7 +275,7 @@ static ml_tensor *softmax_op(ml_tensor *x, int dim, bool log) {
     } else if (!out || ML_RUN(x->device, ml_softmax_forward, ML_KT(out), ML_KT(xc), dim, log) < 0) rc = -1;
     ml_release(xc);
     if (rc < 0) { ml_release(out); return NULL; }
-    ml_node *n = ml_node_begin(name, softmax_backward, 1, &x);
+    ml_node *n = ml_node_begin(log ? ML_OP_log_softmax : ML_OP_softmax, softmax_backward, 1, &x);
     if (n) {
         ml_node_save(n, out);
         n->i[0] = dim; n->i[1] = log;
@@ -326,7 +326,7 @@ ml_tensor *ml_sdpa(ml_tensor *q, ml_tensor *k, ml_tensor *v, bool causal, double
     if (rc == 0) rc = ML_RUN(q->device, ml_sdpa_forward, out, lse, qc, kc, vc, causal, scale);
     if (rc == 0) {
         ml_tensor *ins[3] = {q, k, v};
-        ml_node *n = ml_node_begin("sdpa", sdpa_backward, 3, ins);
+        ml_node *n = ml_node_begin(ML_OP_sdpa, sdpa_backward, 3, ins);
         if (n) {
             ml_node_save(n, qc); ml_node_save(n, kc); ml_node_save(n, vc);
             ml_node_save(n, out); ml_node_save(n, lse);

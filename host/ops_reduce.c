@@ -128,7 +128,7 @@ static ml_tensor *sum_mean(const char *op, ml_tensor *x, int ndims, const int *d
     double scale = mean ? 1.0 / (double)s.count : 1.0;
     ml_tensor *k = run_reduce(RED_SUM, x, &s, fl ? x->dtype : ML_I64, scale);
     if (!k) return NULL;
-    ml_node *n = fl ? ml_node_begin(op, sum_backward, 1, &x) : NULL;
+    ml_node *n = fl ? ml_node_begin(mean ? ML_OP_mean : ML_OP_sum, sum_backward, 1, &x) : NULL;
     if (n) n->f[0] = scale;
     return finish(k, &s, n, x->ndim);
 }
@@ -170,7 +170,7 @@ ml_tensor *ml_var(ml_tensor *x, int ndims, const int *dims, int correction, bool
     if (make_spec("var", x, ndims, dims, keepdim, &s) < 0) return NULL;
     ml_tensor *k = run_reduce(RED_VAR, x, &s, x->dtype, correction);
     if (!k) return NULL;
-    ml_node *n = ml_node_begin("var", var_backward, 1, &x);
+    ml_node *n = ml_node_begin(ML_OP_var, var_backward, 1, &x);
     if (n) {
         n->f[0] = 2.0 / fmax(0.0, (double)s.count - correction);
         ml_node_save(n, x);
@@ -229,7 +229,7 @@ ml_tensor *ml_norm(ml_tensor *x, double p, int ndims, const int *dims, bool keep
     if (make_spec("norm", x, ndims, dims, keepdim, &s) < 0) return NULL;
     ml_tensor *k = run_reduce(RED_NORM, x, &s, x->dtype, p);
     if (!k) return NULL;
-    ml_node *n = ml_node_begin("norm", norm_backward, 1, &x);
+    ml_node *n = ml_node_begin(ML_OP_norm, norm_backward, 1, &x);
     if (n) {
         n->f[0] = p;
         ml_node_save(n, x);
@@ -309,7 +309,7 @@ static int max_dim(const char *op, ml_tensor *x, int dim, bool keepdim, ml_tenso
     if (rc < 0) { ml_release(ik); ml_release(vk); return -1; }
     if (indices && !(*indices = result_view(ik, &s))) rc = -1;
     if (values && rc == 0) {
-        ml_node *n = ml_dtype_is_float(x->dtype) ? ml_node_begin("max", max_backward, 1, &x) : NULL;
+        ml_node *n = ml_dtype_is_float(x->dtype) ? ml_node_begin(ML_OP_max, max_backward, 1, &x) : NULL;
         if (n) {
             n->f[0] = d;
             ml_node_save(n, ik);
@@ -332,4 +332,13 @@ ml_tensor *ml_argmax(ml_tensor *x, int dim, bool keepdim) {
     ml_tensor *i = NULL;
     if (max_dim("argmax", x, dim, keepdim, NULL, &i) < 0) { ml_release(i); return NULL; }
     return i;
+}
+
+/* The kernel writes indices from 0; another base is one elementwise pass. */
+ml_tensor *ml_argmax_ex(ml_tensor *x, int dim, bool keepdim, int64_t index_base) {
+    ml_tensor *i = ml_argmax(x, dim, keepdim);
+    if (!i || index_base == 0) return i;
+    ml_tensor *b = ml_add_scalar(i, (double)index_base);   /* int64: records nothing */
+    ml_release(i);
+    return b;
 }

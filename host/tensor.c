@@ -501,11 +501,11 @@ static int to_backward(ml_node *n, ml_tensor *g, ml_tensor **gin) {
     return gin[0] ? 0 : -1;
 }
 
-static ml_tensor *convert_recorded(ml_tensor *t, ml_dtype dt, ml_device dev, const char *name) {
+static ml_tensor *convert_recorded(ml_tensor *t, ml_dtype dt, ml_device dev, ml_op op) {
     ml_tensor *o = raw_convert(t, dt, dev);
     if (!o) return NULL;
     if (ml_dtype_is_float(dt)) {
-        ml_node *n = ml_node_begin(name, to_backward, 1, &t);
+        ml_node *n = ml_node_begin(op, to_backward, 1, &t);
         if (n) ml_node_finish(n, o);
     }
     return o;
@@ -513,12 +513,12 @@ static ml_tensor *convert_recorded(ml_tensor *t, ml_dtype dt, ml_device dev, con
 
 ml_tensor *ml_to_dtype(ml_tensor *t, ml_dtype dt) {
     if (t->dtype == dt) return ml_retain(t);
-    return convert_recorded(t, dt, t->device, "to_dtype");
+    return convert_recorded(t, dt, t->device, ML_OP_to_dtype);
 }
 
 ml_tensor *ml_to_device(ml_tensor *t, ml_device dev) {
     if (ml_device_eq(t->device, dev)) return ml_retain(t);
-    return convert_recorded(t, t->dtype, dev, "to_device");
+    return convert_recorded(t, t->dtype, dev, ML_OP_to_device);
 }
 
 static int identity_backward(ml_node *n, ml_tensor *g, ml_tensor **gin) {
@@ -529,7 +529,7 @@ static int identity_backward(ml_node *n, ml_tensor *g, ml_tensor **gin) {
 ml_tensor *ml_clone(ml_tensor *t) {
     ml_tensor *o = raw_convert(t, t->dtype, t->device);
     if (!o) return NULL;
-    ml_node *n = ml_node_begin("clone", identity_backward, 1, &t);
+    ml_node *n = ml_node_begin(ML_OP_clone, identity_backward, 1, &t);
     if (n) ml_node_finish(n, o);
     return o;
 }
@@ -538,7 +538,7 @@ ml_tensor *ml_contiguous(ml_tensor *t) {
     if (ml_is_contiguous(t)) return ml_retain(t);
     ml_tensor *o = raw_convert(t, t->dtype, t->device);
     if (!o) return NULL;
-    ml_node *n = ml_node_begin("contiguous", identity_backward, 1, &t);
+    ml_node *n = ml_node_begin(ML_OP_contiguous, identity_backward, 1, &t);
     if (n) ml_node_finish(n, o);
     return o;
 }
@@ -582,7 +582,7 @@ ml_tensor *ml_view(ml_tensor *t, int ndim, const int64_t *shape_in) {
     ml_tensor *o = ml_from_storage(src->storage, src->offset, ndim, shape, NULL, src->dtype);
     ml_release(src);
     if (!o) return NULL;
-    ml_node *nd = ml_node_begin("view", view_backward, 1, &t);
+    ml_node *nd = ml_node_begin(ML_OP_view, view_backward, 1, &t);
     if (nd) ml_node_finish(nd, o);
     return o;
 bad:;
@@ -610,7 +610,7 @@ ml_tensor *ml_permute(ml_tensor *t, const int *perm) {
     ml_tensor *o = alias(t);
     if (!o) return NULL;
     for (int i = 0; i < t->ndim; i++) { o->shape[i] = t->shape[perm[i]]; o->strides[i] = t->strides[perm[i]]; }
-    ml_node *n = ml_node_begin("permute", permute_backward, 1, &t);
+    ml_node *n = ml_node_begin(ML_OP_permute, permute_backward, 1, &t);
     if (n) { for (int i = 0; i < t->ndim; i++) n->i[i] = perm[i]; ml_node_finish(n, o); }
     return o;
 }
@@ -649,7 +649,7 @@ ml_tensor *ml_narrow(ml_tensor *t, int dim, int64_t start, int64_t len) {
     if (!o) return NULL;
     o->offset += start * t->strides[dim];
     o->shape[dim] = len;
-    ml_node *n = ml_node_begin("narrow", narrow_backward, 1, &t);
+    ml_node *n = ml_node_begin(ML_OP_narrow, narrow_backward, 1, &t);
     if (n) { n->i[0] = dim; n->i[1] = start; n->i[2] = len; ml_node_finish(n, o); }
     return o;
 }
@@ -677,7 +677,7 @@ ml_tensor *ml_select(ml_tensor *t, int dim, int64_t index) {
     o->offset += index * t->strides[dim];
     for (int i = dim; i < t->ndim - 1; i++) { o->shape[i] = t->shape[i + 1]; o->strides[i] = t->strides[i + 1]; }
     o->ndim--;
-    ml_node *n = ml_node_begin("select", select_backward, 1, &t);
+    ml_node *n = ml_node_begin(ML_OP_select, select_backward, 1, &t);
     if (n) { n->i[0] = dim; n->i[1] = index; ml_node_finish(n, o); }
     return o;
 }
@@ -720,7 +720,7 @@ ml_tensor *ml_expand(ml_tensor *t, int ndim, const int64_t *shape) {
     /* A stride-0 view holds no memory, but the ops that read it allocate and
      * iterate over its element count: that count must fit like any other. */
     if (ml_shape_check("expand", ndim, o->shape, o->dtype, NULL) < 0) { ml_release(o); return NULL; }
-    ml_node *n = ml_node_begin("expand", expand_backward, 1, &t);
+    ml_node *n = ml_node_begin(ML_OP_expand, expand_backward, 1, &t);
     if (n) ml_node_finish(n, o);
     return o;
 }
@@ -751,7 +751,7 @@ ml_tensor *ml_unsqueeze(ml_tensor *t, int dim) {
         if (i == dim) { o->shape[i] = 1; o->strides[i] = j < t->ndim ? t->shape[j] * t->strides[j] : 1; }
         else { o->shape[i] = t->shape[j]; o->strides[i] = t->strides[j]; j++; }
     }
-    ml_node *n = ml_node_begin("unsqueeze", view_backward, 1, &t);
+    ml_node *n = ml_node_begin(ML_OP_unsqueeze, view_backward, 1, &t);
     if (n) ml_node_finish(n, o);
     (void)shape;
     return o;

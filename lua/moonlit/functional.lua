@@ -4,12 +4,10 @@
 local core = require "moonlit.core"
 local F = {}
 
-for _, name in ipairs {
-    "relu", "silu", "sigmoid", "tanh", "quick_gelu", "softmax", "log_softmax", "linear", "conv2d",
-    "embedding", "dropout", "mse_loss", "scaled_dot_product_attention", "upsample_nearest2d",
-    "matmul", "cat", "stack", "gather", "index_select", "where", "clamp",
-} do
-    F[name] = core[name]
+-- The ops the registry puts in ml.F (host/op_registry.h); the wrappers
+-- below replace those whose Lua signature differs from the core's.
+for _, op in ipairs(core.op_registry()) do
+    if op.F then F[op.lua] = core[op.lua] end
 end
 
 -- gelu(x, {approximate = "tanh"}) — exact erf form by default, as PyTorch.

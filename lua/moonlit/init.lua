@@ -20,15 +20,11 @@ Tensor.__pow = core.pow
 Tensor.__unm = core.neg
 Tensor.__len = function(t) return t:size(1) end
 
--- Core functions whose first argument is a tensor double as methods.
-for _, name in ipairs {
-    "add", "sub", "mul", "div", "pow", "maximum", "minimum", "eq", "ne", "lt", "le", "gt", "ge",
-    "neg", "sqrt", "rsqrt", "exp", "log", "abs", "sin", "cos", "silu", "gelu", "gelu_tanh",
-    "quick_gelu", "sigmoid", "tanh", "relu", "square", "round", "floor", "sign", "clamp",
-    "sum", "mean", "var", "max", "argmax", "norm", "matmul", "softmax", "log_softmax",
-    "add_", "sub_", "mul_", "div_", "clamp_", "normal_", "uniform_",
-} do
-    methods[name] = core[name]
+-- The core functions the op registry marks as methods double as tensor
+-- methods (host/op_registry.h; the views and the in-place writes are
+-- methods already, set by the core).
+for _, op in ipairs(core.op_registry()) do
+    if op.fn and op.method then methods[op.lua] = core[op.lua] end
 end
 
 -- A count or size argument of chunk/split: a positive integer (an integral

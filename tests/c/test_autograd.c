@@ -349,7 +349,7 @@ static ml_tensor *scale_by_saved(ml_tensor *x, int count, int fail_at, ml_tensor
     double k = count * (count + 1) / 2.0;
     ml_tensor *out = ml_mul_scalar(x, k);
     ml_set_grad_enabled(prev);
-    ml_node *n = ml_node_begin("scale_by_saved", scale_by_saved_backward, 1, &x);
+    ml_node *n = ml_node_begin_custom("scale_by_saved", scale_by_saved_backward, 1, &x);
     for (int i = 0; n && i < count; i++) {
         if (i == fail_at) ml_autograd_fail_alloc_after(0);
         ml_node_save(n, consts[i]);
@@ -388,7 +388,7 @@ static void test_recording_errors(void) {
     ml_tensor *ins[ML_NODE_MAX_INPUTS + 1];
     for (int i = 0; i <= ML_NODE_MAX_INPUTS; i++) ins[i] = leaf(1, (double[]){i});
     ml_tensor *out = ml_scalar(0, ML_F64, ml_cpu());
-    ml_node *n = ml_node_begin("nine_inputs", wrong_shape_backward, ML_NODE_MAX_INPUTS + 1, ins);
+    ml_node *n = ml_node_begin_custom("nine_inputs", wrong_shape_backward, ML_NODE_MAX_INPUTS + 1, ins);
     CHECK(n != NULL, "a node is recorded");
     if (n) ml_node_finish(n, out);
     CHECK(ml_backward(out, NULL, false) < 0 && has(ml_last_error(), "'nine_inputs'") &&
@@ -402,7 +402,7 @@ static void test_recording_errors(void) {
     bool prev = ml_set_grad_enabled(false);
     ml_tensor *v = ml_clone(u);
     ml_set_grad_enabled(prev);
-    n = ml_node_begin("bad_shape", wrong_shape_backward, 1, &u);
+    n = ml_node_begin_custom("bad_shape", wrong_shape_backward, 1, &u);
     ml_node_finish(n, v);
     ml_tensor *s = ml_sum(v, 0, NULL, false);
     CHECK(ml_backward(s, NULL, false) < 0 && has(ml_last_error(), "backward of 'bad_shape' returned a gradient of "

@@ -167,12 +167,14 @@ case("add", "in-place add_ with alpha, broadcast",
      function(M) return {M.const(12, 10), M.const(10)} end, {grad = false})
 
 for _, cmp in ipairs {"eq", "ne", "lt", "le", "gt", "ge"} do
-    case("compare", cmp .. " broadcast", function(a, b) return a[cmp](a, b) end,
+    case(cmp, "broadcast", function(a, b) return a[cmp](a, b) end,
          function(M) return {M.const(20, 30), M.const(30)} end, {grad = false})
-    case("compare", cmp .. " with rounded values (ties)", function(a, b) return a:round()[cmp](a:round(), b:round()) end,
+    case(cmp, "with rounded values (ties)", function(a, b) return a:round()[cmp](a:round(), b:round()) end,
          function(M) return {M.const(50), M.const(50)} end, {grad = false})
+    case(cmp, "with a number", function(a) return a[cmp](a, 0.25) end, function(M) return {M.const(333)} end,
+         {grad = false})
 end
-case("compare", "integer lt", function(a, b) return a:lt(b) end,
+case("lt", "integer", function(a, b) return a:lt(b) end,
      function(M) return {M.ints(0, 5, 40), M.ints(0, 5, 40)} end, {grad = false})
 
 case("where", "same shape", function(c, a, b) return ml.where(c, a, b) end,
@@ -194,6 +196,19 @@ for op, make in pairs(unary) do
     case(op, "[16,33,5]", fn, function(M) return {M[make](16, 33, 5)} end)
     case(op, "non-contiguous [40,31]", fn, function(M) return {M[make .. "_nc"](40, 31)} end)
     case(op, "large [4096,257]", fn, function(M) return {M[make](4096, 257)} end)
+end
+-- floor, round and sign: exact on both devices whatever the value (round
+-- ties to even); the inputs span several integers and the .5 ties.  Their
+-- gradient is 0, compared too.
+for _, op in ipairs {"floor", "round", "sign"} do
+    local fn = function(x) return (x * 3)[op](x * 3) end
+    case(op, "[16,33,5]", fn, function(M) return {M.randn(16, 33, 5)} end)
+    case(op, "non-contiguous [40,31]", fn, function(M) return {M.randn_nc(40, 31)} end)
+    case(op, "large [4096,257]", fn, function(M) return {M.randn(4096, 257)} end)
+    case(op, "ties at k + 0.5 and 0", function(x) return x[op](x) end,
+         function(M) return {M.place(ml.arange(-20, 21):float() * 0.5)} end, {grad = false})
+    case(op, "integer", function(x) return x[op](x) end, function(M) return {M.ints(-10, 10, 100)} end,
+         {grad = false})
 end
 case("clamp", "both bounds", function(x) return x:clamp(-0.5, 0.5) end, function(M) return {M.randn(50, 40)} end)
 case("clamp", "lower only, non-contiguous", function(x) return x:clamp(0) end, function(M) return {M.randn_nc(30, 20)} end)
@@ -224,6 +239,14 @@ case("max", "indices, dim 2", function(x) local _, i = x:max(2) return i end, fu
      {grad = false})
 case("max", "indices with ties and rows of 5", function(x) local _, i = x:round():max(2) return i end,
      function(M) return {M.const(100, 5)} end, {grad = false})
+case("argmax", "dim 2 (warp path)", function(x) return x:argmax(2) end, function(M) return {M.const(64, 300)} end,
+     {grad = false})
+case("argmax", "dim 1 keepdim, non-contiguous", function(x) return x:t():argmax(1, true) end,
+     function(M) return {M.const(40, 30)} end, {grad = false})
+case("argmax", "ties (the first wins) in rows of 5", function(x) return x:round():argmax(2) end,
+     function(M) return {M.const(100, 5)} end, {grad = false})
+case("argmax", "integer input", function(x) return x:argmax(1) end, function(M) return {M.ints(-3, 3, 50, 7)} end,
+     {grad = false})
 case("norm", "2-norm of all", function(x) return x:norm() end, function(M) return {M.randn(300, 400)} end)
 case("norm", "2-norm dim 2", function(x) return x:norm(2, 2) end, function(M) return {M.randn(30, 40)} end)
 case("norm", "3-norm dims {1} keepdim", function(x) return x:norm(3, 1, true) end, function(M) return {M.away(30, 40)} end)
@@ -264,6 +287,22 @@ case("expand", "new leading dims", function(x) return x:expand({4, -1, 30}) * 1 
 case("contiguous", "of a non-contiguous leaf", function(x) return x:contiguous() end,
      function(M) return {M.randn_nc(30, 40)} end)
 case("contiguous", "clone", function(x) return x:clone() end, function(M) return {M.randn(300)} end)
+case("clone", "of a leaf", function(x) return x:clone() end, function(M) return {M.randn(300)} end)
+case("clone", "of a non-contiguous leaf", function(x) return x:clone() * 2 end, function(M) return {M.randn_nc(30, 40)} end)
+case("unsqueeze", "dim 2, broadcast against it", function(x) return x:unsqueeze(2) * x:unsqueeze(1) end,
+     function(M) return {M.randn(30, 40)} end)
+case("unsqueeze", "dim -1 of non-contiguous", function(x) return x:unsqueeze(-1):expand(40, 30, 3) * 1 end,
+     function(M) return {M.randn_nc(40, 30)} end)
+-- to_device: the GPU run goes to the CPU and back (two recorded copies, and
+-- their backward the other way); the CPU run does nothing.  Its gradient is
+-- checked here only (the registry's GRAD_BY_PARITY).
+case("to_device", "to the CPU and back", function(x) return (x:cpu() * 2):to(x.device) end,
+     function(M) return {M.randn(300, 70)} end)
+case("to_device", "non-contiguous, with a dtype change", function(x)
+    return x:to{device = "cpu", dtype = "f64"}:exp():to{device = x.device, dtype = "f32"}
+end, function(M) return {M.randn_nc(40, 30)} end)
+case("to_device", "used on both devices", function(x) return x:cpu():to(x.device) * x end,
+     function(M) return {M.randn(1000)} end)
 for _, dt in ipairs {"f64", "f16", "bf16", "i32", "i64", "u8", "bool"} do
     local float = dt == "f64" or dt == "f16" or dt == "bf16"
     case("to_dtype", "f32 -> " .. dt .. (float and " -> f32" or ""), function(x)
@@ -524,6 +563,18 @@ for _, op in ipairs(core.op_registry()) do
 end
 record("registry", "every cuda=1 op has a parity case", #missing == 0, nil, nil,
        #missing > 0 and ("missing: " .. table.concat(missing, ", ")) or nil)
+-- an op whose gradient is checked nowhere else (GRAD_BY_PARITY) needs a case
+-- that backpropagates
+local unchecked = {}
+for _, op in ipairs(core.op_registry()) do
+    if op.differentiable and not op.gradcheck then
+        local any = false
+        for _, c in ipairs(CASES[op.name] or {}) do any = any or c.grad end
+        if not any then unchecked[#unchecked + 1] = op.name end
+    end
+end
+record("registry", "gradients only parity checks have a case with grad", #unchecked == 0, nil, nil,
+       #unchecked > 0 and ("missing: " .. table.concat(unchecked, ", ")) or nil)
 
 local ops = {}
 for _, op in ipairs(core.op_registry()) do

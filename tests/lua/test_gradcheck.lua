@@ -139,6 +139,27 @@ for op, make in pairs(unary) do
     end)
 end
 case("neg", "unary minus", function(x) return -x end, function() return {randn(3)} end)
+
+-- floor, round and sign are flat between their jumps: the gradient is 0,
+-- checked on values at least 0.2 from a jump, so the differences see none.
+-- A backward that passed the gradient through, or none at all, fails.
+local function between_jumps(jump_at)
+    return function(...)
+        local shape = {...}
+        return function()
+            local whole = (ml.randn(shape, {dtype = "f64"}) * 3):round()
+            local frac = ml.rand(shape, {dtype = "f64"}) * 0.6 + 0.2   -- in [0.2, 0.8]
+            return {leaf(whole + frac - jump_at)}
+        end
+    end
+end
+local stepwise = {floor = between_jumps(0), round = between_jumps(0.5)}
+for op, make in pairs(stepwise) do
+    case(op, "[2,3,4]", function(x) return x[op](x) end, make(2, 3, 4))
+    case(op, "non-contiguous, scaled", function(x) return x:t()[op](x:t()) * 2 + x:t() end, make(3, 4))
+end
+case("sign", "[2,3,4]", function(x) return x:sign() end, function() return {away(2, 3, 4)} end)
+case("sign", "times x (|x|)", function(x) return x:sign() * x end, function() return {away(5)} end)
 case("gelu", "F.gelu approximate tanh", function(x) return F.gelu(x, {approximate = "tanh"}) end,
      function() return {randn(5)} end)
 
@@ -328,6 +349,16 @@ case("expand", "squeeze and unsqueeze", function(x) return x:squeeze(2):unsqueez
 case("contiguous", "of a non-contiguous leaf", function(x) return x:contiguous() end,
      function() return {randn_nc(3, 4)} end)
 case("contiguous", "clone", function(x) return x:clone() end, function() return {randn(3)} end)
+case("contiguous", "of a transposed view", function(x) return x:t():contiguous() * 2 end,
+     function() return {randn(2, 3)} end)
+case("clone", "of a leaf", function(x) return x:clone() end, function() return {randn(3)} end)
+case("clone", "of a non-contiguous leaf, then scaled", function(x) return x:clone() * 3 end,
+     function() return {randn_nc(3, 4)} end)
+case("unsqueeze", "dim 1", function(x) return x:unsqueeze(1) end, function() return {randn(3, 2)} end)
+case("unsqueeze", "dim -1 of non-contiguous", function(x) return x:unsqueeze(-1) * 2 end,
+     function() return {randn_nc(2, 3)} end)
+case("unsqueeze", "middle dim, broadcast against it", function(x) return x:unsqueeze(2) * x:unsqueeze(1) end,
+     function() return {randn(3, 2)} end)
 -- through f32 and back: f32 rounding (~6e-8) needs a larger step for the
 -- differences to mean anything; the op is linear, so a large step is exact
 case("to_dtype", "f64 -> f32 -> f64", function(x) return (x:float() * 3):double() end,
@@ -353,14 +384,32 @@ for op in pairs(CASES) do
     tests["grad_" .. op] = function(t) run_cases(t, op) end
 end
 
+-- Every op whose gradient the registry says is checked by finite
+-- differences (grad = GRAD) has a case.  The other differentiable ones
+-- (GRAD_BY_PARITY: to_device, whose gradient needs two devices) are
+-- checked by the parity suite, which compares their gradients on the CPU
+-- and the GPU; they must run on CUDA for that.
 function tests.every_differentiable_op_has_a_case(t)
     local missing = {}
     for _, op in ipairs(ml.core.op_registry()) do
-        if op.differentiable and not (CASES[op.name] and #CASES[op.name] > 0) then
+        if op.gradcheck and not (CASES[op.name] and #CASES[op.name] > 0) then
             missing[#missing + 1] = op.name
         end
     end
     t:assert(#missing == 0, "differentiable ops without a gradcheck case: " .. table.concat(missing, ", "))
+end
+
+function tests.differentiable_ops_without_a_case_are_checked_by_parity(t)
+    local n = 0
+    for _, op in ipairs(ml.core.op_registry()) do
+        if op.differentiable and not op.gradcheck then
+            n = n + 1
+            t:assert(op.cuda, op.name .. ": its gradient is left to the parity suite, but it has no CUDA kernel")
+            t:assert(not CASES[op.name], op.name .. ": has a gradcheck case but the registry says GRAD_BY_PARITY")
+        end
+        t:assert(op.differentiable or not op.gradcheck, op.name .. ": NO_GRAD and gradcheck at once")
+    end
+    t:assert(n >= 1, "to_device's gradient is the parity suite's")
 end
 
 function tests.every_case_names_a_registry_op(t)

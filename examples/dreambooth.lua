@@ -280,10 +280,9 @@ end
 
 -- ---- the training loop --------------------------------------------------------------------
 
--- Optimizer steps an epoch of n pairs gives.
-local function steps_per_epoch(n, a)
-    local batches = (n + a.train_batch_size - 1) // a.train_batch_size
-    return (batches + a.gradient_accumulation_steps - 1) // a.gradient_accumulation_steps, batches
+-- Optimizer steps an epoch of `batches` batches gives.
+local function steps_per_epoch(batches, a)
+    return (batches + a.gradient_accumulation_steps - 1) // a.gradient_accumulation_steps
 end
 
 function M.train_fn(m, a)
@@ -306,11 +305,20 @@ function M.train_fn(m, a)
                 te:train(); trained.text_encoder = lora.trainable(te)
             end
         end
-        -- world_size > 1: weights broadcast from rank 0, gradients averaged
-        local ddp = ctx.world_size > 1 and ml.train.ddp(params) or nil
+        -- in a worker (ours, torchrun's or Slurm's, world size 1 too): weights
+        -- broadcast from rank 0, gradients averaged in buckets during backward
+        local ddp = ctx.dist and ml.train.ddp(params) or nil
+        if ddp then
+            ctx:log(string.format("DDP: world size %d over %s, %d buckets, NCCL_NVLS_ENABLE=%s", ctx.world_size,
+                                  ctx.dist.backend(), #ddp.buckets, tostring(os.getenv("NCCL_NVLS_ENABLE"))))
+        end
         local opt = ml.optim.AdamW(params, {lr = a.lr, weight_decay = a.adam_weight_decay})
         local shard = ctx:dataset_shard("train")
-        local per_epoch, batches = steps_per_epoch(shard:count(), a)
+        -- every rank takes plan.batches batches an epoch, even when the
+        -- pairs do not divide by the world size (see ctx:shard_plan)
+        local plan = ctx:shard_plan("train", a.train_batch_size)
+        local batches = plan.batches
+        local per_epoch = steps_per_epoch(batches, a)
         local total = math.min(a.max_train_steps, a.num_epochs * per_epoch)
         local sched = ml.train.lr_schedule.new{name = a.lr_scheduler, base_lr = a.lr,
                                                warmup_steps = a.lr_warmup_steps, total_steps = total}
@@ -337,10 +345,10 @@ function M.train_fn(m, a)
             return dir
         end
 
-        local wait_total, progress_sheet = 0, nil
+        local wait_total, progress_sheet, images_total = 0, nil, 0
         local function open(epoch, start)
             return shard:iter_batches{batch_size = a.train_batch_size, device = ctx.device, epoch = epoch,
-                                      start_batch = start, prefetch = 2}
+                                      start_batch = math.min(start, plan.own_batches + 1), prefetch = 2}
         end
         -- the next epoch's loader starts while this one trains, so an epoch's
         -- first batch does not wait for cold threads
@@ -349,17 +357,26 @@ function M.train_fn(m, a)
             if step >= total then break end
             it = it or open(epoch, 1)
             local nxt = epoch < a.num_epochs and step + per_epoch < total and open(epoch + 1, 1) or nil
-            local micro, loss_sum, bi = 0, 0, (epoch == epoch0 and batch0 or 1) - 1
+            local micro, loss_sum, pairs_sum = 0, 0, 0
             local last_wait = 0
-            for batch in it do
-                bi = bi + 1
-                local images = ml.cat({batch.instance_image, batch.class_image}, 1)
-                local ids = ml.cat({batch.instance_prompt_ids, batch.class_prompt_ids}, 1)
-                local loss = M.loss(m, images, ids, a)
-                local scaled = a.gradient_accumulation_steps > 1 and loss / a.gradient_accumulation_steps or loss
+            for bi = (epoch == epoch0 and batch0 or 1), batches do
+                -- a rank whose shard has run out joins the step with no data
+                local batch
+                if plan.rows[bi] > 0 then
+                    batch = it()
+                    if not batch then error(string.format("dreambooth: the data ended at batch %d of %d", bi, plan.own_batches), 0) end
+                end
                 if ddp then ddp:set_sync(micro + 1 == a.gradient_accumulation_steps or bi == batches) end
-                scaled:backward()
-                loss_sum = loss_sum + loss:item()
+                if batch then
+                    local images = ml.cat({batch.instance_image, batch.class_image}, 1)
+                    local ids = ml.cat({batch.instance_prompt_ids, batch.class_prompt_ids}, 1)
+                    local loss = M.loss(m, images, ids, a)
+                    local scale = plan.weight[bi] / a.gradient_accumulation_steps
+                    local scaled = scale ~= 1 and loss * scale or loss
+                    scaled:backward()
+                    loss_sum = loss_sum + loss:item() * plan.weight[bi]
+                end
+                pairs_sum = pairs_sum + plan.global_rows[bi]
                 micro = micro + 1
                 if micro == a.gradient_accumulation_steps or bi == batches then
                     if ddp then
@@ -379,9 +396,11 @@ function M.train_fn(m, a)
                     if a.checkpointing_steps > 0 and step % a.checkpointing_steps == 0 and step < total then
                         ckpt = save_checkpoint(epoch, bi + 1)
                     end
+                    -- images: this step's instance + class images over all ranks, per rank
                     ctx:report({step = step, epoch = epoch, loss = loss_sum / micro, lr = opt.lr, grad_norm = gnorm,
-                                images = images:size(1) * micro, data_wait_ms = wait}, {checkpoint = ckpt})
-                    micro, loss_sum = 0, 0
+                                images = 2 * pairs_sum / ctx.world_size, data_wait_ms = wait}, {checkpoint = ckpt})
+                    images_total = images_total + 2 * pairs_sum
+                    micro, loss_sum, pairs_sum = 0, 0, 0
                     if a.validation_prompt and ctx:is_main() and step % a.validation_steps == 0 and step < total then
                         rows[#rows + 1] = M.validate(m, a, step, function(x) ctx:log(x) end)
                     end
@@ -402,23 +421,33 @@ function M.train_fn(m, a)
                           {meta = {prompt = a.validation_prompt, seed = a.seed}})
             progress_sheet = sheet
         end
-        return {steps = step, data_wait_ms = wait_total, progress_sheet = progress_sheet}
+        return {steps = step, images = images_total, data_wait_ms = wait_total, progress_sheet = progress_sheet}
     end
 end
 
 -- ---- main ------------------------------------------------------------------------------
 
 function M.main(argv)
-    local parsed = M.parser():parse(argv)
+    -- A worker reports a bad flag to the other ranks instead of exiting
+    -- alone (they would wait for it until their timeout): flags may differ
+    -- between nodes.
+    local in_worker = ml.train.is_worker()
+    local parsed, parse_err, parse_kind = M.parser():parse(argv, in_worker and {exit = false} or nil)
+    if parse_kind == "help" then io.stdout:write(parse_err) return end
     -- --num_workers > 1: this process only starts the workers (which run
     -- this same command line) and waits; they load the model and train
-    if ml.train.launch_if_needed(parsed.num_workers, {device = parsed.device, nnodes = parsed.nnodes,
-                                                      node_rank = parsed.node_rank, master_addr = parsed.master_addr,
-                                                      master_port = parsed.master_port}) then
+    if parsed and ml.train.launch_if_needed(parsed.num_workers, {device = parsed.device, nnodes = parsed.nnodes,
+                                                                 node_rank = parsed.node_rank, master_addr = parsed.master_addr,
+                                                                 master_port = parsed.master_port}) then
         return
     end
-    local a = M.check_args(parsed)
-    local worker = ml.train.init_worker(a.device)
+    local a, err = parsed, parse_err and "dreambooth.lua: " .. parse_err
+    if a then
+        local ok, e = pcall(M.check_args, a)
+        if not ok then a, err = nil, e end
+    end
+    local worker = in_worker and ml.train.init_worker(a and a.device or (parsed and parsed.device)) or nil
+    ml.train.all_ranks_ok(worker, a ~= nil, err)
     local main_rank = not worker or worker.rank == 0
     local function log(s) if main_rank then print(s); io.stdout:flush() end end
     if main_rank then ml.core.mkdir_p(a.output_dir) end
@@ -482,9 +511,9 @@ function M.main(argv)
         total = total + ph[2]
     end
     log(string.format("%-36s %8.1f", "total", total))
-    local imgs = res.steps * 2 * a.train_batch_size * a.gradient_accumulation_steps
-    log(string.format("training: %d steps, %d images, %.2f images/s (instance and class images)", res.steps, imgs,
-                      imgs / math.max(train_s, 1e-9)))
+    local imgs = res.images
+    log(string.format("training: %d steps, %d images, %.2f images/s (instance and class images%s)", res.steps, imgs,
+                      imgs / math.max(train_s, 1e-9), worker and worker.world_size > 1 and ", all workers" or ""))
     log(string.format("data wait: %.1f ms in all, %.2f ms per step; peak memory %.2f GiB", res.data_wait_ms,
                       res.data_wait_ms / math.max(1, res.steps), (ml.train.peak_memory(a.device) or 0) / 2 ^ 30))
     log("tuned model:   " .. a.output_dir .. (a.use_lora and " (" .. ml.nn.lora.WEIGHT_NAME .. ")" or " (diffusers folder)"))

@@ -11,8 +11,14 @@
 -- outputs/.../p<p>-s<s>-seed<seed + p*n + s>.png (n samples per prompt) and
 -- comes out the same alone: --seed <its seed> --num_samples_per_prompt 1
 -- remakes it, whatever the batch size (moonlit.pipelines.generate_images).
--- Run as a module (loadfile(path)({as_module = true})) it returns its pieces
--- without running.
+--
+-- --num_workers N starts N workers (one GPU each; docs/dist.md).  Batch b
+-- of the one-process order goes to worker (b - 1) % N, so every batch holds
+-- the same images as it would in one process and every file comes out the
+-- same; each worker writes its own images, and after a barrier rank 0 reads
+-- them all back for the contact sheet (across machines output_dir must be
+-- shared storage).  Run as a module (loadfile(path)({as_module = true})) it
+-- returns its pieces without running.
 local ml = require "moonlit"
 local argparse = require "moonlit.argparse"
 local generate_images = require("moonlit.pipelines.generate_images").generate_images
@@ -45,7 +51,8 @@ function M.parser()
     p:option("device", {type = "string", help = "cpu, cuda or cuda:N (default: cuda when there is a GPU)"})
     p:option("precision", {type = "string", choices = {"f32", "bf16-mixed", "bf16-sr"},
                            help = "f32, bf16-mixed or bf16-sr (default: bf16-mixed on a GPU, f32 on the CPU)"})
-    p:option("num_workers", {type = "integer", default = 1, help = "data-parallel workers; only 1 (multi-worker generation is not built yet)"})
+    p:option("num_workers", {type = "integer", default = 1,
+                             help = "workers sharing the images (one GPU each); rank 0 writes the contact sheet"})
     p:option("lora_weights_dir", {type = "string",
                                   help = "LoRA weights to apply: a folder with pytorch_lora_weights.safetensors, or the file"})
     p:option("lora_scale", {type = "number", help = "strength of the LoRA weights (default 1)"})
@@ -57,7 +64,8 @@ end
 
 -- Parses argv and settles the defaults that depend on each other; a bad
 -- combination is reported like a bad flag (exit 2), or returned as nil,
--- message with {exit = false}.
+-- message with {exit = false}.  {launcher = true} stops before the device
+-- defaults: the launcher of several workers never touches CUDA.
 function M.parse(argv, opts)
     local p = M.parser()
     local a, msg, kind = p:parse(argv, opts)
@@ -75,22 +83,9 @@ function M.parse(argv, opts)
     if a.prompt_text then prompts[#prompts + 1] = a.prompt_text end
     if #prompts == 0 then return bad("no prompt: give --prompts (or --prompt)") end
     a.prompts = prompts
-    if a.num_workers ~= 1 then
-        return bad("--num_workers " .. a.num_workers .. ": multi-worker generation is not built yet (use 1)")
-    end
-    for _, k in ipairs {"num_samples_per_prompt", "steps", "batch_size", "height", "width"} do
+    for _, k in ipairs {"num_samples_per_prompt", "steps", "batch_size", "height", "width", "num_workers"} do
         if a[k] and a[k] < 1 then return bad("--" .. k .. " must be >= 1") end
     end
-    if not a.device then a.device = ml.cuda.available() and "cuda" or "cpu" end
-    local on_gpu = a.device:match("^cuda") ~= nil
-    if not on_gpu and a.device ~= "cpu" then return bad("--device must be cpu, cuda or cuda:N (got " .. a.device .. ")") end
-    if on_gpu and not ml.cuda.available() then
-        local _, why = ml.cuda.available()
-        return bad("--device " .. a.device .. ": no usable GPU (" .. tostring(why) .. ")")
-    end
-    a.precision = a.precision or (on_gpu and "bf16-mixed" or "f32")
-    if a.precision ~= "f32" and not on_gpu then return bad("--precision " .. a.precision .. " needs a GPU; the CPU computes in f32") end
-    a.batch_size = a.batch_size or (on_gpu and 4 or 1)
     if not ml.core.is_dir(a.model_dir) and not ml.core.is_file(a.model_dir) then
         return bad("--model_dir: no such folder or file: " .. a.model_dir)
     end
@@ -101,12 +96,36 @@ function M.parse(argv, opts)
     elseif a.lora_scale ~= nil or (a._given or {}).lora_merge then
         return bad("--" .. (a.lora_scale ~= nil and "lora_scale" or "lora_merge") .. " needs --lora_weights_dir")
     end
+    if opts and opts.launcher then return a end
+    if not a.device then a.device = ml.cuda.available() and "cuda" or "cpu" end
+    local on_gpu = a.device:match("^cuda") ~= nil
+    if not on_gpu and a.device ~= "cpu" then return bad("--device must be cpu, cuda or cuda:N (got " .. a.device .. ")") end
+    if on_gpu and not ml.cuda.available() then
+        local _, why = ml.cuda.available()
+        return bad("--device " .. a.device .. ": no usable GPU (" .. tostring(why) .. ")")
+    end
+    a.precision = a.precision or (on_gpu and "bf16-mixed" or "f32")
+    if a.precision ~= "f32" and not on_gpu then return bad("--precision " .. a.precision .. " needs a GPU; the CPU computes in f32") end
+    a.batch_size = a.batch_size or (on_gpu and 4 or 1)
     return a
 end
 
--- Loads the model, makes every image, writes the contact sheet; returns the
--- list generate_images returns and the sheet's path.
+-- Image k (1-based, prompt-major) is in batch (k - 1) // batch_size + 1 of
+-- the one-process order; with world_size workers, rank r makes the batches
+-- b with (b - 1) % world_size == r.
+function M.share(a, rank, world_size)
+    return function(p, s)
+        local k = (p - 1) * a.num_samples_per_prompt + s
+        return ((k - 1) // a.batch_size) % world_size == rank
+    end
+end
+
+-- Loads the model, makes every image (this worker's share of them),
+-- writes the contact sheet (rank 0); returns the list generate_images
+-- returns and the sheet's path (nil on the other ranks).
 function M.run(a, log)
+    local worker = ml.train.init_worker(a.device)
+    local rank, world = worker and worker.rank or 0, worker and worker.world_size or 1
     log = log or function(s) print(s) io.stdout:flush() end
     local t_load = ml.now()
     local m = ml.sd.load(a.model_dir, {device = a.device, precision = a.precision})
@@ -118,33 +137,66 @@ function M.run(a, log)
                           a.lora_merge and ", merged" or ""))
     end
     local total = #a.prompts * a.num_samples_per_prompt
-    local batches = (total + a.batch_size - 1) // a.batch_size
+    local all_batches = (total + a.batch_size - 1) // a.batch_size
+    -- this worker's batches: b = rank + 1, rank + 1 + world, ...
+    local batches = all_batches > rank and (all_batches - rank - 1) // world + 1 or 0
     local nbatch = 0
+    local t_gen = ml.now()
     local made, info = generate_images(m, {
         prompts = a.prompts, num_samples_per_prompt = a.num_samples_per_prompt, seed = a.seed,
         batch_size = a.batch_size, steps = a.steps, guidance_scale = a.guidance_scale, scheduler = a.scheduler,
         negative_prompt = a.negative_prompt, height = a.height, width = a.width, output_dir = a.output_dir,
-        model = a.model_dir,
+        model = a.model_dir, only = world > 1 and M.share(a, rank, world) or nil,
         progress = function(done, all, seconds)
             nbatch = nbatch + 1
             log(string.format("batch %d/%d: %d/%d images (%.2f s)", nbatch, batches, done, all, seconds))
         end,
     })
     local cells = {}
-    for i, r in ipairs(made) do cells[i] = r.image end
+    if world > 1 then
+        -- every worker's files are written: rank 0 reads them back (8-bit
+        -- PNGs load as value/255 and save back to the same bytes)
+        worker.dist.barrier()
+        local count = math.tointeger(worker.dist.all_reduce_number(#made, "sum"))
+        if rank ~= 0 then return made, nil end
+        if count ~= total then error(string.format("generate: the workers made %d of %d images", count, total), 0) end
+        local gi = require "moonlit.pipelines.generate_images"
+        for p = 1, #a.prompts do
+            for s = 1, a.num_samples_per_prompt do
+                local seed = a.seed + (p - 1) * a.num_samples_per_prompt + (s - 1)
+                cells[#cells + 1] = ml.image.load(a.output_dir:gsub("/+$", "") .. "/" .. gi.default_name(p, s, seed))
+            end
+        end
+        info.seconds = ml.now() - t_gen
+    else
+        for i, r in ipairs(made) do cells[i] = r.image end
+    end
     local sheet = a.output_dir:gsub("/+$", "") .. "/contact_sheet.png"
     ml.image.save(sheet, ml.image.grid(cells, {cols = a.num_samples_per_prompt}),
                   {meta = {prompt = table.concat(a.prompts, " | "), negative_prompt = a.negative_prompt,
                            seed = a.seed, steps = a.steps, scheduler = info.scheduler, guidance = a.guidance_scale,
                            model = a.model_dir}})
-    log(string.format("wrote %d image(s) and %s in %.2f s wall-clock (%.3f images/s; %s, %d steps, %dx%d)",
-                      #made, sheet, info.seconds, #made / math.max(info.seconds, 1e-9), info.scheduler, a.steps,
-                      info.width, info.height))
+    log(string.format("wrote %d image(s) and %s in %.2f s wall-clock (%.3f images/s; %s, %d steps, %dx%d%s)",
+                      #cells, sheet, info.seconds, #cells / math.max(info.seconds, 1e-9), info.scheduler, a.steps,
+                      info.width, info.height, world > 1 and string.format(", %d workers", world) or ""))
     return made, sheet
 end
 
 function M.main(argv)
-    return M.run(M.parse(argv))
+    if not ml.train.is_worker() then
+        -- --num_workers > 1: this process checks the flags, starts the
+        -- workers (which run this same command line) and waits
+        local a = M.parse(argv, {launcher = true})
+        if ml.train.launch_if_needed(a.num_workers, {device = a.device}) then return end
+        return M.run(M.parse(argv))
+    end
+    -- a worker (ours, torchrun's, Slurm's) tells the other ranks about a
+    -- bad flag instead of exiting alone, which would leave them waiting
+    local a, msg, kind = M.parse(argv, {exit = false})
+    if kind == "help" then io.stdout:write(msg) return end
+    local worker = ml.train.init_worker(a and a.device)
+    ml.train.all_ranks_ok(worker, a ~= nil, a == nil and "generate.lua: " .. tostring(msg) or nil)
+    return M.run(a)
 end
 
 local first = ...

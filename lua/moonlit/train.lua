@@ -6,6 +6,7 @@
 --     calls train_fn(cfg, ctx) and returns what it returns.  ctx has
 --       ctx.rank, ctx.world_size, ctx.local_rank, ctx.device, ctx.config, ctx.output_dir
 --       ctx:dataset_shard("train")      this worker's part of a dataset
+--       ctx:shard_plan("train", bs)     its batches per epoch, equal on every rank (uneven shards)
 --       ctx:set_total_steps(n)          for the progress bar's ETA
 --       ctx:report(metrics, {checkpoint = dir})   one step's numbers (step, loss, lr, images, ...)
 --       ctx:log(text)                   a line that does not break the progress bar
@@ -194,6 +195,39 @@ function Context:dataset_shard(name)
     return ds:shard(self.rank, self.world_size)
 end
 
+-- shard_plan(name, batch_size): one epoch's batches as every rank sees
+-- them.  When the dataset does not divide by the world size, the shards
+-- differ by a row, and a rank whose shard has run out must still take the
+-- step (every rank calls the same collectives): it joins with no data, its
+-- zero gradient counted in DDP's average.  So each rank scales its mean
+-- loss of batch k by weight[k] = rows[k] * world_size / global_rows[k],
+-- and the average over ranks of the scaled losses (which DDP's gradient
+-- average follows) is the mean over the batch's rows on all ranks.
+--   plan.batches          batches per epoch on every rank (the largest shard's count)
+--   plan.own_batches      batches of this rank's shard (what its iterator yields)
+--   plan.rows[k], plan.global_rows[k], plan.weight[k]   (weight 1 when shards are even)
+function Context:shard_plan(name, batch_size)
+    if math.type(batch_size) ~= "integer" or batch_size < 1 then
+        error("shard_plan: batch_size must be an integer >= 1 (got " .. tostring(batch_size) .. ")", 2)
+    end
+    self:dataset_shard(name)   -- names a missing dataset
+    local ds, w = self.datasets[name or "train"], self.world_size
+    local counts = {}
+    for r = 0, w - 1 do counts[r] = w == 1 and ds:count() or ds:shard(r, w):count() end
+    local batches = 0
+    for r = 0, w - 1 do batches = math.max(batches, (counts[r] + batch_size - 1) // batch_size) end
+    local plan = {batches = batches, own_batches = (counts[self.rank] + batch_size - 1) // batch_size,
+                  rows = {}, global_rows = {}, weight = {}}
+    for k = 1, batches do
+        local all = 0
+        for r = 0, w - 1 do all = all + math.max(0, math.min(batch_size, counts[r] - (k - 1) * batch_size)) end
+        local mine = math.max(0, math.min(batch_size, counts[self.rank] - (k - 1) * batch_size))
+        plan.rows[k], plan.global_rows[k] = mine, all
+        plan.weight[k] = mine * w == all and 1 or mine * w / all
+    end
+    return plan
+end
+
 function Context:set_total_steps(n) self.total_steps = n end
 
 function Context:log(text)
@@ -317,6 +351,29 @@ function train.init_worker(device)
     return w
 end
 
+-- For a worker's setup before its first collective (flags, folders): every
+-- rank says whether its own setup worked, and if one failed every rank
+-- raises an error, the failed ones their own, the others naming the first
+-- rank that failed and why.  Without it, a rank that stops early (a flag
+-- only its node got wrong) leaves the others waiting for it until their
+-- timeout.  worker: what init_worker returned (nil: a single process,
+-- which just raises err).
+function train.all_ranks_ok(worker, ok, err)
+    if not worker or worker.world_size == 1 or not worker.dist then
+        if not ok then error(err, 0) end
+        return
+    end
+    local dist = worker.dist
+    if dist.all_reduce_number(ok and 0 or 1, "sum") == 0 then return end
+    local first_rank, first_err
+    for r = 0, worker.world_size - 1 do
+        local msg = dist.broadcast_string(r == worker.rank and (ok and "" or tostring(err)) or nil, r)
+        if msg ~= "" and not first_rank then first_rank, first_err = r, msg end
+    end
+    if not ok then error(err, 0) end
+    error(string.format("ml.train: rank %d stopped before training: %s", first_rank, first_err), 0)
+end
+
 -- The command line this process was started with: the interpreter and its
 -- options (arg's negative indices), the script arg[0] and its arguments.
 local function own_command_line()
@@ -350,6 +407,7 @@ local function visible_gpus()
 end
 
 local GRACE_S = 3   -- SIGTERM, then SIGKILL after this many seconds
+local SETTLE_S = 0.5   -- how long a non-zero exit waits for a signal death to blame instead
 
 -- Starts this node's workers, relays their output line by line (rank 0
 -- unprefixed, others "[rank r] "), and waits.  The first worker to fail
@@ -415,6 +473,7 @@ function train.launch(o)
         error("ml.train.run: starting workers: " .. tostring(err), 0)
     end
     local failure, stop_time, killed = nil, nil, false
+    local exit_failure, exit_failure_time
     local grace = o.grace_s or GRACE_S
     while true do
         local fds = {}
@@ -442,18 +501,30 @@ function train.launch(o)
                 by_fd[fd] = nil
             end
         end
+        local ended = {}
         for _, k in ipairs(kids) do
             if not k.status then
                 local how, detail = core.try_wait(k.pid)
                 if how then
                     k.status, k.detail = how, detail
-                    if not failure and (how == "signal" or detail ~= 0) then
-                        failure = how == "signal" and string.format("worker rank %d (pid %d) was killed by %s", k.rank, k.pid, detail)
-                                  or string.format("worker rank %d (pid %d) exited with code %d", k.rank, k.pid, detail)
-                    end
+                    ended[#ended + 1] = k
                 end
             end
         end
+        -- A worker killed by a signal is the cause, and the errors of the
+        -- others (they lost a peer) the effect; but a killed process may
+        -- become reapable after its peers saw its sockets close and exited.
+        -- So a non-zero exit is the cause only if no worker dies of a
+        -- signal within SETTLE_S of it (our own SIGTERM comes after that).
+        for _, k in ipairs(ended) do
+            if not failure and k.status == "signal" then
+                failure = string.format("worker rank %d (pid %d) was killed by %s", k.rank, k.pid, k.detail)
+            elseif not exit_failure and k.status ~= "signal" and k.detail ~= 0 then
+                exit_failure = string.format("worker rank %d (pid %d) exited with code %d", k.rank, k.pid, k.detail)
+                exit_failure_time = core.now()
+            end
+        end
+        if not failure and exit_failure and core.now() - exit_failure_time > SETTLE_S then failure = exit_failure end
         local sig = core.stop_signal_caught()
         if sig and not failure then failure = "the launcher got " .. sig end
         if failure and not stop_time then
@@ -475,6 +546,7 @@ function train.launch(o)
         end
     end
     core.trap_stop_signals(false)
+    failure = failure or exit_failure
     if failure then
         error(string.format("ml.train.run: %s; all %d workers of this node have ended", failure, #kids), 0)
     end

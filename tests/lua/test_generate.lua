@@ -199,7 +199,7 @@ function tests.flag_errors_exit_2_naming_the_flag(t)
         {{MODEL, "--prompt", "x", "--negative_prompt", "--steps", "2"}, "generate.lua: --negative_prompt needs a value"},
         {{MODEL, "--prompt", "x", "--step", "2"}, "unknown option --step (did you mean --steps?)"},
         {{MODEL, "--prompt", "x", "--scheduler", "lms"}, "--scheduler must be one of pndm, ddim"},
-        {{MODEL, "--prompt", "x", "--num_workers", "2"}, "multi-worker generation is not built yet"},
+        {{MODEL, "--prompt", "x", "--num_workers", "0"}, "--num_workers must be >= 1"},
         {{"--prompt", "x"}, "missing required option --model_dir"},
         {{MODEL}, "no prompt"},
         {{"no/such/model", "--prompt", "x"}, "--model_dir: no such folder or file: no/such/model"},

@@ -1,8 +1,11 @@
 -- test_launcher.lua — ml.train.run's worker launcher on CPU workers: the
 -- environment each worker gets and its rank-prefixed output; a worker
--- killed with SIGKILL, or failing on a bad flag, stops the others quickly
--- with a message naming it; SIGINT to the launcher stops every worker; no
--- worker outlives the launcher (kill -0 fails for each recorded pid).
+-- killed with SIGKILL (also mid-run, inside DDP's collectives), or failing
+-- on a bad flag, stops the others quickly with a message naming it;
+-- SIGINT to the launcher stops every worker; no worker outlives the
+-- launcher (kill -0 fails for each recorded pid).  Workers started as
+-- torchrun starts them: only rank 0 writes files, and a bad flag on one
+-- rank stops every rank at once.
 local U = require "testutil"
 local tests = {}
 
@@ -122,6 +125,130 @@ function tests.launcher_bad_options(t)
     t:assert(U.has(U.error_of(T.launch, {num_workers = 2, nnodes = 2, node_rank = 2, master_addr = "h"}),
                    "node_rank 2 is not below nnodes 2"), "node_rank out of range")
     t:assert(U.has(U.error_of(T.launch, {num_workers = 0}), "num_workers must be"), "num_workers 0")
+end
+
+-- Workers in lockstep through DDP (a collective every step): rank 1
+-- SIGKILLs itself at step 3 while the others are inside a collective.
+-- Rank 0 sees its peer's socket close and may fail before the launcher
+-- stops it; either way the launcher names the killed rank (the cause),
+-- not rank 0 (the effect).
+local DDP_SCRIPT = [[
+local ml = require "moonlit"
+local dir, n = arg[1], tonumber(arg[2])
+ml.train.run(function(cfg, ctx)
+    local f = io.open("/proc/self/stat")
+    local pid = f:read("a"):match("^(%d+)")
+    f:close()
+    f = io.open(dir .. "/pid-" .. ctx.rank, "w"); f:write(pid); f:close()
+    local net = ml.nn.Linear(8, 8)
+    local ddp = ml.train.ddp(net:parameters())
+    for step = 1, 1000 do
+        if step == 3 and ctx.rank == 1 then os.execute("kill -KILL " .. pid) end
+        local loss = net(ml.randn({4, 8})):square():mean()
+        loss:backward()
+        ddp:finish()
+        for _, p in ipairs(net:parameters()) do p.grad = nil end
+        os.execute("sleep 0.05")
+    end
+end, {num_workers = n, device = "cpu", summary = false})
+]]
+
+function tests.sigkill_mid_run_names_the_killed_rank(t)
+    local dir = U.temp_dir()
+    U.write_file(dir .. "/ddp.lua", DDP_SCRIPT)
+    local t0 = core.now()
+    local p = io.popen(string.format("%s %s %s 3 2>&1; echo \"exit=$?\"", sh_quote(BIN), sh_quote(dir .. "/ddp.lua"), sh_quote(dir)))
+    local text = p:read("a")
+    p:close()
+    local secs = core.now() - t0
+    t:assert(not text:match("exit=0%s*$"), "the launcher exits non-zero:\n" .. text)
+    t:assert(U.has(text, "ml.train.run: worker rank 1") and U.has(text, "was killed by SIGKILL"),
+             "the launcher names rank 1 and SIGKILL:\n" .. text)
+    t:assert(secs < 10, string.format("the run stopped in %.1f s", secs))
+    assert_no_survivors(t, dir, 3)
+    U.remove_tree(dir)
+end
+
+-- Workers started as torchrun or Slurm start them (RANK, WORLD_SIZE,
+-- MASTER_ADDR, MASTER_PORT in the environment, no launcher of ours), each
+-- with its own arguments.  Returns each rank's output and exit code, and
+-- the seconds until all ended.
+local function run_env_ranks(rank_args)
+    local port = require("moonlit").dist.free_port()
+    local dir = U.temp_dir()
+    local parts = {}
+    for r, args in ipairs(rank_args) do
+        local q = {}
+        for i, a in ipairs(args) do q[i] = sh_quote(a) end
+        parts[#parts + 1] = string.format("(RANK=%d WORLD_SIZE=%d LOCAL_RANK=%d MASTER_ADDR=127.0.0.1 MASTER_PORT=%d " ..
+                                          "%s %s >%s/out%d 2>&1; echo $? >%s/rc%d) &", r - 1, #rank_args, r - 1, port,
+                                          sh_quote(BIN), table.concat(q, " "), dir, r - 1, dir, r - 1)
+    end
+    local t0 = core.now()
+    os.execute(table.concat(parts, " ") .. " wait")
+    local secs = core.now() - t0
+    local outs, rcs = {}, {}
+    for r = 0, #rank_args - 1 do
+        outs[r] = U.read_file(dir .. "/out" .. r)
+        rcs[r] = tonumber(U.read_file(dir .. "/rc" .. r):match("%d+"))
+    end
+    U.remove_tree(dir)
+    return outs, rcs, secs
+end
+
+local function recipe_args(dir, out, extra)
+    local a = {"examples/dreambooth.lua", "--model_dir", "tests/fixtures/sd1-tiny/pipeline", "--output_dir", out,
+               "--instance_images_dir", dir .. "/inst", "--instance_prompt", "a photo of sks dog",
+               "--class_images_dir", dir .. "/class", "--class_prompt", "a photo of a dog", "--resolution", "64",
+               "--device", "cpu", "--num_class_images", "2", "--num_inference_steps", "2", "--lr", "1e-3",
+               "--max_train_steps", "2", "--num_epochs", "2"}
+    for _, v in ipairs(extra or {}) do a[#a + 1] = v end
+    return a
+end
+
+local function recipe_images(dir)
+    local ml = require "moonlit"
+    for _, sub in ipairs({"inst", "class"}) do
+        ml.core.mkdir_p(dir .. "/" .. sub)
+        for i = 1, 2 do ml.image.save(string.format("%s/%s/%02d.png", dir, sub, i), ml.rand({64, 64, 3})) end
+    end
+end
+
+-- Each rank gets its own --output_dir: whatever a rank other than 0 wrote
+-- would land in its folder, which must not even exist afterwards; rank 0's
+-- has the model, metrics, a checkpoint and validation samples.
+function tests.only_rank_0_writes_files(t)
+    local dir = U.temp_dir()
+    recipe_images(dir)
+    local extra = {"--checkpointing_steps", "1", "--validation_prompt", "a photo of sks dog", "--validation_steps", "1",
+                   "--num_validation_images", "1", "--sample_batch_size", "1"}
+    local outs, rcs = run_env_ranks({recipe_args(dir, dir .. "/out0", extra), recipe_args(dir, dir .. "/out1", extra)})
+    t:assert(rcs[0] == 0 and rcs[1] == 0, "both ranks succeed:\n" .. outs[0] .. "\n---\n" .. outs[1])
+    for _, f in ipairs({"unet/diffusion_pytorch_model.safetensors", "metrics.jsonl", "checkpoint-1/trainer_state.json",
+                        "samples/step-1", "samples/progress.png"}) do
+        t:assert(core.is_file(dir .. "/out0/" .. f) or core.is_dir(dir .. "/out0/" .. f), "rank 0 wrote " .. f)
+    end
+    t:assert(not core.is_dir(dir .. "/out1") and not core.is_file(dir .. "/out1"), "rank 1 wrote nothing into its output_dir")
+    U.remove_tree(dir)
+end
+
+-- Flags that differ between ranks (each node has its own command line):
+-- rank 1's are bad.  Rank 1 reports its own error, rank 0 names rank 1
+-- and the cause, and neither waits for the other's timeout (300 s).
+function tests.bad_flag_on_one_rank_stops_every_rank(t)
+    local dir = U.temp_dir()
+    recipe_images(dir)
+    for _, case in ipairs({{"--lr", "-1", "dreambooth: --lr must be >= 0"},
+                           {"--lr_typo", "1", "unknown option --lr_typo"}}) do
+        local bad = recipe_args(dir, dir .. "/out", {case[1], case[2]})
+        local outs, rcs, secs = run_env_ranks({recipe_args(dir, dir .. "/out"), bad})
+        t:assert(rcs[0] ~= 0 and rcs[1] ~= 0, case[1] .. ": both ranks exit non-zero")
+        t:assert(U.has(outs[1], case[3]), case[1] .. ": rank 1 reports its flag:\n" .. outs[1])
+        t:assert(U.has(outs[0], "rank 1 stopped before training") and U.has(outs[0], case[3]),
+                 case[1] .. ": rank 0 names rank 1 and its error:\n" .. outs[0])
+        t:assert(secs < 20, string.format("%s: both ended in %.1f s", case[1], secs))
+    end
+    U.remove_tree(dir)
 end
 
 -- The recipe with --num_workers 2 on the sd1-tiny fixture: both ranks

@@ -20,6 +20,7 @@
 // aborts the communicator (ncclCommAbort, which also ends the kernels that
 // wait on the dead peer), prints the reason to stderr at once, and every
 // later ml.dist call raises it.
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <mutex>
@@ -96,12 +97,17 @@ void abort_locked(Comm *c, const std::string &why) {
 // (bounded) for it to settle (mu held).
 int settle_locked(Comm *c, ncclResult_t r, const char *what) {
     double deadline = now_s() + c->timeout_s;
+    // Poll at once, then back off from 10 us to 1 ms: a collective that
+    // settles in microseconds (the usual case) must not cost a whole
+    // millisecond, and DDP enqueues one per bucket, a hundred per step.
+    int wait_us = 0;
     while (r == ncclInProgress) {
         if (now_s() > deadline) {
             abort_locked(c, std::string(what) + " did not start within the timeout (a peer died or hung)");
             return ml_error("%s", c->error.c_str());
         }
-        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        if (wait_us > 0) std::this_thread::sleep_for(std::chrono::microseconds(wait_us));
+        wait_us = wait_us == 0 ? 10 : std::min(wait_us * 2, 1000);
         if (ncclCommGetAsyncError(c->comm, &r) != ncclSuccess) break;
     }
     if (r != ncclSuccess) {

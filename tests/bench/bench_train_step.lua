@@ -8,8 +8,15 @@
 --   every layer computing in bf16 (nn.autocast); bf16-sr: bf16 weights and
 --   AdamW moments updated with stochastic rounding (the peer's footprint).  --profile N prints the N
 --   kernels that took the most GPU time in one step (ml.profile).
+--   Data parallel: --num_workers N starts N workers (one GPU each), each
+--   stepping on its own B+B images with DDP averaging the gradients over
+--   NCCL (TCP on the CPU); --ddp with one worker sends the gradients through
+--   DDP and the real collective path at world size 1 (what bucketing costs
+--   on one GPU).  --bucket_mb and --grad_dtype are DDP's options.
 -- Prints the median step time, TFLOP/s against the peer's FLOP count for
--- SD 1.4 at 512x512 (14.52 TFLOP per step at batch 2+2) and peak GPU memory.
+-- SD 1.4 at 512x512 (14.52 TFLOP per step at batch 2+2) and peak GPU memory,
+-- and last a line "RESULT {json}" (world, step_ms_median over the slowest
+-- rank, images_per_s over all workers, ...) for scripts.
 local ml = require "moonlit"
 local core = ml.core
 
@@ -23,9 +30,24 @@ p:option("size", {type = "integer", default = 512, help = "image size in pixels"
 p:option("profile", {type = "integer", default = 0, help = "print the N kernels that took the most GPU time in one step"})
 p:option("lora", {type = "integer", default = 0,
                   help = "train LoRA adapters of this rank on the UNet's attention instead of UNet + text encoder (0: full)"})
+p:option("num_workers", {type = "integer", default = 1, help = "data-parallel workers, one GPU each (DDP over NCCL)"})
+p:option("ddp", {type = "boolean", default = false, help = "with one worker: gradients through DDP at world size 1"})
+p:option("bucket_mb", {type = "number", default = 25, help = "DDP bucket size in MiB"})
+p:option("grad_dtype", {type = "string", default = "f32", choices = {"f32", "bf16"}, help = "dtype of DDP's all-reduce"})
 local o = p:parse(arg or {})
+if o.num_workers < 1 then p:error("--num_workers must be >= 1") end
+if ml.train.launch_if_needed(o.num_workers, {device = o.device}) then return end
 local dev = o.device
 local on_gpu = dev:sub(1, 4) == "cuda"
+local worker = ml.train.init_worker(dev)
+if o.ddp and not worker then
+    -- one process, world size 1, through the same collectives as a real run
+    ml.dist.init{rank = 0, world_size = 1, backend = on_gpu and "nccl" or "cpu", master_port = ml.dist.free_port()}
+end
+local world, rank = worker and worker.world_size or 1, worker and worker.rank or 0
+local use_ddp = ml.dist.is_initialized()
+-- every worker times its own steps; rank 0 prints
+local function say(...) if rank == 0 then print(string.format(...)) io.stdout:flush() end end
 local function sync() if on_gpu then core.cuda_synchronize(0) end end
 local now = core.now
 
@@ -34,8 +56,8 @@ local m = ml.sd.from_configs(o.configs, {seed = 0, device = dev,
                                          dtype = o.precision == "bf16-sr" and "bf16" or "f32"})
 m.precision = o.precision
 local function compute(fn, ...) return ml.sd.autocast(m, fn, ...) end
-print(string.format("init %.1f s on %s (%s): unet %.1fM, vae %.1fM, text %.1fM parameters", now() - t0, dev, o.precision,
-                    m.unet:num_parameters() / 1e6, m.vae:num_parameters() / 1e6, m.text_encoder:num_parameters() / 1e6))
+say("init %.1f s on %s (%s): unet %.1fM, vae %.1fM, text %.1fM parameters", now() - t0, dev, o.precision,
+    m.unet:num_parameters() / 1e6, m.vae:num_parameters() / 1e6, m.text_encoder:num_parameters() / 1e6)
 m.vae:requires_grad_(false)
 m.unet:train()
 m.text_encoder:train()
@@ -48,8 +70,14 @@ if o.lora > 0 then
     m.text_encoder:requires_grad_(false)
     m.text_encoder:eval()
     params = ml.nn.lora.inject(m.unet, {rank = o.lora})
-    print(string.format("LoRA rank %d: %d adapter tensors, %.2fM parameters trained", o.lora, #params,
-                        (function() local n = 0 for _, q in ipairs(params) do n = n + q:numel() end return n / 1e6 end)()))
+    say("LoRA rank %d: %d adapter tensors, %.2fM parameters trained", o.lora, #params,
+        (function() local n = 0 for _, q in ipairs(params) do n = n + q:numel() end return n / 1e6 end)())
+end
+local ddp
+if use_ddp then
+    ddp = ml.train.ddp(params, {bucket_mb = o.bucket_mb, dtype = o.grad_dtype})
+    say("DDP: world size %d over %s, %d buckets of up to %g MiB (%s), NCCL_NVLS_ENABLE=%s", world, ml.dist.backend(),
+        #ddp.buckets, o.bucket_mb, o.grad_dtype, tostring(os.getenv("NCCL_NVLS_ENABLE")))
 end
 local opt = ml.optim.AdamW(params, {lr = 5e-6})
 local B = 2 * o.batch
@@ -84,6 +112,10 @@ local function step(phases)
     local loss = prior_preserving_loss(pred, noise, 1.0)
     loss:backward()
     a = mark("text+unet fwd/bwd", a)
+    if ddp then
+        ddp:finish()
+        a = mark("ddp finish", a)
+    end
     ml.optim.clip_grad_norm(params, 1.0)
     opt:step()
     mark("clip+adamw", a)
@@ -93,7 +125,7 @@ end
 t0 = now()
 for _ = 1, 2 do step() end
 sync()
-print(string.format("warm-up (2 steps) %.1f s", now() - t0))
+say("warm-up (2 steps) %.1f s", now() - t0)
 if on_gpu then core.cuda_reset_peak(0) end
 local times = {}
 for i = 1, o.steps do
@@ -106,23 +138,35 @@ end
 table.sort(times)
 local med = times[(#times + 1) // 2]
 local peak = on_gpu and core.cuda_memory_stats(0).peak / 2 ^ 30 or 0
-print(string.format("train step (batch %d+%d, %dx%d, %s): median %.1f ms, min %.1f ms, peak %.2f GiB",
-                    o.batch, o.batch, o.size, o.size, o.precision, med * 1e3, times[1] * 1e3, peak))
+-- the ranks step in lockstep: the slowest median is the run's
+local med_all = use_ddp and ml.dist.all_reduce_number(med, "max") or med
+say("train step (batch %d+%d, %dx%d, %s%s): median %.1f ms, min %.1f ms, peak %.2f GiB", o.batch, o.batch, o.size,
+    o.size, o.precision, use_ddp and string.format(", DDP on %d worker%s", world, world > 1 and "s" or "") or "",
+    med_all * 1e3, times[1] * 1e3, peak)
 if o.profile > 0 then
     local rep = ml.profile(step)
-    print("  kernels of one step:")
-    rep:print(o.profile)
+    say("  kernels of one step:")   -- every rank profiles (DDP's collectives pair up), rank 0 prints
+    if rank == 0 then rep:print(o.profile) end
 end
 local phases = {}
 local gc0 = core.gc_pacing_stats()
 for _ = 1, 3 do step(phases) end
 local gc1 = core.gc_pacing_stats()
-print(string.format("  Lua GC paced by tensor memory: %.1f steps, %.1f ms per training step",
-                    (gc1.steps - gc0.steps) / 3, (gc1.ms - gc0.ms) / 3))
-print(string.format("  phases (mean of 3, synchronised): vae_encode %.1f ms, text+unet fwd/bwd %.1f ms, clip+adamw %.1f ms",
-                    phases.vae_encode / 3 * 1e3, phases["text+unet fwd/bwd"] / 3 * 1e3, phases["clip+adamw"] / 3 * 1e3))
+say("  Lua GC paced by tensor memory: %.1f steps, %.1f ms per training step", (gc1.steps - gc0.steps) / 3,
+    (gc1.ms - gc0.ms) / 3)
+say("  phases (mean of 3, synchronised): vae_encode %.1f ms, text+unet fwd/bwd %.1f ms,%s clip+adamw %.1f ms",
+    phases.vae_encode / 3 * 1e3, phases["text+unet fwd/bwd"] / 3 * 1e3,
+    ddp and string.format(" ddp finish %.1f ms,", phases["ddp finish"] / 3 * 1e3) or "", phases["clip+adamw"] / 3 * 1e3)
+local tflops
 if o.configs:match("sd%-v1%-4") then
     -- the peer's FLOP count for SD 1.4 (14.52 TFLOP per step at 2+2, 512x512)
     local flops = 14.52e12 * (B / 4) * (o.size / 512) ^ 2
-    print(string.format("  %.1f TFLOP/s of model FLOPs", flops / med / 1e12))
+    tflops = flops / med_all / 1e12
+    say("  %.1f TFLOP/s of model FLOPs per %s", tflops, on_gpu and "GPU" or "process")
 end
+say("RESULT %s", core.json_encode({world = world, ddp = use_ddp, step_ms_median = med_all * 1e3,
+                                   step_ms_min = times[1] * 1e3, images_per_s = world * B / med_all,
+                                   peak_gib = peak, tflops_per_gpu = tflops, precision = o.precision,
+                                   batch = o.batch, size = o.size, grad_dtype = use_ddp and o.grad_dtype or nil}))
+if ddp then ddp:close() end
+if use_ddp then ml.dist.destroy() end

@@ -15,7 +15,10 @@
 -- parameter dtype.  Each bucket owns one flat buffer (allocated once);
 -- when the grad-ready callback has seen every parameter of a bucket, its
 -- gradients are copied in and one averaged all-reduce is launched
--- asynchronously while backward goes on.
+-- asynchronously while backward goes on.  The first reducing step records
+-- the order gradients arrive in; all ranks then adopt rank 0's and the
+-- buckets are packed again in that order once, before the next step
+-- launches anything (PyTorch's DDP rebuilds its buckets the same way).
 --
 -- After finish(), each gradient is a view of its bucket's buffer (as
 -- PyTorch's gradient_as_bucket_view): nothing is copied back, and a
@@ -68,30 +71,52 @@ function M.new(params, o)
             dist.broadcast(p, 0)
         end
     end)
-    local limit = bucket_mb * 2 ^ 20
-    local cur, count = nil, 0
+    self.limit = bucket_mb * 2 ^ 20
+    -- the trained parameters, numbered in reverse order: the first buckets'
+    -- order, until the first step has shown the order gradients come in
+    self.trained, self.number_of = {}, {}
     for i = #params, 1, -1 do
         local p = params[i]
         if p.requires_grad then
-            local bytes = p:numel() * BYTES[dtype]
-            local device = tostring(p.device)
-            if not cur or (cur.bytes > 0 and cur.bytes + bytes > limit) or cur.device ~= device
-               or cur.param_dtype ~= p.dtype then
-                cur = {params = {}, offsets = {}, numel = 0, bytes = 0, device = device, param_dtype = p.dtype,
-                       first = count}
-                self.buckets[#self.buckets + 1] = cur
-            end
-            cur.params[#cur.params + 1] = p
-            cur.offsets[#cur.params] = cur.numel
-            cur.numel = cur.numel + p:numel()
-            cur.bytes = cur.bytes + bytes
-            count = count + 1
-            self.of_key[core.tensor_key(p)] = {cur, #cur.params}
+            self.trained[#self.trained + 1] = p
+            self.number_of[core.tensor_key(p)] = #self.trained
         end
     end
-    for _, b in ipairs(self.buckets) do
-        b.flat = core.zeros({b.numel}, {dtype = dtype, device = b.device})
-        b.convert = b.param_dtype ~= dtype
+    local order = {}
+    for k = 1, #self.trained do order[k] = k end
+    self:_build(order)
+    self.recording, self.seen, self.seen_set = true, {}, {}
+    self:_reset()
+    core.set_grad_ready_callback(function(key) self:_on_ready(key) end)
+    return self
+end
+
+-- (Re)packs the buckets with the parameters in `order` (numbers into
+-- self.trained).  A gradient that is a view of an old bucket is copied into
+-- its new segment first, and the old buffers are released at once.
+function DDP:_build(order)
+    local old = self.buckets
+    local buckets, of_key, cur = {}, {}, nil
+    for n, k in ipairs(order) do
+        local p = self.trained[k]
+        local bytes = p:numel() * BYTES[self.dtype]
+        local device = tostring(p.device)
+        if not cur or (cur.bytes > 0 and cur.bytes + bytes > self.limit) or cur.device ~= device
+           or cur.param_dtype ~= p.dtype then
+            cur = {params = {}, numbers = {}, offsets = {}, numel = 0, bytes = 0, device = device, param_dtype = p.dtype,
+                   first = n - 1}
+            buckets[#buckets + 1] = cur
+        end
+        cur.params[#cur.params + 1] = p
+        cur.numbers[#cur.params] = k
+        cur.offsets[#cur.params] = cur.numel
+        cur.numel = cur.numel + p:numel()
+        cur.bytes = cur.bytes + bytes
+        of_key[core.tensor_key(p)] = {cur, #cur.params}
+    end
+    for _, b in ipairs(buckets) do
+        b.flat = core.zeros({b.numel}, {dtype = self.dtype, device = b.device})
+        b.convert = b.param_dtype ~= self.dtype
         -- each parameter's segment, shaped like it: the gradient it gets back
         b.segs, b.seg_keys = {}, {}
         for j, p in ipairs(b.params) do
@@ -99,9 +124,64 @@ function M.new(params, o)
             b.seg_keys[j] = core.tensor_key(b.segs[j])
         end
     end
-    self:_reset()
-    core.set_grad_ready_callback(function(key) self:_on_ready(key) end)
-    return self
+    if old then
+        core.no_grad(function()
+            for _, ob in ipairs(old) do
+                for j, p in ipairs(ob.params) do
+                    if p.grad and core.tensor_key(p.grad) == ob.seg_keys[j] then
+                        local e = of_key[core.tensor_key(p)]
+                        local seg = e[1].segs[e[2]]
+                        seg:copy_(p.grad)
+                        p.grad = seg
+                    end
+                    ob.segs[j]:free()
+                end
+                ob.flat:free()
+            end
+        end)
+    end
+    self.buckets, self.of_key = buckets, of_key
+end
+
+-- After the first reducing step: every rank adopts rank 0's order of
+-- gradient arrival (parameters that never arrived last), so that the
+-- first bucket is the first to fill and buckets launch during backward.
+-- Parameter order and arrival order can differ a lot: parameters(unet,
+-- text_encoder) lists the text encoder last, and reversed it would come
+-- first, but its gradients arrive after the whole UNet's.
+function DDP:_agree_on_order()
+    self.recording = false
+    local mine = {}
+    for _, k in ipairs(self.seen) do mine[#mine + 1] = k end
+    local got = {}
+    for _, k in ipairs(mine) do got[k] = true end
+    for k = 1, #self.trained do if not got[k] then mine[#mine + 1] = k end end
+    local order = mine
+    if self.world_size > 1 then
+        local text = self.dist.broadcast_string(self.rank == 0 and table.concat(mine, ",") or nil, 0)
+        order = {}
+        for k in text:gmatch("%d+") do order[#order + 1] = tonumber(k) end
+    end
+    self.seen, self.seen_set = nil, nil
+    local same = true
+    local n = 0
+    for _, b in ipairs(self.buckets) do
+        for j = 1, #b.params do
+            n = n + 1
+            if b.numbers[j] ~= order[n] then same = false end
+        end
+    end
+    if not same then self.pending_order = order end
+end
+
+-- Before a step launches anything: the agreed order, if it is new.
+function DDP:_rebuild_if_pending()
+    if self.pending_order then
+        local order = self.pending_order
+        self.pending_order = nil
+        self:_build(order)
+        self:_reset()
+    end
 end
 
 function DDP:_reset()
@@ -134,6 +214,14 @@ end
 
 function DDP:_on_ready(key)
     if not self.sync then return end
+    self:_rebuild_if_pending()
+    if self.recording then
+        local k = self.number_of[key]
+        if k and not self.seen_set[k] then
+            self.seen_set[k] = true
+            self.seen[#self.seen + 1] = k
+        end
+    end
     local e = self.of_key[key]
     if not e then return end
     local b, j = e[1], e[2]
@@ -178,6 +266,7 @@ function DDP:finish()
     local err = core.grad_ready_error()
     if err then self:_reset(); error("ml.train.ddp: " .. err, 2) end
     if not self.sync then return end
+    self:_rebuild_if_pending()   -- a rank that took no backward this step
     self:_launch_ready(true)
     local absent = self:_absent_everywhere()
     core.no_grad(function()
@@ -198,6 +287,7 @@ function DDP:finish()
             end
         end
     end)
+    if self.recording then self:_agree_on_order() end
     self:_reset()
 end
 
@@ -217,7 +307,7 @@ end
 
 function DDP:close()
     core.set_grad_ready_callback(nil)
-    self.buckets, self.of_key = {}, {}
+    self.buckets, self.of_key, self.pending_order = {}, {}, nil
 end
 
 return M

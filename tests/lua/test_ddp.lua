@@ -4,7 +4,8 @@
 -- all-reduces launched during backward), an unused parameter (no rank has
 -- a gradient: it stays nil), gradient accumulation (no collective before
 -- the last micro-step, counted), bf16 buckets (within the rounding bound
--- stated below), and a rank with no data joining a step with no backward.
+-- stated below), a rank with no data joining a step with no backward, and
+-- buckets packed again in the order gradients arrive.
 local ml = require "moonlit"
 local U = require "testutil"
 local tests = {}
@@ -202,6 +203,80 @@ function tests.rank_without_data_joins_the_step(t)
             t:assertEq(saved(out, 1).unused_grad_is_nil:item(), 1, "the unused parameter still has no gradient")
         end
     end
+    U.remove_tree(dir)
+end
+
+-- Parameters listed against their gradients' order of arrival (as
+-- parameters(unet, text_encoder) lists the text encoder, whose gradients
+-- come last, at the end): in the first step the first bucket fills last and
+-- little launches during backward; from the second step the buckets follow
+-- the order rank 0 saw.  Hooks on l1's parameters (whose gradients come
+-- last) read how many all-reduces were launched by then.  Two SGD steps
+-- still equal one process's.
+local REORDER_SCRIPT = [[
+local ml = require "moonlit"
+local out, n = arg[1], tonumber(arg[2])
+ml.manual_seed(7)
+local B = 12
+local x, y = ml.randn({B, 5}), ml.randn({B, 3})
+ml.train.run(function(cfg, ctx)
+    local l1, l2 = ml.nn.Linear(5, 16), ml.nn.Linear(16, 3)
+    local net = ml.nn.Sequential(l1, ml.nn.Tanh(), l2)
+    local unused = ml.randn({4}):requires_grad_(true)
+    -- reversed, this is l1.bias, l1.weight, l2.bias, l2.weight, unused: l1's come last in backward
+    local params = {unused, l2.weight, l2.bias, l1.weight, l1.bias}
+    local launched = 0
+    local counting = setmetatable({all_reduce = function(t, o)
+        launched = launched + 1
+        return ml.dist.all_reduce(t, o)
+    end}, {__index = ml.dist})
+    local ddp = ctx.world_size > 1 and ml.train.ddp(params, {bucket_mb = 1e-4, dist = counting}) or nil
+    local opt = ml.optim.SGD(params, {lr = 0.5})
+    -- how many all-reduces were launched when the first of l1's gradients arrived
+    local step_now = 0
+    local at_l1 = {}
+    local function hook() if at_l1[step_now] == nil then at_l1[step_now] = launched end return nil end
+    l1.weight:register_hook(hook)
+    l1.bias:register_hook(hook)
+    local per = B // ctx.world_size
+    local lo = ctx.rank * per + 1
+    for step = 1, 2 do
+        step_now = step
+        launched = 0
+        opt:zero_grad()
+        local loss = ml.F.mse_loss(net(x:narrow(1, lo, per)), y:narrow(1, lo, per))
+        loss:backward()
+        if ddp then ddp:finish() end
+        opt:step()
+    end
+    local sd = {at_l1 = ml.tensor(at_l1)}
+    for i, p in ipairs(net:parameters()) do sd["p" .. i] = p end
+    ml.core.st_save(out .. "/rank" .. ctx.rank .. ".safetensors", sd)
+    if ddp then ddp:close() end
+end, {num_workers = n, device = "cpu", summary = false})
+]]
+
+function tests.buckets_follow_the_order_gradients_arrive_in(t)
+    local dir = setup()
+    U.write_file(dir .. "/reorder.lua", REORDER_SCRIPT)
+    local function go(n)
+        local out = dir .. "/r" .. n
+        os.execute("mkdir -p " .. sh_quote(out))
+        local p = io.popen(string.format("%s %s %s %d 2>&1", sh_quote(BIN), sh_quote(dir .. "/reorder.lua"), sh_quote(out), n))
+        local text = p:read("a")
+        return p:close(), text, out
+    end
+    local ok1, text1, out1 = go(1)
+    t:assert(ok1, "one process failed:\n" .. text1)
+    local ok2, text2, out2 = go(2)
+    if not t:assert(ok2, "2 workers failed:\n" .. text2) then return end
+    local r0, r1 = saved(out2, 0), saved(out2, 1)
+    -- when l1's first gradient arrives, step 1 has launched nothing (bucket 1
+    -- is an l1 parameter), step 2 the buckets of l2's two parameters
+    t:assertEq(r0.at_l1:totable(), {0, 2}, "all-reduces launched before l1's gradients, steps 1 and 2")
+    local d = max_diff(saved(out1, 0), r0, "p")
+    t:assert(d <= 1e-5, string.format("two steps equal one process's (max diff %.3g)", d))
+    t:assertEq(max_diff(r0, r1, "p"), 0.0, "ranks agree bit for bit")
     U.remove_tree(dir)
 end
 

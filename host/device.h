@@ -1,4 +1,5 @@
-/* device.h — memory of each device, as the tensor core sees it.
+/* device.h — memory of each device, as the tensor core sees it
+ * (host/device.c).
  *
  * CPU memory is 64-byte aligned malloc.  CUDA memory comes from the
  * stream-ordered caching allocator (kernels/cuda/allocator.cu); without
@@ -14,20 +15,17 @@
 void *ml_device_alloc(ml_device dev, size_t nbytes);   /* NULL + error on failure */
 void ml_device_free(ml_device dev, void *p, size_t nbytes);
 /* Copy n contiguous bytes between any two devices (synchronous w.r.t. the host
- * when the destination is the CPU). */
+ * when the destination is the CPU).  Strided copies and conversions on one
+ * device are the copy kernel's (kernels/copy.h, through ml_copy_). */
 int ml_device_memcpy(void *dst, ml_device ddev, const void *src, ml_device sdev, size_t n);
 /* True if this build has CUDA and the device index exists. */
 bool ml_device_available(ml_device dev);
 
 #ifdef ML_WITH_CUDA
+#include "cuda/allocator.h"   /* ml_cuda_malloc / ml_cuda_free */
 /* Implemented in kernels/cuda/ (extern "C"). */
 int ml_cuda_device_count(void);
-void *ml_cuda_malloc(int device, size_t nbytes);
-void ml_cuda_free(int device, void *p, size_t nbytes);
 int ml_cuda_memcpy(void *dst, ml_device ddev, const void *src, ml_device sdev, size_t n);
-/* dst <- src on one CUDA device: any strides, any dtypes (converting). */
-int ml_cuda_copy_strided(ml_tensor *dst, const ml_tensor *src);
-int ml_cuda_fill(ml_tensor *t, double v);
 /* Pinned (page-locked, portable) host memory and asynchronous uploads, for
  * the data loader's batch buffers (host/data_loader.c). */
 void *ml_cuda_host_alloc(size_t nbytes);            /* NULL + error */

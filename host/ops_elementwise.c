@@ -11,25 +11,15 @@
 #include "ops.h"
 #include "dispatch.h"
 #include "ew_common.h"
-#include "cpu/elementwise.h"
+#include "elementwise.h"
 #include "cpu/optim.h"
 #include <math.h>
 #include <string.h>
 
-/* The twins' header checks the signatures; the weak redeclarations (see
- * dispatch.h) let a CUDA build link before every twin exists. */
+/* The AdamW twin still takes ml_tensor and is declared by hand (see
+ * dispatch.h); the elementwise kernels are declared in elementwise.h. */
 #ifdef ML_WITH_CUDA
-#include "cuda/elementwise.h"
 #include "cuda/optim.h"
-ML_CUDA_TWIN int ml_binary_cuda(ml_binop op, ml_tensor *out, const ml_tensor *a, const ml_tensor *b);
-ML_CUDA_TWIN int ml_binary_scalar_cuda(ml_binop op, ml_tensor *out, const ml_tensor *a, double s,
-                                       bool scalar_first);
-ML_CUDA_TWIN int ml_unary_cuda(ml_unop op, ml_tensor *out, const ml_tensor *x);
-ML_CUDA_TWIN int ml_unary_backward_cuda(ml_unop op, ml_tensor *dx, const ml_tensor *dy, const ml_tensor *x);
-ML_CUDA_TWIN int ml_clamp_cuda(ml_tensor *out, const ml_tensor *x, double lo, double hi);
-ML_CUDA_TWIN int ml_clamp_backward_cuda(ml_tensor *dx, const ml_tensor *dy, const ml_tensor *x,
-                                        double lo, double hi);
-ML_CUDA_TWIN int ml_where_cuda(ml_tensor *out, const ml_tensor *cond, const ml_tensor *a, const ml_tensor *b);
 ML_CUDA_TWIN int ml_adamw_cuda(ml_tensor *p, const ml_tensor *g, ml_tensor *m, ml_tensor *v, double lr,
                                double b1, double b2, double eps, double wd, int64_t step, uint64_t seed,
                                uint64_t offset);
@@ -114,14 +104,14 @@ static ml_op unop_registry_op(ml_unop op) {
 
 /* ---- dispatch wrappers -------------------------------------------------- */
 
+/* The callers have given a and b out's shape and device, and the compute
+ * dtype (out is bool for comparisons). */
 static int run_binary(ml_binop op, ml_tensor *out, const ml_tensor *a, const ml_tensor *b) {
-    if (out->device.type == ML_CPU) return CPU_CALL(ml_binary_cpu, op, out, a, b);
-    return CUDA_CALL(ml_binary_cuda, op, out, a, b);
+    return ML_RUN(out->device, ml_binary, op, ML_KT(out), ML_KT(a), ML_KT(b));
 }
 
 static int run_binary_scalar(ml_binop op, ml_tensor *out, const ml_tensor *a, double s, bool first) {
-    if (out->device.type == ML_CPU) return CPU_CALL(ml_binary_scalar_cpu, op, out, a, s, first);
-    return CUDA_CALL(ml_binary_scalar_cuda, op, out, a, s, first);
+    return ML_RUN(out->device, ml_binary_scalar, op, ML_KT(out), ML_KT(a), s, first);
 }
 
 /* ---- binary ------------------------------------------------------------- */
@@ -405,7 +395,7 @@ ml_tensor *ml_where(ml_tensor *cond, ml_tensor *a, ml_tensor *b) {
         oc_bcast(cc, nd2, shape, &vc);
         oc_bcast(ca, nd2, shape, &va);
         oc_bcast(cb, nd2, shape, &vb);
-        rc = dev.type == ML_CPU ? CPU_CALL(ml_where_cpu, out, &vc, &va, &vb) : CUDA_CALL(ml_where_cuda, out, &vc, &va, &vb);
+        rc = ML_RUN(dev, ml_where, ML_KT(out), ML_KT(&vc), ML_KT(&va), ML_KT(&vb));
     }
     ml_release(cc); ml_release(ca); ml_release(cb);
     if (rc < 0) { ml_release(out); return NULL; }
@@ -434,10 +424,7 @@ static int unary_backward(ml_node *n, ml_tensor *g, ml_tensor **gin) {
     ml_tensor *gk = oc_cast(g, kt, x->device), *xk = gk ? oc_cast(x, kt, x->device) : NULL;
     ml_tensor *dx = xk ? ml_empty(x->ndim, x->shape, kt, x->device) : NULL;
     int rc = -1;
-    if (dx) {
-        rc = dx->device.type == ML_CPU ? CPU_CALL(ml_unary_backward_cpu, op, dx, gk, xk)
-                                       : CUDA_CALL(ml_unary_backward_cuda, op, dx, gk, xk);
-    }
+    if (dx) rc = ML_RUN(dx->device, ml_unary_backward, op, ML_KT(dx), ML_KT(gk), ML_KT(xk));
     ml_release(gk); ml_release(xk);
     if (rc == 0) gin[0] = oc_grad_for_input(n, 0, dx);
     ml_release(dx);
@@ -455,7 +442,7 @@ ml_tensor *ml_unary(ml_unop op, ml_tensor *x) {
     ml_tensor *cx = oc_cast(x, kt, x->device);
     ml_tensor *out = cx ? ml_empty(x->ndim, x->shape, kt, x->device) : NULL;
     int rc = -1;
-    if (out) rc = out->device.type == ML_CPU ? CPU_CALL(ml_unary_cpu, op, out, cx) : CUDA_CALL(ml_unary_cuda, op, out, cx);
+    if (out) rc = ML_RUN(out->device, ml_unary, op, ML_KT(out), ML_KT(cx));
     ml_release(cx);
     if (rc < 0) { ml_release(out); return NULL; }
     if (kt != ct) {
@@ -476,8 +463,7 @@ ml_tensor *ml_unary(ml_unop op, ml_tensor *x) {
 /* ---- clamp -------------------------------------------------------------- */
 
 static int run_clamp(ml_tensor *out, const ml_tensor *x, double lo, double hi) {
-    if (out->device.type == ML_CPU) return CPU_CALL(ml_clamp_cpu, out, x, lo, hi);
-    return CUDA_CALL(ml_clamp_cuda, out, x, lo, hi);
+    return ML_RUN(out->device, ml_clamp, ML_KT(out), ML_KT(x), lo, hi);
 }
 
 /* f[0], f[1] = lo, hi; saved: x. */
@@ -487,11 +473,7 @@ static int clamp_backward(ml_node *n, ml_tensor *g, ml_tensor **gin) {
     ml_tensor *gk = oc_cast(g, kt, x->device), *xk = gk ? oc_cast(x, kt, x->device) : NULL;
     ml_tensor *dx = xk ? ml_empty(x->ndim, x->shape, kt, x->device) : NULL;
     int rc = -1;
-    if (dx) {
-        rc = dx->device.type == ML_CPU
-            ? CPU_CALL(ml_clamp_backward_cpu, dx, gk, xk, n->f[0], n->f[1])
-            : CUDA_CALL(ml_clamp_backward_cuda, dx, gk, xk, n->f[0], n->f[1]);
-    }
+    if (dx) rc = ML_RUN(dx->device, ml_clamp_backward, ML_KT(dx), ML_KT(gk), ML_KT(xk), n->f[0], n->f[1]);
     ml_release(gk); ml_release(xk);
     if (rc == 0) gin[0] = oc_grad_for_input(n, 0, dx);
     ml_release(dx);

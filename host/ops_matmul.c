@@ -9,18 +9,8 @@
  * copied, as PyTorch does. */
 #include "ops.h"
 #include "ops_common.h"
-#include "cpu/matmul.h"
+#include "matmul.h"
 #include <string.h>
-
-#ifdef ML_WITH_CUDA
-ML_CUDA_TWIN int ml_matmul_forward_cuda(ml_tensor *out, const ml_tensor *a, const ml_tensor *b,
-                                        bool trans_a, bool trans_b);
-ML_CUDA_TWIN int ml_matmul_backward_cuda(ml_tensor *da, ml_tensor *db, const ml_tensor *dout,
-                                         const ml_tensor *a, const ml_tensor *b, bool trans_a, bool trans_b);
-ML_CUDA_TWIN int ml_linear_forward_cuda(ml_tensor *out, const ml_tensor *x, const ml_tensor *w, const ml_tensor *b);
-ML_CUDA_TWIN int ml_linear_backward_cuda(ml_tensor *dx, ml_tensor *dw, ml_tensor *db, const ml_tensor *dout,
-                                         const ml_tensor *x, const ml_tensor *w);
-#endif
 
 static int64_t prod(const int64_t *s, int n) {
     int64_t p = 1;
@@ -136,7 +126,8 @@ static int matmul_backward(ml_node *n, ml_tensor *g, ml_tensor **gin) {
     ml_tensor *da = ml_grad_buffer(n, 0, 3, ka->shape, g, &rc);
     ml_tensor *db = ml_grad_buffer(n, 1, 3, kb->shape, g, &rc);
     if (rc == 0 && !g3) rc = -1;
-    if (rc == 0) rc = ML_RUN(g->device, ml_matmul_backward, da, db, g3, ka, kb, n->i[1], n->i[3]);
+    if (rc == 0) rc = ML_RUN(g->device, ml_matmul_backward, ML_KT(da), ML_KT(db), ML_KT(g3), ML_KT(ka), ML_KT(kb), n->i[1],
+                                 n->i[3]);
     if (rc == 0 && da && !(gin[0] = operand_grad(da, &n->next[0], &n->i[0], nbo, bo))) rc = -1;
     if (rc == 0 && db && !(gin[1] = operand_grad(db, &n->next[1], &n->i[2], nbo, bo))) rc = -1;
     ml_release(gc); ml_release(g3); ml_release(da); ml_release(db);
@@ -168,7 +159,7 @@ static ml_tensor *matmul_nd(ml_tensor *a, ml_tensor *b) {
     ml_tensor *out = kb ? ml_empty(nbo + 2, oshape, a->dtype, a->device) : NULL;
     int64_t s3[3] = {prod(bo, nbo), M, N};
     ml_tensor *o3 = out ? ml_header_as(out, 3, s3) : NULL;
-    if (!o3 || ML_RUN(a->device, ml_matmul_forward, o3, ka, kb, ta, tb) < 0) {
+    if (!o3 || ML_RUN(a->device, ml_matmul_forward, ML_KT(o3), ML_KT(ka), ML_KT(kb), ta, tb) < 0) {
         ml_release(ka); ml_release(kb); ml_release(out); ml_release(o3);
         return NULL;
     }
@@ -229,7 +220,7 @@ static int linear_backward(ml_node *n, ml_tensor *g, ml_tensor **gin) {
     ml_tensor *dw = ml_grad_buffer(n, 1, 2, w->shape, g, &rc);
     ml_tensor *db = ml_grad_buffer(n, 2, 1, &O, g, &rc);
     if (rc == 0 && !g2) rc = -1;
-    if (rc == 0) rc = ML_RUN(g->device, ml_linear_backward, dx, dw, db, g2, x2, w);
+    if (rc == 0) rc = ML_RUN(g->device, ml_linear_backward, ML_KT(dx), ML_KT(dw), ML_KT(db), ML_KT(g2), ML_KT(x2), ML_KT(w));
     if (rc == 0 && dx && !(gin[0] = ml_header_as(dx, n->next[0].ndim, n->next[0].shape))) rc = -1;
     if (rc == 0) { gin[1] = dw; gin[2] = db; dw = db = NULL; }
     ml_release(gc); ml_release(g2); ml_release(dx); ml_release(dw); ml_release(db);
@@ -260,7 +251,7 @@ ml_tensor *ml_linear(ml_tensor *x, ml_tensor *w, ml_tensor *b) {
     ml_tensor *out = ml_empty(x->ndim, oshape, x->dtype, x->device);
     ml_tensor *o2 = out ? ml_header_as(out, 2, os) : NULL;
     if (rc == 0 && (!x2 || !o2)) rc = -1;
-    if (rc == 0) rc = ML_RUN(x->device, ml_linear_forward, o2, x2, wc, bc);
+    if (rc == 0) rc = ML_RUN(x->device, ml_linear_forward, ML_KT(o2), ML_KT(x2), ML_KT(wc), ML_KT(bc));
     ml_release(xc); ml_release(bc); ml_release(o2);
     if (rc < 0) { ml_release(x2); ml_release(wc); ml_release(out); return NULL; }
     ml_tensor *ins[3] = {x, w, b};

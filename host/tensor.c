@@ -1,94 +1,19 @@
 /* tensor.c — tensor headers, storage lifetime, creation, views and copies.
  * The view functions record autograd nodes so gradients flow through them;
- * their backward functions sit next to them. */
+ * their backward functions sit next to them.  Devices and their memory are
+ * in device.c, the copy and fill kernels in kernels/cpu/copy.c and
+ * kernels/cuda/copy.cu, printing in tensor_print.c. */
 #include "tensor.h"
 #include "autograd.h"
 #include "checked_math.h"
 #include "device.h"
+#include "dispatch.h"
+#include "copy.h"
 #include "ops.h"
-#include "profile.h"
 #include <math.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-/* ---- devices ------------------------------------------------------------ */
-
-int ml_device_parse(const char *s, ml_device *out) {
-    if (!s) return ml_error("device: expected a string like \"cpu\" or \"cuda:0\"");
-    if (strcmp(s, "cpu") == 0) { *out = ml_cpu(); return 0; }
-    if (strncmp(s, "cuda", 4) == 0) {
-        int idx = 0;
-        if (s[4] == ':') {
-            char *end;
-            long v = strtol(s + 5, &end, 10);
-            if (*end || end == s + 5 || v < 0 || v > 127)
-                return ml_error("device: bad cuda index in '%s'", s);
-            idx = (int)v;
-        } else if (s[4]) return ml_error("device: unknown device '%s' (expected cpu, cuda or cuda:N)", s);
-        out->type = ML_CUDA; out->index = (int8_t)idx;
-        return 0;
-    }
-    return ml_error("device: unknown device '%s' (expected cpu, cuda or cuda:N)", s);
-}
-
-void ml_device_str(ml_device d, char *buf, size_t n) {
-    if (d.type == ML_CPU) snprintf(buf, n, "cpu");
-    else snprintf(buf, n, "cuda:%d", d.index);
-}
-
-bool ml_device_available(ml_device dev) {
-    if (dev.type == ML_CPU) return true;
-#ifdef ML_WITH_CUDA
-    return dev.index < ml_cuda_device_count();
-#else
-    return false;
-#endif
-}
-
-#define CPU_ALLOC_MAX ((size_t)1 << 48)
-
-void *ml_device_alloc(ml_device dev, size_t nbytes) {
-    if (dev.type == ML_CPU) {
-        void *p = NULL;
-        size_t n;
-        if (!ml_round_up_size(nbytes, 64, &n))
-            return ml_error_null("cannot allocate %zu bytes on the CPU: the size overflows", nbytes);
-        /* More than a 48-bit address space can never succeed; refusing it
-         * here also keeps such requests away from allocators that abort on
-         * them (AddressSanitizer's does) instead of returning NULL. */
-        if (n > CPU_ALLOC_MAX)
-            return ml_error_null("out of CPU memory: could not allocate %zu bytes (more than the %llu-byte "
-                                 "address space)", nbytes, (unsigned long long)CPU_ALLOC_MAX);
-        if (posix_memalign(&p, 64, n ? n : 64) != 0)
-            return ml_error_null("out of CPU memory: could not allocate %zu bytes", nbytes);
-        return p;
-    }
-#ifdef ML_WITH_CUDA
-    return ml_cuda_malloc(dev.index, nbytes);
-#else
-    return ml_error_null("cuda:%d requested but this moonlit was built without CUDA", dev.index);
-#endif
-}
-
-void ml_device_free(ml_device dev, void *p, size_t nbytes) {
-    if (!p) return;
-    if (dev.type == ML_CPU) { free(p); return; }
-#ifdef ML_WITH_CUDA
-    ml_cuda_free(dev.index, p, nbytes);
-#endif
-}
-
-int ml_device_memcpy(void *dst, ml_device ddev, const void *src, ml_device sdev, size_t n) {
-    if (n == 0) return 0;
-    if (ddev.type == ML_CPU && sdev.type == ML_CPU) { memcpy(dst, src, n); return 0; }
-#ifdef ML_WITH_CUDA
-    return ml_cuda_memcpy(dst, ddev, src, sdev, n);
-#else
-    return ml_error("copy involving a cuda device, but this moonlit was built without CUDA");
-#endif
-}
 
 /* ---- storage ------------------------------------------------------------ */
 
@@ -354,57 +279,7 @@ ml_tensor *ml_arange(double start, double end, double step, ml_dtype dt, ml_devi
     return g;
 }
 
-/* ---- strided element iteration (CPU) ------------------------------------ */
-
-/* Calls body for every logical index; offsets of up to two strided operands
- * advance together. */
-typedef struct { int ndim; int64_t shape[ML_MAX_DIMS]; int64_t idx[ML_MAX_DIMS]; } iter_state;
-
-static inline void iter_next(iter_state *it, const int64_t *sa, int64_t *oa, const int64_t *sb, int64_t *ob) {
-    for (int d = it->ndim - 1; d >= 0; d--) {
-        if (++it->idx[d] < it->shape[d]) { *oa += sa[d]; if (ob) *ob += sb[d]; return; }
-        *oa -= sa[d] * (it->shape[d] - 1);
-        if (ob) *ob -= sb[d] * (it->shape[d] - 1);
-        it->idx[d] = 0;
-    }
-}
-
-/* dst <- src, both CPU, same logical shape (src already expanded). */
-static void cpu_copy_strided(ml_tensor *dst, const ml_tensor *src) {
-    int64_t n = ml_numel(dst);
-    if (n == 0) return;
-    size_t es = ml_dtype_size(dst->dtype);
-    if (dst->dtype == src->dtype && ml_is_contiguous(dst) && ml_is_contiguous(src)) {
-        memmove(ml_data(dst), ml_data(src), (size_t)n * es);
-        return;
-    }
-    iter_state it = {.ndim = dst->ndim};
-    memcpy(it.shape, dst->shape, sizeof it.shape);
-    int64_t od = 0, os = 0;
-    char *pd = (char *)dst->storage->data + dst->offset * es;
-    const char *ps = (const char *)src->storage->data + src->offset * ml_dtype_size(src->dtype);
-    if (dst->dtype == src->dtype) {
-        for (int64_t i = 0; i < n; i++) {
-            memcpy(pd + od * es, ps + os * es, es);
-            iter_next(&it, dst->strides, &od, src->strides, &os);
-        }
-    } else if (dst->dtype == ML_F32 && src->dtype == ML_F64) {
-        for (int64_t i = 0; i < n; i++) {
-            ((float *)pd)[od] = (float)((const double *)ps)[os];
-            iter_next(&it, dst->strides, &od, src->strides, &os);
-        }
-    } else if (dst->dtype == ML_F64 && src->dtype == ML_F32) {
-        for (int64_t i = 0; i < n; i++) {
-            ((double *)pd)[od] = ((const float *)ps)[os];
-            iter_next(&it, dst->strides, &od, src->strides, &os);
-        }
-    } else {
-        for (int64_t i = 0; i < n; i++) {
-            ml_store_from_double(pd, dst->dtype, od, ml_load_as_double(ps, src->dtype, os));
-            iter_next(&it, dst->strides, &od, src->strides, &os);
-        }
-    }
-}
+/* ---- copies ------------------------------------------------------------- */
 
 /* A view of src expanded to dst's shape (stride 0 on broadcast dims). */
 static int broadcast_view_to(const ml_tensor *src, const ml_tensor *dst, ml_tensor *out) {
@@ -429,19 +304,8 @@ bad:;
 int ml_copy_(ml_tensor *dst, const ml_tensor *src) {
     ml_tensor sv;
     if (broadcast_view_to(src, dst, &sv) < 0) return -1;
-    if (dst->device.type == ML_CPU && src->device.type == ML_CPU) {
-        int tok = ml_profile_on ? ml_profile_begin("ml_copy_cpu", false) : -1;
-        cpu_copy_strided(dst, &sv);
-        if (tok >= 0) ml_profile_end(tok);
-        return 0;
-    }
-#ifdef ML_WITH_CUDA
-    if (ml_device_eq(dst->device, src->device)) {
-        int tok = ml_profile_on ? ml_profile_begin("ml_cuda_copy_strided", true) : -1;
-        int rc = ml_cuda_copy_strided(dst, &sv);
-        if (tok >= 0) ml_profile_end(tok);
-        return rc;
-    }
+    /* One device: the copy kernel (kernels/copy.h) converts and restrides. */
+    if (ml_device_eq(dst->device, src->device)) return ML_RUN(dst->device, ml_copy, ML_KT(dst), ML_KT(&sv));
     /* Across devices: make the source contiguous where it lives, move the
      * bytes, then let the destination device convert dtype and strides. */
     ml_tensor *sc = ml_contiguous((ml_tensor *)src);
@@ -454,38 +318,9 @@ int ml_copy_(ml_tensor *dst, const ml_tensor *src) {
     ml_release(stage);
     ml_release(sc);
     return rc;
-#else
-    return ml_error("copy involving a cuda device, but this moonlit was built without CUDA");
-#endif
 }
 
-int ml_fill_(ml_tensor *t, double v) {
-    int64_t n = ml_numel(t);
-    if (t->device.type != ML_CPU) {
-#ifdef ML_WITH_CUDA
-        return ml_cuda_fill(t, v);
-#else
-        return ml_error("fill on a cuda tensor, but this moonlit was built without CUDA");
-#endif
-    }
-    if (n == 0) return 0;
-    size_t es = ml_dtype_size(t->dtype);
-    char elem[8];
-    ml_store_from_double(elem, t->dtype, 0, v);
-    if (ml_is_contiguous(t)) {
-        char *p = ml_data(t);
-        if (v == 0.0) memset(p, 0, (size_t)n * es);
-        else if (t->dtype == ML_F32) { float f = (float)v; for (int64_t i = 0; i < n; i++) ((float *)p)[i] = f; }
-        else for (int64_t i = 0; i < n; i++) memcpy(p + i * es, elem, es);
-        return 0;
-    }
-    iter_state it = {.ndim = t->ndim};
-    memcpy(it.shape, t->shape, sizeof it.shape);
-    int64_t o = 0;
-    char *p = (char *)t->storage->data + t->offset * es;
-    for (int64_t i = 0; i < n; i++) { memcpy(p + o * es, elem, es); iter_next(&it, t->strides, &o, NULL, NULL); }
-    return 0;
-}
+int ml_fill_(ml_tensor *t, double v) { return ML_RUN(t->device, ml_fill, ML_KT(t), v); }
 
 /* ---- autograd-aware conversions ----------------------------------------- */
 
@@ -778,15 +613,13 @@ double *ml_to_doubles(const ml_tensor *t) {
     }
     double *out = malloc(bytes);
     if (!out) { ml_release(cpu); return ml_error_null("out of CPU memory"); }
-    iter_state it = {.ndim = c->ndim};
-    memcpy(it.shape, c->shape, sizeof it.shape);
-    int64_t o = 0;
-    const char *base = (const char *)c->storage->data + c->offset * ml_dtype_size(c->dtype);
-    for (int64_t i = 0; i < n; i++) {
-        out[i] = ml_load_as_double(base, c->dtype, o);
-        iter_next(&it, c->strides, &o, NULL, NULL);
-    }
+    /* The CPU copy kernel converts into a contiguous float64 view of out. */
+    ml_ktensor dst = {.data = out, .dtype = ML_F64, .device = ml_cpu(), .ndim = c->ndim};
+    memcpy(dst.shape, c->shape, (size_t)c->ndim * sizeof dst.shape[0]);
+    ml_kt_contiguous_strides(dst.ndim, dst.shape, dst.strides);
+    int rc = ML_RUN(c->device, ml_copy, &dst, ML_KT(c));
     ml_release(cpu);
+    if (rc < 0) { free(out); return NULL; }
     return out;
 }
 
@@ -803,120 +636,3 @@ int ml_item(const ml_tensor *t, double *out) {
     return 0;
 }
 
-/* ---- printing ----------------------------------------------------------- */
-
-typedef struct { char *buf; size_t len, cap; } sbuf;
-
-static void sb_put(sbuf *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void sb_put(sbuf *s, const char *fmt, ...) {
-    va_list ap;
-    for (;;) {
-        va_start(ap, fmt);
-        int k = vsnprintf(s->buf + s->len, s->cap - s->len, fmt, ap);
-        va_end(ap);
-        if (k < 0) return;
-        if (s->len + (size_t)k < s->cap) { s->len += k; return; }
-        size_t nc = s->cap * 2 + (size_t)k + 64;
-        char *nb = realloc(s->buf, nc);
-        if (!nb) return;
-        s->buf = nb; s->cap = nc;
-    }
-}
-
-typedef struct {
-    const double *v;
-    const ml_tensor *t;
-    int64_t cstride[ML_MAX_DIMS];
-    bool summarize, is_float, sci, intlike;
-    int width;
-} print_ctx;
-
-static int fmt_value(const print_ctx *p, double x, char *b, size_t n) {
-    if (!p->is_float) {
-        if (p->t->dtype == ML_BOOL) return snprintf(b, n, "%s", x != 0 ? "true" : "false");
-        return snprintf(b, n, "%.0f", x);
-    }
-    if (isnan(x)) return snprintf(b, n, "nan");
-    if (isinf(x)) return snprintf(b, n, x > 0 ? "inf" : "-inf");
-    if (p->sci) return snprintf(b, n, "%.4e", x);
-    if (p->intlike) return snprintf(b, n, "%.0f.", x);
-    return snprintf(b, n, "%.4f", x);
-}
-
-static void print_rec(const print_ctx *p, sbuf *s, int d, int64_t base, int indent) {
-    const ml_tensor *t = p->t;
-    int64_t n = t->shape[d];
-    const int edge = 3;
-    sb_put(s, "[");
-    for (int64_t i = 0; i < n; i++) {
-        if (p->summarize && n > 2 * edge && i == edge) {
-            if (d == t->ndim - 1) sb_put(s, " ..., ");
-            else {
-                sb_put(s, "...,");
-                for (int k = 0; k < t->ndim - d - 1; k++) sb_put(s, "\n");
-                sb_put(s, "%*s", indent + 1, "");
-            }
-            i = n - edge - 1;
-            continue;
-        }
-        int64_t off = base + i * p->cstride[d];
-        if (d == t->ndim - 1) {
-            char b[64];
-            fmt_value(p, p->v[off], b, sizeof b);
-            sb_put(s, "%*s", p->width, b);
-            if (i < n - 1) sb_put(s, ", ");
-        } else {
-            print_rec(p, s, d + 1, off, indent + 1);
-            if (i < n - 1) {
-                sb_put(s, ",");
-                for (int k = 0; k < t->ndim - d - 1; k++) sb_put(s, "\n");
-                sb_put(s, "%*s", indent + 1, "");
-            }
-        }
-    }
-    sb_put(s, "]");
-}
-
-char *ml_tensor_repr(const ml_tensor *t) {
-    sbuf s = {malloc(256), 0, 256};
-    if (!s.buf) return NULL;
-    s.buf[0] = 0;
-    double *v = ml_to_doubles(t);
-    if (!v) { free(s.buf); return NULL; }
-    int64_t n = ml_numel(t);
-    print_ctx p = {.v = v, .t = t, .summarize = n > 1000, .is_float = ml_dtype_is_float(t->dtype)};
-    ml_contiguous_strides(t->ndim, t->shape, p.cstride);
-    if (p.is_float) {
-        double mx = 0, mn = INFINITY;
-        bool all_int = true;
-        for (int64_t i = 0; i < n; i++) {
-            double a = fabs(v[i]);
-            if (!isfinite(a)) continue;
-            if (a > mx) mx = a;
-            if (a > 0 && a < mn) mn = a;
-            if (v[i] != floor(v[i])) all_int = false;
-        }
-        p.intlike = all_int && mx < 1e8;
-        p.sci = !p.intlike && (mx >= 1e8 || (mn < 1e-4 && mn > 0) || (mx / (mn > 0 ? mn : 1)) > 1e6);
-    }
-    for (int64_t i = 0; i < n; i++) {
-        char b[64];
-        int w = fmt_value(&p, v[i], b, sizeof b);
-        if (w > p.width) p.width = w;
-    }
-    sb_put(&s, "tensor(");
-    if (t->ndim == 0) {
-        char b[64];
-        fmt_value(&p, v[0], b, sizeof b);
-        sb_put(&s, "%s", b);
-    } else if (n == 0) sb_put(&s, "[]");
-    else print_rec(&p, &s, 0, 0, 7);
-    char shp[160], dev[32];
-    ml_device_str(t->device, dev, sizeof dev);
-    sb_put(&s, ", shape=%s, dtype=%s, device=%s", ml_shape_str(t, shp, sizeof shp), ml_dtype_name(t->dtype), dev);
-    if (t->grad_fn) sb_put(&s, ", grad_fn=%s", t->grad_fn->name);
-    else if (t->requires_grad) sb_put(&s, ", requires_grad=true");
-    sb_put(&s, ")");
-    free(v);
-    return s.buf;
-}

@@ -19,7 +19,7 @@ typedef struct {
     const ml_conv2d_params *p;
 } geom;
 
-static geom make_geom(const ml_tensor *x, const ml_tensor *w, const ml_conv2d_params *p) {
+static geom make_geom(const ml_ktensor *x, const ml_ktensor *w, const ml_conv2d_params *p) {
     geom g = {.N = x->shape[0], .H = x->shape[1], .W = x->shape[2], .C = x->shape[3],
               .O = w->shape[0], .kh = w->shape[1], .kw = w->shape[2], .p = p};
     g.Ho = (g.H + p->pad_top + p->pad_bottom - g.kh) / p->stride_h + 1;
@@ -101,16 +101,16 @@ static char *col_buffer(const geom *g, int64_t step, int64_t **pix, const char *
     return col;
 }
 
-int ml_conv2d_forward_cpu(ml_tensor *out, const ml_tensor *x, const ml_tensor *w, const ml_tensor *b,
+int ml_conv2d_forward_cpu(ml_ktensor *out, const ml_ktensor *x, const ml_ktensor *w, const ml_ktensor *b,
                           const ml_conv2d_params *p) {
     geom g = make_geom(x, w, p);
     ml_dtype dt = x->dtype;
-    char *o = ml_data(out);
-    const char *xp = ml_data(x);
-    if (b) ml_fill_rows_cpu(dt, o, ml_data(b), g.rows, g.O);
+    char *o = out->data;
+    const char *xp = x->data;
+    if (b) ml_fill_rows_cpu(dt, o, b->data, g.rows, g.O);
     double beta = b ? 1 : 0;
     if (is_pointwise(&g))
-        return ml_gemm_cpu(dt, false, true, g.rows, g.O, g.C, 1, xp, g.C, ml_data(w), g.C, beta, o, g.O);
+        return ml_gemm_cpu(dt, false, true, g.rows, g.O, g.C, 1, xp, g.C, w->data, g.C, beta, o, g.O);
     int64_t step = chunk_rows(&g), *pix;
     char *col = col_buffer(&g, step, &pix, "conv2d");
     if (!col) return -1;
@@ -118,7 +118,7 @@ int ml_conv2d_forward_cpu(ml_tensor *out, const ml_tensor *x, const ml_tensor *w
     for (int64_t r0 = 0; r0 < g.rows && rc == 0; r0 += step) {
         int64_t nr = g.rows - r0 < step ? g.rows - r0 : step;
         im2col(&g, xp, r0, nr, col, pix);
-        rc = ml_gemm_cpu(dt, false, true, nr, g.O, g.K, 1, col, g.K, ml_data(w), g.K, beta,
+        rc = ml_gemm_cpu(dt, false, true, nr, g.O, g.K, 1, col, g.K, w->data, g.K, beta,
                          o + (size_t)(r0 * g.O) * g.es, g.O);
     }
     free(col);
@@ -126,16 +126,16 @@ int ml_conv2d_forward_cpu(ml_tensor *out, const ml_tensor *x, const ml_tensor *w
 }
 
 /* dw = dout^T col;  dcol = dout w, scattered into dx;  db = column sums. */
-int ml_conv2d_backward_cpu(ml_tensor *dx, ml_tensor *dw, ml_tensor *db, const ml_tensor *dout,
-                           const ml_tensor *x, const ml_tensor *w, const ml_conv2d_params *p) {
+int ml_conv2d_backward_cpu(ml_ktensor *dx, ml_ktensor *dw, ml_ktensor *db, const ml_ktensor *dout,
+                           const ml_ktensor *x, const ml_ktensor *w, const ml_conv2d_params *p) {
     geom g = make_geom(x, w, p);
     ml_dtype dt = x->dtype;
-    const char *go = ml_data(dout), *xp = ml_data(x), *wp = ml_data(w);
-    if (db && ml_colsum_cpu(dt, ml_data(db), go, g.rows, g.O, false) < 0) return -1;
+    const char *go = dout->data, *xp = x->data, *wp = w->data;
+    if (db && ml_colsum_cpu(dt, db->data, go, g.rows, g.O, false) < 0) return -1;
     if (is_pointwise(&g)) {
-        if (dw && ml_gemm_cpu(dt, true, false, g.O, g.C, g.rows, 1, go, g.O, xp, g.C, 0, ml_data(dw), g.C) < 0)
+        if (dw && ml_gemm_cpu(dt, true, false, g.O, g.C, g.rows, 1, go, g.O, xp, g.C, 0, dw->data, g.C) < 0)
             return -1;
-        if (dx && ml_gemm_cpu(dt, false, false, g.rows, g.C, g.O, 1, go, g.O, wp, g.C, 0, ml_data(dx), g.C) < 0)
+        if (dx && ml_gemm_cpu(dt, false, false, g.rows, g.C, g.O, 1, go, g.O, wp, g.C, 0, dx->data, g.C) < 0)
             return -1;
         return 0;
     }
@@ -143,8 +143,8 @@ int ml_conv2d_backward_cpu(ml_tensor *dx, ml_tensor *dw, ml_tensor *db, const ml
     int64_t step = chunk_rows(&g), *pix;
     char *col = col_buffer(&g, step, &pix, "conv2d backward");
     if (!col) return -1;
-    if (dx) memset(ml_data(dx), 0, (size_t)ml_numel(dx) * g.es);
-    if (dw && g.rows == 0) memset(ml_data(dw), 0, (size_t)ml_numel(dw) * g.es);
+    if (dx) memset(dx->data, 0, (size_t)ml_kt_numel(dx) * g.es);
+    if (dw && g.rows == 0) memset(dw->data, 0, (size_t)ml_kt_numel(dw) * g.es);
     int rc = 0;
     for (int64_t r0 = 0; r0 < g.rows && rc == 0; r0 += step) {
         int64_t nr = g.rows - r0 < step ? g.rows - r0 : step;
@@ -152,12 +152,12 @@ int ml_conv2d_backward_cpu(ml_tensor *dx, ml_tensor *dw, ml_tensor *db, const ml
         if (dw) {
             im2col(&g, xp, r0, nr, col, pix);
             rc = ml_gemm_cpu(dt, true, false, g.O, g.K, nr, 1, gchunk, g.O, col, g.K, r0 ? 1 : 0,
-                             ml_data(dw), g.K);
+                             dw->data, g.K);
         }
         if (dx && rc == 0) {
             /* The buffer is free again once dw has consumed it. */
             rc = ml_gemm_cpu(dt, false, false, nr, g.K, g.O, 1, gchunk, g.O, wp, g.K, 0, col, g.K);
-            if (rc == 0) col2im(&g, col, r0, nr, ml_data(dx), pix);
+            if (rc == 0) col2im(&g, col, r0, nr, dx->data, pix);
         }
     }
     free(col);

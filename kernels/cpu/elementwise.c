@@ -12,12 +12,12 @@
  * any loop needing a runtime aliasing check — i.e. all of these. */
 #pragma GCC optimize("O3")
 
-#include "cpu/elementwise.h"
+#include "elementwise.h"
 #include <stdint.h>
 #include <string.h>
 #include <tgmath.h>
 
-/* ---- names for messages ------------------------------------------------- */
+/* ---- names for messages (declared in kernel.h) ------------------------ */
 
 const char *ml_binop_name(ml_binop op) {
     static const char *k[] = {"add", "sub", "mul", "div", "pow", "maximum", "minimum",
@@ -42,8 +42,8 @@ typedef struct { double s, lo, hi; int op; } ew_params;
 typedef void (*ew_fn)(int64_t n, char *const *p, const int64_t *s, const ew_params *prm);
 typedef struct { char *ptr; size_t esize; const int64_t *strides; } ew_operand;
 
-static ew_operand opnd(const ml_tensor *t) {
-    ew_operand o = {(char *)ml_data(t), ml_dtype_size(t->dtype), t->strides};
+static ew_operand opnd(const ml_ktensor *t) {
+    ew_operand o = {(char *)t->data, ml_dtype_size(t->dtype), t->strides};
     return o;
 }
 
@@ -182,17 +182,9 @@ static const ew_fn k_bin[ML_NUM_DTYPES][ML_GE + 1] = {
                  [ML_MINIMUM] = bin_and_b, BIN_ROW_COMPARE(b)},
 };
 
-static bool is_compare(ml_binop op) { return op >= ML_EQ && op <= ML_GE; }
-
-static ew_fn binary_fn(ml_binop op, ml_dtype in, ml_dtype out) {
+static ew_fn binary_fn(ml_binop op, ml_dtype in) {
     if ((unsigned)op > ML_GE || (unsigned)in >= ML_NUM_DTYPES) {
         ml_error("binary kernel (cpu): bad op %d or dtype %d", (int)op, (int)in);
-        return NULL;
-    }
-    ml_dtype want = is_compare(op) ? ML_BOOL : in;
-    if (out != want) {
-        ml_error("%s (cpu): output dtype %s, expected %s", ml_binop_name(op), ml_dtype_name(out),
-                 ml_dtype_name(want));
         return NULL;
     }
     ew_fn fn = k_bin[in][op];
@@ -200,19 +192,16 @@ static ew_fn binary_fn(ml_binop op, ml_dtype in, ml_dtype out) {
     return fn;
 }
 
-int ml_binary_cpu(ml_binop op, ml_tensor *out, const ml_tensor *a, const ml_tensor *b) {
-    if (a->dtype != b->dtype)
-        return ml_error("%s (cpu): operands must share a dtype (got %s and %s)", ml_binop_name(op),
-                        ml_dtype_name(a->dtype), ml_dtype_name(b->dtype));
-    ew_fn fn = binary_fn(op, a->dtype, out->dtype);
+int ml_binary_cpu(ml_binop op, ml_ktensor *out, const ml_ktensor *a, const ml_ktensor *b) {
+    ew_fn fn = binary_fn(op, a->dtype);
     if (!fn) return -1;
     ew_operand o[3] = {opnd(out), opnd(a), opnd(b)};
     ew_run(3, out->ndim, out->shape, o, fn, NULL);
     return 0;
 }
 
-int ml_binary_scalar_cpu(ml_binop op, ml_tensor *out, const ml_tensor *a, double s, bool scalar_first) {
-    ew_fn fn = binary_fn(op, a->dtype, out->dtype);
+int ml_binary_scalar_cpu(ml_binop op, ml_ktensor *out, const ml_ktensor *a, double s, bool scalar_first) {
+    ew_fn fn = binary_fn(op, a->dtype);
     if (!fn) return -1;
     static const int64_t zero[ML_MAX_DIMS];
     _Alignas(8) char sv[8];
@@ -397,11 +386,8 @@ static void un_int(int64_t n, char *const *p, const int64_t *s, const ew_params 
 
 static bool is_int(ml_dtype t) { return t == ML_I32 || t == ML_I64 || t == ML_U8; }
 
-int ml_unary_cpu(ml_unop op, ml_tensor *out, const ml_tensor *x) {
+int ml_unary_cpu(ml_unop op, ml_ktensor *out, const ml_ktensor *x) {
     if ((unsigned)op >= ML_NUM_UNOPS) return ml_error("unary kernel (cpu): bad op %d", (int)op);
-    if (out->dtype != x->dtype)
-        return ml_error("%s (cpu): output dtype %s differs from input dtype %s", ml_unop_name(op),
-                        ml_dtype_name(out->dtype), ml_dtype_name(x->dtype));
     ew_operand o[2] = {opnd(out), opnd(x)};
     if (x->dtype == ML_F32 || x->dtype == ML_F64) {
         ew_run(2, out->ndim, out->shape, o, (x->dtype == ML_F32 ? k_un_f32 : k_un_f64)[op], NULL);
@@ -416,11 +402,10 @@ int ml_unary_cpu(ml_unop op, ml_tensor *out, const ml_tensor *x) {
     return 0;
 }
 
-int ml_unary_backward_cpu(ml_unop op, ml_tensor *dx, const ml_tensor *dy, const ml_tensor *x) {
+int ml_unary_backward_cpu(ml_unop op, ml_ktensor *dx, const ml_ktensor *dy, const ml_ktensor *x) {
     if ((unsigned)op >= ML_NUM_UNOPS) return ml_error("unary backward kernel (cpu): bad op %d", (int)op);
-    if ((x->dtype != ML_F32 && x->dtype != ML_F64) || dx->dtype != x->dtype || dy->dtype != x->dtype)
-        return ml_error("%s backward (cpu): needs f32 or f64 tensors of one dtype (dx %s, dy %s, x %s)",
-                        ml_unop_name(op), ml_dtype_name(dx->dtype), ml_dtype_name(dy->dtype),
+    if (x->dtype != ML_F32 && x->dtype != ML_F64)
+        return ml_error("%s backward (cpu): dtype %s is not supported (float32 or float64)", ml_unop_name(op),
                         ml_dtype_name(x->dtype));
     ew_operand o[3] = {opnd(dx), opnd(dy), opnd(x)};
     ew_run(3, dx->ndim, dx->shape, o, (x->dtype == ML_F32 ? k_unb_f32 : k_unb_f64)[op], NULL);
@@ -454,10 +439,7 @@ int ml_unary_backward_cpu(ml_unop op, ml_tensor *dx, const ml_tensor *dy, const 
 DEF_CLAMP(float, f32)
 DEF_CLAMP(double, f64)
 
-int ml_clamp_cpu(ml_tensor *out, const ml_tensor *x, double lo, double hi) {
-    if (out->dtype != x->dtype)
-        return ml_error("clamp (cpu): output dtype %s differs from input dtype %s",
-                        ml_dtype_name(out->dtype), ml_dtype_name(x->dtype));
+int ml_clamp_cpu(ml_ktensor *out, const ml_ktensor *x, double lo, double hi) {
     ew_operand o[2] = {opnd(out), opnd(x)};
     ew_params prm = {.lo = lo, .hi = hi};
     if (x->dtype == ML_F32) ew_run(2, out->ndim, out->shape, o, clamp_f32, &prm);
@@ -470,9 +452,10 @@ int ml_clamp_cpu(ml_tensor *out, const ml_tensor *x, double lo, double hi) {
     return 0;
 }
 
-int ml_clamp_backward_cpu(ml_tensor *dx, const ml_tensor *dy, const ml_tensor *x, double lo, double hi) {
-    if ((x->dtype != ML_F32 && x->dtype != ML_F64) || dx->dtype != x->dtype || dy->dtype != x->dtype)
-        return ml_error("clamp backward (cpu): needs f32 or f64 tensors of one dtype");
+int ml_clamp_backward_cpu(ml_ktensor *dx, const ml_ktensor *dy, const ml_ktensor *x, double lo, double hi) {
+    if (x->dtype != ML_F32 && x->dtype != ML_F64)
+        return ml_error("clamp backward (cpu): dtype %s is not supported (float32 or float64)",
+                        ml_dtype_name(x->dtype));
     ew_operand o[3] = {opnd(dx), opnd(dy), opnd(x)};
     ew_params prm = {.lo = lo, .hi = hi};
     ew_run(3, dx->ndim, dx->shape, o, x->dtype == ML_F32 ? clampb_f32 : clampb_f64, &prm);
@@ -499,12 +482,7 @@ DEF_WHERE(uint16_t, 16)
 DEF_WHERE(uint32_t, 32)
 DEF_WHERE(uint64_t, 64)
 
-int ml_where_cpu(ml_tensor *out, const ml_tensor *cond, const ml_tensor *a, const ml_tensor *b) {
-    if (cond->dtype != ML_BOOL && cond->dtype != ML_U8)
-        return ml_error("where (cpu): condition must be bool or uint8, got %s", ml_dtype_name(cond->dtype));
-    if (a->dtype != out->dtype || b->dtype != out->dtype)
-        return ml_error("where (cpu): a, b and out must share a dtype (got %s, %s, %s)",
-                        ml_dtype_name(a->dtype), ml_dtype_name(b->dtype), ml_dtype_name(out->dtype));
+int ml_where_cpu(ml_ktensor *out, const ml_ktensor *cond, const ml_ktensor *a, const ml_ktensor *b) {
     ew_fn fn;
     switch (ml_dtype_size(out->dtype)) {
     case 1: fn = where_8; break;

@@ -89,54 +89,54 @@ static int bgemm(ml_dtype dt, int64_t nb, bool ta, bool tb, int64_t M, int64_t N
     return 0;
 }
 
-int ml_matmul_forward_cpu(ml_tensor *out, const ml_tensor *a, const ml_tensor *b,
+int ml_matmul_forward_cpu(ml_ktensor *out, const ml_ktensor *a, const ml_ktensor *b,
                           bool trans_a, bool trans_b) {
     int64_t B = out->shape[0], M = out->shape[1], N = out->shape[2];
     int64_t K = trans_a ? a->shape[1] : a->shape[2];
     return bgemm(out->dtype, B, trans_a, trans_b, M, N, K,
-                 ml_data(a), a->shape[0] == 1 ? 0 : M * K,
-                 ml_data(b), b->shape[0] == 1 ? 0 : K * N,
-                 ml_data(out), M * N);
+                 a->data, a->shape[0] == 1 ? 0 : M * K,
+                 b->data, b->shape[0] == 1 ? 0 : K * N,
+                 out->data, M * N);
 }
 
 /* With C = op(A) op(B):
  *   d op(A) = dC op(B)^T,  so dA = dC op(B)^T, or op(B) dC^T when A is stored transposed;
  *   d op(B) = op(A)^T dC,  so dB = op(A)^T dC, or dC^T op(A) when B is stored transposed. */
-int ml_matmul_backward_cpu(ml_tensor *da, ml_tensor *db, const ml_tensor *dout,
-                           const ml_tensor *a, const ml_tensor *b, bool trans_a, bool trans_b) {
+int ml_matmul_backward_cpu(ml_ktensor *da, ml_ktensor *db, const ml_ktensor *dout,
+                           const ml_ktensor *a, const ml_ktensor *b, bool trans_a, bool trans_b) {
     ml_dtype dt = dout->dtype;
     int64_t B = dout->shape[0], M = dout->shape[1], N = dout->shape[2];
     int64_t K = trans_a ? a->shape[1] : a->shape[2];
     int64_t sa = a->shape[0] == 1 ? 0 : M * K, sb = b->shape[0] == 1 ? 0 : K * N, sc = M * N;
     if (da) {
         int rc = trans_a
-            ? bgemm(dt, B, trans_b, true, K, M, N, ml_data(b), sb, ml_data(dout), sc, ml_data(da), sa)
-            : bgemm(dt, B, false, !trans_b, M, K, N, ml_data(dout), sc, ml_data(b), sb, ml_data(da), sa);
+            ? bgemm(dt, B, trans_b, true, K, M, N, b->data, sb, dout->data, sc, da->data, sa)
+            : bgemm(dt, B, false, !trans_b, M, K, N, dout->data, sc, b->data, sb, da->data, sa);
         if (rc < 0) return -1;
     }
     if (db) {
         int rc = trans_b
-            ? bgemm(dt, B, true, trans_a, N, K, M, ml_data(dout), sc, ml_data(a), sa, ml_data(db), sb)
-            : bgemm(dt, B, !trans_a, false, K, N, M, ml_data(a), sa, ml_data(dout), sc, ml_data(db), sb);
+            ? bgemm(dt, B, true, trans_a, N, K, M, dout->data, sc, a->data, sa, db->data, sb)
+            : bgemm(dt, B, !trans_a, false, K, N, M, a->data, sa, dout->data, sc, db->data, sb);
         if (rc < 0) return -1;
     }
     return 0;
 }
 
-int ml_linear_forward_cpu(ml_tensor *out, const ml_tensor *x, const ml_tensor *w, const ml_tensor *b) {
+int ml_linear_forward_cpu(ml_ktensor *out, const ml_ktensor *x, const ml_ktensor *w, const ml_ktensor *b) {
     int64_t M = out->shape[0], O = out->shape[1], K = x->shape[1];
-    if (b) ml_fill_rows_cpu(out->dtype, ml_data(out), ml_data(b), M, O);
-    return ml_gemm_cpu(out->dtype, false, true, M, O, K, 1, ml_data(x), K, ml_data(w), K,
-                       b ? 1 : 0, ml_data(out), O);
+    if (b) ml_fill_rows_cpu(out->dtype, out->data, b->data, M, O);
+    return ml_gemm_cpu(out->dtype, false, true, M, O, K, 1, x->data, K, w->data, K,
+                       b ? 1 : 0, out->data, O);
 }
 
-int ml_linear_backward_cpu(ml_tensor *dx, ml_tensor *dw, ml_tensor *db, const ml_tensor *dout,
-                           const ml_tensor *x, const ml_tensor *w) {
+int ml_linear_backward_cpu(ml_ktensor *dx, ml_ktensor *dw, ml_ktensor *db, const ml_ktensor *dout,
+                           const ml_ktensor *x, const ml_ktensor *w) {
     ml_dtype dt = dout->dtype;
     int64_t M = dout->shape[0], O = dout->shape[1], K = x->shape[1];
-    if (dx && ml_gemm_cpu(dt, false, false, M, K, O, 1, ml_data(dout), O, ml_data(w), K, 0, ml_data(dx), K) < 0)
+    if (dx && ml_gemm_cpu(dt, false, false, M, K, O, 1, dout->data, O, w->data, K, 0, dx->data, K) < 0)
         return -1;
-    if (dw && ml_gemm_cpu(dt, true, false, O, K, M, 1, ml_data(dout), O, ml_data(x), K, 0, ml_data(dw), K) < 0)
+    if (dw && ml_gemm_cpu(dt, true, false, O, K, M, 1, dout->data, O, x->data, K, 0, dw->data, K) < 0)
         return -1;
-    return db ? ml_colsum_cpu(dt, ml_data(db), ml_data(dout), M, O, false) : 0;
+    return db ? ml_colsum_cpu(dt, db->data, dout->data, M, O, false) : 0;
 }

@@ -25,7 +25,9 @@
 #include <stddef.h>
 #include <stdint.h>
 #ifdef __cplusplus
+extern "C++" {   /* C++ even where this header is included inside extern "C" */
 #include <initializer_list>
+}
 extern "C" {
 #include "error.h"
 }
@@ -62,6 +64,7 @@ int ml_cuda_empty_cache(int dev);
 #ifdef __cplusplus
 }
 
+extern "C++" {
 /* Scratch memory for one kernel call: the one way a CUDA kernel gets
  * temporary device memory.  It comes from the caching allocator and goes
  * back when the object goes out of scope.  That is safe as soon as the
@@ -117,5 +120,6 @@ class ml_cuda_workspace {
     int nparts_ = 0;
     size_t offset_[kMaxParts] = {};
 };
+}   /* extern "C++" */
 #endif
 #endif

@@ -18,7 +18,6 @@ extern "C" {
 // ml_tensor, for the kernels that still take it (attention) and for
 // nccl.cu, which is not a kernel but a communication layer over tensors.
 #include "tensor.h"
-#include "device.h"
 }
 #include "runtime.h"
 #include "allocator.h"

@@ -20,8 +20,10 @@
 #include "common.cuh"
 #include "cudnn_handle.h"
 #include "conv2d.h"
+#include "copy.h"
 #include "elementwise.h"
-#include "matmul.h"
+#include "gemm.h"
+#include "checked_math.h"
 
 #include <climits>
 #include <map>
@@ -188,14 +190,14 @@ struct conv_call {
     int64_t Hp, Wp;      // input height/width as cuDNN sees it
 };
 
-int fits_int(const char *op, const ml_tensor *t, int64_t numel) {
+int fits_int(const char *op, const ml_ktensor *t, int64_t numel) {
     if (numel <= INT_MAX) return 0;
     char s[128];
     return ml_error("%s: tensor %s has more than 2^31 elements, beyond cuDNN's convolution API", op,
-                    ml_shape_str(t, s, sizeof s));
+                    ml_kt_shape_str(t, s, sizeof s));
 }
 
-int setup(conv_call *c, const char *op, const ml_tensor *x, const ml_tensor *w, const ml_tensor *y,
+int setup(conv_call *c, const char *op, const ml_ktensor *x, const ml_ktensor *w, const ml_ktensor *y,
           const ml_conv2d_params *p) {
     /* cuDNN 9 has no NHWC f64 backward-filter algorithms: refuse f64 up
      * front rather than fail half-way through a training step. */
@@ -209,8 +211,14 @@ int setup(conv_call *c, const char *op, const ml_tensor *x, const ml_tensor *w, 
     int64_t N = x->shape[0], C = x->shape[3];
     c->Hp = x->shape[1] + (c->explicit_pad ? p->pad_top + p->pad_bottom : 0);
     c->Wp = x->shape[2] + (c->explicit_pad ? p->pad_left + p->pad_right : 0);
-    if (fits_int(op, x, N * c->Hp * c->Wp * C) < 0 || fits_int(op, y, ml_numel(y)) < 0 ||
-        fits_int(op, w, ml_numel(w)) < 0)
+    // The padded input's element count, checked: huge padding on a small
+    // input must not wrap to a size that passes.
+    int64_t padded_numel;
+    if (!ml_mul_i64(N, c->Hp, &padded_numel) || !ml_mul_i64(padded_numel, c->Wp, &padded_numel) ||
+        !ml_mul_i64(padded_numel, C, &padded_numel))
+        padded_numel = INT64_MAX;
+    if (fits_int(op, x, padded_numel) < 0 || fits_int(op, y, ml_kt_numel(y)) < 0 ||
+        fits_int(op, w, ml_kt_numel(w)) < 0)
         return -1;
     int v[13] = {c->dev, (int)x->dtype, (int)N, (int)c->Hp, (int)c->Wp, (int)C, (int)w->shape[0],
                  (int)w->shape[1], (int)w->shape[2], c->explicit_pad ? 0 : p->pad_top,
@@ -221,30 +229,42 @@ int setup(conv_call *c, const char *op, const ml_tensor *x, const ml_tensor *w, 
 }
 
 // The window of the padded buffer xp [N, Hp, Wp, C] where x [N, H, W, C] sits.
-ml_tensor interior(const ml_tensor *xp, const ml_tensor *x, const ml_conv2d_params *p) {
-    ml_tensor v = *xp;
+ml_ktensor interior(const ml_ktensor *xp, const ml_ktensor *x, const ml_conv2d_params *p) {
+    ml_ktensor v = *xp;
     for (int d = 0; d < 4; d++) v.shape[d] = x->shape[d];
-    v.offset += p->pad_top * xp->strides[1] + p->pad_left * xp->strides[2];
+    v.data = (char *)xp->data +
+             (p->pad_top * xp->strides[1] + p->pad_left * xp->strides[2]) * (int64_t)ml_dtype_size(xp->dtype);
     return v;
 }
 
-// A new [N, Hp, Wp, C] buffer like x; zero-filled around a copy of x when
-// `copy`, uninitialised otherwise.
-ml_tensor *padded(const ml_tensor *x, const conv_call &c, const ml_conv2d_params *p, bool copy) {
-    int64_t shape[4] = {x->shape[0], c.Hp, c.Wp, x->shape[3]};
-    ml_tensor *xp = ml_empty(4, shape, x->dtype, x->device);
-    if (!xp || !copy) return xp;
-    ml_tensor v = interior(xp, x, p);
-    if (ml_cuda_fill(xp, 0) < 0 || ml_cuda_copy_strided(&v, x) < 0) {
-        ml_release(xp);
-        return nullptr;
+// An [N, Hp, Wp, C] buffer like x in scratch memory: the input as cuDNN
+// sees it when the padding is explicit.  Lives as long as its workspace
+// (the caller's scope); zero-filled around a copy of x when `copy`,
+// uninitialised otherwise.
+struct padded_input {
+    ml_cuda_workspace ws;
+    ml_ktensor t;
+    static size_t bytes(const ml_ktensor *x, const conv_call &c) {
+        // setup() checked that N*Hp*Wp*C fits in an int; times the element size it fits in size_t.
+        return (size_t)(x->shape[0] * c.Hp * c.Wp * x->shape[3]) * ml_dtype_size(x->dtype);
     }
-    return xp;
-}
+    padded_input(const ml_ktensor *x, const conv_call &c) : ws(c.dev, {bytes(x, c)}), t(*x) {
+        int64_t shape[4] = {x->shape[0], c.Hp, c.Wp, x->shape[3]};
+        memcpy(t.shape, shape, sizeof shape);
+        ml_kt_contiguous_strides(4, t.shape, t.strides);
+        t.data = ws.ok() ? ws.part<char>(0) : nullptr;
+    }
+    // 0, or -1 when the memory could not be had or the copy failed.
+    int fill_from(const ml_ktensor *x, const ml_conv2d_params *p) {
+        if (!ws.ok()) return -1;
+        ml_ktensor v = interior(&t, x, p);
+        return ml_fill_cuda(&t, 0) < 0 || ml_copy_cuda(&v, x) < 0 ? -1 : 0;
+    }
+};
 
 // out [N, Ho, Wo, O] += b [O] broadcast over the pixels.
-int add_bias(ml_tensor *out, const ml_tensor *b) {
-    ml_tensor bv = *b;
+int add_bias(ml_ktensor *out, const ml_ktensor *b) {
+    ml_ktensor bv = *b;
     bv.ndim = 4;
     for (int d = 0; d < 4; d++) {
         bv.shape[d] = out->shape[d];
@@ -267,9 +287,10 @@ struct scales {
 int run_pass(const conv_call &c, int pass, ml_dtype dt, const void *xp, const void *wp, const void *yp, void *dst) {
     conv_plan *p;
     if (plan_for(c.h, c.key, pass, &p) < 0) return -1;
-    void *ws = nullptr;
     size_t wsb = p->ws[pass];
-    if (wsb && !(ws = ml_cuda_malloc(c.dev, wsb))) return -1;
+    ml_cuda_workspace scratch(c.dev, {wsb});
+    if (!scratch.ok()) return -1;
+    void *ws = wsb ? scratch.part<void>(0) : nullptr;
     scales s(dt);
     cudnnStatus_t st;
     const char *what;
@@ -287,66 +308,74 @@ int run_pass(const conv_call &c, int pass, ml_dtype dt, const void *xp, const vo
                                             (cudnnConvolutionBwdFilterAlgo_t)p->algo[pass], ws, wsb, s.zero(), p->w,
                                             dst);
     }
-    if (ws) ml_cuda_free(c.dev, ws, wsb);   // stream-ordered: the pass is queued first
+    // The workspace goes back stream-ordered: the pass is queued first.
     if (st != CUDNN_STATUS_SUCCESS) return ml_cudnn_fail(st, what, __FILE__, __LINE__);
     return 0;
 }
 
 }  // namespace
 
-extern "C" int ml_conv2d_forward_cuda(ml_tensor *out, const ml_tensor *x, const ml_tensor *w, const ml_tensor *b,
+extern "C" int ml_conv2d_forward_cuda(ml_ktensor *out, const ml_ktensor *x, const ml_ktensor *w, const ml_ktensor *b,
                                       const ml_conv2d_params *p) {
     cudaStream_t s;
     if (ml_cuda_prepare(out, "conv2d", &s) < 0) return -1;
-    if (ml_numel(out) == 0) return 0;
-    if (ml_numel(x) == 0) {
+    if (ml_kt_numel(out) == 0) return 0;
+    if (ml_kt_numel(x) == 0) {
         // Every tap reads padding (or there are no input channels).
-        if (ml_cuda_fill(out, 0) < 0) return -1;
+        if (ml_fill_cuda(out, 0) < 0) return -1;
         return b ? add_bias(out, b) : 0;
     }
     conv_call c;
     if (setup(&c, "conv2d", x, w, out, p) < 0) return -1;
-    ml_tensor *xp = c.explicit_pad ? padded(x, c, p, true) : nullptr;
-    if (c.explicit_pad && !xp) return -1;
-    int rc = run_pass(c, FWD, x->dtype, ml_data(xp ? xp : x), ml_data(w), nullptr, ml_data(out));
-    ml_release(xp);   // stream-ordered: safe once the pass is queued
-    if (rc == 0 && b) rc = add_bias(out, b);
-    return rc;
+    if (c.explicit_pad) {
+        padded_input xp(x, c);   // given back stream-ordered once the pass is queued
+        if (xp.fill_from(x, p) < 0) return -1;
+        if (run_pass(c, FWD, x->dtype, xp.t.data, w->data, nullptr, out->data) < 0) return -1;
+    } else if (run_pass(c, FWD, x->dtype, x->data, w->data, nullptr, out->data) < 0) {
+        return -1;
+    }
+    return b ? add_bias(out, b) : 0;
 }
 
-extern "C" int ml_conv2d_backward_cuda(ml_tensor *dx, ml_tensor *dw, ml_tensor *db, const ml_tensor *dout,
-                                       const ml_tensor *x, const ml_tensor *w, const ml_conv2d_params *p) {
+extern "C" int ml_conv2d_backward_cuda(ml_ktensor *dx, ml_ktensor *dw, ml_ktensor *db, const ml_ktensor *dout,
+                                       const ml_ktensor *x, const ml_ktensor *w, const ml_conv2d_params *p) {
     cudaStream_t s;
     if (ml_cuda_prepare(dout, "conv2d backward", &s) < 0) return -1;
     int dev = dout->device.index;
-    int64_t O = w->shape[0], rows = ml_numel(dout) / (O ? O : 1);
-    if (db && ml_cuda_colsum(dev, dout->dtype, ml_data(db), ml_data(dout), O ? rows : 0, O, false) < 0) return -1;
+    int64_t O = w->shape[0], rows = ml_kt_numel(dout) / (O ? O : 1);
+    if (db && ml_cuda_colsum(dev, dout->dtype, db->data, dout->data, O ? rows : 0, O, false) < 0) return -1;
     if (!dx && !dw) return 0;
-    if (ml_numel(x) == 0 || ml_numel(dout) == 0) {
+    if (ml_kt_numel(x) == 0 || ml_kt_numel(dout) == 0) {
         // No input or no output element: the gradients that exist are zero.
-        if (dx && ml_cuda_fill(dx, 0) < 0) return -1;
-        return dw ? ml_cuda_fill(dw, 0) : 0;
+        if (dx && ml_fill_cuda(dx, 0) < 0) return -1;
+        return dw ? ml_fill_cuda(dw, 0) : 0;
     }
     conv_call c;
     if (setup(&c, "conv2d backward", x, w, dout, p) < 0) return -1;
     int rc = 0;
     if (dw) {
-        ml_tensor *xp = c.explicit_pad ? padded(x, c, p, true) : nullptr;
-        if (c.explicit_pad && !xp) return -1;
-        rc = run_pass(c, BWD_FILTER, x->dtype, ml_data(xp ? xp : x), nullptr, ml_data(dout), ml_data(dw));
-        ml_release(xp);
+        if (c.explicit_pad) {
+            padded_input xp(x, c);
+            rc = xp.fill_from(x, p);
+            if (rc == 0) rc = run_pass(c, BWD_FILTER, x->dtype, xp.t.data, nullptr, dout->data, dw->data);
+        } else {
+            rc = run_pass(c, BWD_FILTER, x->dtype, x->data, nullptr, dout->data, dw->data);
+        }
     }
     if (dx && rc == 0) {
-        // With explicit padding the gradient of the padded input is computed
-        // whole and its interior is dx.
-        ml_tensor *dxp = c.explicit_pad ? padded(x, c, p, false) : nullptr;
-        if (c.explicit_pad && !dxp) return -1;
-        rc = run_pass(c, BWD_DATA, x->dtype, nullptr, ml_data(w), ml_data(dout), ml_data(dxp ? dxp : dx));
-        if (rc == 0 && dxp) {
-            ml_tensor v = interior(dxp, x, p);
-            rc = ml_cuda_copy_strided(dx, &v);
+        if (c.explicit_pad) {
+            // The gradient of the padded input is computed whole and its
+            // interior is dx.
+            padded_input dxp(x, c);
+            if (!dxp.ws.ok()) return -1;
+            rc = run_pass(c, BWD_DATA, x->dtype, nullptr, w->data, dout->data, dxp.t.data);
+            if (rc == 0) {
+                ml_ktensor v = interior(&dxp.t, x, p);
+                rc = ml_copy_cuda(dx, &v);
+            }
+        } else {
+            rc = run_pass(c, BWD_DATA, x->dtype, nullptr, w->data, dout->data, dx->data);
         }
-        ml_release(dxp);
     }
     return rc;
 }

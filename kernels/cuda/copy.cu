@@ -1,8 +1,11 @@
-// copy.cu — moving bytes to, from and between GPUs, strided copies with
-// dtype conversion on one GPU, and fill.  Conversions round exactly as the
-// CPU's copy does (common.cuh), so t:to("cuda"):to(dtype):to("cpu") equals
+// copy.cu — moving bytes to, from and between GPUs (ml_cuda_memcpy, for
+// host/device.c), and the CUDA twins of the copy and fill kernels
+// (contract in kernels/copy.h).  Conversions round exactly as the CPU's
+// copy does (common.cuh), so t:to("cuda"):to(dtype):to("cpu") equals
 // t:to(dtype).
 #include "common.cuh"
+#include "copy.h"
+#include "checked_math.h"
 
 namespace {
 
@@ -98,7 +101,7 @@ template <typename F> int dispatch_width(size_t w, F &&f) {
 }
 
 // Byte range [lo, hi) a tensor's elements can touch.
-void byte_span(const ml_tensor *t, uintptr_t *lo, uintptr_t *hi) {
+void byte_span(const ml_ktensor *t, uintptr_t *lo, uintptr_t *hi) {
     int64_t es = (int64_t)ml_dtype_size(t->dtype);
     int64_t min_off = 0, max_off = 0;
     for (int d = 0; d < t->ndim; d++) {
@@ -106,36 +109,16 @@ void byte_span(const ml_tensor *t, uintptr_t *lo, uintptr_t *hi) {
         int64_t span = (t->shape[d] - 1) * t->strides[d];
         if (span < 0) min_off += span; else max_off += span;
     }
-    uintptr_t base = (uintptr_t)ml_data(t);
+    uintptr_t base = (uintptr_t)t->data;
     *lo = base + (uintptr_t)(min_off * es);
     *hi = base + (uintptr_t)((max_off + 1) * es);
 }
 
-bool same_view(const ml_tensor *a, const ml_tensor *b) {
-    if (ml_data(a) != ml_data(b) || a->dtype != b->dtype || a->ndim != b->ndim) return false;
+bool same_view(const ml_ktensor *a, const ml_ktensor *b) {
+    if (a->data != b->data || a->dtype != b->dtype || a->ndim != b->ndim) return false;
     for (int d = 0; d < a->ndim; d++)
         if (a->shape[d] != b->shape[d] || (a->shape[d] > 1 && a->strides[d] != b->strides[d])) return false;
     return true;
-}
-
-// src expanded to dst's shape (stride 0 on broadcast dims), as a header only.
-int broadcast_to(const ml_tensor *src, const ml_tensor *dst, ml_tensor *out) {
-    *out = *src;
-    int n = dst->ndim, lead = n - src->ndim;
-    if (lead < 0) goto bad;
-    out->ndim = n;
-    for (int i = 0; i < n; i++) {
-        int64_t s = i < lead ? 1 : src->shape[i - lead];
-        int64_t st = i < lead ? 0 : src->strides[i - lead];
-        if (s == dst->shape[i]) { out->shape[i] = s; out->strides[i] = st; }
-        else if (s == 1) { out->shape[i] = dst->shape[i]; out->strides[i] = 0; }
-        else goto bad;
-    }
-    return 0;
-bad:
-    char b1[128], b2[128];
-    return ml_error("copy: source shape %s cannot be broadcast to destination shape %s",
-                    ml_shape_str(src, b1, sizeof b1), ml_shape_str(dst, b2, sizeof b2));
 }
 
 // A transpose plan if the merged dims have one with unit stride in dst and
@@ -168,9 +151,9 @@ bool plan_transpose(const ml_indexer<2> &ix, transpose_plan *p) {
 }
 
 // dst <- src on one device; the two do not overlap in memory.
-int copy_disjoint(ml_tensor *dst, const ml_tensor *src, cudaStream_t s) {
+int copy_disjoint(ml_ktensor *dst, const ml_ktensor *src, cudaStream_t s) {
     int dev = dst->device.index;
-    int64_t n = ml_numel(dst);
+    int64_t n = ml_kt_numel(dst);
     const int64_t *strides[2] = {dst->strides, src->strides};
     ml_indexer<2> ix;
     ml_indexer_make(&ix, dst->ndim, dst->shape, strides);
@@ -180,7 +163,7 @@ int copy_disjoint(ml_tensor *dst, const ml_tensor *src, cudaStream_t s) {
     if (dst->dtype == src->dtype) {
         size_t es = ml_dtype_size(dst->dtype);
         if (contig) {
-            ML_CUDA_TRY(cudaMemcpyAsync(ml_data(dst), ml_data(src), (size_t)n * es,
+            ML_CUDA_TRY(cudaMemcpyAsync(dst->data, src->data, (size_t)n * es,
                                         cudaMemcpyDeviceToDevice, s));
             return 0;
         }
@@ -217,7 +200,7 @@ int copy_disjoint(ml_tensor *dst, const ml_tensor *src, cudaStream_t s) {
             else
                 convert_strided<D, S, int64_t><<<grid, kThreads, 0, s>>>(
                     ml_ptr<D>(dst), ml_ptr<S>(src), ix, n);
-            ML_CUDA_LAUNCHED("convert");
+            ML_CUDA_LAUNCHED(contig ? "convert_contig" : "convert_strided");
             return 0;
         });
     });
@@ -266,36 +249,35 @@ extern "C" int ml_cuda_memcpy(void *dst, ml_device ddev, const void *src, ml_dev
     return 0;
 }
 
-extern "C" int ml_cuda_copy_strided(ml_tensor *dst, const ml_tensor *src) {
-    if (dst->device.type != ML_CUDA || !ml_device_eq(dst->device, src->device)) {
-        char a[32], b[32];
-        ml_device_str(dst->device, a, sizeof a);
-        ml_device_str(src->device, b, sizeof b);
-        return ml_error("cuda copy: both tensors must be on one cuda device (destination %s, source %s)", a, b);
-    }
-    ml_tensor sv;
-    if (broadcast_to(src, dst, &sv) < 0) return -1;
-    if (ml_numel(dst) == 0 || same_view(dst, &sv)) return 0;
+extern "C" int ml_copy_cuda(ml_ktensor *dst, const ml_ktensor *src) {
+    if (ml_kt_numel(dst) == 0 || same_view(dst, src)) return 0;
     cudaStream_t s;
     if (ml_cuda_prepare(dst, "copy", &s) < 0) return -1;
 
     uintptr_t dlo, dhi, slo, shi;
     byte_span(dst, &dlo, &dhi);
-    byte_span(&sv, &slo, &shi);
+    byte_span(src, &slo, &shi);
     if (dlo < shi && slo < dhi) {
         // Overlapping views of one buffer: read everything before writing.
-        ml_tensor *tmp = ml_empty(sv.ndim, sv.shape, sv.dtype, sv.device);
-        if (!tmp) return -1;
-        int rc = copy_disjoint(tmp, &sv, s);
-        if (rc == 0) rc = copy_disjoint(dst, tmp, s);
-        ml_release(tmp);   // stream-ordered: safe to reuse right away
-        return rc;
+        size_t bytes;
+        if (!ml_mul_size((size_t)ml_kt_numel(src), ml_dtype_size(src->dtype), &bytes)) {
+            char b[160];
+            return ml_error("copy: a staging copy of %s %s would need more than 2^64 bytes",
+                            ml_kt_shape_str(src, b, sizeof b), ml_dtype_name(src->dtype));
+        }
+        ml_cuda_workspace ws(dst->device.index, {bytes});
+        if (!ws.ok()) return -1;
+        ml_ktensor tmp = *src;
+        tmp.data = ws.part<char>(0);
+        ml_kt_contiguous_strides(tmp.ndim, tmp.shape, tmp.strides);
+        int rc = copy_disjoint(&tmp, src, s);
+        return rc == 0 ? copy_disjoint(dst, &tmp, s) : rc;
     }
-    return copy_disjoint(dst, &sv, s);
+    return copy_disjoint(dst, src, s);
 }
 
-extern "C" int ml_cuda_fill(ml_tensor *t, double v) {
-    int64_t n = ml_numel(t);
+extern "C" int ml_fill_cuda(ml_ktensor *t, double v) {
+    int64_t n = ml_kt_numel(t);
     if (n == 0) return 0;
     cudaStream_t s;
     if (ml_cuda_prepare(t, "fill", &s) < 0) return -1;
@@ -309,7 +291,7 @@ extern "C" int ml_cuda_fill(ml_tensor *t, double v) {
     ml_indexer_make(&ix, t->ndim, t->shape, strides);
     bool contig = ml_indexer_contiguous(ix);
     if (contig && (bits == 0 || es == 1)) {
-        ML_CUDA_TRY(cudaMemsetAsync(ml_data(t), (int)(bits & 0xff), (size_t)n * es, s));
+        ML_CUDA_TRY(cudaMemsetAsync(t->data, (int)(bits & 0xff), (size_t)n * es, s));
         return 0;
     }
     unsigned grid = ml_grid_for(n, kThreads, t->device.index);
@@ -323,7 +305,7 @@ extern "C" int ml_cuda_fill(ml_tensor *t, double v) {
             fill_strided<U, uint32_t><<<grid, kThreads, 0, s>>>(ml_ptr<U>(t), val, ix, (uint32_t)n);
         else
             fill_strided<U, int64_t><<<grid, kThreads, 0, s>>>(ml_ptr<U>(t), val, ix, n);
-        ML_CUDA_LAUNCHED("fill");
+        ML_CUDA_LAUNCHED(contig ? "fill_contig" : "fill_strided");
         return 0;
     });
 }

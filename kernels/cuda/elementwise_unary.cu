@@ -4,9 +4,6 @@
 // kernels/cpu/elementwise.c; f16/bf16 compute in f32.
 #include "ew.cuh"
 #include "elementwise.h"
-extern "C" {
-#include "cpu/elementwise.h"
-}
 
 namespace {
 
@@ -151,12 +148,9 @@ template <typename T> struct clamp_backward_float {
 };
 }  // namespace
 
-extern "C" int ml_unary_cuda(ml_unop op, ml_tensor *out, const ml_tensor *x) {
+extern "C" int ml_unary_cuda(ml_unop op, ml_ktensor *out, const ml_ktensor *x) {
     if ((unsigned)op >= ML_NUM_UNOPS) return ml_error("unary kernel (cuda): bad op %d", (int)op);
-    if (out->dtype != x->dtype)
-        return ml_error("%s (cuda): output dtype %s differs from input dtype %s", ml_unop_name(op),
-                        ml_dtype_name(out->dtype), ml_dtype_name(x->dtype));
-    const ml_tensor *ins[1] = {x};
+    const ml_ktensor *ins[1] = {x};
     const char *name = ml_unop_name(op);
     if (is_float_dtype(x->dtype))
         return ml_dispatch_float(x->dtype, name, [&](auto tag) -> int {
@@ -174,10 +168,9 @@ extern "C" int ml_unary_cuda(ml_unop op, ml_tensor *out, const ml_tensor *x) {
     });
 }
 
-extern "C" int ml_unary_backward_cuda(ml_unop op, ml_tensor *dx, const ml_tensor *dy, const ml_tensor *x) {
+extern "C" int ml_unary_backward_cuda(ml_unop op, ml_ktensor *dx, const ml_ktensor *dy, const ml_ktensor *x) {
     if ((unsigned)op >= ML_NUM_UNOPS) return ml_error("unary backward kernel (cuda): bad op %d", (int)op);
-    if (same_dtype3(ml_unop_name(op), dx, dy, x) < 0) return -1;
-    const ml_tensor *ins[2] = {dy, x};
+    const ml_ktensor *ins[2] = {dy, x};
     const char *name = ml_unop_name(op);
     return ml_dispatch_float(x->dtype, name, [&](auto tag) -> int {
         typedef decltype(tag) T;
@@ -188,11 +181,8 @@ extern "C" int ml_unary_backward_cuda(ml_unop op, ml_tensor *dx, const ml_tensor
     });
 }
 
-extern "C" int ml_clamp_cuda(ml_tensor *out, const ml_tensor *x, double lo, double hi) {
-    if (out->dtype != x->dtype)
-        return ml_error("clamp (cuda): output dtype %s differs from input dtype %s", ml_dtype_name(out->dtype),
-                        ml_dtype_name(x->dtype));
-    const ml_tensor *ins[1] = {x};
+extern "C" int ml_clamp_cuda(ml_ktensor *out, const ml_ktensor *x, double lo, double hi) {
+    const ml_ktensor *ins[1] = {x};
     if (is_float_dtype(x->dtype))
         return ml_dispatch_float(x->dtype, "clamp", [&](auto tag) -> int {
             typedef decltype(tag) T;
@@ -209,10 +199,9 @@ extern "C" int ml_clamp_cuda(ml_tensor *out, const ml_tensor *x, double lo, doub
     });
 }
 
-extern "C" int ml_clamp_backward_cuda(ml_tensor *dx, const ml_tensor *dy, const ml_tensor *x, double lo,
+extern "C" int ml_clamp_backward_cuda(ml_ktensor *dx, const ml_ktensor *dy, const ml_ktensor *x, double lo,
                                       double hi) {
-    if (same_dtype3("clamp backward", dx, dy, x) < 0) return -1;
-    const ml_tensor *ins[2] = {dy, x};
+    const ml_ktensor *ins[2] = {dy, x};
     return ml_dispatch_float(x->dtype, "clamp backward", [&](auto tag) -> int {
         typedef decltype(tag) T;
         typedef typename ml_ctype<T>::type C;

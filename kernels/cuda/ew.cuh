@@ -123,27 +123,18 @@ bool inner_vec_ok(const ml_indexer<N> &ix, int v, const TO *o, unsigned *bcast, 
 }
 
 // out[i] = op(in_0[i], in_1[i], ...) over out's shape.  ins: the input
-// tensors (for device, shape and strides), in: their typed data pointers.
+// descriptors (out's shape and device, as the host made them; their strides
+// are read here), in: their typed data pointers.
 template <typename Op, typename TO, typename... TI>
-int ew_run(const char *name, const Op &op, const ml_tensor *out, const ml_tensor *const *ins, TO *o,
+int ew_run(const char *name, const Op &op, const ml_ktensor *out, const ml_ktensor *const *ins, TO *o,
            const TI *...in) {
     constexpr int N = 1 + (int)sizeof...(TI);
     cudaStream_t s;
     if (ml_cuda_prepare(out, name, &s) < 0) return -1;
     const int64_t *strides[N];
     strides[0] = out->strides;
-    for (int k = 0; k < N - 1; k++) {
-        const ml_tensor *t = ins[k];
-        if (!ml_device_eq(t->device, out->device))
-            return ml_error("%s (cuda): operand %d is on another device than the output", name, k + 1);
-        if (!ml_same_shape(t, out)) {
-            char b1[128], b2[128];
-            return ml_error("%s (cuda): operand %d has shape %s, expected the output's %s", name, k + 1,
-                            ml_shape_str(t, b1, sizeof b1), ml_shape_str(out, b2, sizeof b2));
-        }
-        strides[k + 1] = t->strides;
-    }
-    int64_t n = ml_numel(out);
+    for (int k = 0; k < N - 1; k++) strides[k + 1] = ins[k]->strides;
+    int64_t n = ml_kt_numel(out);
     if (n == 0) return 0;
     ml_indexer<N> ix;
     ml_indexer_make(&ix, out->ndim, out->shape, strides);
@@ -153,17 +144,22 @@ int ew_run(const char *name, const Op &op, const ml_tensor *out, const ml_tensor
     bool ins_al[] = {aligned(in, V)...};
     for (bool b : ins_al) al = al && b;
     unsigned bcast = 0;
+    const char *kernel;
     if (ml_indexer_contiguous(ix) && al) {
+        kernel = "ew_contig";
         ew_contig<V><<<ml_grid_for((n + V - 1) / V, kThreads, dev), kThreads, 0, s>>>(op, n, o, in...);
     } else if (V > 1 && ml_fits_u32(n) && inner_vec_ok(ix, V, o, &bcast, in...)) {
+        kernel = "ew_inner_vec";
         ew_inner_vec<V><<<ml_grid_for(n / V, kThreads, dev), kThreads, 0, s>>>(op, ix, (uint32_t)(n / V), bcast,
                                                                               o, in...);
     } else if (ml_fits_u32(n)) {
+        kernel = "ew_strided";
         ew_strided<uint32_t><<<ml_grid_for(n, kThreads, dev), kThreads, 0, s>>>(op, ix, (uint32_t)n, o, in...);
     } else {
+        kernel = "ew_strided";
         ew_strided<int64_t><<<ml_grid_for(n, kThreads, dev), kThreads, 0, s>>>(op, ix, n, o, in...);
     }
-    ML_CUDA_LAUNCHED(name);
+    ML_CUDA_LAUNCHED(kernel);
     return 0;
 }
 
@@ -210,13 +206,6 @@ template <typename F> int dispatch_int(ml_dtype t, const char *what, F &&f) {
 }
 
 inline bool is_float_dtype(ml_dtype t) { return t == ML_F32 || t == ML_F64 || t == ML_F16 || t == ML_BF16; }
-
-inline int same_dtype3(const char *what, const ml_tensor *a, const ml_tensor *b, const ml_tensor *c) {
-    if (a->dtype != b->dtype || a->dtype != c->dtype)
-        return ml_error("%s (cuda): tensors must share one dtype (got %s, %s, %s)", what, ml_dtype_name(a->dtype),
-                        ml_dtype_name(b->dtype), ml_dtype_name(c->dtype));
-    return 0;
-}
 
 }  // namespace
 

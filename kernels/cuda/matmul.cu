@@ -19,6 +19,8 @@
 #include "common.cuh"
 #include "blas.h"
 #include "matmul.h"
+#include "gemm.h"
+#include "checked_math.h"
 
 #include <algorithm>
 #include <climits>
@@ -314,9 +316,9 @@ int colsum(int dev, ml_dtype at, ml_dtype st, void *s, const void *a, int64_t m,
     splits = std::max<int64_t>(1, std::min<int64_t>(splits, 65535));
     int64_t chunk = m > 0 ? (m + splits - 1) / splits : 0;
     if (chunk > 0) splits = (m + chunk - 1) / chunk;
-    size_t ws_bytes = (size_t)(splits * n) * sizeof(double);
-    double *ws = (double *)ml_cuda_malloc(dev, ws_bytes);
-    if (!ws) return -1;
+    ml_cuda_workspace scratch(dev, {(size_t)(splits * n) * sizeof(double)});
+    if (!scratch.ok()) return -1;
+    double *ws = scratch.part<double>(0);
     int rc = ml_dispatch_float(at, "column sum", [&](auto atag) -> int {
         typedef decltype(atag) TA;
         colsum_partial<TA><<<dim3((unsigned)bx, (unsigned)splits), dim3(32, kRowLanes), 0, stream>>>(
@@ -332,8 +334,7 @@ int colsum(int dev, ml_dtype at, ml_dtype st, void *s, const void *a, int64_t m,
             ML_CUDA_LAUNCHED("colsum_finish");
             return 0;
         });
-    ml_cuda_free(dev, ws, ws_bytes);   // stream-ordered: both passes are queued first
-    return rc;
+    return rc;   // the workspace goes back stream-ordered: both passes are queued first
 }
 
 // ---- batched products as the CPU kernel forms them ---------------------------
@@ -360,16 +361,17 @@ int bgemm(int dev, ml_dtype dt, int64_t nb, bool ta, bool tb, int64_t M, int64_t
     // Summed over the batch: every product apart (f32 for the half types, so
     // the sum is rounded once), then their sum.
     ml_dtype pt = dt == ML_F16 || dt == ML_BF16 ? ML_F32 : dt;
-    size_t bytes = (size_t)(nb * M * N) * ml_dtype_size(pt);
-    void *tmp = ml_cuda_malloc(dev, bytes);
-    if (!tmp) return -1;
+    size_t bytes;
+    if (!ml_mul_size((size_t)(nb * M), (size_t)N * ml_dtype_size(pt), &bytes))
+        return ml_error("matmul: %lld products of [%lld x %lld] would need more than 2^64 bytes of workspace",
+                        (long long)nb, (long long)M, (long long)N);
+    ml_cuda_workspace ws(dev, {bytes});
+    if (!ws.ok()) return -1;
+    void *tmp = ws.part<void>(0);
     int rc = gemm(dev, dt, pt, ta, tb, M, N, K, 1, a, lda, sa, b, ldb, sb, 0, tmp, N, M * N, nb, nullptr);
     if (rc == 0) rc = colsum(dev, pt, dt, c, tmp, nb, M * N, false);
-    ml_cuda_free(dev, tmp, bytes);   // stream-ordered: the sum is queued first
-    return rc;
+    return rc;   // the workspace goes back stream-ordered: the sum is queued first
 }
-
-int check_dtype(const ml_tensor *t, const char *op) { return is_float(t->dtype) ? 0 : not_float(op, t->dtype); }
 
 }  // namespace
 
@@ -400,25 +402,25 @@ extern "C" int ml_colsum_cuda(ml_dtype dt, void *s, const void *a, int64_t m, in
 
 // ---- the twins -----------------------------------------------------------------
 
-extern "C" int ml_matmul_forward_cuda(ml_tensor *out, const ml_tensor *a, const ml_tensor *b,
+extern "C" int ml_matmul_forward_cuda(ml_ktensor *out, const ml_ktensor *a, const ml_ktensor *b,
                                       bool trans_a, bool trans_b) {
     cudaStream_t s;
-    if (ml_cuda_prepare(out, "matmul", &s) < 0 || check_dtype(out, "matmul") < 0) return -1;
+    if (ml_cuda_prepare(out, "matmul", &s) < 0) return -1;
     int64_t B = out->shape[0], M = out->shape[1], N = out->shape[2];
     int64_t K = trans_a ? a->shape[1] : a->shape[2];
     return bgemm(out->device.index, out->dtype, B, trans_a, trans_b, M, N, K,
-                 ml_data(a), a->shape[0] == 1 ? 0 : M * K,
-                 ml_data(b), b->shape[0] == 1 ? 0 : K * N,
-                 ml_data(out), M * N);
+                 a->data, a->shape[0] == 1 ? 0 : M * K,
+                 b->data, b->shape[0] == 1 ? 0 : K * N,
+                 out->data, M * N);
 }
 
 // With C = op(A) op(B):
 //   dA = dC op(B)^T, or op(B) dC^T when A is stored transposed;
 //   dB = op(A)^T dC, or dC^T op(A) when B is stored transposed.
-extern "C" int ml_matmul_backward_cuda(ml_tensor *da, ml_tensor *db, const ml_tensor *dout,
-                                       const ml_tensor *a, const ml_tensor *b, bool trans_a, bool trans_b) {
+extern "C" int ml_matmul_backward_cuda(ml_ktensor *da, ml_ktensor *db, const ml_ktensor *dout,
+                                       const ml_ktensor *a, const ml_ktensor *b, bool trans_a, bool trans_b) {
     cudaStream_t s;
-    if (ml_cuda_prepare(dout, "matmul backward", &s) < 0 || check_dtype(dout, "matmul backward") < 0) return -1;
+    if (ml_cuda_prepare(dout, "matmul backward", &s) < 0) return -1;
     int dev = dout->device.index;
     ml_dtype dt = dout->dtype;
     int64_t B = dout->shape[0], M = dout->shape[1], N = dout->shape[2];
@@ -426,40 +428,40 @@ extern "C" int ml_matmul_backward_cuda(ml_tensor *da, ml_tensor *db, const ml_te
     int64_t sa = a->shape[0] == 1 ? 0 : M * K, sb = b->shape[0] == 1 ? 0 : K * N, sc = M * N;
     if (da) {
         int rc = trans_a
-            ? bgemm(dev, dt, B, trans_b, true, K, M, N, ml_data(b), sb, ml_data(dout), sc, ml_data(da), sa)
-            : bgemm(dev, dt, B, false, !trans_b, M, K, N, ml_data(dout), sc, ml_data(b), sb, ml_data(da), sa);
+            ? bgemm(dev, dt, B, trans_b, true, K, M, N, b->data, sb, dout->data, sc, da->data, sa)
+            : bgemm(dev, dt, B, false, !trans_b, M, K, N, dout->data, sc, b->data, sb, da->data, sa);
         if (rc < 0) return -1;
     }
     if (db) {
         int rc = trans_b
-            ? bgemm(dev, dt, B, true, trans_a, N, K, M, ml_data(dout), sc, ml_data(a), sa, ml_data(db), sb)
-            : bgemm(dev, dt, B, !trans_a, false, K, N, M, ml_data(a), sa, ml_data(dout), sc, ml_data(db), sb);
+            ? bgemm(dev, dt, B, true, trans_a, N, K, M, dout->data, sc, a->data, sa, db->data, sb)
+            : bgemm(dev, dt, B, !trans_a, false, K, N, M, a->data, sa, dout->data, sc, db->data, sb);
         if (rc < 0) return -1;
     }
     return 0;
 }
 
-extern "C" int ml_linear_forward_cuda(ml_tensor *out, const ml_tensor *x, const ml_tensor *w, const ml_tensor *b) {
+extern "C" int ml_linear_forward_cuda(ml_ktensor *out, const ml_ktensor *x, const ml_ktensor *w, const ml_ktensor *b) {
     cudaStream_t s;
-    if (ml_cuda_prepare(out, "linear", &s) < 0 || check_dtype(out, "linear") < 0) return -1;
+    if (ml_cuda_prepare(out, "linear", &s) < 0) return -1;
     int64_t M = out->shape[0], O = out->shape[1], K = x->shape[1];
     ml_dtype dt = out->dtype;
-    return gemm(out->device.index, dt, dt, false, true, M, O, K, 1, ml_data(x), K, 0, ml_data(w), K, 0, 0,
-                ml_data(out), O, 0, 1, b ? ml_data(b) : nullptr);
+    return gemm(out->device.index, dt, dt, false, true, M, O, K, 1, x->data, K, 0, w->data, K, 0, 0,
+                out->data, O, 0, 1, b ? b->data : nullptr);
 }
 
-extern "C" int ml_linear_backward_cuda(ml_tensor *dx, ml_tensor *dw, ml_tensor *db, const ml_tensor *dout,
-                                       const ml_tensor *x, const ml_tensor *w) {
+extern "C" int ml_linear_backward_cuda(ml_ktensor *dx, ml_ktensor *dw, ml_ktensor *db, const ml_ktensor *dout,
+                                       const ml_ktensor *x, const ml_ktensor *w) {
     cudaStream_t s;
-    if (ml_cuda_prepare(dout, "linear backward", &s) < 0 || check_dtype(dout, "linear backward") < 0) return -1;
+    if (ml_cuda_prepare(dout, "linear backward", &s) < 0) return -1;
     int dev = dout->device.index;
     ml_dtype dt = dout->dtype;
     int64_t M = dout->shape[0], O = dout->shape[1], K = x->shape[1];
-    if (dx && gemm(dev, dt, dt, false, false, M, K, O, 1, ml_data(dout), O, 0, ml_data(w), K, 0, 0, ml_data(dx), K,
+    if (dx && gemm(dev, dt, dt, false, false, M, K, O, 1, dout->data, O, 0, w->data, K, 0, 0, dx->data, K,
                    0, 1, nullptr) < 0)
         return -1;
-    if (dw && gemm(dev, dt, dt, true, false, O, K, M, 1, ml_data(dout), O, 0, ml_data(x), K, 0, 0, ml_data(dw), K,
+    if (dw && gemm(dev, dt, dt, true, false, O, K, M, 1, dout->data, O, 0, x->data, K, 0, 0, dw->data, K,
                    0, 1, nullptr) < 0)
         return -1;
-    return db ? colsum(dev, dt, dt, ml_data(db), ml_data(dout), M, O, false) : 0;
+    return db ? colsum(dev, dt, dt, db->data, dout->data, M, O, false) : 0;
 }

@@ -1,5 +1,5 @@
 /* test_cuda_blas.c — the GEMM and column-sum services under the CUDA
- * matmul, linear and conv2d twins (kernels/cuda/matmul.h), against a
+ * matmul, linear and conv2d twins (kernels/cuda/gemm.h), against a
  * float64 CPU reference: every transpose combination with alpha and beta,
  * strided batches with a shared operand, the bias epilogue (and the fill +
  * beta = 1 path where cuBLASLt has none), empty products, unaligned
@@ -8,14 +8,14 @@
 #include "check.h"
 #include "tensor.h"
 #include "device.h"
-#include "cpu/matmul.h"
+#include "matmul.h"
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 #ifdef ML_WITH_CUDA
 #include "cuda/runtime.h"
-#include "cuda/matmul.h"
+#include "cuda/gemm.h"
 #include "cuda/blas.h"
 #include "cuda/cudnn_handle.h"
 

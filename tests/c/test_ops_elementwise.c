@@ -6,7 +6,7 @@
 #include "gradcheck.h"
 #include "ops.h"
 #include "ew_common.h"
-#include "cpu/elementwise.h"
+#include "elementwise.h"
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>

@@ -105,6 +105,18 @@ $(BUILD)/%.o: %.cu
 	$(call say,NVCC,$<)
 	$(Q)$(NVCC) $(NVFLAGS) -MMD -MP -c $< -o $@
 
+# The fused cuDNN attention is built against the header-only cuDNN frontend
+# when `make deps` has fetched it (scripts/fetch_cudnn_frontend.sh), and as a
+# stub that always answers "unsupported" when not.  The folder is looked for
+# when the recipe runs, since deps runs earlier in the same make; its VERSION
+# file is a prerequisite so that fetching the frontend later rebuilds this.
+CUDNN_FE := .cache/cudnn-frontend
+$(BUILD)/kernels/cuda/attention_cudnn.o: kernels/cuda/attention_cudnn.cu $(wildcard $(CUDNN_FE)/VERSION)
+	@mkdir -p $(dir $@)
+	$(call say,NVCC,$<)
+	$(Q)$(NVCC) $(NVFLAGS) $$(test -f $(CUDNN_FE)/include/cudnn_frontend.h && \
+	    echo "-isystem $(CUDNN_FE)/include -DML_WITH_CUDNN_FRONTEND") -MMD -MP -c $< -o $@
+
 -include $(OBJS:.o=.d)
 
 # C unit tests: each tests/c/test_*.c is a program linked with the library objects.
@@ -117,6 +129,9 @@ $(BUILD)/tests/%: tests/c/%.c $(LIB_OBJS)
 
 deps:
 	@scripts/install_deps.sh
+ifeq ($(CUDA),1)
+	@scripts/fetch_cudnn_frontend.sh
+endif
 
 # Packages first: nothing compiles or fetches before `deps` has finished.
 $(OBJS) $(C_TESTS): | deps

@@ -11,9 +11,9 @@
 # Steps: GPU summary (nvidia-smi), the C tests of the CUDA runtime/allocator
 # and of cuBLAS (if built), the CPU-vs-GPU parity suite, the fixtures on the
 # GPU and generation in each precision (when the vocabulary is there: run
-# scripts/fetch_clip_vocab.sh first), the kernel bandwidth benchmark, then
-# any bench/*.lua.  Ends with a table of the steps and exits
-# non-zero if one failed.
+# scripts/fetch_clip_vocab.sh first), the kernel bandwidth benchmark, the
+# attention benchmark beside PyTorch, then any bench/*.lua.  Ends with a
+# table of the steps and exits non-zero if one failed.
 set -u
 BIN=${BIN:-build/moonlit}
 LOG_DIR=${LOG_DIR:-build/gpu_check}
@@ -79,6 +79,8 @@ step "data loader on GPU" data.log "$BIN" tests/lua/run.lua tests/lua/test_data.
 # BENCH=0 leaves out the benchmarks (a correctness-only run)
 if [ "${BENCH:-1}" != 0 ]; then
     step "kernel bandwidth" bench_kernels.log "$BIN" tests/gpu/bench_kernels.lua
+    # attention per shape beside PyTorch's SDPA backends (its peer script runs inside)
+    step "attention vs peer" bench_attention.log "$BIN" tests/gpu/bench_attention.lua
     for f in bench/*.lua; do
         [ -f "$f" ] || continue
         step "$(basename "$f" .lua)" "$(basename "$f" .lua).log" "$BIN" "$f"

@@ -45,11 +45,12 @@ CUDA    := 0
 endif
 
 HOST_SRC   := $(wildcard host/*.c)
+CLI_SRC    := $(wildcard cli/*.c)
 BIND_SRC   := $(wildcard bindings/*.c)
 KCPU_SRC   := $(wildcard kernels/cpu/*.c)
 KCUDA_SRC  := $(wildcard kernels/cuda/*.cu)
 
-OBJS := $(patsubst %.c,$(BUILD)/%.o,$(HOST_SRC) $(BIND_SRC) $(KCPU_SRC))
+OBJS := $(patsubst %.c,$(BUILD)/%.o,$(HOST_SRC) $(BIND_SRC) $(KCPU_SRC) $(CLI_SRC))
 
 ifeq ($(CUDA),1)
 CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(NVCC))
@@ -120,7 +121,7 @@ $(BUILD)/kernels/cuda/attention_cudnn.o: kernels/cuda/attention_cudnn.cu $(wildc
 -include $(OBJS:.o=.d)
 
 # C unit tests: each tests/c/test_*.c is a program linked with the library objects.
-LIB_OBJS := $(filter-out $(BUILD)/host/main.o,$(OBJS))
+LIB_OBJS := $(filter-out $(BUILD)/cli/%.o,$(OBJS))
 C_TESTS  := $(patsubst tests/c/%.c,$(BUILD)/tests/%,$(wildcard tests/c/test_*.c))
 $(BUILD)/tests/%: tests/c/%.c $(LIB_OBJS)
 	@mkdir -p $(dir $@)

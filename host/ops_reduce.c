@@ -1,26 +1,16 @@
 /* ops_reduce.c — reductions (sum, mean, var, norm over any set of dims;
  * max/argmax along one dim) with their autograd nodes.
  *
- * The kernels (kernels/cpu/reduce.h) write the keepdim layout: x's dims
+ * The kernels (kernels/reduce.h) write the keepdim layout: x's dims
  * with size 1 where reduced.  The result is that buffer viewed with or
  * without the reduced dims; backward views the incoming gradient back in
  * the keepdim layout and broadcasts it over x. */
 #include "ops.h"
 #include "dispatch.h"
 #include "ew_common.h"
-#include "cpu/reduce.h"
+#include "reduce.h"
 #include <math.h>
 #include <string.h>
-
-/* The twins' header checks the signatures; the weak redeclarations (see
- * dispatch.h) let a CUDA build link before every twin exists. */
-#ifdef ML_WITH_CUDA
-#include "cuda/reduce.h"
-ML_CUDA_TWIN int ml_sum_cuda(ml_tensor *out, const ml_tensor *x, double scale);
-ML_CUDA_TWIN int ml_var_cuda(ml_tensor *out, const ml_tensor *x, double correction);
-ML_CUDA_TWIN int ml_norm_cuda(ml_tensor *out, const ml_tensor *x, double p);
-ML_CUDA_TWIN int ml_max_dim_cuda(ml_tensor *values, ml_tensor *indices, const ml_tensor *x, int dim);
-#endif
 
 /* Which dims a reduction covers, x's shape in keepdim layout, and the
  * result's shape. */
@@ -75,11 +65,10 @@ static ml_tensor *run_reduce(red_kind kind, ml_tensor *x, const red_spec *s, ml_
     ml_tensor *k = cx ? ml_empty(x->ndim, s->kshape, ot, x->device) : NULL;
     int rc = -1;
     if (k) {
-        bool cpu = x->device.type == ML_CPU;
         switch (kind) {
-        case RED_SUM: rc = cpu ? CPU_CALL(ml_sum_cpu, k, cx, prm) : CUDA_CALL(ml_sum_cuda, k, cx, prm); break;
-        case RED_VAR: rc = cpu ? CPU_CALL(ml_var_cpu, k, cx, prm) : CUDA_CALL(ml_var_cuda, k, cx, prm); break;
-        case RED_NORM: rc = cpu ? CPU_CALL(ml_norm_cpu, k, cx, prm) : CUDA_CALL(ml_norm_cuda, k, cx, prm); break;
+        case RED_SUM: rc = ML_RUN(x->device, ml_sum, ML_KT(k), ML_KT(cx), prm); break;
+        case RED_VAR: rc = ML_RUN(x->device, ml_var, ML_KT(k), ML_KT(cx), prm); break;
+        case RED_NORM: rc = ML_RUN(x->device, ml_norm, ML_KT(k), ML_KT(cx), prm); break;
         }
     }
     ml_release(cx);
@@ -299,7 +288,7 @@ static int max_dim(const char *op, ml_tensor *x, int dim, bool keepdim, ml_tenso
     ml_tensor *vk = ik && values ? ml_empty(x->ndim, s.kshape, kt, x->device) : NULL;
     int rc = -1;
     if (ik && (vk || !values))
-        rc = x->device.type == ML_CPU ? CPU_CALL(ml_max_dim_cpu, vk, ik, cx, d) : CUDA_CALL(ml_max_dim_cuda, vk, ik, cx, d);
+        rc = ML_RUN(x->device, ml_max_dim, ML_KT(vk), ML_KT(ik), ML_KT(cx), d);
     ml_release(cx);
     if (rc == 0 && vk && kt != x->dtype) {
         ml_tensor *c = oc_cast(vk, x->dtype, x->device);

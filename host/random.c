@@ -10,16 +10,7 @@
 #include "dispatch.h"
 #include "ew_common.h"
 #include "philox.h"
-#include "cpu/random.h"
-
-/* The twins' header checks the signatures; the weak redeclarations (see
- * dispatch.h) let a CUDA build link before every twin exists. */
-#ifdef ML_WITH_CUDA
-#include "cuda/random.h"
-ML_CUDA_TWIN int ml_uniform_cuda(ml_tensor *out, uint64_t seed, uint64_t offset, double lo, double hi);
-ML_CUDA_TWIN int ml_normal_cuda(ml_tensor *out, uint64_t seed, uint64_t offset, double mean, double std);
-ML_CUDA_TWIN int ml_randint_cuda(ml_tensor *out, uint64_t seed, uint64_t offset, int64_t low, int64_t high);
-#endif
+#include "random.h"
 
 static ml_generator g_default;
 
@@ -36,12 +27,8 @@ static int fill_float(const char *op, dist d, ml_tensor *t, double a, double b, 
     if (!ml_dtype_is_float(t->dtype))
         return ml_error("%s: needs a float dtype (got %s)", op, ml_dtype_name(t->dtype));
     if (!g) g = &g_default;
-    int rc;
-    if (t->device.type == ML_CPU)
-        rc = d == DIST_UNIFORM ? CPU_CALL(ml_uniform_cpu, t, g->seed, g->offset, a, b) : CPU_CALL(ml_normal_cpu, t, g->seed, g->offset, a, b);
-    else
-        rc = d == DIST_UNIFORM ? CUDA_CALL(ml_uniform_cuda, t, g->seed, g->offset, a, b)
-                               : CUDA_CALL(ml_normal_cuda, t, g->seed, g->offset, a, b);
+    int rc = d == DIST_UNIFORM ? ML_RUN(t->device, ml_uniform, ML_KT(t), g->seed, g->offset, a, b)
+                               : ML_RUN(t->device, ml_normal, ML_KT(t), g->seed, g->offset, a, b);
     if (rc == 0) g->offset += ml_philox_blocks((uint64_t)ml_numel(t), 4);
     return rc;
 }
@@ -66,8 +53,7 @@ ml_tensor *ml_randint(int64_t low, int64_t high, int ndim, const int64_t *shape,
     ml_tensor *t = ml_empty(ndim, shape, dt, dev);
     if (!t) return NULL;
     if (!g) g = &g_default;
-    int rc = dev.type == ML_CPU ? CPU_CALL(ml_randint_cpu, t, g->seed, g->offset, low, high)
-                                : CUDA_CALL(ml_randint_cuda, t, g->seed, g->offset, low, high);
+    int rc = ML_RUN(dev, ml_randint, ML_KT(t), g->seed, g->offset, low, high);
     if (rc < 0) { ml_release(t); return NULL; }
     bool wide = (uint64_t)high - (uint64_t)low > 0x100000000ull;
     g->offset += ml_philox_blocks((uint64_t)ml_numel(t), wide ? 2 : 4);

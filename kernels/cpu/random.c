@@ -1,6 +1,6 @@
 /* random.c — CPU random fills: the Philox stream of kernels/philox.h,
  * written to any dtype and any strides. */
-#include "cpu/random.h"
+#include "random.h"
 #include "philox.h"
 #include <string.h>
 
@@ -8,23 +8,23 @@
 typedef struct {
     char *base;
     int64_t es, off, idx[ML_MAX_DIMS];
-    const ml_tensor *t;
+    const ml_ktensor *t;
     bool contiguous;
 } cursor;
 
-static void cursor_init(cursor *c, ml_tensor *t) {
+static void cursor_init(cursor *c, ml_ktensor *t) {
     memset(c, 0, sizeof *c);
     c->t = t;
-    c->base = (char *)t->storage->data + t->offset * (int64_t)ml_dtype_size(t->dtype);
+    c->base = t->data;
     c->es = (int64_t)ml_dtype_size(t->dtype);
-    c->contiguous = ml_is_contiguous(t);
+    c->contiguous = ml_kt_is_contiguous(t);
 }
 
 /* Address of element i (called with i = 0, 1, 2, ... in order). */
 static char *cursor_at(cursor *c, int64_t i) {
     if (c->contiguous) return c->base + i * c->es;
     if (i > 0) {
-        const ml_tensor *t = c->t;
+        const ml_ktensor *t = c->t;
         for (int d = t->ndim - 1; d >= 0; d--) {
             if (++c->idx[d] < t->shape[d]) { c->off += t->strides[d]; break; }
             c->idx[d] = 0;
@@ -36,11 +36,8 @@ static char *cursor_at(cursor *c, int64_t i) {
 
 static void store(char *p, ml_dtype t, double v) { ml_store_from_double(p, t, 0, v); }
 
-static bool is_float(ml_dtype t) { return ml_dtype_is_float(t) != 0; }
-
-int ml_uniform_cpu(ml_tensor *out, uint64_t seed, uint64_t offset, double lo, double hi) {
-    if (!is_float(out->dtype)) return ml_error("uniform (cpu): dtype %s is not a float type", ml_dtype_name(out->dtype));
-    int64_t n = ml_numel(out);
+int ml_uniform_cpu(ml_ktensor *out, uint64_t seed, uint64_t offset, double lo, double hi) {
+    int64_t n = ml_kt_numel(out);
     cursor c;
     cursor_init(&c, out);
     uint32_t x[4];
@@ -59,9 +56,8 @@ int ml_uniform_cpu(ml_tensor *out, uint64_t seed, uint64_t offset, double lo, do
     return 0;
 }
 
-int ml_normal_cpu(ml_tensor *out, uint64_t seed, uint64_t offset, double mean, double std) {
-    if (!is_float(out->dtype)) return ml_error("normal (cpu): dtype %s is not a float type", ml_dtype_name(out->dtype));
-    int64_t n = ml_numel(out);
+int ml_normal_cpu(ml_ktensor *out, uint64_t seed, uint64_t offset, double mean, double std) {
+    int64_t n = ml_kt_numel(out);
     cursor c;
     cursor_init(&c, out);
     uint32_t x[4];
@@ -77,12 +73,10 @@ int ml_normal_cpu(ml_tensor *out, uint64_t seed, uint64_t offset, double mean, d
     return 0;
 }
 
-int ml_randint_cpu(ml_tensor *out, uint64_t seed, uint64_t offset, int64_t low, int64_t high) {
-    if (out->dtype == ML_BOOL) return ml_error("randint (cpu): bool output is not supported");
-    if (high <= low) return ml_error("randint (cpu): empty range [%lld, %lld)", (long long)low, (long long)high);
+int ml_randint_cpu(ml_ktensor *out, uint64_t seed, uint64_t offset, int64_t low, int64_t high) {
     uint64_t r = (uint64_t)high - (uint64_t)low;
     bool wide = r > 0x100000000ull;
-    int64_t n = ml_numel(out);
+    int64_t n = ml_kt_numel(out);
     cursor c;
     cursor_init(&c, out);
     uint32_t x[4];

@@ -13,7 +13,7 @@
  * any loop needing a runtime aliasing check. */
 #pragma GCC optimize("O3")
 
-#include "cpu/reduce.h"
+#include "reduce.h"
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -26,12 +26,9 @@ typedef struct {
     int64_t as[ML_MAX_DIMS];          /* strides in the accumulator, 0 if reduced */
 } red_plan;
 
-static int red_plan_make(red_plan *p, const ml_tensor *out, const ml_tensor *x, const char *what) {
-    if (out->ndim != x->ndim) goto bad;
-    for (int d = 0; d < x->ndim; d++)
-        if (out->shape[d] != x->shape[d] && out->shape[d] != 1) goto bad;
+static void red_plan_make(red_plan *p, const ml_ktensor *out, const ml_ktensor *x) {
     int64_t acs[ML_MAX_DIMS];
-    ml_contiguous_strides(out->ndim, out->shape, acs);
+    ml_kt_contiguous_strides(out->ndim, out->shape, acs);
     memset(p, 0, sizeof *p);
     int nd = 0;
     for (int d = 0; d < x->ndim; d++) {
@@ -60,11 +57,6 @@ static int red_plan_make(red_plan *p, const ml_tensor *out, const ml_tensor *x, 
         }
     }
     p->nd = m;
-    return 0;
-bad:;
-    char b1[128], b2[128];
-    return ml_error("%s (cpu): output shape %s is not a keepdim reduction of input shape %s", what,
-                    ml_shape_str(out, b1, sizeof b1), ml_shape_str(x, b2, sizeof b2));
 }
 
 /* acc points at the accumulator of this row (reduced innermost dim) or at
@@ -180,35 +172,31 @@ DEF_COL(sum_col_u8, uint8_t, int64_t, v)
 static bool is_f(ml_dtype t) { return t == ML_F32 || t == ML_F64; }
 
 /* Per-output element count N = numel(x) / numel(out). */
-static int64_t per_output(const ml_tensor *out, const ml_tensor *x) {
+static int64_t per_output(const ml_ktensor *out, const ml_ktensor *x) {
     int64_t n = 1;
     for (int d = 0; d < x->ndim; d++) if (out->shape[d] == 1) n *= x->shape[d];
     return n;
 }
 
-static void store_out(ml_tensor *out, int64_t i, double v) {
-    if (out->dtype == ML_F32) ((float *)ml_data(out))[i] = (float)v;
-    else ((double *)ml_data(out))[i] = v;
+static void store_out(ml_ktensor *out, int64_t i, double v) {
+    if (out->dtype == ML_F32) ((float *)out->data)[i] = (float)v;
+    else ((double *)out->data)[i] = v;
 }
 
 /* One pass over an f32 or f64 x into double accumulators. */
-static void float_pass(const ml_tensor *x, const red_plan *pl, double *acc, const double *aux,
+static void float_pass(const ml_ktensor *x, const red_plan *pl, double *acc, const double *aux,
                        row_fn r32, col_fn c32, row_fn r64, col_fn c64, double prm) {
     if (x->dtype == ML_F32)
-        red_run(pl, ml_data(x), 4, (char *)acc, sizeof(double), aux, r32, c32, prm);
+        red_run(pl, x->data, 4, (char *)acc, sizeof(double), aux, r32, c32, prm);
     else
-        red_run(pl, ml_data(x), 8, (char *)acc, sizeof(double), aux, r64, c64, prm);
+        red_run(pl, x->data, 8, (char *)acc, sizeof(double), aux, r64, c64, prm);
 }
 
-int ml_sum_cpu(ml_tensor *out, const ml_tensor *x, double scale) {
+int ml_sum_cpu(ml_ktensor *out, const ml_ktensor *x, double scale) {
     red_plan pl;
-    if (red_plan_make(&pl, out, x, "sum") < 0) return -1;
-    if (!ml_is_contiguous(out)) return ml_error("sum (cpu): output must be contiguous");
-    int64_t no = ml_numel(out);
+    red_plan_make(&pl, out, x);
+    int64_t no = ml_kt_numel(out);
     if (is_f(x->dtype)) {
-        if (out->dtype != x->dtype)
-            return ml_error("sum (cpu): output dtype %s, expected %s", ml_dtype_name(out->dtype),
-                            ml_dtype_name(x->dtype));
         double *acc = calloc((size_t)(no ? no : 1), sizeof *acc);
         if (!acc) return ml_error("sum (cpu): out of memory");
         float_pass(x, &pl, acc, NULL, sum_row_f32, sum_col_f32, sum_row_f64, sum_col_f64, 0);
@@ -225,26 +213,24 @@ int ml_sum_cpu(ml_tensor *out, const ml_tensor *x, double scale) {
     case ML_U8: case ML_BOOL: rf = sum_row_u8; cf = sum_col_u8; break;
     default: return ml_error("sum (cpu): dtype %s is not supported", ml_dtype_name(x->dtype));
     }
-    if (out->dtype != ML_I64)
-        return ml_error("sum (cpu): integer sums are int64, got output dtype %s", ml_dtype_name(out->dtype));
-    int64_t *acc = ml_data(out);
+    int64_t *acc = out->data;
     memset(acc, 0, (size_t)no * sizeof *acc);
-    red_run(&pl, ml_data(x), es, (char *)acc, sizeof *acc, NULL, rf, cf, 0);
+    red_run(&pl, x->data, es, (char *)acc, sizeof *acc, NULL, rf, cf, 0);
     return 0;
 }
 
-static int float_check(const char *what, const ml_tensor *out, const ml_tensor *x) {
-    if (!is_f(x->dtype) || out->dtype != x->dtype)
-        return ml_error("%s (cpu): needs f32 or f64 input and output of one dtype (got %s, %s)", what,
-                        ml_dtype_name(x->dtype), ml_dtype_name(out->dtype));
-    if (!ml_is_contiguous(out)) return ml_error("%s (cpu): output must be contiguous", what);
+/* var and norm compute in float32 or float64 on the CPU. */
+static int require_cpu_float(const char *what, const ml_ktensor *x) {
+    if (!is_f(x->dtype))
+        return ml_error("%s (cpu): dtype %s is not supported (float32 or float64)", what, ml_dtype_name(x->dtype));
     return 0;
 }
 
-int ml_var_cpu(ml_tensor *out, const ml_tensor *x, double correction) {
+int ml_var_cpu(ml_ktensor *out, const ml_ktensor *x, double correction) {
     red_plan pl;
-    if (float_check("var", out, x) < 0 || red_plan_make(&pl, out, x, "var") < 0) return -1;
-    int64_t no = ml_numel(out), n = per_output(out, x);
+    if (require_cpu_float("var", x) < 0) return -1;
+    red_plan_make(&pl, out, x);
+    int64_t no = ml_kt_numel(out), n = per_output(out, x);
     double *mean = calloc((size_t)(no ? no : 1), sizeof *mean);
     double *acc = calloc((size_t)(no ? no : 1), sizeof *acc);
     if (!mean || !acc) { free(mean); free(acc); return ml_error("var (cpu): out of memory"); }
@@ -258,11 +244,11 @@ int ml_var_cpu(ml_tensor *out, const ml_tensor *x, double correction) {
     return 0;
 }
 
-int ml_norm_cpu(ml_tensor *out, const ml_tensor *x, double p) {
+int ml_norm_cpu(ml_ktensor *out, const ml_ktensor *x, double p) {
     red_plan pl;
-    if (float_check("norm", out, x) < 0 || red_plan_make(&pl, out, x, "norm") < 0) return -1;
-    if (!(p > 0) || !isfinite(p)) return ml_error("norm (cpu): p must be finite and > 0 (got %g)", p);
-    int64_t no = ml_numel(out);
+    if (require_cpu_float("norm", x) < 0) return -1;
+    red_plan_make(&pl, out, x);
+    int64_t no = ml_kt_numel(out);
     double *acc = calloc((size_t)(no ? no : 1), sizeof *acc);
     if (!acc) return ml_error("norm (cpu): out of memory");
     if (p == 2) float_pass(x, &pl, acc, NULL, sq_row_f32, sq_col_f32, sq_row_f64, sq_col_f64, p);
@@ -298,9 +284,7 @@ DEF_MAX_SCAN(int32_t, i32, NOT_NAN)
 DEF_MAX_SCAN(int64_t, i64, NOT_NAN)
 DEF_MAX_SCAN(uint8_t, u8, NOT_NAN)
 
-int ml_max_dim_cpu(ml_tensor *values, ml_tensor *indices, const ml_tensor *x, int dim) {
-    if (dim < 0 || dim >= x->ndim || x->shape[dim] < 1)
-        return ml_error("max (cpu): bad dim %d for a tensor with %d dims", dim, x->ndim);
+int ml_max_dim_cpu(ml_ktensor *values, ml_ktensor *indices, const ml_ktensor *x, int dim) {
     void (*scan)(const char *, int64_t, int64_t, char *, int64_t *);
     switch (x->dtype) {
     case ML_F32: scan = max_scan_f32; break;
@@ -310,14 +294,12 @@ int ml_max_dim_cpu(ml_tensor *values, ml_tensor *indices, const ml_tensor *x, in
     case ML_U8: case ML_BOOL: scan = max_scan_u8; break;
     default: return ml_error("max (cpu): dtype %s is not supported", ml_dtype_name(x->dtype));
     }
-    if (indices->dtype != ML_I64 || (values && values->dtype != x->dtype))
-        return ml_error("max (cpu): indices must be int64 and values of the input's dtype");
     size_t es = ml_dtype_size(x->dtype);
-    int64_t L = x->shape[dim], sd = x->strides[dim], no = ml_numel(indices);
+    int64_t L = x->shape[dim], sd = x->strides[dim], no = ml_kt_numel(indices);
     int64_t idx[ML_MAX_DIMS] = {0}, ox = 0;
-    const char *xb = ml_data(x);
-    char *vb = values ? ml_data(values) : NULL;
-    int64_t *ib = ml_data(indices);
+    const char *xb = x->data;
+    char *vb = values ? values->data : NULL;
+    int64_t *ib = indices->data;
     for (int64_t i = 0; i < no; i++) {
         scan(xb + ox * (int64_t)es, L, sd, vb ? vb + i * (int64_t)es : NULL, ib + i);
         for (int d = x->ndim - 1; d >= 0; d--) {

@@ -40,13 +40,13 @@ __device__ __forceinline__ void put4(T *o, const dest &d, int64_t b, int64_t n, 
     for (int k = 0; k < 4 && 4 * b + k < n; k++) o[d.at(4 * b + k)] = v[k];
 }
 
-dest make_dest(const ml_tensor *t) {
+dest make_dest(const ml_ktensor *t) {
     dest d;
     const int64_t *st[1] = {t->strides};
     ml_indexer_make(&d.ix, t->ndim, t->shape, st);
     d.contiguous = ml_indexer_contiguous(d.ix);
-    d.small = ml_fits_u32(ml_numel(t));
-    d.vec4 = d.contiguous && (uintptr_t)ml_data(t) % (4 * ml_dtype_size(t->dtype)) == 0;
+    d.small = ml_fits_u32(ml_kt_numel(t));
+    d.vec4 = d.contiguous && (uintptr_t)t->data % (4 * ml_dtype_size(t->dtype)) == 0;
     return d;
 }
 
@@ -105,42 +105,40 @@ __global__ void randint_kernel(T *o, dest d, int64_t n, uint64_t seed, uint64_t 
 
 }  // namespace
 
-extern "C" int ml_uniform_cuda(ml_tensor *out, uint64_t seed, uint64_t offset, double lo, double hi) {
+extern "C" int ml_uniform_cuda(ml_ktensor *out, uint64_t seed, uint64_t offset, double lo, double hi) {
     cudaStream_t s;
     if (ml_cuda_prepare(out, "uniform", &s) < 0) return -1;
-    int64_t n = ml_numel(out);
+    int64_t n = ml_kt_numel(out);
     if (n == 0) return 0;
     dest d = make_dest(out);
     unsigned grid = ml_grid_for((n + 3) / 4, kThreads, out->device.index);
     return ml_dispatch_float(out->dtype, "uniform", [&](auto tag) -> int {
         typedef decltype(tag) T;
         uniform_kernel<T><<<grid, kThreads, 0, s>>>(ml_ptr<T>(out), d, n, seed, offset, lo, hi);
-        ML_CUDA_LAUNCHED("uniform");
+        ML_CUDA_LAUNCHED("uniform_kernel");
         return 0;
     });
 }
 
-extern "C" int ml_normal_cuda(ml_tensor *out, uint64_t seed, uint64_t offset, double mean, double std) {
+extern "C" int ml_normal_cuda(ml_ktensor *out, uint64_t seed, uint64_t offset, double mean, double std) {
     cudaStream_t s;
     if (ml_cuda_prepare(out, "normal", &s) < 0) return -1;
-    int64_t n = ml_numel(out);
+    int64_t n = ml_kt_numel(out);
     if (n == 0) return 0;
     dest d = make_dest(out);
     unsigned grid = ml_grid_for((n + 3) / 4, kThreads, out->device.index);
     return ml_dispatch_float(out->dtype, "normal", [&](auto tag) -> int {
         typedef decltype(tag) T;
         normal_kernel<T><<<grid, kThreads, 0, s>>>(ml_ptr<T>(out), d, n, seed, offset, mean, std);
-        ML_CUDA_LAUNCHED("normal");
+        ML_CUDA_LAUNCHED("normal_kernel");
         return 0;
     });
 }
 
-extern "C" int ml_randint_cuda(ml_tensor *out, uint64_t seed, uint64_t offset, int64_t low, int64_t high) {
-    if (out->dtype == ML_BOOL) return ml_error("randint (cuda): bool output is not supported");
-    if (high <= low) return ml_error("randint (cuda): empty range [%lld, %lld)", (long long)low, (long long)high);
+extern "C" int ml_randint_cuda(ml_ktensor *out, uint64_t seed, uint64_t offset, int64_t low, int64_t high) {
     cudaStream_t s;
     if (ml_cuda_prepare(out, "randint", &s) < 0) return -1;
-    int64_t n = ml_numel(out);
+    int64_t n = ml_kt_numel(out);
     if (n == 0) return 0;
     uint64_t range = (uint64_t)high - (uint64_t)low;
     bool wide = range > 0x100000000ull;
@@ -149,7 +147,7 @@ extern "C" int ml_randint_cuda(ml_tensor *out, uint64_t seed, uint64_t offset, i
     return ml_dispatch_all(out->dtype, [&](auto tag) -> int {
         typedef decltype(tag) T;
         randint_kernel<T><<<grid, kThreads, 0, s>>>(ml_ptr<T>(out), d, n, seed, offset, low, range, wide);
-        ML_CUDA_LAUNCHED("randint");
+        ML_CUDA_LAUNCHED("randint_kernel");
         return 0;
     });
 }

@@ -32,16 +32,7 @@ struct plan {
     bool small;                   // every index fits 32 bits (cheaper division)
 };
 
-int make_plan(plan *p, const ml_tensor *out, const ml_tensor *x, const char *what) {
-    bool ok = out->ndim == x->ndim;
-    for (int d = 0; ok && d < x->ndim; d++) ok = out->shape[d] == x->shape[d] || out->shape[d] == 1;
-    if (!ok) {
-        char b1[128], b2[128];
-        return ml_error("%s (cuda): output shape %s is not a keepdim reduction of input shape %s", what,
-                        ml_shape_str(out, b1, sizeof b1), ml_shape_str(x, b2, sizeof b2));
-    }
-    if (!ml_is_contiguous(out)) return ml_error("%s (cuda): output must be contiguous", what);
-    if (!ml_device_eq(out->device, x->device)) return ml_error("%s (cuda): input and output on different devices", what);
+void make_plan(plan *p, const ml_ktensor *out, const ml_ktensor *x) {
     int64_t ks[ML_MAX_DIMS], kst[ML_MAX_DIMS], rs[ML_MAX_DIMS], rst[ML_MAX_DIMS];
     int nk = 0, nrd = 0;
     int64_t min_k = INT64_MAX, min_r = INT64_MAX;
@@ -74,7 +65,6 @@ int make_plan(plan *p, const ml_tensor *out, const ml_tensor *x, const char *wha
     // threads then read neighbouring bytes) than a mostly idle warp each.
     p->row = nrd > 0 && min_r < min_k && p->nr > 16;
     p->small = ml_fits_u32(p->no) && ml_fits_u32(p->nr);
-    return 0;
 }
 
 __device__ __forceinline__ int64_t off1(const ml_indexer<1> &ix, int64_t i, bool small) {
@@ -181,9 +171,10 @@ int reduce_run(const char *name, const plan &pl, const T *x, const Map &map, con
     if (chunk > 0) splits = (pl.nr + chunk - 1) / chunk;
     else splits = 1;
 
-    A *ws = nullptr;
-    size_t ws_bytes = (size_t)(splits * pl.no) * sizeof(A);
-    if (splits > 1 && !(ws = (A *)ml_cuda_malloc(dev, ws_bytes))) return -1;
+    ml_cuda_workspace scratch(dev, {splits > 1 ? (size_t)(splits * pl.no) * sizeof(A) : 0});
+    if (!scratch.ok()) return -1;
+    A *ws = splits > 1 ? scratch.part<A>(0) : nullptr;
+    const char *kernel = !pl.row ? "reduce_col" : "reduce_row";
     dim3 grid((unsigned)bx, (unsigned)splits);
     if (!pl.row)
         reduce_col<T, A, TO><<<grid, dim3(kColX, kColY), 0, s>>>(x, pl, chunk, map, fin, out, ws);
@@ -193,12 +184,14 @@ int reduce_run(const char *name, const plan &pl, const T *x, const Map &map, con
         reduce_row<32, T, A, TO><<<grid, kThreads, 0, s>>>(x, pl, chunk, map, fin, out, ws);
     cudaError_t e = cudaGetLastError();
     if (e == cudaSuccess && splits > 1) {
+        kernel = "reduce_finish";
         reduce_finish<<<ml_grid_for(pl.no, kThreads, dev), kThreads, 0, s>>>(ws, splits, pl.no, fin, out);
         e = cudaGetLastError();
     }
-    // Stream-ordered: the finishing kernel is queued before any reuse.
-    if (ws) ml_cuda_free(dev, ws, ws_bytes);
-    if (e != cudaSuccess) return ml_cuda_fail(e, name, __FILE__, __LINE__);
+    // The workspace goes back stream-ordered: the finishing kernel is queued
+    // before any reuse.
+    (void)name;
+    if (e != cudaSuccess) return ml_cuda_launch_fail(e, kernel, __FILE__, __LINE__);
     return 0;
 }
 
@@ -252,13 +245,6 @@ struct fin_int {
 };
 
 bool is_float_dtype(ml_dtype t) { return t == ML_F32 || t == ML_F64 || t == ML_F16 || t == ML_BF16; }
-
-int float_check(const char *what, const ml_tensor *out, const ml_tensor *x) {
-    if (!is_float_dtype(x->dtype) || out->dtype != x->dtype)
-        return ml_error("%s (cuda): needs a float input and an output of its dtype (got %s, %s)", what,
-                        ml_dtype_name(x->dtype), ml_dtype_name(out->dtype));
-    return 0;
-}
 
 // ---- max along a dim ---------------------------------------------------------
 
@@ -326,22 +312,19 @@ __global__ void max_thread(const T *x, ml_indexer<1> kept, int64_t no, int64_t l
 
 // ---- entry points ---------------------------------------------------------------
 
-extern "C" int ml_sum_cuda(ml_tensor *out, const ml_tensor *x, double scale) {
+extern "C" int ml_sum_cuda(ml_ktensor *out, const ml_ktensor *x, double scale) {
     cudaStream_t s;
     plan pl;
-    if (ml_cuda_prepare(out, "sum", &s) < 0 || make_plan(&pl, out, x, "sum") < 0) return -1;
+    if (ml_cuda_prepare(out, "sum", &s) < 0) return -1;
+    make_plan(&pl, out, x);
     int dev = out->device.index;
     if (is_float_dtype(x->dtype)) {
-        if (float_check("sum", out, x) < 0) return -1;
         return ml_dispatch_float(x->dtype, "sum", [&](auto tag) -> int {
             typedef decltype(tag) T;
             return reduce_run<double>("sum", pl, ml_ptr<T>(x), map_value<T, double>{}, fin_scale<T>{scale},
                                       ml_ptr<T>(out), dev, s);
         });
     }
-    if (out->dtype != ML_I64)
-        return ml_error("sum (cuda): integer sums are int64, got output dtype %s", ml_dtype_name(out->dtype));
-    if (scale != 1) return ml_error("sum (cuda): an integer sum cannot be scaled (scale %g)", scale);
     auto run = [&](auto tag) -> int {
         typedef decltype(tag) T;
         return reduce_run<int64_t>("sum", pl, ml_ptr<T>(x), map_value<T, int64_t>{}, fin_int{},
@@ -355,16 +338,16 @@ extern "C" int ml_sum_cuda(ml_tensor *out, const ml_tensor *x, double scale) {
     }
 }
 
-extern "C" int ml_var_cuda(ml_tensor *out, const ml_tensor *x, double correction) {
+extern "C" int ml_var_cuda(ml_ktensor *out, const ml_ktensor *x, double correction) {
     cudaStream_t s;
     plan pl;
-    if (ml_cuda_prepare(out, "var", &s) < 0 || float_check("var", out, x) < 0 || make_plan(&pl, out, x, "var") < 0)
-        return -1;
+    if (ml_cuda_prepare(out, "var", &s) < 0) return -1;
+    make_plan(&pl, out, x);
     int dev = out->device.index;
     if (pl.no == 0) return 0;
-    size_t mean_bytes = (size_t)pl.no * sizeof(double);
-    double *mean = (double *)ml_cuda_malloc(dev, mean_bytes);
-    if (!mean) return -1;
+    ml_cuda_workspace ws(dev, {(size_t)pl.no * sizeof(double)});
+    if (!ws.ok()) return -1;
+    double *mean = ws.part<double>(0);
     double n = (double)pl.nr, dof = fmax(0.0, n - correction);
     int rc = ml_dispatch_float(x->dtype, "var", [&](auto tag) -> int {
         typedef decltype(tag) T;
@@ -372,16 +355,14 @@ extern "C" int ml_var_cuda(ml_tensor *out, const ml_tensor *x, double correction
             return -1;
         return reduce_run<double>("var", pl, ml_ptr<T>(x), map_dev<T>{mean}, fin_div<T>{dof}, ml_ptr<T>(out), dev, s);
     });
-    ml_cuda_free(dev, mean, mean_bytes);
-    return rc;
+    return rc;   // the workspace goes back stream-ordered, after both passes
 }
 
-extern "C" int ml_norm_cuda(ml_tensor *out, const ml_tensor *x, double p) {
+extern "C" int ml_norm_cuda(ml_ktensor *out, const ml_ktensor *x, double p) {
     cudaStream_t s;
     plan pl;
-    if (ml_cuda_prepare(out, "norm", &s) < 0 || float_check("norm", out, x) < 0 || make_plan(&pl, out, x, "norm") < 0)
-        return -1;
-    if (!(p > 0) || !std::isfinite(p)) return ml_error("norm (cuda): p must be finite and > 0 (got %g)", p);
+    if (ml_cuda_prepare(out, "norm", &s) < 0) return -1;
+    make_plan(&pl, out, x);
     int dev = out->device.index;
     return ml_dispatch_float(x->dtype, "norm", [&](auto tag) -> int {
         typedef decltype(tag) T;
@@ -393,15 +374,7 @@ extern "C" int ml_norm_cuda(ml_tensor *out, const ml_tensor *x, double p) {
     });
 }
 
-extern "C" int ml_max_dim_cuda(ml_tensor *values, ml_tensor *indices, const ml_tensor *x, int dim) {
-    if (dim < 0 || dim >= x->ndim || x->shape[dim] < 1)
-        return ml_error("max (cuda): bad dim %d for a tensor with %d dims", dim, x->ndim);
-    if (indices->dtype != ML_I64 || (values && values->dtype != x->dtype))
-        return ml_error("max (cuda): indices must be int64 and values of the input's dtype");
-    if (!ml_is_contiguous(indices) || (values && !ml_is_contiguous(values)))
-        return ml_error("max (cuda): values and indices must be contiguous");
-    if (!ml_device_eq(indices->device, x->device) || (values && !ml_device_eq(values->device, x->device)))
-        return ml_error("max (cuda): input and outputs on different devices");
+extern "C" int ml_max_dim_cuda(ml_ktensor *values, ml_ktensor *indices, const ml_ktensor *x, int dim) {
     cudaStream_t s;
     if (ml_cuda_prepare(x, "max", &s) < 0) return -1;
     int64_t ks[ML_MAX_DIMS], kst[ML_MAX_DIMS];
@@ -411,7 +384,7 @@ extern "C" int ml_max_dim_cuda(ml_tensor *values, ml_tensor *indices, const ml_t
     const int64_t *kp[1] = {kst};
     ml_indexer<1> kept;
     ml_indexer_make(&kept, nk, ks, kp);
-    int64_t no = ml_numel(indices), len = x->shape[dim], sd = x->strides[dim];
+    int64_t no = ml_kt_numel(indices), len = x->shape[dim], sd = x->strides[dim];
     if (no == 0) return 0;
     int dev = x->device.index;
     auto run = [&](auto tag) -> int {
@@ -425,7 +398,7 @@ extern "C" int ml_max_dim_cuda(ml_tensor *values, ml_tensor *indices, const ml_t
             max_thread<T><<<ml_grid_for(no, kThreads, dev), kThreads, 0, s>>>(ml_ptr<T>(x), kept, no, len, sd, v,
                                                                                 ml_ptr<int64_t>(indices));
         }
-        ML_CUDA_LAUNCHED("max");
+        ML_CUDA_LAUNCHED(sd == 1 && len > 16 ? "max_warp" : "max_thread");
         return 0;
     };
     if (x->dtype == ML_BOOL) return run(uint8_t());

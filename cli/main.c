@@ -1,10 +1,11 @@
 /* main.c — the moonlit executable: command-line options, the script runner
  * and the interactive prompt (REPL).
  *
- * This is the embedder, the one file of host/ that includes Lua headers: it
- * creates the Lua state, registers the `moonlit.core` C module, points
- * package.path at the bundled Lua library and runs what the command line
- * asks for.  Every chunk runs under lua_pcall with a traceback handler, so an
+ * This is the embedder, which is why it lives in cli/ and not in host/
+ * (host/ includes no Lua header; bindings/ is the Lua glue): it creates the
+ * Lua state, registers the `moonlit.core` C module, points package.path at
+ * the bundled Lua library and runs what the command line asks for.  Every
+ * chunk runs under lua_pcall with a traceback handler, so an
  * error is reported and the REPL goes on, and Ctrl-C while a chunk runs stops
  * it with an "interrupted!" error instead of killing the process.
  * docs/cli.md is the user's description of all of this. */

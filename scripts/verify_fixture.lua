@@ -119,8 +119,9 @@ if precision == "bf16-mixed" then
     bf16 = t
     if bf16 then
         local m = bf16.measured
-        print(string.format("bf16 tolerances from %s: max(%g x PyTorch's error, %g); PyTorch %s autocast on %s, %s",
-                            TOLERANCE_FILE, bf16.factor, bf16.floor, tostring(m.torch), tostring(m.device), tostring(m.date)))
+        print(string.format("bf16 tolerances from %s: max(%g x PyTorch's error, %g), each tensor of a set within %g x; "
+                            .. "PyTorch %s autocast on %s, %s", TOLERANCE_FILE, bf16.factor, bf16.floor, bf16.tensor_factor,
+                            tostring(m.torch), tostring(m.device), tostring(m.date)))
     else
         print("verify_fixture: " .. why .. ": every bf16 check uses the blanket tolerance 2e-2 " ..
               "(docs/fixtures.md, \"bf16 tolerances\", says how to measure PyTorch's)")
@@ -137,13 +138,16 @@ local function report(name, err, tol, pass)
     return pass
 end
 
--- A check that has an entry in the tolerance file (key): under bf16-mixed
--- with the file, held to max(factor x PyTorch's error, floor) and shown
--- beside PyTorch's error; otherwise held to tol as before.
+-- A tolerance file that lacks what a check needs stops the run: its
+-- numbers belong to another version of the fixture.
 local function tolerance_error(err)
     io.stderr:write("verify_fixture: " .. tostring(err) .. "\n")
     os.exit(2)
 end
+
+-- A check that has an entry in the tolerance file (key): under bf16-mixed
+-- with the file, held to max(factor x PyTorch's error, floor) and shown
+-- beside PyTorch's error; otherwise held to tol as before.
 
 local function report_check(key, label, err, tol)
     if not bf16 then return report(label or key, err, tol) end

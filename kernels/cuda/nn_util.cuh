@@ -1,7 +1,8 @@
 // nn_util.cuh — small pieces shared by norm.cu, softmax.cu, index.cu and
-// upsample.cu: row-wise sums and maxima across a warp or a block, a scratch
-// buffer from the caching allocator, vectors of elements and the widest
-// machine word a byte-copy can move.  Included by those files only.
+// upsample.cu: row-wise sums and maxima across a warp or a block, vectors
+// of elements and the widest machine word a byte-copy can move (scratch
+// memory is ml_cuda_workspace, kernels/cuda/allocator.h).  Included by
+// those files only.
 #ifndef ML_CUDA_NN_UTIL_CUH
 #define ML_CUDA_NN_UTIL_CUH
 
@@ -67,31 +68,6 @@ template <int G, typename A> __device__ __forceinline__ A group_allmax(A v) {
 inline unsigned row_grid(int64_t rows, int G) {
     int64_t per = kBlock / G, b = (rows + per - 1) / per;
     return (unsigned)(b < 1 ? 1 : b > (1 << 30) ? (1 << 30) : b);
-}
-
-// Device scratch memory from the caching allocator, given back (stream
-// ordered, so after the kernels queued before) when it goes out of scope.
-struct scratch {
-    int dev;
-    size_t bytes;
-    char *p = nullptr;
-    size_t at = 0;
-    scratch(int d, size_t n) : dev(d), bytes(n < 16 ? 16 : n) { p = (char *)ml_cuda_malloc(dev, bytes); }
-    ~scratch() { if (p) ml_cuda_free(dev, p, bytes); }
-    scratch(const scratch &) = delete;
-    scratch &operator=(const scratch &) = delete;
-    // The next n values of type A, 16-byte aligned; size the buffer with
-    // bytes_for over the same list.
-    template <typename A> A *take(size_t n) {
-        A *r = (A *)(p + at);
-        at += (n * sizeof(A) + 15) / 16 * 16;
-        return r;
-    }
-};
-inline size_t bytes_for(std::initializer_list<size_t> sizes) {
-    size_t t = 0;
-    for (size_t s : sizes) t += (s + 15) / 16 * 16;
-    return t;
 }
 
 // Calls f(U()) with the widest of uint4, uint2, uint32_t, uint16_t and

@@ -37,6 +37,7 @@
 // Dv value width; every tensor is BSHD ([B, S, H, width]) and contiguous.
 #include "common.cuh"
 #include "attention.h"
+#include "attention_cudnn.h"
 #include "blas.h"
 #include <climits>
 #include <cmath>
@@ -857,6 +858,15 @@ extern "C" int ml_sdpa_forward_cuda(ml_tensor *out, ml_tensor *lse, const ml_ten
     if (ml_cuda_prepare(q, "sdpa", &s) < 0) return -1;
     if (d.B * d.H * d.Sq == 0) return 0;
     const int dev = q->device.index;
+    // f16 / bf16: cuDNN's fused kernels first (1 done, 0 not supported
+    // there: ours below, -1 error); contiguous BSHD tensors, lse [B, H, Sq]
+    if (q->dtype == ML_F16 || q->dtype == ML_BF16) {
+        ml_cudnn_sdpa_shape cs;
+        ml_cudnn_sdpa_shape_contiguous(&cs, dev, q->dtype, d.B, d.H, d.Sq, d.Sk, d.D, d.Dv, causal, scale);
+        const int rc = ml_cudnn_sdpa_forward(ml_data(out), lse ? ml_ptr<float>(lse) : nullptr, ml_data(q),
+                                             ml_data(k), ml_data(v), &cs);
+        if (rc != 0) return rc < 0 ? -1 : 0;
+    }
     if (const int64_t chunk = math_chunk(q->dtype, d)) {
         if (q->dtype == ML_F16)
             return math_forward(ml_ptr<ml_f16_t>(out), ml_ptr<float>(lse), ml_ptr<ml_f16_t>(q), ml_ptr<ml_f16_t>(k),
@@ -891,6 +901,14 @@ extern "C" int ml_sdpa_backward_cuda(ml_tensor *dq, ml_tensor *dk, ml_tensor *dv
     if (ml_cuda_prepare(q, "sdpa backward", &s) < 0) return -1;
     if (d.B * d.H == 0) return 0;
     const int dev = q->device.index;
+    if (q->dtype == ML_F16 || q->dtype == ML_BF16) {   // as in the forward
+        ml_cudnn_sdpa_shape cs;
+        ml_cudnn_sdpa_shape_contiguous(&cs, dev, q->dtype, d.B, d.H, d.Sq, d.Sk, d.D, d.Dv, causal, scale);
+        const int rc = ml_cudnn_sdpa_backward(dq ? ml_data(dq) : nullptr, dk ? ml_data(dk) : nullptr,
+                                              dv ? ml_data(dv) : nullptr, ml_data(dout), ml_data(q), ml_data(k),
+                                              ml_data(v), ml_data(out), ml_ptr<float>(lse), &cs);
+        if (rc != 0) return rc < 0 ? -1 : 0;
+    }
     // delta is read by the dS of dq and dk only
     const size_t delta_bytes = (size_t)(d.B * d.H * d.Sq) * sizeof(float);
     float *delta = NULL;

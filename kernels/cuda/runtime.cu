@@ -55,7 +55,10 @@ bool is_sticky(cudaError_t e) {
     }
 }
 
-int check_index(int dev) {
+// The runtime's own guard, not a kernel's argument check: device indices
+// reach ml_cuda_set_device from scripts and worker environments, and
+// "cuda:7" on a one-GPU machine must be an error naming what exists.
+int require_device(int dev) {
     int n = ml_cuda_device_count();
     if (n == 0) return ml_error("cuda:%d requested but CUDA is not available: %s", dev, g_unavailable);
     if (dev < 0 || dev >= n)
@@ -121,7 +124,7 @@ extern "C" int ml_cuda_peek_device_count(void) {
 // caching our own idea of the current device) stays right when a library
 // switches devices behind our back.
 extern "C" int ml_cuda_set_device(int dev) {
-    if (check_index(dev) < 0) return -1;
+    if (require_device(dev) < 0) return -1;
     int cur = -1;
     if (cudaGetDevice(&cur) == cudaSuccess && cur == dev) return 0;
     ML_CUDA_TRY(cudaSetDevice(dev));

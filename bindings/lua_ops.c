@@ -168,6 +168,121 @@ static int l_adamw_step_(lua_State *L) {
     return 0;
 }
 
+/* The tensors of the list at idx, borrowed (the list keeps them alive), in
+ * a scratch array owned by the Lua stack.  want >= 0: the length it must
+ * have (`what`'s length is compared with `against`'s). */
+static ml_tensor **check_tensor_list(lua_State *L, int idx, const char *op, const char *what, int64_t want,
+                                     const char *against, int64_t *n_out) {
+    luaL_checktype(L, idx, LUA_TTABLE);
+    lua_Integer n = luaL_len(L, idx);
+    if (want >= 0 && n != want)
+        luaL_error(L, "%s: %d %s but %d %s", op, (int)want, against, (int)n, what);
+    if (n > INT_MAX) luaL_error(L, "%s: %s: too many tensors", op, what);
+    ml_tensor **ts = lua_newuserdatauv(L, (size_t)(n > 0 ? n : 1) * sizeof *ts, 0);
+    for (lua_Integer i = 0; i < n; i++) {
+        lua_geti(L, idx, i + 1);
+        mlua_tensor_box *b = luaL_testudata(L, -1, MLUA_TENSOR);
+        if (!b || !b->t)
+            luaL_error(L, "%s: %s: element %d is not a live tensor (got %s)", op, what, (int)(i + 1),
+                       b ? "a freed tensor" : luaL_typename(L, -1));
+        ts[i] = b->t;
+        lua_pop(L, 1);
+    }
+    *n_out = n;
+    return ts;
+}
+
+/* adamw_multi_(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps,
+ *              weight_decay, steps [, {seed =, offset =, grad_scale =}])
+ * One fused AdamW step over lists of equal length; steps is one integer for
+ * all or a list (one per parameter).  Without a seed the default generator
+ * supplies the stochastic-rounding bits and moves past all of them, as a
+ * loop of adamw_step_ calls would.  grad_scale: a one-element f32 tensor on
+ * the parameters' device multiplying every gradient (clip_grad_norm's
+ * coefficient, never read back to the host). */
+static int l_adamw_multi_(lua_State *L) {
+    const char *op = "adamw_multi_";
+    lua_settop(L, 11);   /* the scratch arrays below must not land in the options' slot */
+    int64_t n, k;
+    ml_tensor **p = check_tensor_list(L, 1, op, "params", -1, NULL, &n);
+    ml_tensor **g = check_tensor_list(L, 2, op, "grads", n, "params", &k);
+    ml_tensor **m = check_tensor_list(L, 3, op, "exp_avgs", n, "params", &k);
+    ml_tensor **v = check_tensor_list(L, 4, op, "exp_avg_sqs", n, "params", &k);
+    ml_adamw_args a = {0};
+    a.lr = luaL_checknumber(L, 5);
+    a.beta1 = luaL_checknumber(L, 6);
+    a.beta2 = luaL_checknumber(L, 7);
+    a.eps = luaL_checknumber(L, 8);
+    a.weight_decay = luaL_checknumber(L, 9);
+    int64_t *steps = lua_newuserdatauv(L, (size_t)(n > 0 ? n : 1) * sizeof *steps, 0);
+    if (lua_type(L, 10) == LUA_TTABLE) {
+        if (luaL_len(L, 10) != n) luaL_error(L, "%s: %d params but %d steps", op, (int)n, (int)luaL_len(L, 10));
+        for (int64_t i = 0; i < n; i++) {
+            lua_geti(L, 10, i + 1);
+            steps[i] = mlua_check_integer(L, -1, "adamw_multi_: step", 1, LUA_MAXINTEGER);
+            lua_pop(L, 1);
+        }
+    } else {
+        lua_Integer s = mlua_check_integer(L, 10, "adamw_multi_: step", 1, LUA_MAXINTEGER);
+        for (int64_t i = 0; i < n; i++) steps[i] = s;
+    }
+    int opts = 11;
+    if (!lua_isnoneornil(L, opts)) luaL_checktype(L, opts, LUA_TTABLE);
+    ml_generator *gen = NULL;
+    bool has_seed = false;
+    if (lua_istable(L, opts)) {
+        lua_getfield(L, opts, "seed");
+        has_seed = !lua_isnil(L, -1);
+        lua_pop(L, 1);
+        lua_getfield(L, opts, "grad_scale");
+        if (!lua_isnil(L, -1)) {
+            mlua_tensor_box *b = luaL_testudata(L, -1, MLUA_TENSOR);
+            if (!b || !b->t) luaL_error(L, "%s: grad_scale must be a live tensor (got %s)", op, luaL_typename(L, -1));
+            a.grad_scale = b->t;   /* the options table keeps it alive */
+        }
+        lua_pop(L, 1);
+    }
+    if (has_seed) {
+        /* 64-bit patterns: negative integers are the seeds above 2^63 */
+        a.seed = (uint64_t)mlua_opt_field_integer(L, opts, "seed", 0, LUA_MININTEGER, LUA_MAXINTEGER);
+        a.offset = (uint64_t)mlua_opt_field_integer(L, opts, "offset", 0, LUA_MININTEGER, LUA_MAXINTEGER);
+    } else {
+        gen = ml_default_generator();
+        a.seed = gen->seed;
+        a.offset = gen->offset;
+    }
+    uint64_t used = 0;
+    if (ml_adamw_multi_(n, p, g, m, v, steps, &a, &used) < 0) return mlua_error(L, NULL);
+    if (gen) gen->offset += used;
+    return 0;
+}
+
+/* grad_norm_multi(tensors, norm_type, max_norm) -> norm, coef: the total
+ * norm of the list and the clip coefficient min(1, max_norm / (norm +
+ * 1e-6)), both 0-dim f32 tensors on the tensors' device (no host sync). */
+static int l_grad_norm_multi(lua_State *L) {
+    lua_settop(L, 3);
+    int64_t n;
+    ml_tensor **xs = check_tensor_list(L, 1, "grad_norm_multi", "tensors", -1, NULL, &n);
+    double norm_type = luaL_checknumber(L, 2), max_norm = luaL_checknumber(L, 3);
+    ml_tensor *norm, *coef;
+    if (ml_grad_norm_multi(n, xs, norm_type, max_norm, &norm, &coef) < 0) return mlua_error(L, NULL);
+    mlua_push_tensor(L, norm);
+    mlua_push_tensor(L, coef);
+    return 2;
+}
+
+/* scale_multi_(tensors, scale): every tensor *= scale (a one-element f32
+ * tensor on their device) in place. */
+static int l_scale_multi_(lua_State *L) {
+    lua_settop(L, 2);
+    int64_t n;
+    ml_tensor **xs = check_tensor_list(L, 1, "scale_multi_", "tensors", -1, NULL, &n);
+    ml_tensor *s = mlua_check_tensor(L, 2);
+    if (ml_scale_multi_(n, xs, s) < 0) return mlua_error(L, NULL);
+    return 0;
+}
+
 /* ---- reductions --------------------------------------------------------- */
 
 /* dims argument: nil (all), a number, or a table of numbers (1-based). */
@@ -498,6 +613,8 @@ static const luaL_Reg inplace_funcs[] = {
 };
 
 static const luaL_Reg funcs[] = {
+    {"adamw_multi_", l_adamw_multi_}, {"grad_norm_multi", l_grad_norm_multi},
+    {"scale_multi_", l_scale_multi_},
     {"manual_seed", l_manual_seed}, {"get_rng_state", l_get_rng_state},
     {"set_rng_state", l_set_rng_state}, {"op_registry", l_op_registry},
     {NULL, NULL},

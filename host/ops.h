@@ -56,11 +56,14 @@ int ml_div_scalar_(ml_tensor *dst, double s);                /* ml_mul_scalar_ w
 int ml_inplace_copy_(ml_tensor *dst, const ml_tensor *src);
 int ml_inplace_fill_(ml_tensor *dst, double v);
 int ml_inplace_zero_(ml_tensor *dst);
+
+/* ---- optimizers (host/ops_optim.c) ---------------------------------------- */
 /* Fused AdamW update (PyTorch semantics, decoupled decay, bias correction):
  * p -= lr*wd*p; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
  * p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps).
- * f32/f64 tensors round to nearest and ignore seed/offset.  bf16 params
- * and/or bf16 moments (grad: the param's dtype or f32) compute in f32 and
+ * f32/f64 tensors round to nearest and ignore seed/offset; f32 params may
+ * take a bf16 or f16 grad.  bf16 params and/or bf16 moments (grad: the
+ * param's dtype or f32; on the GPU also bf16 or f16) compute in f32 and
  * store bf16 results with stochastic rounding drawn from the Philox stream
  * (seed, offset) — the same bits on CPU and GPU (kernels/bf16_sr.h); such a
  * step consumes ml_adamw_random_blocks(p, m, v) blocks, by which a caller
@@ -68,6 +71,41 @@ int ml_inplace_zero_(ml_tensor *dst);
 int ml_adamw_step_(ml_tensor *p, ml_tensor *g, ml_tensor *m, ml_tensor *v, double lr, double b1, double b2,
                    double eps, double wd, int64_t step, uint64_t seed, uint64_t offset);
 uint64_t ml_adamw_random_blocks(const ml_tensor *p, const ml_tensor *m, const ml_tensor *v);
+
+typedef struct {
+    double lr, beta1, beta2, eps, weight_decay;
+    uint64_t seed, offset;          /* the Philox stream of the bf16-sr rounding */
+    /* NULL, or a one-element f32 tensor on the parameters' device that
+     * multiplies every gradient as the step reads it (the product rounded
+     * to the gradient's dtype): the bits of ml_scale_multi_ on the
+     * gradients followed by the step, without the extra pass or a sync. */
+    const ml_tensor *grad_scale;
+} ml_adamw_args;
+/* ml_adamw_step_ over n parameters in one call (on the GPU one launch per
+ * dtype combination): params[k] with grads[k], exp_avgs[k] and
+ * exp_avg_sqs[k] at step steps[k].  The bits are those of n ml_adamw_step_
+ * calls in list order, the k-th with offset a->offset plus the blocks the
+ * earlier ones drew; *blocks_used (may be NULL) gets the total, by which
+ * the caller advances its generator.  Every argument is checked before
+ * anything is written: all four tensors of a parameter contiguous, of one
+ * shape and device, and no parameter or moment sharing memory with any
+ * other tensor of the call. */
+int ml_adamw_multi_(int64_t n, ml_tensor *const *params, ml_tensor *const *grads, ml_tensor *const *exp_avgs,
+                    ml_tensor *const *exp_avg_sqs, const int64_t *steps, const ml_adamw_args *a,
+                    uint64_t *blocks_used);
+/* The total norm_type-norm (2, INFINITY, or any p > 0) of n contiguous
+ * floating tensors of one device, as a new 0-dim f32 tensor there in
+ * *norm, and the clip coefficient min(1, max_norm / (norm + 1e-6)), in
+ * f32, in *coef (a NaN norm gives 1: nothing is clipped).  Nothing is read
+ * back to the host.  The reduction order is fixed (kernels/optim.h): norm
+ * types 2 and INFINITY give the same bits on CPU and GPU. */
+int ml_grad_norm_multi(int64_t n, ml_tensor *const *xs, double norm_type, double max_norm, ml_tensor **norm,
+                       ml_tensor **coef);
+/* xs[k] *= scale in place for every k, scale being a one-element f32
+ * tensor on the tensors' device, read there (f16/bf16 tensors get the f32
+ * product rounded to nearest).  Contiguous floating tensors, none sharing
+ * memory with another. */
+int ml_scale_multi_(int64_t n, ml_tensor *const *xs, const ml_tensor *scale);
 
 /* ---- reductions (host/ops_reduce.c); dims: list of 0-based dims, n=0 means all */
 ml_tensor *ml_sum(ml_tensor *x, int ndims, const int *dims, bool keepdim);

@@ -1,6 +1,6 @@
 /* ops_elementwise.c — elementwise ops: dtype promotion, broadcasting,
- * device dispatch and autograd for binary/unary/clamp/where, the in-place
- * ops, and the fused AdamW step.
+ * device dispatch and autograd for binary/unary/clamp/where, and the
+ * in-place ops (the fused AdamW step is in ops_optim.c).
  *
  * Promotion follows PyTorch for the common cases: categories bool < integer
  * < float; the higher category wins; within a category a dimensioned
@@ -12,18 +12,8 @@
 #include "dispatch.h"
 #include "ew_common.h"
 #include "elementwise.h"
-#include "cpu/optim.h"
 #include <math.h>
 #include <string.h>
-
-/* The AdamW twin still takes ml_tensor and is declared by hand (see
- * dispatch.h); the elementwise kernels are declared in elementwise.h. */
-#ifdef ML_WITH_CUDA
-#include "cuda/optim.h"
-ML_CUDA_TWIN int ml_adamw_cuda(ml_tensor *p, const ml_tensor *g, ml_tensor *m, ml_tensor *v, double lr,
-                               double b1, double b2, double eps, double wd, int64_t step, uint64_t seed,
-                               uint64_t offset);
-#endif
 
 /* ---- dtype promotion ---------------------------------------------------- */
 
@@ -656,38 +646,3 @@ static int inplace_fill(const char *name, ml_tensor *dst, double v) {
 
 int ml_inplace_fill_(ml_tensor *dst, double v) { return inplace_fill("fill_", dst, v); }
 int ml_inplace_zero_(ml_tensor *dst) { return inplace_fill("zero_", dst, 0); }
-
-/* ---- fused AdamW -------------------------------------------------------- */
-
-/* Like PyTorch's optimizer.step(), which runs under no_grad, this updates
- * parameters that require grad whatever the grad mode. */
-int ml_adamw_step_(ml_tensor *p, ml_tensor *g, ml_tensor *m, ml_tensor *v, double lr, double b1, double b2,
-                   double eps, double wd, int64_t step, uint64_t seed, uint64_t offset) {
-    if (!p || !g || !m || !v) return ml_error("adamw: missing tensor");
-    if (step < 1) return ml_error("adamw: step must be >= 1 (got %lld)", (long long)step);
-    const ml_tensor *all[3] = {g, m, v};
-    static const char *what[3] = {"gradient", "exp_avg", "exp_avg_sq"};
-    for (int k = 0; k < 3; k++) {
-        if (!ml_same_shape(all[k], p)) {
-            char b1s[128], b2s[128];
-            return ml_error("adamw: %s of shape %s does not match the parameter's shape %s", what[k],
-                            ml_shape_str(all[k], b1s, sizeof b1s), ml_shape_str(p, b2s, sizeof b2s));
-        }
-        if (!ml_device_eq(all[k]->device, p->device))
-            return ml_error("adamw: %s is not on the parameter's device", what[k]);
-    }
-    if (p->dtype == ML_F16)
-        return ml_error("adamw: f16 parameters are not supported (stochastic rounding is done for bf16): keep f32 "
-                        "or bf16 parameters");
-    ml_mark_modified(p);
-    ml_mark_modified(m);
-    ml_mark_modified(v);
-    if (p->device.type == ML_CPU)
-        return CPU_CALL(ml_adamw_cpu, p, g, m, v, lr, b1, b2, eps, wd, step, seed, offset);
-    return CUDA_CALL(ml_adamw_cuda, p, g, m, v, lr, b1, b2, eps, wd, step, seed, offset);
-}
-
-uint64_t ml_adamw_random_blocks(const ml_tensor *p, const ml_tensor *m, const ml_tensor *v) {
-    bool sr = p->dtype == ML_BF16 || m->dtype == ML_BF16 || v->dtype == ML_BF16;
-    return sr ? (uint64_t)ml_numel(p) : 0;
-}

@@ -1,25 +1,58 @@
-// optim.cu — the fused AdamW step on the GPU (contract in optim.h).
+// optim.cu — the optimizer kernels on the GPU (declared in kernels/optim.h):
+// AdamW over a list of tensors, and the total norm and in-place scaling of
+// a list, with the CPU's bits.
 //
-// The element arithmetic is kernels/cpu/optim.c's, step for step:
+// One launch for a list.  The host cuts the list into chunks of
+// ML_OPTIM_CHUNK elements (kernels/optim.h) and uploads two tables: the
+// tensors (pointers, size, Philox offset, per-tensor bias corrections) and
+// the chunks (tensor index, chunk index within it).  Block b runs chunk b,
+// so one launch covers any number of tensors of any sizes, and small tensors
+// (a bias of 320) cost a block, not a launch.  AdamW launches once per
+// dtype combination present (a list of one recipe has one); the norm and
+// the scale switch on each chunk's dtype inside the block and launch once.
+//
+// The tables go through pinned host memory and one asynchronous copy on the
+// compute stream into memory from the caching allocator, freed (stream-
+// ordered) as soon as the kernels are queued.  A small ring of pinned
+// buffers per device lets the host fill the next call's table while the
+// GPU still reads the last one; it waits only if it runs a whole ring
+// ahead of the GPU.  Nothing is read back: the norm and the clip
+// coefficient are written to device floats, and AdamW reads the
+// coefficient from device memory (grad_scale), so clip + step queue
+// without a host sync.
+//
+// AdamW element arithmetic is kernels/cpu/optim.c's, step for step:
 //     p = p * (1 - lr*wd)
 //     m = lerp(m, g, 1 - b1)
 //     v = v * b2 + (1 - b2) * g * g
 //     denom = sqrt(v) / sqrt(1 - b2^t) + eps
 //     p = p + (-lr / (1 - b1^t)) * (m / denom)
 // spelled with the _rn intrinsics so nvcc cannot fuse a multiply and an add
-// (the CPU build never does), and the scalars computed on the host in
-// double exactly as the CPU computes them.  The bf16-sr step (bf16 param or
-// moments) runs the same f32 arithmetic and stores bf16 results with
-// kernels/bf16_sr.h's stochastic rounding and Philox bits, so it too gives
-// the CPU's bits for the same seed and offset.
+// (the CPU build never does), with the scalars computed on the host in
+// double exactly as the CPU computes them (ml_adamw_consts_of,
+// ml_adamw_bias).  The bf16-sr step (bf16 param or moments) runs the same
+// f32 arithmetic and stores bf16 results with kernels/bf16_sr.h's
+// stochastic rounding and Philox bits, so it too gives the CPU's bits for
+// the same seed and offsets.
+//
+// The norm follows kernels/optim.h's reduction order: each block folds its
+// chunk's 256 lanes as a tree in shared memory into one double partial, and
+// one block of 256 threads folds the partials the same way and finishes
+// with ml_clip_finish.  No atomics, so the result is the same every run and
+// the CPU's for norm types 2 and infinity.
 #include "common.cuh"
 #include "optim.h"
 #include "bf16_sr.h"
-#include <cmath>
+#include "allocator.h"
+#include <memory>
+#include <mutex>
+#include <new>
 
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kLanes = ML_OPTIM_LANES;
+constexpr int64_t kChunk = ML_OPTIM_CHUNK;
+static_assert(kLanes == 256, "the tree folds assume 256 lanes (kernels/optim.h)");
 
 __device__ __forceinline__ float r_add(float a, float b) { return __fadd_rn(a, b); }
 __device__ __forceinline__ float r_sub(float a, float b) { return __fsub_rn(a, b); }
@@ -32,151 +65,477 @@ __device__ __forceinline__ double r_mul(double a, double b) { return __dmul_rn(a
 __device__ __forceinline__ double r_div(double a, double b) { return __ddiv_rn(a, b); }
 __device__ __forceinline__ double r_sqrt(double a) { return __dsqrt_rn(a); }
 
-template <typename T> struct adamw_scalars {
-    T decay, w1, w1c, beta2, w2, eps, neg_step, bc2_sqrt;
-    bool small_w, do_decay;
+// One entry of the chunk table: chunk `chunk` (elements chunk * kChunk ...)
+// of tensor `item` of the tensor table.
+struct chunk_ref {
+    uint32_t item, chunk;
 };
 
-template <typename T, typename G>
-__global__ void __launch_bounds__(kThreads)
-    adamw_kernel(int64_t n, T *__restrict__ p, const G *__restrict__ g, T *__restrict__ m, T *__restrict__ v,
-                 adamw_scalars<T> c) {
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-        T pi = p[i], gi = (T)ml_ld(g[i]), mi = m[i], vi = v[i];
-        if (c.do_decay) pi = r_mul(pi, c.decay);
-        mi = c.small_w ? r_add(mi, r_mul(c.w1, r_sub(gi, mi))) : r_sub(gi, r_mul(r_sub(gi, mi), c.w1c));
-        vi = r_add(r_mul(vi, c.beta2), r_mul(r_mul(c.w2, gi), gi));
-        T denom = r_add(r_div(r_sqrt(vi), c.bc2_sqrt), c.eps);
-        p[i] = r_add(pi, r_mul(c.neg_step, r_div(mi, denom)));
-        m[i] = mi;
-        v[i] = vi;
+// ---- the tables and their upload ------------------------------------------
+
+// Pinned staging buffers of one device, used in turn.
+struct staging_slot {
+    void *host;
+    size_t cap;
+    cudaEvent_t uploaded;   // recorded after the copy that read `host`
+    bool pending;
+};
+constexpr int kSlots = 4;
+struct staging_ring {
+    std::mutex mu;
+    staging_slot slot[kSlots];
+    int next;
+};
+// Indexed by device; never freed (pinned memory must outlive every copy,
+// and CUDA may be torn down before static destructors run).
+staging_ring g_rings[128];
+
+// Device memory from the caching allocator, given back when it goes out of
+// scope: safe once the kernels reading it are queued (one stream per device).
+struct device_buffer {
+    int dev;
+    void *p = nullptr;
+    size_t bytes = 0;
+    ~device_buffer() {
+        if (p) ml_cuda_free(dev, p, bytes);
     }
+};
+
+// Fills a pinned buffer of `bytes` with fill(host) and copies it to fresh
+// device memory (out) on stream s.
+template <typename Fill>
+int upload(int dev, cudaStream_t s, size_t bytes, device_buffer &out, Fill &&fill) {
+    if (dev < 0 || dev >= 128) return ml_error("optim (cuda): device index %d out of range", dev);
+    out.dev = dev;
+    out.p = ml_cuda_malloc(dev, bytes);
+    if (!out.p) return -1;
+    out.bytes = bytes;
+    staging_ring &ring = g_rings[dev];
+    std::lock_guard<std::mutex> lock(ring.mu);
+    staging_slot &sl = ring.slot[ring.next];
+    ring.next = (ring.next + 1) % kSlots;
+    if (sl.pending) {
+        // The copy issued kSlots calls ago must have read the buffer before
+        // it is refilled; almost always long done.
+        ML_CUDA_TRY(cudaEventSynchronize(sl.uploaded));
+        sl.pending = false;
+    }
+    if (!sl.uploaded) ML_CUDA_TRY(cudaEventCreateWithFlags(&sl.uploaded, cudaEventDisableTiming));
+    if (sl.cap < bytes) {
+        if (sl.host) ML_CUDA_TRY(cudaFreeHost(sl.host));
+        sl.host = nullptr;
+        sl.cap = 0;
+        size_t want = bytes < (64u << 10) ? (64u << 10) : bytes + bytes / 2;
+        if (want < bytes) want = bytes;   // bytes + bytes/2 overflowed
+        ML_CUDA_TRY(cudaHostAlloc(&sl.host, want, cudaHostAllocPortable));
+        sl.cap = want;
+    }
+    fill((char *)sl.host);
+    ML_CUDA_TRY(cudaMemcpyAsync(out.p, sl.host, bytes, cudaMemcpyHostToDevice, s));
+    ML_CUDA_TRY(cudaEventRecord(sl.uploaded, s));
+    sl.pending = true;
+    return 0;
 }
 
-__device__ __forceinline__ void st_sr(float *b, int64_t i, float x, uint32_t) { b[i] = x; }
-__device__ __forceinline__ void st_sr(ml_bf16_t *b, int64_t i, float x, uint32_t lane) {
+// Chunks of a tensor of n elements, checked to fit the table's 32 bits.
+int chunks_of(int64_t n, const char *op, uint32_t *out) {
+    int64_t c = n / kChunk + (n % kChunk != 0);
+    if (c > (int64_t)UINT32_MAX) return ml_error("%s (cuda): a tensor of %lld elements is too large", op, (long long)n);
+    *out = (uint32_t)c;
+    return 0;
+}
+
+// A launch's grid: at most 2^31 - 1 blocks.
+int check_grid(int64_t blocks, const char *op) {
+    if (blocks > 0x7fffffffLL)
+        return ml_error("%s (cuda): %lld chunks of %lld elements in one call, at most 2^31 - 1", op,
+                        (long long)blocks, (long long)kChunk);
+    return 0;
+}
+
+size_t align16(size_t n) { return (n + 15) & ~(size_t)15; }
+
+// ---- element access ---------------------------------------------------------
+
+template <typename T> struct is_bf16 { static constexpr bool v = false; };
+template <> struct is_bf16<ml_bf16_t> { static constexpr bool v = true; };
+
+// The gradient times the scale, rounded to the gradient's own dtype (what an
+// in-place g *= scale stores), in the compute type.
+__device__ __forceinline__ float scaled(float g, float s) { return r_mul(g, s); }
+__device__ __forceinline__ double scaled(double g, float s) { return r_mul(g, (double)s); }
+__device__ __forceinline__ float scaled(ml_bf16_t g, float s) {
+    return ml_ld(ml_st<ml_bf16_t>::from(r_mul(ml_ld(g), s)));
+}
+__device__ __forceinline__ float scaled(ml_f16_t g, float s) { return ml_ld(ml_st<ml_f16_t>::from(r_mul(ml_ld(g), s))); }
+
+__device__ __forceinline__ void store(float *b, int64_t i, float x, uint32_t) { b[i] = x; }
+__device__ __forceinline__ void store(double *b, int64_t i, double x, uint32_t) { b[i] = x; }
+__device__ __forceinline__ void store(ml_bf16_t *b, int64_t i, float x, uint32_t lane) {
     b[i].x = ml_f32_to_bf16_sr(x, lane);
 }
 
-// adamw_kernel's f32 arithmetic with each operand f32 or bf16; P is the
-// param's element type, S the moments', G the gradient's.
-template <typename P, typename G, typename S>
-__global__ void __launch_bounds__(kThreads)
-    adamw_sr_kernel(int64_t n, P *__restrict__ p, const G *__restrict__ g, S *__restrict__ m, S *__restrict__ v,
-                    adamw_scalars<float> c, uint64_t seed, uint64_t offset) {
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-        uint32_t x[4];
-        ml_philox_block(seed, offset, (uint64_t)i, x);
-        float pi = ml_ld(p[i]), gi = ml_ld(g[i]), mi = ml_ld(m[i]), vi = ml_ld(v[i]);
-        if (c.do_decay) pi = r_mul(pi, c.decay);
-        mi = c.small_w ? r_add(mi, r_mul(c.w1, r_sub(gi, mi))) : r_sub(gi, r_mul(r_sub(gi, mi), c.w1c));
-        vi = r_add(r_mul(vi, c.beta2), r_mul(r_mul(c.w2, gi), gi));
-        float denom = r_add(r_div(r_sqrt(vi), c.bc2_sqrt), c.eps);
-        st_sr(p, i, r_add(pi, r_mul(c.neg_step, r_div(mi, denom))), x[0]);
-        st_sr(m, i, mi, x[1]);
-        st_sr(v, i, vi, x[2]);
-    }
-}
+// ---- AdamW --------------------------------------------------------------------
 
-template <typename T>
-adamw_scalars<T> scalars(double lr, double b1, double b2, double eps, double wd, int64_t step) {
-    adamw_scalars<T> c;
-    c.decay = (T)(1.0 - lr * wd);
-    c.w1 = (T)(1.0 - b1);
-    c.w1c = (T)1 - c.w1;
-    c.beta2 = (T)b2;
-    c.w2 = (T)(1.0 - b2);
-    c.eps = (T)eps;
-    double bc1 = 1.0 - pow(b1, (double)step), bc2 = 1.0 - pow(b2, (double)step);
-    c.neg_step = (T)(-(lr / bc1));
-    c.bc2_sqrt = (T)sqrt(bc2);
-    c.small_w = c.w1 < (T)0.5;
-    c.do_decay = wd != 0;
+template <typename C> struct adamw_consts {
+    C decay, w1, w1c, beta2, w2, eps;
+    bool small_w, do_decay;
+};
+
+template <typename C> adamw_consts<C> consts_for(const ml_adamw_hparams *h) {
+    ml_adamw_consts d = ml_adamw_consts_of(h, sizeof(C) == 4);
+    adamw_consts<C> c;
+    c.decay = (C)d.decay;
+    c.w1 = (C)d.w1;
+    c.w1c = (C)d.w1c;
+    c.beta2 = (C)d.beta2;
+    c.w2 = (C)d.w2;
+    c.eps = (C)d.eps;
+    c.small_w = d.small_w;
+    c.do_decay = d.do_decay;
     return c;
 }
 
-template <typename T, typename G>
-int launch(ml_tensor *p, const ml_tensor *g, ml_tensor *m, ml_tensor *v, const adamw_scalars<T> &c, cudaStream_t s) {
-    int64_t n = ml_numel(p);
-    if (n == 0) return 0;
-    adamw_kernel<T, G><<<ml_grid_for(n, kThreads, p->device.index), kThreads, 0, s>>>(
-        n, ml_ptr<T>(p), ml_ptr<G>(g), ml_ptr<T>(m), ml_ptr<T>(v), c);
-    ML_CUDA_LAUNCHED("adamw");
-    return 0;
-}
+struct adamw_item {
+    void *p;
+    const void *g;
+    void *m, *v;
+    int64_t n;
+    uint64_t offset;
+    double neg_step, bc2_sqrt;   // this tensor's bias corrections, rounded to the compute type
+};
 
-template <typename P, typename G, typename S>
-int launch_sr(ml_tensor *p, const ml_tensor *g, ml_tensor *m, ml_tensor *v, const adamw_scalars<float> &c,
-              uint64_t seed, uint64_t offset, cudaStream_t s) {
-    int64_t n = ml_numel(p);
-    if (n == 0) return 0;
-    adamw_sr_kernel<P, G, S><<<ml_grid_for(n, kThreads, p->device.index), kThreads, 0, s>>>(
-        n, ml_ptr<P>(p), ml_ptr<G>(g), ml_ptr<S>(m), ml_ptr<S>(v), c, seed, offset);
-    ML_CUDA_LAUNCHED("adamw");
-    return 0;
-}
-
-template <typename P, typename S>
-int launch_sr_g(ml_tensor *p, const ml_tensor *g, ml_tensor *m, ml_tensor *v, const adamw_scalars<float> &c,
-                uint64_t seed, uint64_t offset, cudaStream_t s) {
-    switch (g->dtype) {
-    case ML_F32: return launch_sr<P, float, S>(p, g, m, v, c, seed, offset, s);
-    case ML_BF16: return launch_sr<P, ml_bf16_t, S>(p, g, m, v, c, seed, offset, s);
-    case ML_F16: return launch_sr<P, ml_f16_t, S>(p, g, m, v, c, seed, offset, s);
-    default: return 1;
+// C: the compute type (float, or double for f64 steps); P, G, S: the
+// element types of the param, the gradient and the moments.
+template <typename C, typename P, typename G, typename S>
+__global__ void __launch_bounds__(kLanes)
+    adamw_multi_kernel(const adamw_item *__restrict__ items, const chunk_ref *__restrict__ chunks,
+                       adamw_consts<C> c, uint64_t seed, const float *__restrict__ grad_scale) {
+    constexpr bool kSR = is_bf16<P>::v || is_bf16<S>::v;
+    const chunk_ref ref = chunks[blockIdx.x];
+    const adamw_item it = items[ref.item];
+    const int64_t start = (int64_t)ref.chunk * kChunk;
+    const int64_t end = it.n - start < kChunk ? it.n : start + kChunk;
+    P *__restrict__ p = (P *)it.p;
+    const G *__restrict__ g = (const G *)it.g;
+    S *__restrict__ m = (S *)it.m;
+    S *__restrict__ v = (S *)it.v;
+    const C neg_step = (C)it.neg_step, bc2_sqrt = (C)it.bc2_sqrt;
+    const float s = grad_scale ? *grad_scale : 1.0f;
+    for (int64_t i = start + threadIdx.x; i < end; i += kLanes) {
+        uint32_t x[4] = {0, 0, 0, 0};
+        if (kSR) ml_philox_block(seed, it.offset, (uint64_t)i, x);
+        C pi = (C)ml_ld(p[i]), gi = grad_scale ? (C)scaled(g[i], s) : (C)ml_ld(g[i]);
+        C mi = (C)ml_ld(m[i]), vi = (C)ml_ld(v[i]);
+        if (c.do_decay) pi = r_mul(pi, c.decay);
+        mi = c.small_w ? r_add(mi, r_mul(c.w1, r_sub(gi, mi))) : r_sub(gi, r_mul(r_sub(gi, mi), c.w1c));
+        vi = r_add(r_mul(vi, c.beta2), r_mul(r_mul(c.w2, gi), gi));
+        C denom = r_add(r_div(r_sqrt(vi), bc2_sqrt), c.eps);
+        store(p, i, r_add(pi, r_mul(neg_step, r_div(mi, denom))), x[0]);
+        store(m, i, mi, x[1]);
+        store(v, i, vi, x[2]);
     }
+}
+
+typedef void (*adamw_kernel_fn)(const adamw_item *, const chunk_ref *, adamw_consts<float>, uint64_t,
+                                const float *);
+
+// The kernel of an f32-compute dtype combination, or null.
+template <typename P, typename S> adamw_kernel_fn pick_g(ml_dtype g) {
+    switch (g) {
+    case ML_F32: return adamw_multi_kernel<float, P, float, S>;
+    case ML_BF16: return adamw_multi_kernel<float, P, ml_bf16_t, S>;
+    case ML_F16: return adamw_multi_kernel<float, P, ml_f16_t, S>;
+    default: return nullptr;
+    }
+}
+
+adamw_kernel_fn pick_f32(ml_dtype p, ml_dtype g, ml_dtype s) {
+    if (p == ML_F32 && s == ML_F32) return pick_g<float, float>(g);
+    if (p == ML_BF16 && s == ML_BF16) return pick_g<ml_bf16_t, ml_bf16_t>(g);
+    if (p == ML_BF16 && s == ML_F32) return pick_g<ml_bf16_t, float>(g);
+    if (p == ML_F32 && s == ML_BF16) return pick_g<float, ml_bf16_t>(g);
+    return nullptr;
+}
+
+bool same_combo(const ml_adamw_tensor &a, const ml_adamw_tensor &b) {
+    return a.param_dtype == b.param_dtype && a.grad_dtype == b.grad_dtype && a.state_dtype == b.state_dtype;
 }
 
 }  // namespace
 
-extern "C" int ml_adamw_cuda(ml_tensor *p, const ml_tensor *g, ml_tensor *m, ml_tensor *v, double lr, double b1,
-                             double b2, double eps, double wd, int64_t step, uint64_t seed, uint64_t offset) {
-    const ml_tensor *all[4] = {p, g, m, v};
-    for (int k = 0; k < 4; k++) {
-        if (!ml_is_contiguous(all[k]) || ml_numel(all[k]) != ml_numel(p) || !ml_device_eq(all[k]->device, p->device))
-            return ml_error("adamw (cuda): param, grad and moments must be contiguous, of one size, on one device");
-    }
-    bool sr = p->dtype == ML_BF16 || m->dtype == ML_BF16;
-    if (sr) {
-        // The bf16-sr step: p f32 or bf16; m, v both f32 or both bf16.
-        bool p_ok = p->dtype == ML_F32 || p->dtype == ML_BF16;
-        bool s_ok = m->dtype == v->dtype && (m->dtype == ML_F32 || m->dtype == ML_BF16);
-        int rc = 1;
-        cudaStream_t s;
-        if (p_ok && s_ok) {
-            if (ml_cuda_prepare(p, "adamw", &s) < 0) return -1;
-            adamw_scalars<float> c = scalars<float>(lr, b1, b2, eps, wd, step);
-            if (p->dtype == ML_BF16 && m->dtype == ML_BF16)
-                rc = launch_sr_g<ml_bf16_t, ml_bf16_t>(p, g, m, v, c, seed, offset, s);
-            else if (p->dtype == ML_BF16)
-                rc = launch_sr_g<ml_bf16_t, float>(p, g, m, v, c, seed, offset, s);
-            else
-                rc = launch_sr_g<float, ml_bf16_t>(p, g, m, v, c, seed, offset, s);
+extern "C" int ml_adamw_multi_cuda(ml_device dev, const ml_adamw_hparams *h, int64_t n,
+                                   const ml_adamw_tensor *list) {
+    const char *op = "adamw";
+    // Dtype groups in order of first appearance: group[k] for tensor k.
+    enum { kMaxGroups = 16 };
+    int64_t first[kMaxGroups];
+    int64_t group_chunks[kMaxGroups] = {0}, group_items[kMaxGroups] = {0};
+    int ngroups = 0;
+    std::unique_ptr<int[]> group(new (std::nothrow) int[n > 0 ? n : 1]);
+    std::unique_ptr<uint32_t[]> nchunk(new (std::nothrow) uint32_t[n > 0 ? n : 1]);
+    if (!group || !nchunk) return ml_error("adamw (cuda): out of host memory for %lld tensors", (long long)n);
+    for (int64_t k = 0; k < n; k++) {
+        int gi = 0;
+        while (gi < ngroups && !same_combo(list[first[gi]], list[k])) gi++;
+        if (gi == ngroups) {
+            if (ngroups == kMaxGroups) return ml_error("adamw (cuda): more than %d dtype combinations", kMaxGroups);
+            first[ngroups++] = k;
         }
-        if (rc <= 0) return rc;
-        return ml_error("adamw (cuda): unsupported dtypes (param %s, grad %s, exp_avg %s, exp_avg_sq %s): a bf16 "
-                        "step takes an f32 or bf16 param, an f32, bf16 or f16 grad and f32 or bf16 moments of one "
-                        "dtype",
-                        ml_dtype_name(p->dtype), ml_dtype_name(g->dtype), ml_dtype_name(m->dtype),
-                        ml_dtype_name(v->dtype));
+        group[k] = gi;
+        if (chunks_of(list[k].numel, op, &nchunk[k]) < 0) return -1;
+        group_chunks[gi] += nchunk[k];
+        group_items[gi]++;
     }
-    if (m->dtype != p->dtype || v->dtype != p->dtype)
-        return ml_error("adamw (cuda): moments must have the param's dtype (param %s, m %s, v %s)",
-                        ml_dtype_name(p->dtype), ml_dtype_name(m->dtype), ml_dtype_name(v->dtype));
+    adamw_kernel_fn fns[kMaxGroups] = {nullptr};
+    bool is_f64[kMaxGroups] = {false};
+    int64_t total_chunks = 0;
+    for (int gi = 0; gi < ngroups; gi++) {
+        const ml_adamw_tensor &t = list[first[gi]];
+        is_f64[gi] = t.param_dtype == ML_F64 && t.grad_dtype == ML_F64 && t.state_dtype == ML_F64;
+        fns[gi] = is_f64[gi] ? nullptr : pick_f32(t.param_dtype, t.grad_dtype, t.state_dtype);
+        if (!is_f64[gi] && !fns[gi])
+            return ml_error("adamw (cuda): unsupported dtypes (param %s, grad %s, moments %s)",
+                            ml_dtype_name(t.param_dtype), ml_dtype_name(t.grad_dtype), ml_dtype_name(t.state_dtype));
+        if (check_grid(group_chunks[gi], op) < 0) return -1;
+        total_chunks += group_chunks[gi];
+    }
+    if (total_chunks == 0) return 0;   // every tensor is empty
+
+    // Table layout: the groups' tensor entries one after another, then their
+    // chunk entries, each group's part starting where its offsets say.
+    int64_t item_at[kMaxGroups], chunk_at[kMaxGroups];
+    int64_t ni = 0, nc = 0;
+    for (int gi = 0; gi < ngroups; gi++) {
+        item_at[gi] = ni;
+        chunk_at[gi] = nc;
+        ni += group_items[gi];
+        nc += group_chunks[gi];
+    }
+    size_t items_bytes = align16((size_t)n * sizeof(adamw_item));
+    size_t bytes = items_bytes + (size_t)total_chunks * sizeof(chunk_ref);
     cudaStream_t s;
-    if (ml_cuda_prepare(p, "adamw", &s) < 0) return -1;
-    if (p->dtype == ML_F32) {
-        adamw_scalars<float> c = scalars<float>(lr, b1, b2, eps, wd, step);
-        switch (g->dtype) {
-        case ML_F32: return launch<float, float>(p, g, m, v, c, s);
-        case ML_BF16: return launch<float, ml_bf16_t>(p, g, m, v, c, s);
-        case ML_F16: return launch<float, ml_f16_t>(p, g, m, v, c, s);
-        default: break;
+    if (ml_cuda_enter(dev.index, &s) < 0) return -1;
+    device_buffer table;
+    int rc = upload(dev.index, s, bytes, table, [&](char *host) {
+        adamw_item *items = (adamw_item *)host;
+        chunk_ref *chunks = (chunk_ref *)(host + items_bytes);
+        int64_t next_item[kMaxGroups], next_chunk[kMaxGroups];
+        for (int gi = 0; gi < ngroups; gi++) {
+            next_item[gi] = item_at[gi];
+            next_chunk[gi] = chunk_at[gi];
         }
-    } else if (p->dtype == ML_F64 && g->dtype == ML_F64) {
-        return launch<double, double>(p, g, m, v, scalars<double>(lr, b1, b2, eps, wd, step), s);
+        // The bias corrections of the last step seen, per compute type (a
+        // list's tensors almost always share their step).
+        int64_t last_step[2] = {0, 0};
+        double neg_step[2], bc2_sqrt[2];
+        for (int64_t k = 0; k < n; k++) {
+            const ml_adamw_tensor &t = list[k];
+            int gi = group[k];
+            int f64 = is_f64[gi];
+            if (t.step != last_step[f64]) {
+                ml_adamw_bias(h, t.step, !f64, &neg_step[f64], &bc2_sqrt[f64]);
+                last_step[f64] = t.step;
+            }
+            int64_t slot = next_item[gi]++;
+            adamw_item &e = items[slot];
+            e.p = t.param;
+            e.g = t.grad;
+            e.m = t.exp_avg;
+            e.v = t.exp_avg_sq;
+            e.n = t.numel;
+            e.offset = t.offset;
+            e.neg_step = neg_step[f64];
+            e.bc2_sqrt = bc2_sqrt[f64];
+            for (uint32_t c = 0; c < nchunk[k]; c++) chunks[next_chunk[gi]++] = chunk_ref{(uint32_t)(slot - item_at[gi]), c};
+        }
+    });
+    if (rc < 0) return -1;
+    const adamw_item *items = (const adamw_item *)table.p;
+    const chunk_ref *chunks = (const chunk_ref *)((char *)table.p + items_bytes);
+    for (int gi = 0; gi < ngroups; gi++) {
+        if (group_chunks[gi] == 0) continue;
+        dim3 grid((unsigned)group_chunks[gi]);
+        if (is_f64[gi]) {
+            adamw_multi_kernel<double, double, double, double><<<grid, kLanes, 0, s>>>(
+                items + item_at[gi], chunks + chunk_at[gi], consts_for<double>(h), h->seed, h->grad_scale);
+        } else {
+            fns[gi]<<<grid, kLanes, 0, s>>>(items + item_at[gi], chunks + chunk_at[gi], consts_for<float>(h), h->seed,
+                                            h->grad_scale);
+        }
+        ML_CUDA_LAUNCHED("adamw_multi_kernel");
     }
-    return ml_error("adamw (cuda): unsupported dtypes (param %s, grad %s): use f32 params with an f32, f16 or "
-                    "bf16 grad, or f64 throughout",
-                    ml_dtype_name(p->dtype), ml_dtype_name(g->dtype));
+    return 0;
+}
+
+// ---- norm and scale -------------------------------------------------------------
+
+namespace {
+
+struct list_item {
+    void *x;
+    int64_t n;
+    int dtype;
+};
+
+enum { TERM_SQUARE, TERM_ABS_MAX, TERM_POW };
+
+template <int Term> __device__ __forceinline__ double term(double x, double p) {
+    if (Term == TERM_SQUARE) return r_mul(x, x);
+    if (Term == TERM_ABS_MAX) return fabs(x);
+    return pow(fabs(x), p);
+}
+
+// This thread's lane of a chunk: elements start + lane, + 256, ... in order.
+template <int Term, typename T>
+__device__ double lane_sum(const T *__restrict__ x, int64_t start, int64_t end, double p) {
+    double acc = 0;
+    for (int64_t i = start + threadIdx.x; i < end; i += kLanes)
+        acc = ml_norm_combine(acc, term<Term>((double)ml_ld(x[i]), p), Term == TERM_ABS_MAX);
+    return acc;
+}
+
+// The tree fold of kernels/optim.h over the block's 256 lanes.
+template <int Term> __device__ double fold(double *lanes, double mine) {
+    lanes[threadIdx.x] = mine;
+    __syncthreads();
+    for (int w = kLanes / 2; w > 0; w >>= 1) {
+        if ((int)threadIdx.x < w)
+            lanes[threadIdx.x] = ml_norm_combine(lanes[threadIdx.x], lanes[threadIdx.x + w], Term == TERM_ABS_MAX);
+        __syncthreads();
+    }
+    return lanes[0];
+}
+
+template <int Term>
+__global__ void __launch_bounds__(kLanes)
+    norm_partials_kernel(const list_item *__restrict__ items, const chunk_ref *__restrict__ chunks, double p,
+                         double *__restrict__ partials) {
+    __shared__ double lanes[kLanes];
+    const chunk_ref ref = chunks[blockIdx.x];
+    const list_item it = items[ref.item];
+    const int64_t start = (int64_t)ref.chunk * kChunk;
+    const int64_t end = it.n - start < kChunk ? it.n : start + kChunk;
+    double mine;
+    switch (it.dtype) {
+    case ML_F64: mine = lane_sum<Term>((const double *)it.x, start, end, p); break;
+    case ML_BF16: mine = lane_sum<Term>((const ml_bf16_t *)it.x, start, end, p); break;
+    case ML_F16: mine = lane_sum<Term>((const ml_f16_t *)it.x, start, end, p); break;
+    default: mine = lane_sum<Term>((const float *)it.x, start, end, p); break;
+    }
+    double total = fold<Term>(lanes, mine);
+    if (threadIdx.x == 0) partials[blockIdx.x] = total;
+}
+
+template <int Term>
+__global__ void __launch_bounds__(kLanes)
+    norm_finish_kernel(const double *__restrict__ partials, int64_t count, double norm_type, double max_norm,
+                       float *norm, float *coef) {
+    __shared__ double lanes[kLanes];
+    double acc = 0;
+    for (int64_t c = threadIdx.x; c < count; c += kLanes)
+        acc = ml_norm_combine(acc, partials[c], Term == TERM_ABS_MAX);
+    double total = fold<Term>(lanes, acc);
+    if (threadIdx.x == 0) ml_clip_finish(total, norm_type, max_norm, norm, coef);
+}
+
+template <typename T> __device__ void scale_chunk(T *__restrict__ x, int64_t start, int64_t end, float s) {
+    for (int64_t i = start + threadIdx.x; i < end; i += kLanes) x[i] = ml_st<T>::from(r_mul(ml_ld(x[i]), s));
+}
+__device__ void scale_chunk(double *__restrict__ x, int64_t start, int64_t end, float s) {
+    for (int64_t i = start + threadIdx.x; i < end; i += kLanes) x[i] = r_mul(x[i], (double)s);
+}
+
+__global__ void __launch_bounds__(kLanes)
+    scale_kernel(const list_item *__restrict__ items, const chunk_ref *__restrict__ chunks, const float *scale) {
+    const float s = *scale;
+    if (s == 1.0f) return;   // the clip did not bite: leave the gradients untouched
+    const chunk_ref ref = chunks[blockIdx.x];
+    const list_item it = items[ref.item];
+    const int64_t start = (int64_t)ref.chunk * kChunk;
+    const int64_t end = it.n - start < kChunk ? it.n : start + kChunk;
+    switch (it.dtype) {
+    case ML_F64: scale_chunk((double *)it.x, start, end, s); break;
+    case ML_BF16: scale_chunk((ml_bf16_t *)it.x, start, end, s); break;
+    case ML_F16: scale_chunk((ml_f16_t *)it.x, start, end, s); break;
+    default: scale_chunk((float *)it.x, start, end, s); break;
+    }
+}
+
+// Uploads the tensor and chunk tables of a norm or scale list; *items and
+// *chunks point into `table`, *count is the number of chunks.
+int upload_list(ml_device dev, cudaStream_t s, int64_t n, const ml_optim_tensor *list, const char *op,
+                device_buffer &table, const list_item **items, const chunk_ref **chunks, int64_t *count) {
+    int64_t total = 0;
+    for (int64_t k = 0; k < n; k++) {
+        uint32_t c = 0;
+        if (chunks_of(list[k].numel, op, &c) < 0) return -1;
+        total += c;
+    }
+    if (check_grid(total, op) < 0) return -1;
+    *count = total;
+    if (total == 0) return 0;
+    size_t items_bytes = align16((size_t)n * sizeof(list_item));
+    size_t bytes = items_bytes + (size_t)total * sizeof(chunk_ref);
+    int rc = upload(dev.index, s, bytes, table, [&](char *host) {
+        list_item *it = (list_item *)host;
+        chunk_ref *ch = (chunk_ref *)(host + items_bytes);
+        int64_t next = 0;
+        for (int64_t k = 0; k < n; k++) {
+            it[k] = list_item{list[k].data, list[k].numel, (int)list[k].dtype};
+            for (int64_t c = 0; c * kChunk < list[k].numel; c++) ch[next++] = chunk_ref{(uint32_t)k, (uint32_t)c};
+        }
+    });
+    if (rc < 0) return -1;
+    *items = (const list_item *)table.p;
+    *chunks = (const chunk_ref *)((char *)table.p + items_bytes);
+    return 0;
+}
+
+template <int Term>
+int launch_norm(cudaStream_t s, const list_item *items, const chunk_ref *chunks, int64_t count, double *partials,
+                double norm_type, double max_norm, float *norm, float *coef) {
+    if (count > 0) {
+        norm_partials_kernel<Term><<<(unsigned)count, kLanes, 0, s>>>(items, chunks, norm_type, partials);
+        ML_CUDA_LAUNCHED("norm_partials_kernel");
+    }
+    norm_finish_kernel<Term><<<1, kLanes, 0, s>>>(partials, count, norm_type, max_norm, norm, coef);
+    ML_CUDA_LAUNCHED("norm_finish_kernel");
+    return 0;
+}
+
+}  // namespace
+
+extern "C" int ml_grad_norm_multi_cuda(ml_device dev, int64_t n, const ml_optim_tensor *list, double norm_type,
+                                       double max_norm, float *norm, float *coef) {
+    cudaStream_t s;
+    if (ml_cuda_enter(dev.index, &s) < 0) return -1;
+    device_buffer table, partials;
+    const list_item *items = nullptr;
+    const chunk_ref *chunks = nullptr;
+    int64_t count = 0;
+    if (upload_list(dev, s, n, list, "grad_norm", table, &items, &chunks, &count) < 0) return -1;
+    partials.dev = dev.index;
+    partials.bytes = (size_t)(count > 0 ? count : 1) * sizeof(double);
+    partials.p = ml_cuda_malloc(dev.index, partials.bytes);
+    if (!partials.p) return -1;
+    double *pp = (double *)partials.p;
+    if (isinf(norm_type))
+        return launch_norm<TERM_ABS_MAX>(s, items, chunks, count, pp, norm_type, max_norm, norm, coef);
+    if (norm_type == 2) return launch_norm<TERM_SQUARE>(s, items, chunks, count, pp, norm_type, max_norm, norm, coef);
+    return launch_norm<TERM_POW>(s, items, chunks, count, pp, norm_type, max_norm, norm, coef);
+}
+
+extern "C" int ml_scale_multi_cuda(ml_device dev, int64_t n, const ml_optim_tensor *list, const float *scale) {
+    cudaStream_t s;
+    if (ml_cuda_enter(dev.index, &s) < 0) return -1;
+    device_buffer table;
+    const list_item *items = nullptr;
+    const chunk_ref *chunks = nullptr;
+    int64_t count = 0;
+    if (upload_list(dev, s, n, list, "scale_", table, &items, &chunks, &count) < 0) return -1;
+    if (count == 0) return 0;
+    scale_kernel<<<(unsigned)count, kLanes, 0, s>>>(items, chunks, scale);
+    ML_CUDA_LAUNCHED("scale_kernel");
+    return 0;
 }

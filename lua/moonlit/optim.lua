@@ -1,13 +1,24 @@
 -- moonlit.optim (ml.optim) — optimizers with PyTorch semantics.
---   AdamW: decoupled weight decay, bias correction, one fused kernel per
---          parameter (core.adamw_step_).  Moments are kept in opts.state_dtype,
---          by default the parameter's dtype: f32 params as before; bf16
---          params (the bf16-sr recipe) get bf16 moments, and the kernel
---          stores every bf16 result with stochastic rounding drawn from the
---          default generator, so updates far below bf16's spacing (lr 5e-6)
---          still move the weights on average instead of rounding away.
+--   AdamW: decoupled weight decay, bias correction; one fused multi-tensor
+--          call per step for all parameters (core.adamw_multi_: on the GPU
+--          one launch per dtype combination, whatever the number of
+--          tensors).  Moments are kept in opts.state_dtype, by default the
+--          parameter's dtype: f32 params as before; bf16 params (the
+--          bf16-sr recipe) get bf16 moments, and the kernel stores every
+--          bf16 result with stochastic rounding drawn from the default
+--          generator, so updates far below bf16's spacing (lr 5e-6) still
+--          move the weights on average instead of rounding away.
+--          opt:step{grad_scale = coef} multiplies every gradient by a
+--          device scalar as it is read (clip_grad_norm's coefficient).
 --   SGD:   momentum, dampening, nesterov, weight decay (coupled, as torch.optim.SGD).
---   clip_grad_norm(params, max_norm): total 2-norm over all grads, scaled in place.
+--   clip_grad_norm(params, max_norm [, norm_type] [, opts]): the total norm
+--          over all gradients, computed on their device in one pass
+--          (core.grad_norm_multi), and the gradients scaled in place by
+--          min(1, max_norm / (norm + 1e-6)).  Returns the norm as a number
+--          (one host sync), or with {sync = false} as a 0-dim f32 tensor and
+--          the coefficient as a second one (no sync); {sync = false,
+--          scale_grads = false} leaves the gradients as they are for
+--          opt:step{grad_scale = coef} to scale as it reads them.
 local core = require "moonlit.core"
 
 local optim = {}
@@ -46,8 +57,17 @@ optim.AdamW = setmetatable(AdamW, {__index = Optimizer, __call = function(cls, p
     return self
 end})
 
-function AdamW:step()
+-- opts.grad_scale: a one-element f32 tensor on the parameters' device (or a
+-- number) every gradient is multiplied by as the step reads it, rounded to
+-- the gradient's dtype: the bits of scaling the gradients in place first,
+-- without that pass over them and without reading the scale back.
+function AdamW:step(opts)
+    local grad_scale = opts and opts.grad_scale
+    if grad_scale ~= nil and type(grad_scale) ~= "number" and not core.is_tensor(grad_scale) then
+        error("AdamW:step: grad_scale must be a tensor or a number, got " .. type(grad_scale), 2)
+    end
     core.no_grad(function()
+        local ps, gs, ms, vs, steps, states, n = {}, {}, {}, {}, {}, {}, 0
         for i, p in ipairs(self.params) do
             local g = p.grad
             if g then
@@ -57,11 +77,18 @@ function AdamW:step()
                     s = {step = 0, exp_avg = core.zeros_like(p, dt), exp_avg_sq = core.zeros_like(p, dt)}
                     self.state[i] = s
                 end
-                s.step = s.step + 1
-                core.adamw_step_(p, g, s.exp_avg, s.exp_avg_sq, self.lr, self.betas[1], self.betas[2],
-                                 self.eps, self.weight_decay, s.step)
+                n = n + 1
+                ps[n], gs[n], ms[n], vs[n], steps[n], states[n] = p, g, s.exp_avg, s.exp_avg_sq, s.step + 1, s
             end
         end
+        if n == 0 then return end
+        if type(grad_scale) == "number" then grad_scale = core.full({}, grad_scale, {device = ps[1].device}) end
+        -- One call: it draws the stochastic-rounding bits of each parameter
+        -- where the former loop of one call per parameter did, and moves
+        -- the default generator past all of them.
+        core.adamw_multi_(ps, gs, ms, vs, self.lr, self.betas[1], self.betas[2], self.eps, self.weight_decay, steps,
+                          {grad_scale = grad_scale})
+        for k, s in ipairs(states) do s.step = steps[k] end
     end)
 end
 
@@ -123,27 +150,42 @@ end
 
 -- ---- gradient clipping ----------------------------------------------------
 
--- Returns the total norm before clipping (a number), as torch's clip_grad_norm_.
-function optim.clip_grad_norm(params, max_norm, norm_type)
-    norm_type = norm_type or 2
+-- clip_grad_norm(params, max_norm [, norm_type = 2] [, opts]), or with the
+-- norm type in opts (clip_grad_norm(params, max_norm, {norm_type = 1})).
+-- The total norm of all gradients (math.huge: the largest |g|) and the
+-- coefficient min(1, max_norm / (norm + 1e-6)) are computed on the
+-- gradients' device in one pass, in f32 as torch.nn.utils.clip_grad_norm_
+-- does; a NaN norm clips nothing.
+--   opts.sync (default true): return the norm as a number, as before; this
+--     reads it back (one host sync).  false: return the norm and the
+--     coefficient as 0-dim f32 tensors on the device, reading nothing back.
+--   opts.scale_grads (default true): multiply the gradients in place by the
+--     coefficient (one multi-tensor kernel, skipped on the device when the
+--     coefficient is 1).  false: leave them and return the coefficient (a
+--     tensor, also with sync) for opt:step{grad_scale = coef}, which
+--     applies it as it reads them, with the same bits and without a pass
+--     of its own.
+function optim.clip_grad_norm(params, max_norm, norm_type, opts)
+    if type(norm_type) == "table" and opts == nil then norm_type, opts = nil, norm_type end
+    opts = opts or {}
+    norm_type = norm_type or opts.norm_type or 2
+    if type(max_norm) ~= "number" then error("clip_grad_norm: max_norm must be a number", 2) end
+    if type(norm_type) ~= "number" then error("clip_grad_norm: norm_type must be a number", 2) end
+    local sync = opts.sync ~= false
     local grads = {}
     for _, p in ipairs(params) do if p.grad then grads[#grads + 1] = p.grad end end
-    if #grads == 0 then return 0 end
-    local total = core.no_grad(function()
-        if norm_type == math.huge then
-            local m = 0
-            for _, g in ipairs(grads) do m = math.max(m, g:abs():max():item()) end
-            return m
-        end
-        local acc = 0
-        for _, g in ipairs(grads) do acc = acc + g:norm(norm_type):item() ^ norm_type end
-        return acc ^ (1 / norm_type)
-    end)
-    local coef = max_norm / (total + 1e-6)
-    if coef < 1 then
-        core.no_grad(function() for _, g in ipairs(grads) do g:mul_(coef) end end)
+    if #grads == 0 then
+        if sync then return 0 end
+        local dev = params[1] and params[1].device or "cpu"
+        return core.zeros({}, {device = dev}), core.ones({}, {device = dev})
     end
-    return total
+    local norm, coef = core.no_grad(function()
+        local n, c = core.grad_norm_multi(grads, norm_type, max_norm)
+        if opts.scale_grads ~= false then core.scale_multi_(grads, c) end
+        return n, c
+    end)
+    if sync then return norm:item(), opts.scale_grads == false and coef or nil end
+    return norm, coef
 end
 optim.clip_grad_norm_ = optim.clip_grad_norm
 

@@ -383,9 +383,12 @@ function M.train_fn(m, a)
                         ddp:finish()
                         loss_sum = ctx.dist.all_reduce_number(loss_sum, "avg")
                     end
-                    local gnorm = ml.optim.clip_grad_norm(params, a.max_grad_norm)
+                    -- the norm and clip coefficient stay on the GPU: AdamW scales the
+                    -- gradients as it reads them, and the norm is read once the step is queued
+                    local gnorm, coef = ml.optim.clip_grad_norm(params, a.max_grad_norm,
+                                                                {sync = false, scale_grads = false})
                     opt.lr = sched:lr(step)
-                    opt:step()
+                    opt:step{grad_scale = coef}
                     opt:zero_grad()
                     step = step + 1
                     local s = it:stats()
@@ -397,7 +400,7 @@ function M.train_fn(m, a)
                         ckpt = save_checkpoint(epoch, bi + 1)
                     end
                     -- images: this step's instance + class images over all ranks, per rank
-                    ctx:report({step = step, epoch = epoch, loss = loss_sum / micro, lr = opt.lr, grad_norm = gnorm,
+                    ctx:report({step = step, epoch = epoch, loss = loss_sum / micro, lr = opt.lr, grad_norm = gnorm:item(),
                                 images = 2 * pairs_sum / ctx.world_size, data_wait_ms = wait}, {checkpoint = ckpt})
                     images_total = images_total + 2 * pairs_sum
                     micro, loss_sum, pairs_sum = 0, 0, 0

@@ -116,8 +116,9 @@ local function step(phases)
         ddp:finish()
         a = mark("ddp finish", a)
     end
-    ml.optim.clip_grad_norm(params, 1.0)
-    opt:step()
+    -- as the recipe: the clip coefficient stays on the device and AdamW applies it
+    local _, coef = ml.optim.clip_grad_norm(params, 1.0, {sync = false, scale_grads = false})
+    opt:step{grad_scale = coef}
     mark("clip+adamw", a)
     return loss
 end

@@ -65,10 +65,17 @@ fi
 if [ -x build/tests/test_cuda_blas ]; then
     step "cublas (C)" cuda_blas.log build/tests/test_cuda_blas
 fi
+if [ -x build/tests/test_cuda_attention ]; then
+    # cuDNN's fused attention against the CPU kernel, each path's backward fed the other's forward
+    step "cudnn attention (C)" cuda_attention.log build/tests/test_cuda_attention
+fi
 step "parity cpu vs gpu" parity.log "$BIN" tests/gpu/test_parity.lua
 for f in tests/fixtures/sd1-tiny tests/fixtures/sd2-tiny; do
     if [ -f "$f/pipeline/tokenizer/vocab.json" ]; then
         step "fixture $(basename "$f") f32" "verify_$(basename "$f").log" "$BIN" scripts/verify_fixture.lua "$f" --device cuda
+        # bf16-mixed held to 1.5x PyTorch autocast's own error (<fixture>/bf16_tolerances.json)
+        step "fixture $(basename "$f") bf16" "verify_bf16_$(basename "$f").log" "$BIN" scripts/verify_fixture.lua "$f" \
+            --device cuda --precision bf16-mixed
     fi
 done
 if [ -f tests/fixtures/sd1-tiny/pipeline/tokenizer/vocab.json ]; then

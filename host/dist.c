@@ -346,10 +346,29 @@ static int hub_fail(const char *what) {
 /* Non-zero rank: send our part and receive rank 0's reply into reply (size
  * must equal expect, or be up to DIST_MAX_PAYLOAD with expect UINT64_MAX;
  * *reply_alloc then gets a malloc'd buffer). */
+/* After a failed send to rank 0: rank 0 may have stopped the collective and
+ * closed before our part went out, with its reason already waiting in our
+ * receive buffer.  Read it (briefly) so the error names the real cause, not
+ * the closed connection.  1 = found (msg filled), 0 = none. */
+static int pending_abort(char *msg, size_t cap) {
+    msg_hdr r;
+    if (recv_all(G.fds[0], &r, sizeof r, now_s() + 0.5, 0) < 0) return 0;
+    if (r.magic != DIST_MAGIC || r.kind != K_ABORT) return 0;
+    size_t n = r.nbytes < cap - 1 ? (size_t)r.nbytes : cap - 1;
+    if (recv_all(G.fds[0], msg, n, now_s() + 0.5, 0) < 0) n = 0;
+    msg[n] = 0;
+    return n > 0;
+}
+
 static int peer_exchange(const char *what, const msg_hdr *h, const void *payload, void *reply, uint64_t expect,
                          char **reply_alloc, uint64_t *reply_len) {
     double deadline = now_s() + G.timeout_s;
-    if (send_msg(G.fds[0], h, payload, deadline, 0) < 0) return fail(what, "%s", g_cause);
+    if (send_msg(G.fds[0], h, payload, deadline, 0) < 0) {
+        char cause[sizeof g_cause], msg[1024];
+        snprintf(cause, sizeof cause, "%s", g_cause);
+        if (pending_abort(msg, sizeof msg)) return fail(what, "stopped by rank 0: %s", msg);
+        return fail(what, "%s", cause);
+    }
     msg_hdr r;
     deadline = now_s() + G.timeout_s + DIST_REPLY_GRACE_S;
     if (recv_all(G.fds[0], &r, sizeof r, deadline, 0) < 0) return fail(what, "%s", g_cause);
@@ -477,10 +496,29 @@ static void tune_socket(int fd) {
     setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one);
 }
 
+/* Close so that what we sent last (an abort's reason) still arrives: a
+ * socket closed with unread input sends a reset, and a reset makes the peer
+ * drop the data it has not read yet.  So: end our side, read and discard
+ * what the peer still had in flight (briefly: `until` bounds all sockets
+ * together), then close. */
+static void close_gracefully(int fd, double until) {
+    shutdown(fd, SHUT_WR);
+    char sink[4096];
+    for (;;) {
+        struct pollfd pf = {fd, POLLIN, 0};
+        int ms = ms_left(until);
+        if (ms <= 0 || poll(&pf, 1, ms) <= 0) break;
+        ssize_t k = recv(fd, sink, sizeof sink, MSG_DONTWAIT);
+        if (k == 0 || (k < 0 && errno != EINTR && errno != EAGAIN && errno != EWOULDBLOCK)) break;
+    }
+    close(fd);
+}
+
 static void close_all(void) {
     if (G.fds) {
+        double until = now_s() + 0.5;
         for (int r = 0; r < G.world_size; r++)
-            if (G.fds[r] >= 0) close(G.fds[r]);
+            if (G.fds[r] >= 0) close_gracefully(G.fds[r], until);
         free(G.fds);
         G.fds = NULL;
     }

@@ -471,6 +471,10 @@ int ml_backward(ml_tensor *root, ml_tensor *grad, bool retain_graph) {
             }
             ml_release(gout);
         }
+        /* This node's saved tensors (the forward's activations) are not
+         * needed again: free them now rather than when the whole backward
+         * ends, so activations go as backward passes them, as in PyTorch. */
+        if (!retain_graph) drop_saved(n);
         for (int i = 0; i < n->n_inputs; i++) {
             ml_edge *e = &n->next[i];
             if (rc == 0 && gin[i] && (e->fn || e->leaf) && check_grad_shape(n, i, gin[i]) < 0) rc = -1;

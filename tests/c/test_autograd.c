@@ -213,6 +213,40 @@ static void test_saved_release(void) {
     ml_release(x);
 }
 
+/* Activations go as backward passes them: when the first op of a chain runs
+ * its backward, the ops after it have already released what they saved. */
+static ml_tensor *g_watch;          /* a tensor a later op saved */
+static int g_watch_refs = -1;       /* its storage's references seen from the first op's backward */
+static int watch_backward(ml_node *n, ml_tensor *g, ml_tensor **gin) {
+    g_watch_refs = g_watch->refcount + g_watch->storage->refcount;
+    gin[0] = ml_retain(g);
+    return 0;
+}
+
+static void test_saved_freed_during_backward(void) {
+    for (int retain = 0; retain <= 1; retain++) {
+        ml_tensor *x = leaf(3, (double[]){0.1, 0.2, 0.3});
+        bool prev = ml_set_grad_enabled(false);
+        ml_tensor *w = ml_clone(x);
+        ml_set_grad_enabled(prev);
+        ml_node *n = ml_node_begin_custom("watch", watch_backward, 1, &x);
+        if (n) ml_node_finish(n, w);
+        ml_tensor *a = ml_unary(ML_EXP, w), *b = ml_mul(a, a);   /* mul saves two aliases of a */
+        ml_tensor *s = ml_sum(b, 0, NULL, false);
+        g_watch = a;
+        int before = a->refcount + a->storage->refcount;   /* ours + what the nodes saved of a */
+        g_watch_refs = -1;
+        CHECK(ml_backward(s, NULL, retain) == 0, "backward: %s", ml_last_error());
+        if (retain)
+            CHECK(g_watch_refs == before, "retain_graph keeps what mul saved (%d of %d refs)",
+                  g_watch_refs, before);
+        else
+            CHECK(g_watch_refs == before - 2, "mul freed its two saved aliases of a before the first op's "
+                  "backward ran (%d of %d refs)", g_watch_refs, before);
+        ml_release(s); ml_release(b); ml_release(a); ml_release(w); ml_release(x);
+    }
+}
+
 /* ---- saved-tensor versions and the in-place gate ------------------------ */
 
 static bool has(const char *s, const char *part) { return s && strstr(s, part); }
@@ -531,6 +565,7 @@ int main(void) {
     test_diamond();
     test_long_chain();
     test_saved_release();
+    test_saved_freed_during_backward();
     test_saved_versions();
     test_inplace_ops_bump();
     test_many_saved();

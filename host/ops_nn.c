@@ -11,19 +11,9 @@
 #include "conv2d.h"
 #include "norm.h"
 #include "softmax.h"
-#include "cpu/attention.h"
+#include "attention.h"
 #include <math.h>
 #include <string.h>
-
-/* Attention still takes ml_tensor: its twin is declared by hand here until
- * kernels/cpu/attention.h becomes a family header like the others. */
-#ifdef ML_WITH_CUDA
-ML_CUDA_TWIN int ml_sdpa_forward_cuda(ml_tensor *out, ml_tensor *lse, const ml_tensor *q, const ml_tensor *k,
-                                      const ml_tensor *v, bool causal, double scale);
-ML_CUDA_TWIN int ml_sdpa_backward_cuda(ml_tensor *dq, ml_tensor *dk, ml_tensor *dv, const ml_tensor *dout,
-                                       const ml_tensor *q, const ml_tensor *k, const ml_tensor *v,
-                                       const ml_tensor *out, const ml_tensor *lse, bool causal, double scale);
-#endif
 
 /* Statistics (norm mean/rstd, attention log-sum-exp) are kept in float32
  * for every compute dtype but float64. */
@@ -288,15 +278,26 @@ ml_tensor *ml_log_softmax(ml_tensor *x, int dim) { return softmax_op(x, dim, tru
 
 /* ---- scaled dot-product attention --------------------------------------- */
 
-/* saved: q, k, v (contiguous), out, lse; f[0] scale, i[0] causal. */
+/* saved: q, k, v (contiguous), out, lse; f[0] scale, i[0] causal.  The
+ * saved tensors are the forward's, checked there; the incoming gradient is
+ * checked here, since the kernels read it as out's dtype and shape and the
+ * gradients they write take its dtype. */
 static int sdpa_backward(ml_node *n, ml_tensor *g, ml_tensor **gin) {
     ml_tensor *q = n->saved[0], *k = n->saved[1], *v = n->saved[2], *out = n->saved[3], *lse = n->saved[4];
+    if (ml_check_like("sdpa backward", "out", out, "the output's gradient", g) < 0) return -1;
+    if (!ml_same_shape(g, out)) {
+        char sg[128], so[128];
+        return ml_error("sdpa backward: the output's gradient has shape %s, the output %s",
+                        ml_shape_str(g, sg, sizeof sg), ml_shape_str(out, so, sizeof so));
+    }
     int rc = 0;
     ml_tensor *gc = ml_kernel_input(g, &rc);
     ml_tensor *dq = ml_grad_buffer(n, 0, 4, q->shape, g, &rc);
     ml_tensor *dk = ml_grad_buffer(n, 1, 4, k->shape, g, &rc);
     ml_tensor *dv = ml_grad_buffer(n, 2, 4, v->shape, g, &rc);
-    if (rc == 0) rc = ML_RUN(g->device, ml_sdpa_backward, dq, dk, dv, gc, q, k, v, out, lse, n->i[0], n->f[0]);
+    if (rc == 0)
+        rc = ML_RUN(g->device, ml_sdpa_backward, ML_KT(dq), ML_KT(dk), ML_KT(dv), ML_KT(gc), ML_KT(q), ML_KT(k),
+                    ML_KT(v), ML_KT(out), ML_KT(lse), n->i[0], n->f[0]);
     ml_release(gc);
     if (rc < 0) { ml_release(dq); ml_release(dk); ml_release(dv); return -1; }
     gin[0] = dq; gin[1] = dk; gin[2] = dv;
@@ -322,7 +323,9 @@ ml_tensor *ml_sdpa(ml_tensor *q, ml_tensor *k, ml_tensor *v, bool causal, double
     ml_tensor *out = ml_empty(4, oshape, q->dtype, q->device);
     ml_tensor *lse = ml_empty(3, lshape, stats_dtype(q->dtype), q->device);
     if (rc == 0 && (!out || !lse)) rc = -1;
-    if (rc == 0) rc = ML_RUN(q->device, ml_sdpa_forward, out, lse, qc, kc, vc, causal, scale);
+    if (rc == 0)
+        rc = ML_RUN(q->device, ml_sdpa_forward, ML_KT(out), ML_KT(lse), ML_KT(qc), ML_KT(kc), ML_KT(vc), causal,
+                    scale);
     if (rc == 0) {
         ml_tensor *ins[3] = {q, k, v};
         ml_node *n = ml_node_begin(ML_OP_sdpa, sdpa_backward, 3, ins);

@@ -1,5 +1,5 @@
 // attention.cu — CUDA twins of kernels/cpu/attention.c (contract in
-// attention.h), two paths:
+// kernels/attention.h), two paths:
 // - f16 / bf16 whose score matrices fit a memory budget: the "math path" at
 //   the end of the file, cuBLAS GEMMs on the tensor cores around explicit
 //   [Sq, Sk] score buffers (float32 scores, half-type probabilities);
@@ -455,51 +455,10 @@ struct dims {
     int64_t B, Sq, Sk, H, D, Dv;
 };
 
-// One tensor a call takes: its name for messages, the shape it must have,
-// and whether it holds statistics (float32) or data (the call's dtype).
-struct operand {
-    const char *name;
-    const ml_tensor *t;   // NULL: not wanted (gradients only)
-    int ndim;
-    int64_t shape[4];
-    bool stats;
-};
-
-int check_operands(const char *what, const operand *ops, int n, const ml_tensor *ref) {
-    for (int i = 0; i < n; i++) {
-        const operand &o = ops[i];
-        const ml_tensor *t = o.t;
-        if (!t) continue;
-        if (!ml_device_eq(t->device, ref->device))
-            return ml_error("%s (cuda): %s is on another device than q", what, o.name);
-        ml_dtype want = o.stats ? ML_F32 : ref->dtype;
-        if (t->dtype != want)
-            return ml_error("%s (cuda): %s has dtype %s, expected %s", what, o.name, ml_dtype_name(t->dtype),
-                            ml_dtype_name(want));
-        bool same = t->ndim == o.ndim;
-        for (int d = 0; same && d < o.ndim; d++) same = t->shape[d] == o.shape[d];
-        if (!same) {
-            char got[128], exp[128];
-            int len = snprintf(exp, sizeof exp, "[");
-            for (int d = 0; d < o.ndim && len < (int)sizeof exp; d++)
-                len += snprintf(exp + len, sizeof exp - len, d ? ", %lld" : "%lld", (long long)o.shape[d]);
-            if (len < (int)sizeof exp) snprintf(exp + len, sizeof exp - len, "]");
-            return ml_error("%s (cuda): %s has shape %s, expected %s", what, o.name, ml_shape_str(t, got, sizeof got),
-                            exp);
-        }
-        if (ml_numel(t) > 0 && !ml_is_contiguous(t)) return ml_error("%s (cuda): %s must be contiguous", what, o.name);
-    }
-    return 0;
-}
-
-// Sizes from q, k, v, checked to fit the kernels' 32-bit row and column
-// indices (element offsets are 64-bit).
-int get_dims(const char *what, const ml_tensor *q, const ml_tensor *k, const ml_tensor *v, dims *d) {
-    if (q->ndim != 4 || k->ndim != 4 || v->ndim != 4) {
-        char sq[128], sk[128], sv[128];
-        return ml_error("%s (cuda): q %s, k %s, v %s must be 4-D [B, S, H, width]", what,
-                        ml_shape_str(q, sq, sizeof sq), ml_shape_str(k, sk, sizeof sk), ml_shape_str(v, sv, sizeof sv));
-    }
+// Sizes from q, k, v (4-D BSHD, as the host op checked), checked to fit the
+// kernels' 32-bit row and column indices (element offsets are 64-bit): a
+// limit of these kernels, not of the arguments, so it is reported here.
+int get_dims(const char *what, const ml_ktensor *q, const ml_ktensor *k, const ml_ktensor *v, dims *d) {
     *d = {q->shape[0], q->shape[1], k->shape[1], q->shape[2], q->shape[3], v->shape[3]};
     const int64_t lim = INT_MAX / 2;
     if (d->Sq > lim || d->Sk > lim || d->H > lim)
@@ -734,19 +693,13 @@ int gemm(cublasHandle_t h, bool ta, bool tb, int64_t M, int64_t N, int64_t K, fl
     return 0;
 }
 
-// A buffer from the caching allocator, returned when the scope ends (the
-// frees are stream-ordered after the kernels queued in it).
-struct scratch {
-    int dev;
-    size_t bytes;
-    void *p;
-    scratch(int dev_, size_t bytes_) : dev(dev_), bytes(bytes_), p(ml_cuda_malloc(dev_, bytes_)) {}
-    ~scratch() {
-        if (p) ml_cuda_free(dev, p, bytes);
-    }
-    scratch(const scratch &) = delete;
-    scratch &operator=(const scratch &) = delete;
-};
+// The two score buffers of a chunk, float32 scores and half-type
+// probabilities, as the two parts of one ml_cuda_workspace.  The first
+// part's size is rounded up to 512 bytes so that the second starts 512-byte
+// aligned, as each did when they were separate allocations: cuBLAS picks
+// its GEMM kernel partly by the operands' alignment, and the same choice
+// keeps the same bits.
+size_t scores_part_bytes(size_t n) { return (n * sizeof(float) + 511) & ~(size_t)511; }
 
 // The pieces of one chunk: batch b's head matrices of a BSHD tensor, and of
 // the chunk's score buffers.
@@ -769,22 +722,24 @@ int math_forward(T *out, float *lse, const T *q, const T *k, const T *v, const d
     if (!h) return -1;
     const math_geom g{d, score_ld(d.Sk), d.Sq * score_ld(d.Sk), cuda_type<T>()};
     const size_t n = (size_t)(chunk * d.H * g.hm);
-    scratch sb(dev, n * sizeof(float)), pb(dev, n * sizeof(T));
-    if (!sb.p || !pb.p) return -1;
+    ml_cuda_workspace ws(dev, {scores_part_bytes(n), n * sizeof(T)});
+    if (!ws.ok()) return -1;
+    float *sbuf = ws.part<float>(0);
+    T *pbuf = ws.part<T>(1);
     for (int64_t b0 = 0; b0 < d.B; b0 += chunk) {
         const int64_t nb = chunk < d.B - b0 ? chunk : d.B - b0;
         for (int64_t b = b0; b < b0 + nb; b++)   // S = scale Q K^T
             if (gemm(h, false, true, d.Sq, d.Sk, d.D, scale, g.bshd(q, b, d.Sq, d.D), g.bshd(k, b, d.Sk, d.D),
-                     g.scores(sb.p, b - b0, CUDA_R_32F, sizeof(float)), d.H) < 0)
+                     g.scores(sbuf, b - b0, CUDA_R_32F, sizeof(float)), d.H) < 0)
                 return -1;
         const int64_t rows = nb * d.H * d.Sq;
         unsigned grid;
         if (warp_grid("sdpa", rows, &grid) < 0) return -1;
-        math_softmax<T><<<grid, kThreads, 0, s>>>((T *)pb.p, lse + b0 * d.H * d.Sq, (const float *)sb.p, rows,
+        math_softmax<T><<<grid, kThreads, 0, s>>>(pbuf, lse + b0 * d.H * d.Sq, sbuf, rows,
                                                   (int)d.Sq, (int)d.Sk, g.ls, causal);
         ML_CUDA_LAUNCHED("sdpa forward (softmax)");
         for (int64_t b = b0; b < b0 + nb; b++)   // O = P V
-            if (gemm(h, false, false, d.Sq, d.Dv, d.Sk, 1.0f, g.scores(pb.p, b - b0, g.dt, sizeof(T)),
+            if (gemm(h, false, false, d.Sq, d.Dv, d.Sk, 1.0f, g.scores(pbuf, b - b0, g.dt, sizeof(T)),
                      g.bshd(v, b, d.Sk, d.Dv), g.bshd(out, b, d.Sq, d.Dv), d.H) < 0)
                 return -1;
     }
@@ -799,35 +754,37 @@ int math_backward(T *dq, T *dk, T *dv, const T *dout, const T *q, const T *k, co
     if (!h) return -1;
     const math_geom g{d, score_ld(d.Sk), d.Sq * score_ld(d.Sk), cuda_type<T>()};
     const size_t n = (size_t)(chunk * d.H * g.hm);
-    scratch sb(dev, n * sizeof(float)), pb(dev, n * sizeof(T));
-    if (!sb.p || !pb.p) return -1;
+    ml_cuda_workspace ws(dev, {scores_part_bytes(n), n * sizeof(T)});
+    if (!ws.ok()) return -1;
+    float *sbuf = ws.part<float>(0);
+    T *pbuf = ws.part<T>(1);
     for (int64_t b0 = 0; b0 < d.B; b0 += chunk) {
         const int64_t nb = chunk < d.B - b0 ? chunk : d.B - b0;
         for (int64_t b = b0; b < b0 + nb; b++)   // S = scale Q K^T
             if (gemm(h, false, true, d.Sq, d.Sk, d.D, scale, g.bshd(q, b, d.Sq, d.D), g.bshd(k, b, d.Sk, d.D),
-                     g.scores(sb.p, b - b0, CUDA_R_32F, sizeof(float)), d.H) < 0)
+                     g.scores(sbuf, b - b0, CUDA_R_32F, sizeof(float)), d.H) < 0)
                 return -1;
         const int64_t rows = nb * d.H * d.Sq, r0 = b0 * d.H * d.Sq;
         unsigned grid;
         if (warp_grid("sdpa backward", rows, &grid) < 0) return -1;
-        math_probs<T><<<grid, kThreads, 0, s>>>((T *)pb.p, (const float *)sb.p, lse + r0, rows, (int)d.Sq,
+        math_probs<T><<<grid, kThreads, 0, s>>>(pbuf, sbuf, lse + r0, rows, (int)d.Sq,
                                                 (int)d.Sk, g.ls, causal);
         ML_CUDA_LAUNCHED("sdpa backward (probabilities)");
         if (dv)
             for (int64_t b = b0; b < b0 + nb; b++)   // dV = P^T dO
-                if (gemm(h, true, false, d.Sk, d.Dv, d.Sq, 1.0f, g.scores(pb.p, b - b0, g.dt, sizeof(T)),
+                if (gemm(h, true, false, d.Sk, d.Dv, d.Sq, 1.0f, g.scores(pbuf, b - b0, g.dt, sizeof(T)),
                          g.bshd(dout, b, d.Sq, d.Dv), g.bshd(dv, b, d.Sk, d.Dv), d.H) < 0)
                     return -1;
         if (!dq && !dk) continue;
         for (int64_t b = b0; b < b0 + nb; b++)   // dP = dO V^T, over S
             if (gemm(h, false, true, d.Sq, d.Sk, d.Dv, 1.0f, g.bshd(dout, b, d.Sq, d.Dv), g.bshd(v, b, d.Sk, d.Dv),
-                     g.scores(sb.p, b - b0, CUDA_R_32F, sizeof(float)), d.H) < 0)
+                     g.scores(sbuf, b - b0, CUDA_R_32F, sizeof(float)), d.H) < 0)
                 return -1;
-        math_dscores<T><<<grid, kThreads, 0, s>>>((T *)pb.p, (const float *)sb.p, delta + r0, rows, (int)d.Sk,
+        math_dscores<T><<<grid, kThreads, 0, s>>>(pbuf, sbuf, delta + r0, rows, (int)d.Sk,
                                                   g.ls);
         ML_CUDA_LAUNCHED("sdpa backward (dS)");
         for (int64_t b = b0; b < b0 + nb; b++) {
-            const mat ds = g.scores(pb.p, b - b0, g.dt, sizeof(T));
+            const mat ds = g.scores(pbuf, b - b0, g.dt, sizeof(T));
             if (dq && gemm(h, false, false, d.Sq, d.D, d.Sk, scale, ds, g.bshd(k, b, d.Sk, d.D),
                            g.bshd(dq, b, d.Sq, d.D), d.H) < 0)   // dQ = scale dS K
                 return -1;
@@ -843,17 +800,10 @@ int math_backward(T *dq, T *dk, T *dv, const T *dout, const T *q, const T *k, co
 
 // ---- entry points -----------------------------------------------------------------
 
-extern "C" int ml_sdpa_forward_cuda(ml_tensor *out, ml_tensor *lse, const ml_tensor *q, const ml_tensor *k,
-                                    const ml_tensor *v, bool causal, double scale) {
+extern "C" int ml_sdpa_forward_cuda(ml_ktensor *out, ml_ktensor *lse, const ml_ktensor *q, const ml_ktensor *k,
+                                    const ml_ktensor *v, bool causal, double scale) {
     dims d;
     if (check_type("sdpa", q->dtype) < 0 || get_dims("sdpa", q, k, v, &d) < 0) return -1;
-    const operand ops[] = {
-        {"k", k, 4, {d.B, d.Sk, d.H, d.D}, false},   {"v", v, 4, {d.B, d.Sk, d.H, d.Dv}, false},
-        {"q", q, 4, {d.B, d.Sq, d.H, d.D}, false},   {"out", out, 4, {d.B, d.Sq, d.H, d.Dv}, false},
-        {"lse", lse, 3, {d.B, d.H, d.Sq, 0}, true},
-    };
-    if (check_operands("sdpa", ops, 5, q) < 0) return -1;
-    if (d.Sk == 0 && d.Sq > 0) return ml_error("sdpa (cuda): no keys to attend to (k has 0 positions)");
     cudaStream_t s;
     if (ml_cuda_prepare(q, "sdpa", &s) < 0) return -1;
     if (d.B * d.H * d.Sq == 0) return 0;
@@ -863,8 +813,8 @@ extern "C" int ml_sdpa_forward_cuda(ml_tensor *out, ml_tensor *lse, const ml_ten
     if (q->dtype == ML_F16 || q->dtype == ML_BF16) {
         ml_cudnn_sdpa_shape cs;
         ml_cudnn_sdpa_shape_contiguous(&cs, dev, q->dtype, d.B, d.H, d.Sq, d.Sk, d.D, d.Dv, causal, scale);
-        const int rc = ml_cudnn_sdpa_forward(ml_data(out), lse ? ml_ptr<float>(lse) : nullptr, ml_data(q),
-                                             ml_data(k), ml_data(v), &cs);
+        const int rc = ml_cudnn_sdpa_forward(out->data, lse ? ml_ptr<float>(lse) : nullptr, q->data, k->data,
+                                             v->data, &cs);
         if (rc != 0) return rc < 0 ? -1 : 0;
     }
     if (const int64_t chunk = math_chunk(q->dtype, d)) {
@@ -883,19 +833,11 @@ extern "C" int ml_sdpa_forward_cuda(ml_tensor *out, ml_tensor *lse, const ml_ten
     });
 }
 
-extern "C" int ml_sdpa_backward_cuda(ml_tensor *dq, ml_tensor *dk, ml_tensor *dv, const ml_tensor *dout,
-                                     const ml_tensor *q, const ml_tensor *k, const ml_tensor *v,
-                                     const ml_tensor *out, const ml_tensor *lse, bool causal, double scale) {
+extern "C" int ml_sdpa_backward_cuda(ml_ktensor *dq, ml_ktensor *dk, ml_ktensor *dv, const ml_ktensor *dout,
+                                     const ml_ktensor *q, const ml_ktensor *k, const ml_ktensor *v,
+                                     const ml_ktensor *out, const ml_ktensor *lse, bool causal, double scale) {
     dims d;
     if (check_type("sdpa backward", q->dtype) < 0 || get_dims("sdpa backward", q, k, v, &d) < 0) return -1;
-    const operand ops[] = {
-        {"k", k, 4, {d.B, d.Sk, d.H, d.D}, false},      {"v", v, 4, {d.B, d.Sk, d.H, d.Dv}, false},
-        {"q", q, 4, {d.B, d.Sq, d.H, d.D}, false},      {"out", out, 4, {d.B, d.Sq, d.H, d.Dv}, false},
-        {"dout", dout, 4, {d.B, d.Sq, d.H, d.Dv}, false}, {"lse", lse, 3, {d.B, d.H, d.Sq, 0}, true},
-        {"dq", dq, 4, {d.B, d.Sq, d.H, d.D}, false},    {"dk", dk, 4, {d.B, d.Sk, d.H, d.D}, false},
-        {"dv", dv, 4, {d.B, d.Sk, d.H, d.Dv}, false},
-    };
-    if (check_operands("sdpa backward", ops, 9, q) < 0) return -1;
     if (!dq && !dk && !dv) return 0;
     cudaStream_t s;
     if (ml_cuda_prepare(q, "sdpa backward", &s) < 0) return -1;
@@ -904,15 +846,17 @@ extern "C" int ml_sdpa_backward_cuda(ml_tensor *dq, ml_tensor *dk, ml_tensor *dv
     if (q->dtype == ML_F16 || q->dtype == ML_BF16) {   // as in the forward
         ml_cudnn_sdpa_shape cs;
         ml_cudnn_sdpa_shape_contiguous(&cs, dev, q->dtype, d.B, d.H, d.Sq, d.Sk, d.D, d.Dv, causal, scale);
-        const int rc = ml_cudnn_sdpa_backward(dq ? ml_data(dq) : nullptr, dk ? ml_data(dk) : nullptr,
-                                              dv ? ml_data(dv) : nullptr, ml_data(dout), ml_data(q), ml_data(k),
-                                              ml_data(v), ml_data(out), ml_ptr<float>(lse), &cs);
+        const int rc = ml_cudnn_sdpa_backward(dq ? dq->data : nullptr, dk ? dk->data : nullptr,
+                                              dv ? dv->data : nullptr, dout->data, q->data, k->data, v->data,
+                                              out->data, ml_ptr<float>(lse), &cs);
         if (rc != 0) return rc < 0 ? -1 : 0;
     }
-    // delta is read by the dS of dq and dk only
-    const size_t delta_bytes = (size_t)(d.B * d.H * d.Sq) * sizeof(float);
-    float *delta = NULL;
-    if ((dq || dk) && delta_bytes > 0 && !(delta = (float *)ml_cuda_malloc(dev, delta_bytes))) return -1;
+    // delta is read by the dS of dq and dk only; B*H*Sq is lse's element
+    // count, so its byte size fits
+    const size_t delta_bytes = (dq || dk) ? (size_t)(d.B * d.H * d.Sq) * sizeof(float) : 0;
+    ml_cuda_workspace ws(dev, {delta_bytes});
+    if (!ws.ok()) return -1;
+    float *delta = delta_bytes > 0 ? ws.part<float>(0) : NULL;
     const int64_t chunk = math_chunk(q->dtype, d);
     int rc = with_type(q->dtype, [&](auto tag) -> int {
         typedef decltype(tag) T;
@@ -931,7 +875,6 @@ extern "C" int ml_sdpa_backward_cuda(ml_tensor *dq, ml_tensor *dk, ml_tensor *dv
                 d, causal, (float)scale, dev, s);
         });
     });
-    // stream-ordered: the kernels above are queued before any reuse of the block
-    if (delta) ml_cuda_free(dev, delta, delta_bytes);
+    // ws goes back to the cache here, stream-ordered after the kernels above
     return rc;
 }

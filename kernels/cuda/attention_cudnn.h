@@ -1,11 +1,12 @@
 /* attention_cudnn.h — scaled dot-product attention through cuDNN's fused
  * flash-attention graphs (the cuDNN frontend's sdpa / sdpa_backward nodes),
- * for float16 and bfloat16 only.  A pointer-level interface (no ml_tensor):
- * the caller (kernels/cuda/attention.cu) checks the tensors, then tries
- * these first and runs its own kernels when they answer "unsupported".
+ * for float16 and bfloat16 only.  A pointer-level interface (no tensors):
+ * the caller (kernels/cuda/attention.cu, on arguments the host op checked)
+ * tries these first and runs its own kernels when they answer
+ * "unsupported".
  *
  * Contract, the same as ml_sdpa_forward_cuda / ml_sdpa_backward_cuda
- * (attention.h):
+ * (kernels/attention.h):
  * - q [B, Sq, H, D], k [B, Sk, H, D], v [B, Sk, H, Dv]; out and dout
  *   [B, Sq, H, Dv]; dq, dk, dv shaped like q, k, v.  Every tensor is seen
  *   in BSHD order through its own element strides (batch, seq, head; the
@@ -39,7 +40,7 @@
 
 #include <stdbool.h>
 #include <stdint.h>
-#include "tensor.h"
+#include "kernel.h"   /* ml_dtype; no ml_tensor: pointers only */
 
 #ifdef __cplusplus
 extern "C" {

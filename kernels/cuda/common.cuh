@@ -15,8 +15,10 @@
 extern "C" {
 #include "kernel.h"
 #include "error.h"
-// ml_tensor, for the kernels that still take it (attention) and for
-// nccl.cu, which is not a kernel but a communication layer over tensors.
+// ml_tensor: no kernel takes it.  It stays here only for runtime.cu, whose
+// ml_tensor overload of ml_cuda_prepare (no longer declared, nor called)
+// is still defined there; nccl.cu, a communication layer over tensors
+// rather than a kernel, has it from dist.h.
 #include "tensor.h"
 }
 #include "runtime.h"
@@ -289,9 +291,5 @@ template <typename T> static inline T *ml_ptr(const ml_ktensor *t) { return (T *
 // be on a CUDA device (the host op dispatched on that, so failing here
 // means a kernel was called from the wrong place).
 int ml_cuda_prepare(const ml_ktensor *t, const char *op, cudaStream_t *stream);
-
-// The same for the kernels that still take ml_tensor (attention).
-template <typename T> static inline T *ml_ptr(const ml_tensor *t) { return (T *)ml_data(t); }
-int ml_cuda_prepare(const ml_tensor *t, const char *op, cudaStream_t *stream);
 
 #endif

@@ -26,7 +26,8 @@
 #include "cuda/runtime.h"
 #include "cuda/allocator.h"
 #include "cuda/attention_cudnn.h"
-#include "cpu/attention.h"
+#include "attention.h"
+#include "dispatch.h"
 
 static const ml_device GPU0 = {ML_CUDA, 0};
 
@@ -85,7 +86,9 @@ static bool make_problem(problem *p) {
     p->dk = empty4(p->B, p->Sk, p->H, p->D, ML_F32, ml_cpu());
     p->dv = empty4(p->B, p->Sk, p->H, p->Dv, ML_F32, ml_cpu());
     if (!p->qh || !p->kh || !p->vh || !p->gh || !p->out || !p->lse || !p->dq || !p->dk || !p->dv) return false;
-    if (ml_sdpa_forward_cpu(p->out, p->lse, p->q, p->k, p->v, p->causal, p->scale) < 0) return false;
+    if (ml_sdpa_forward_cpu(ML_KT(p->out), ML_KT(p->lse), ML_KT(p->q), ML_KT(p->k), ML_KT(p->v), p->causal,
+                            p->scale) < 0)
+        return false;
     /* Every half-precision path stores out in the half type, and the
      * backward's rowsum(dout * out) sees the rounded values: the reference
      * gradients are taken from the rounded out too, so that what is left
@@ -95,7 +98,8 @@ static bool make_problem(problem *p) {
     int rc = oh ? ml_copy_(p->out, oh) : -1;
     ml_release(oh);
     return rc == 0 &&
-           ml_sdpa_backward_cpu(p->dq, p->dk, p->dv, p->g, p->q, p->k, p->v, p->out, p->lse, p->causal, p->scale) == 0;
+           ml_sdpa_backward_cpu(ML_KT(p->dq), ML_KT(p->dk), ML_KT(p->dv), ML_KT(p->g), ML_KT(p->q), ML_KT(p->k),
+                                ML_KT(p->v), ML_KT(p->out), ML_KT(p->lse), p->causal, p->scale) == 0;
 }
 
 static void free_problem(problem *p) {
@@ -202,7 +206,8 @@ static bool check_problem(problem *p) {
     ml_tensor *cdk = empty4(p->B, p->Sk, p->H, p->D, ML_F32, ml_cpu());
     ml_tensor *cdv = empty4(p->B, p->Sk, p->H, p->Dv, ML_F32, ml_cpu());
     CHECK(c_out32 && c_lse && cdq && cdk && cdv &&
-              ml_sdpa_backward_cpu(cdq, cdk, cdv, p->g, p->q, p->k, p->v, c_out32, c_lse, p->causal, p->scale) == 0,
+              ml_sdpa_backward_cpu(ML_KT(cdq), ML_KT(cdk), ML_KT(cdv), ML_KT(p->g), ML_KT(p->q), ML_KT(p->k),
+                                   ML_KT(p->v), ML_KT(c_out32), ML_KT(c_lse), p->causal, p->scale) == 0,
           "%s: CPU backward from cuDNN's forward: %s", p->name, ml_last_error());
     near("dq (cpu)", p, cdq, p->dq, t.rtol, t.atol_frac);
     near("dk (cpu)", p, cdk, p->dk, t.rtol, t.atol_frac);

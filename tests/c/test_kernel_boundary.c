@@ -2,7 +2,8 @@
  * plain descriptor (kernels/kernel.h) and ML_KT, the descriptor helpers,
  * the copy and fill kernels behind ml_copy_/ml_fill_/ml_to_doubles on
  * views, broadcasts, conversions and overlaps, the profiler names ML_RUN
- * times them under, and, in a CUDA build, that every kernel pair declared
+ * times them under, what attention's CPU kernel still reports itself, and,
+ * in a CUDA build, that every kernel pair declared
  * with ML_KERNEL has its CUDA twin linked in (the weak references would let
  * a missing one link silently). */
 #include "check.h"
@@ -10,12 +11,14 @@
 #include "ops.h"
 #include "profile.h"
 #include "tensor.h"
+#include "attention.h"
 #include "conv2d.h"
 #include "copy.h"
 #include "elementwise.h"
 #include "index.h"
 #include "matmul.h"
 #include "norm.h"
+#include "optim.h"
 #include "random.h"
 #include "reduce.h"
 #include "softmax.h"
@@ -144,6 +147,36 @@ out:
     ml_release(a); ml_release(b);
 }
 
+/* Attention's kernels take descriptors and leave the argument checks to
+ * ml_sdpa; what they still report themselves is what the host cannot
+ * know: a dtype the CPU does not compute in (called directly), and the
+ * size of the CPU's score block.  With head widths 0, k and v are empty
+ * whatever Sk is, so Sk is bounded by no tensor: 128 query rows times 2^60
+ * keys would wrap the block's byte count. */
+static void test_attention_kernel_reports(void) {
+    int64_t s4[4] = {1, 4, 1, 8}, l3[3] = {1, 1, 4};
+    ml_tensor *q = ml_zeros(4, s4, ML_F16, ml_cpu()), *out = ml_zeros(4, s4, ML_F16, ml_cpu());
+    ml_tensor *lse = ml_zeros(3, l3, ML_F32, ml_cpu());
+    CHECK(q && out && lse, "half tensors: %s", ml_last_error());
+    if (q && out && lse) {
+        int rc = ml_sdpa_forward_cpu(ML_KT(out), ML_KT(lse), ML_KT(q), ML_KT(q), ML_KT(q), false, 1);
+        CHECK(rc < 0 && strstr(ml_last_error(), "float32 or float64"),
+              "the CPU kernel names the dtypes it computes in (rc %d): %s", rc, ml_last_error());
+    }
+    ml_release(q); ml_release(out); ml_release(lse);
+
+    int64_t sq[4] = {1, 128, 1, 0}, skv[4] = {1, (int64_t)1 << 60, 1, 0};
+    ml_tensor *eq = ml_zeros(4, sq, ML_F32, ml_cpu()), *ek = ml_zeros(4, skv, ML_F32, ml_cpu());
+    CHECK(eq && ek, "empty q, k: %s", ml_last_error());
+    if (eq && ek) {
+        ml_tensor *y = ml_sdpa(eq, ek, ek, false, 0);
+        CHECK(!y && strstr(ml_last_error(), "score block does not fit"),
+              "2^60 keys of width 0: a clear error, not a wrapped allocation: %s", y ? "(no error)" : ml_last_error());
+        ml_release(y);
+    }
+    ml_release(eq); ml_release(ek);
+}
+
 static void test_every_twin_is_linked(void) {
 #ifdef ML_WITH_CUDA
     /* Each ML_KERNEL declares a weak _cuda reference: a null address here
@@ -159,6 +192,8 @@ static void test_every_twin_is_linked(void) {
         TWIN(ml_group_norm_forward), TWIN(ml_group_norm_backward),
         TWIN(ml_layer_norm_forward), TWIN(ml_layer_norm_backward),
         TWIN(ml_softmax_forward), TWIN(ml_softmax_backward),
+        TWIN(ml_sdpa_forward), TWIN(ml_sdpa_backward),
+        TWIN(ml_adamw_multi), TWIN(ml_grad_norm_multi), TWIN(ml_scale_multi),
         TWIN(ml_embedding_forward), TWIN(ml_embedding_backward), TWIN(ml_gather_forward),
         TWIN(ml_gather_backward), TWIN(ml_index_select_forward), TWIN(ml_index_select_backward),
         TWIN(ml_upsample_nearest2d_forward), TWIN(ml_upsample_nearest2d_backward),
@@ -178,6 +213,7 @@ int main(void) {
     test_copy_kernel();
     test_fill_and_read_views();
     test_profiled_under_kernel_names();
+    test_attention_kernel_reports();
     test_every_twin_is_linked();
     return check_summary();
 }

@@ -47,16 +47,17 @@ static inline ml_ktensor *ml_kt_of(const ml_tensor *t, ml_ktensor *slot) {
     if (tok_ >= 0) ml_profile_end(tok_);                                  \
     rc_; })
 
-/* A CPU kernel called by name, timed (the optimizer step uses it; every
- * other kernel goes through ML_RUN). */
-#define CPU_CALL(fn, ...) ML_TIMED(#fn, false, fn(__VA_ARGS__))
-
+/* A CUDA twin called by name: timed, or an error naming it when this build
+ * lacks it (its weak reference is NULL).  ML_RUN's CUDA branch. */
 #ifdef ML_WITH_CUDA
 #define CUDA_CALL(fn, ...) \
     ((fn) ? ML_TIMED(#fn, true, (fn)(__VA_ARGS__)) \
           : ml_error("%s: this op has no CUDA kernel in this build", #fn))
-/* For the kernels not yet declared with ML_KERNEL (attention, optim): a
- * hand-written weak declaration of the twin. */
+/* A hand-written weak declaration, for CUDA entry points that are not
+ * kernel pairs and so have no ML_KERNEL: only dist's NCCL calls
+ * (host/dist.c over kernels/cuda/nccl.cu), a communication layer over
+ * tensors with no CPU twin, which host/dist.c tests for NULL itself.  Every
+ * kernel is declared with ML_KERNEL and called through ML_RUN. */
 #define ML_CUDA_TWIN __attribute__((weak))
 #else
 #define CUDA_CALL(fn, ...) ml_error("%s: moonlit was built without CUDA", #fn)

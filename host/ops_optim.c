@@ -260,8 +260,7 @@ int ml_adamw_multi_(int64_t n, ml_tensor *const *params, ml_tensor *const *grads
             devs[end] = dev;
             end++;
         }
-        if (dev.type == ML_CPU) rc = CPU_CALL(ml_adamw_multi_cpu, dev, &h, end - start, items + start);
-        else rc = CUDA_CALL(ml_adamw_multi_cuda, dev, &h, end - start, items + start);
+        rc = ML_RUN(dev, ml_adamw_multi, dev, &h, end - start, items + start);
         start = end;
     }
     if (rc == 0 && blocks_used) *blocks_used = offset - a->offset;
@@ -340,8 +339,7 @@ int ml_grad_norm_multi(int64_t n, ml_tensor *const *xs, double norm_type, double
     }
     if (rc == 0) {
         float *pn = ml_data(*norm), *pc = ml_data(*coef);
-        if (dev.type == ML_CPU) rc = CPU_CALL(ml_grad_norm_multi_cpu, dev, n, l, norm_type, max_norm, pn, pc);
-        else rc = CUDA_CALL(ml_grad_norm_multi_cuda, dev, n, l, norm_type, max_norm, pn, pc);
+        rc = ML_RUN(dev, ml_grad_norm_multi, dev, n, l, norm_type, max_norm, pn, pc);
     }
     free(l);
     if (rc < 0) {
@@ -375,8 +373,7 @@ int ml_scale_multi_(int64_t n, ml_tensor *const *xs, const ml_tensor *scale) {
         for (int64_t k = 0; k < n && rc == 0; k++) rc = ml_inplace_begin(op, xs[k]);
         if (rc == 0) {
             const float *s = ml_data(scale);
-            if (dev.type == ML_CPU) rc = CPU_CALL(ml_scale_multi_cpu, dev, n, l, s);
-            else rc = CUDA_CALL(ml_scale_multi_cuda, dev, n, l, s);
+            rc = ML_RUN(dev, ml_scale_multi, dev, n, l, s);
         }
     }
     free(l);

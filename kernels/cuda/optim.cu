@@ -12,8 +12,8 @@
 // the scale switch on each chunk's dtype inside the block and launch once.
 //
 // The tables go through pinned host memory and one asynchronous copy on the
-// compute stream into memory from the caching allocator, freed (stream-
-// ordered) as soon as the kernels are queued.  A small ring of pinned
+// compute stream into an ml_cuda_workspace, given back (stream-ordered) as
+// soon as the kernels are queued.  A small ring of pinned
 // buffers per device lets the host fill the next call's table while the
 // GPU still reads the last one; it waits only if it runs a whole ring
 // ahead of the GPU.  Nothing is read back: the norm and the clip
@@ -87,29 +87,20 @@ struct staging_ring {
     int next;
 };
 // Indexed by device; never freed (pinned memory must outlive every copy,
-// and CUDA may be torn down before static destructors run).
+// and CUDA may be torn down before static destructors run).  This is host
+// memory, not scratch of one call, so it does not come from
+// ml_cuda_workspace: the asynchronous copy out of a slot may still be
+// running after the call returns (nothing waits for it), and the next
+// calls reuse the slots, waiting on a slot's event only before refilling
+// it.
 staging_ring g_rings[128];
 
-// Device memory from the caching allocator, given back when it goes out of
-// scope: safe once the kernels reading it are queued (one stream per device).
-struct device_buffer {
-    int dev;
-    void *p = nullptr;
-    size_t bytes = 0;
-    ~device_buffer() {
-        if (p) ml_cuda_free(dev, p, bytes);
-    }
-};
-
-// Fills a pinned buffer of `bytes` with fill(host) and copies it to fresh
-// device memory (out) on stream s.
+// Fills a pinned buffer of `bytes` with fill(host) and copies it to the
+// device memory dst (bytes long, from the caller's ml_cuda_workspace) on
+// stream s.
 template <typename Fill>
-int upload(int dev, cudaStream_t s, size_t bytes, device_buffer &out, Fill &&fill) {
+int upload(int dev, cudaStream_t s, size_t bytes, void *dst, Fill &&fill) {
     if (dev < 0 || dev >= 128) return ml_error("optim (cuda): device index %d out of range", dev);
-    out.dev = dev;
-    out.p = ml_cuda_malloc(dev, bytes);
-    if (!out.p) return -1;
-    out.bytes = bytes;
     staging_ring &ring = g_rings[dev];
     std::lock_guard<std::mutex> lock(ring.mu);
     staging_slot &sl = ring.slot[ring.next];
@@ -131,7 +122,7 @@ int upload(int dev, cudaStream_t s, size_t bytes, device_buffer &out, Fill &&fil
         sl.cap = want;
     }
     fill((char *)sl.host);
-    ML_CUDA_TRY(cudaMemcpyAsync(out.p, sl.host, bytes, cudaMemcpyHostToDevice, s));
+    ML_CUDA_TRY(cudaMemcpyAsync(dst, sl.host, bytes, cudaMemcpyHostToDevice, s));
     ML_CUDA_TRY(cudaEventRecord(sl.uploaded, s));
     sl.pending = true;
     return 0;
@@ -316,8 +307,10 @@ extern "C" int ml_adamw_multi_cuda(ml_device dev, const ml_adamw_hparams *h, int
     size_t bytes = items_bytes + (size_t)total_chunks * sizeof(chunk_ref);
     cudaStream_t s;
     if (ml_cuda_enter(dev.index, &s) < 0) return -1;
-    device_buffer table;
-    int rc = upload(dev.index, s, bytes, table, [&](char *host) {
+    ml_cuda_workspace table(dev.index, {bytes});
+    if (!table.ok()) return -1;
+    char *table_p = table.part<char>(0);
+    int rc = upload(dev.index, s, bytes, table_p, [&](char *host) {
         adamw_item *items = (adamw_item *)host;
         chunk_ref *chunks = (chunk_ref *)(host + items_bytes);
         int64_t next_item[kMaxGroups], next_chunk[kMaxGroups];
@@ -351,8 +344,8 @@ extern "C" int ml_adamw_multi_cuda(ml_device dev, const ml_adamw_hparams *h, int
         }
     });
     if (rc < 0) return -1;
-    const adamw_item *items = (const adamw_item *)table.p;
-    const chunk_ref *chunks = (const chunk_ref *)((char *)table.p + items_bytes);
+    const adamw_item *items = (const adamw_item *)table_p;
+    const chunk_ref *chunks = (const chunk_ref *)(table_p + items_bytes);
     for (int gi = 0; gi < ngroups; gi++) {
         if (group_chunks[gi] == 0) continue;
         dim3 grid((unsigned)group_chunks[gi]);
@@ -462,10 +455,15 @@ __global__ void __launch_bounds__(kLanes)
     }
 }
 
-// Uploads the tensor and chunk tables of a norm or scale list; *items and
-// *chunks point into `table`, *count is the number of chunks.
-int upload_list(ml_device dev, cudaStream_t s, int64_t n, const ml_optim_tensor *list, const char *op,
-                device_buffer &table, const list_item **items, const chunk_ref **chunks, int64_t *count) {
+// The tables of a norm or scale list: `count` chunks; the tensor table
+// (items_bytes), then the chunk table, `bytes` in all (0 when every tensor
+// is empty: nothing to upload).
+struct list_layout {
+    int64_t count;
+    size_t items_bytes, bytes;
+};
+
+int layout_of(int64_t n, const ml_optim_tensor *list, const char *op, list_layout *l) {
     int64_t total = 0;
     for (int64_t k = 0; k < n; k++) {
         uint32_t c = 0;
@@ -473,11 +471,22 @@ int upload_list(ml_device dev, cudaStream_t s, int64_t n, const ml_optim_tensor 
         total += c;
     }
     if (check_grid(total, op) < 0) return -1;
-    *count = total;
+    l->count = total;
+    l->items_bytes = l->bytes = 0;
     if (total == 0) return 0;
-    size_t items_bytes = align16((size_t)n * sizeof(list_item));
-    size_t bytes = items_bytes + (size_t)total * sizeof(chunk_ref);
-    int rc = upload(dev.index, s, bytes, table, [&](char *host) {
+    l->items_bytes = align16((size_t)n * sizeof(list_item));
+    l->bytes = l->items_bytes + (size_t)total * sizeof(chunk_ref);
+    return 0;
+}
+
+// Uploads the tensor and chunk tables of a norm or scale list, laid out as
+// l says, into table (l.bytes of device memory); *items and *chunks point
+// into it.
+int upload_list(int dev, cudaStream_t s, int64_t n, const ml_optim_tensor *list, const list_layout &l, char *table,
+                const list_item **items, const chunk_ref **chunks) {
+    if (l.count == 0) return 0;
+    const size_t items_bytes = l.items_bytes;
+    int rc = upload(dev, s, l.bytes, table, [&](char *host) {
         list_item *it = (list_item *)host;
         chunk_ref *ch = (chunk_ref *)(host + items_bytes);
         int64_t next = 0;
@@ -487,8 +496,8 @@ int upload_list(ml_device dev, cudaStream_t s, int64_t n, const ml_optim_tensor 
         }
     });
     if (rc < 0) return -1;
-    *items = (const list_item *)table.p;
-    *chunks = (const chunk_ref *)((char *)table.p + items_bytes);
+    *items = (const list_item *)table;
+    *chunks = (const chunk_ref *)(table + items_bytes);
     return 0;
 }
 
@@ -510,16 +519,17 @@ extern "C" int ml_grad_norm_multi_cuda(ml_device dev, int64_t n, const ml_optim_
                                        double max_norm, float *norm, float *coef) {
     cudaStream_t s;
     if (ml_cuda_enter(dev.index, &s) < 0) return -1;
-    device_buffer table, partials;
+    list_layout l;
+    if (layout_of(n, list, "grad_norm", &l) < 0) return -1;
+    const int64_t count = l.count;
+    // the tables, and one double partial per chunk (at least one: the
+    // finishing kernel takes a pointer whatever the count)
+    ml_cuda_workspace ws(dev.index, {l.bytes, (size_t)(count > 0 ? count : 1) * sizeof(double)});
+    if (!ws.ok()) return -1;
     const list_item *items = nullptr;
     const chunk_ref *chunks = nullptr;
-    int64_t count = 0;
-    if (upload_list(dev, s, n, list, "grad_norm", table, &items, &chunks, &count) < 0) return -1;
-    partials.dev = dev.index;
-    partials.bytes = (size_t)(count > 0 ? count : 1) * sizeof(double);
-    partials.p = ml_cuda_malloc(dev.index, partials.bytes);
-    if (!partials.p) return -1;
-    double *pp = (double *)partials.p;
+    if (upload_list(dev.index, s, n, list, l, ws.part<char>(0), &items, &chunks) < 0) return -1;
+    double *pp = ws.part<double>(1);
     if (isinf(norm_type))
         return launch_norm<TERM_ABS_MAX>(s, items, chunks, count, pp, norm_type, max_norm, norm, coef);
     if (norm_type == 2) return launch_norm<TERM_SQUARE>(s, items, chunks, count, pp, norm_type, max_norm, norm, coef);
@@ -529,12 +539,15 @@ extern "C" int ml_grad_norm_multi_cuda(ml_device dev, int64_t n, const ml_optim_
 extern "C" int ml_scale_multi_cuda(ml_device dev, int64_t n, const ml_optim_tensor *list, const float *scale) {
     cudaStream_t s;
     if (ml_cuda_enter(dev.index, &s) < 0) return -1;
-    device_buffer table;
+    list_layout l;
+    if (layout_of(n, list, "scale_", &l) < 0) return -1;
+    const int64_t count = l.count;
+    if (count == 0) return 0;
+    ml_cuda_workspace table(dev.index, {l.bytes});
+    if (!table.ok()) return -1;
     const list_item *items = nullptr;
     const chunk_ref *chunks = nullptr;
-    int64_t count = 0;
-    if (upload_list(dev, s, n, list, "scale_", table, &items, &chunks, &count) < 0) return -1;
-    if (count == 0) return 0;
+    if (upload_list(dev.index, s, n, list, l, table.part<char>(0), &items, &chunks) < 0) return -1;
     scale_kernel<<<(unsigned)count, kLanes, 0, s>>>(items, chunks, scale);
     ML_CUDA_LAUNCHED("scale_kernel");
     return 0;

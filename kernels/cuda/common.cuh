@@ -15,11 +15,8 @@
 extern "C" {
 #include "kernel.h"
 #include "error.h"
-// ml_tensor: no kernel takes it.  It stays here only for runtime.cu, whose
-// ml_tensor overload of ml_cuda_prepare (no longer declared, nor called)
-// is still defined there; nccl.cu, a communication layer over tensors
-// rather than a kernel, has it from dist.h.
-#include "tensor.h"
+// No tensor.h: kernels see ml_ktensor only.  nccl.cu, a communication layer
+// over tensors rather than a kernel, has ml_tensor from dist.h.
 }
 #include "runtime.h"
 #include "allocator.h"

@@ -206,11 +206,6 @@ int ml_cuda_prepare(const ml_ktensor *t, const char *op, cudaStream_t *stream) {
     return ml_cuda_enter(t->device.index, stream);
 }
 
-int ml_cuda_prepare(const ml_tensor *t, const char *op, cudaStream_t *stream) {
-    if (t->device.type != ML_CUDA) return ml_error("%s: expected a cuda tensor, got a cpu one", op);
-    return ml_cuda_enter(t->device.index, stream);
-}
-
 // ---- pinned memory, async uploads and events for host/data_loader.c ----
 
 extern "C" void *ml_cuda_host_alloc(size_t nbytes) {

@@ -346,6 +346,15 @@ static int hub_fail(const char *what) {
 /* Non-zero rank: send our part and receive rank 0's reply into reply (size
  * must equal expect, or be up to DIST_MAX_PAYLOAD with expect UINT64_MAX;
  * *reply_alloc then gets a malloc'd buffer). */
+/* The text that follows an abort header r (at most cap - 1 bytes, waiting
+ * a second at most) into msg, NUL-terminated; its length, 0 if none came. */
+static size_t recv_reason(int fd, const msg_hdr *r, char *msg, size_t cap) {
+    size_t n = r->nbytes < cap - 1 ? (size_t)r->nbytes : cap - 1;
+    if (recv_all(fd, msg, n, now_s() + 1.0, 0) < 0) n = 0;
+    msg[n] = 0;
+    return n;
+}
+
 /* After a failed send to rank 0: rank 0 may have stopped the collective and
  * closed before our part went out, with its reason already waiting in our
  * receive buffer.  Read it (briefly) so the error names the real cause, not
@@ -354,10 +363,7 @@ static int pending_abort(char *msg, size_t cap) {
     msg_hdr r;
     if (recv_all(G.fds[0], &r, sizeof r, now_s() + 0.5, 0) < 0) return 0;
     if (r.magic != DIST_MAGIC || r.kind != K_ABORT) return 0;
-    size_t n = r.nbytes < cap - 1 ? (size_t)r.nbytes : cap - 1;
-    if (recv_all(G.fds[0], msg, n, now_s() + 0.5, 0) < 0) n = 0;
-    msg[n] = 0;
-    return n > 0;
+    return recv_reason(G.fds[0], &r, msg, cap) > 0;
 }
 
 static int peer_exchange(const char *what, const msg_hdr *h, const void *payload, void *reply, uint64_t expect,
@@ -375,9 +381,7 @@ static int peer_exchange(const char *what, const msg_hdr *h, const void *payload
     if (r.magic != DIST_MAGIC) return fail(what, "rank 0 sent a malformed message");
     if (r.kind == K_ABORT) {
         char msg[1024];
-        size_t n = r.nbytes < sizeof msg - 1 ? (size_t)r.nbytes : sizeof msg - 1;
-        if (recv_all(G.fds[0], msg, n, now_s() + 1.0, 0) < 0) n = 0;
-        msg[n] = 0;
+        size_t n = recv_reason(G.fds[0], &r, msg, sizeof msg);
         return fail(what, "stopped by rank 0: %s", n ? msg : "(no reason received)");
     }
     if (r.kind != h->kind || r.seq != h->seq) return fail(what, "rank 0 answered a different collective (%s)", kind_name(r.kind));
@@ -672,9 +676,7 @@ static int rendezvous_peer(const ml_dist_config *c) {
     if (r.magic != DIST_MAGIC) return fail("init", "the process on %s:%d is not a moonlit rank 0", c->master_addr, c->master_port);
     if (r.kind == K_ABORT) {
         char msg[600];
-        size_t n = r.nbytes < sizeof msg - 1 ? (size_t)r.nbytes : sizeof msg - 1;
-        if (recv_all(fd, msg, n, now_s() + 1.0, 0) < 0) n = 0;
-        msg[n] = 0;
+        recv_reason(fd, &r, msg, sizeof msg);
         return fail("init", "rank 0 refused this process: %s", msg);
     }
     if (r.kind != K_OK) return fail("init", "unexpected answer from rank 0");

@@ -7,6 +7,7 @@
  * point where data-parallel training can start reducing that bucket. */
 #include "autograd.h"
 #include "ops.h"
+#include "profile.h"
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -331,7 +332,7 @@ static int check_grad_shape(const ml_node *n, int i, const ml_tensor *g) {
                     ml_shape_str(g, b1, sizeof b1), i + 1, ml_shape_str(&shape_of_input, b2, sizeof b2));
 }
 
-static int leaf_done(leaf_slot *s) {
+static int leaf_done_(leaf_slot *s) {
     ml_tensor *leaf = s->leaf, *g = s->acc;
     s->acc = NULL;
     if (!g) return 0;
@@ -367,6 +368,16 @@ static int leaf_done(leaf_slot *s) {
     }
     if (g_ready_fn) g_ready_fn(g_ready_ctx, leaf);
     return 0;
+}
+
+/* leaf_done_, its kernels (the sum into .grad, hooks) filed under one scope
+ * while profiling. */
+static int leaf_done(leaf_slot *s) {
+    if (!ml_profile_on) return leaf_done_(s);
+    const char *outer = ml_profile_set_scope(ml_profile_intern("backward: into a leaf's grad"));
+    int rc = leaf_done_(s);
+    ml_profile_set_scope(outer);
+    return rc;
 }
 
 int ml_backward(ml_tensor *root, ml_tensor *grad, bool retain_graph) {
@@ -463,7 +474,16 @@ int ml_backward(ml_tensor *root, ml_tensor *grad, bool retain_graph) {
         n->grad_acc = NULL;
         ml_tensor *gin[ML_NODE_MAX_INPUTS] = {0};
         if (gout) {
-            if (n->backward(n, gout, gin) < 0) {
+            /* While profiling, the kernels this node runs are filed under it. */
+            const char *outer = NULL;
+            if (ml_profile_on) {
+                char scope[96];
+                snprintf(scope, sizeof scope, "backward of %s", n->name);
+                outer = ml_profile_set_scope(ml_profile_intern(scope));
+            }
+            int brc = n->backward(n, gout, gin);
+            if (ml_profile_on) ml_profile_set_scope(outer);
+            if (brc < 0) {
                 char msg[1024];
                 snprintf(msg, sizeof msg, "%s", ml_last_error());
                 ml_error("backward of '%s': %s", n->name, msg);

@@ -3,6 +3,7 @@
  * stops, so timing never synchronises the GPU mid-step. */
 #include "profile.h"
 #include "error.h"
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -11,6 +12,7 @@ bool ml_profile_on;
 
 typedef struct {
     const char *name;
+    const char *scope;
     bool cuda;
     double t0, t1;        /* CPU: seconds */
     int ev0, ev1;         /* CUDA: event slots */
@@ -18,6 +20,52 @@ typedef struct {
 
 static record *g_rec;
 static int g_n, g_cap, g_events;
+static const char *g_scope;
+
+/* ---- scopes: interned strings in an open-addressing set that only grows */
+
+static char **g_names;
+static size_t g_names_cap, g_names_n;
+
+static uint64_t hash_str(const char *s) {
+    uint64_t h = 1469598103934665603ull;   /* FNV-1a */
+    for (; *s; s++) h = (h ^ (unsigned char)*s) * 1099511628211ull;
+    return h;
+}
+
+const char *ml_profile_intern(const char *s) {
+    if (!s) return NULL;
+    if (2 * (g_names_n + 1) > g_names_cap) {   /* keep the set at most half full */
+        size_t nc = g_names_cap ? 2 * g_names_cap : 256;
+        char **nt = calloc(nc, sizeof *nt);
+        if (!nt) return NULL;
+        for (size_t i = 0; i < g_names_cap; i++) {
+            if (!g_names[i]) continue;
+            size_t j = hash_str(g_names[i]) & (nc - 1);
+            while (nt[j]) j = (j + 1) & (nc - 1);
+            nt[j] = g_names[i];
+        }
+        free(g_names);
+        g_names = nt;
+        g_names_cap = nc;
+    }
+    size_t j = hash_str(s) & (g_names_cap - 1);
+    for (; g_names[j]; j = (j + 1) & (g_names_cap - 1))
+        if (strcmp(g_names[j], s) == 0) return g_names[j];
+    char *c = strdup(s);
+    if (!c) return NULL;
+    g_names[j] = c;
+    g_names_n++;
+    return c;
+}
+
+const char *ml_profile_set_scope(const char *interned) {
+    const char *prev = g_scope;
+    g_scope = interned;
+    return prev;
+}
+
+const char *ml_profile_scope(void) { return g_scope; }
 
 static double now_s(void) {
     struct timespec ts;
@@ -28,6 +76,7 @@ static double now_s(void) {
 void ml_profile_start(void) {
     g_n = 0;
     g_events = 0;
+    g_scope = NULL;
     ml_profile_on = true;
 }
 
@@ -41,6 +90,7 @@ int ml_profile_begin(const char *name, bool cuda) {
     }
     record *r = &g_rec[g_n];
     r->name = name;
+    r->scope = g_scope;
     r->cuda = cuda;
     if (cuda) {
 #ifdef ML_WITH_CUDA
@@ -73,8 +123,13 @@ static int by_time(const void *a, const void *b) {
     return x < y ? 1 : x > y ? -1 : 0;
 }
 
-int ml_profile_stop(ml_profile_entry **out, int *n) {
+static bool same(const char *a, const char *b) { return a == b || (a && b && strcmp(a, b) == 0); }
+
+int ml_profile_stop(ml_profile_entry **out, int *n) { return ml_profile_stop_ex(out, n, false); }
+
+int ml_profile_stop_ex(ml_profile_entry **out, int *n, bool by_scope) {
     ml_profile_on = false;
+    g_scope = NULL;
 #ifdef ML_WITH_CUDA
     if (g_events && ml_cuda_profile_sync() < 0) return -1;
 #endif
@@ -92,9 +147,10 @@ int ml_profile_stop(ml_profile_entry **out, int *n) {
         } else {
             ms = (r->t1 - r->t0) * 1e3;
         }
+        const char *scope = by_scope ? r->scope : NULL;
         int j = 0;
-        while (j < k && strcmp(e[j].name, r->name) != 0) j++;
-        if (j == k) { e[k].name = r->name; k++; }
+        while (j < k && !(strcmp(e[j].name, r->name) == 0 && same(e[j].scope, scope))) j++;
+        if (j == k) { e[k].name = r->name; e[k].scope = scope; k++; }
         e[j].ms += ms;
         e[j].calls++;
     }

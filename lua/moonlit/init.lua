@@ -118,22 +118,49 @@ local lazy = {
     dist = "moonlit.dist",
 }
 
--- ml.profile(fn, ...) -> report, fn's results.  report lists kernels by total
--- time ({name, ms, calls}); report:print(top) shows the first `top` rows.
+-- ml.profile([opts,] fn, ...) -> report, fn's results.  report lists kernels
+-- by total time ({name, ms, calls}); report:print(top) shows the first `top`
+-- rows.  With opts.by_scope each row is one kernel in one scope ({name, scope,
+-- ms, calls}): the layer class that called it in forward ("Linear", "GEGLU"),
+-- "backward of <op>" for autograd's nodes, so a report shows which layer or
+-- which backward emits, say, the copies.  report:by_scope(top) sums each
+-- scope's kernels.
 local Report = {}
 Report.__index = Report
 function Report:print(top)
-    local total = 0
-    for _, e in ipairs(self) do total = total + e.ms end
-    print(string.format("%-36s %10s %7s %7s", "kernel", "ms", "calls", "share"))
+    local total, scoped = 0, false
+    for _, e in ipairs(self) do total = total + e.ms; scoped = scoped or e.scope ~= nil end
+    local w = scoped and 72 or 36
+    local fmt = "%-" .. w .. "s %10s %7s %7s"
+    print(string.format(fmt, scoped and "kernel @ scope" or "kernel", "ms", "calls", "share"))
     for i = 1, math.min(top or 20, #self) do
         local e = self[i]
-        print(string.format("%-36s %10.2f %7d %6.1f%%", e.name, e.ms, e.calls, total > 0 and 100 * e.ms / total or 0))
+        local label = e.scope and (e.name .. " @ " .. e.scope) or e.name
+        print(string.format("%-" .. w .. "s %10.2f %7d %6.1f%%", label:sub(1, w), e.ms, e.calls,
+            total > 0 and 100 * e.ms / total or 0))
     end
-    print(string.format("%-36s %10.2f", "total (timed kernels)", total))
+    print(string.format("%-" .. w .. "s %10.2f", "total (timed kernels)", total))
 end
-function ml.profile(fn, ...)
-    local res = table.pack(core.profile(fn, ...))
+-- Totals per scope (rows {scope, ms, calls}, by time), printed when top is given.
+function Report:by_scope(top)
+    local acc, rows = {}, {}
+    for _, e in ipairs(self) do
+        local k = e.scope or "(no scope)"
+        local r = acc[k]
+        if not r then r = {scope = k, ms = 0, calls = 0}; acc[k] = r; rows[#rows + 1] = r end
+        r.ms, r.calls = r.ms + e.ms, r.calls + e.calls
+    end
+    table.sort(rows, function(a, b) return a.ms > b.ms end)
+    if top then
+        print(string.format("%-48s %10s %7s", "scope", "ms", "calls"))
+        for i = 1, math.min(top, #rows) do
+            print(string.format("%-48s %10.2f %7d", rows[i].scope:sub(1, 48), rows[i].ms, rows[i].calls))
+        end
+    end
+    return rows
+end
+function ml.profile(...)
+    local res = table.pack(core.profile(...))
     setmetatable(res[1], Report)
     return table.unpack(res, 1, res.n)
 end

@@ -48,7 +48,17 @@ function Module:_init()
     rawset(self, "training", true)
 end
 
-function Module.__call(self, ...) return self:forward(...) end
+-- While a profile runs (ml.profile), the kernels a layer calls are filed
+-- under its class name: the innermost layer's.
+local profiling, profile_scope = core.profiling, core.profile_scope
+local function leave_scope(outer, ...)
+    profile_scope(outer)
+    return ...
+end
+function Module.__call(self, ...)
+    if not profiling() then return self:forward(...) end
+    return leave_scope(profile_scope(self.__name), self:forward(...))
+end
 
 function Module:forward() error(self.__name .. ": forward is not implemented", 2) end
 

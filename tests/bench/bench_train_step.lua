@@ -28,6 +28,8 @@ p:option("device", {type = "string", default = "cuda", help = "cpu, cuda or cuda
 p:option("precision", {type = "string", default = "f32", choices = {"f32", "bf16-mixed", "bf16-sr"}, help = "see above"})
 p:option("size", {type = "integer", default = 512, help = "image size in pixels"})
 p:option("profile", {type = "integer", default = 0, help = "print the N kernels that took the most GPU time in one step"})
+p:option("profile_by_scope", {type = "integer", default = 0,
+                              help = "print the N (kernel, layer or backward) pairs that took the most GPU time in one step"})
 p:option("lora", {type = "integer", default = 0,
                   help = "train LoRA adapters of this rank on the UNet's attention instead of UNet + text encoder (0: full)"})
 p:option("num_workers", {type = "integer", default = 1, help = "data-parallel workers, one GPU each (DDP over NCCL)"})
@@ -148,6 +150,11 @@ if o.profile > 0 then
     local rep = ml.profile(step)
     say("  kernels of one step:")   -- every rank profiles (DDP's collectives pair up), rank 0 prints
     if rank == 0 then rep:print(o.profile) end
+end
+if o.profile_by_scope > 0 then
+    local rep = ml.profile({by_scope = true}, step)
+    say("  kernels of one step by scope:")
+    if rank == 0 then rep:print(o.profile_by_scope); rep:by_scope(o.profile_by_scope) end
 end
 local phases = {}
 local gc0 = core.gc_pacing_stats()

@@ -140,6 +140,22 @@ for i = 1, o.steps do
 end
 table.sort(times)
 local med = times[(#times + 1) // 2]
+-- What the peak is made of: the memory that lives across steps (weights of
+-- the three models, gradients, AdamW's moments); the rest of the peak is the
+-- step's activations, workspaces and the allocator's slack.
+if on_gpu then
+    local size_of = {f64 = 8, f32 = 4, f16 = 2, bf16 = 2}
+    local function bytes(ts) local b = 0 for _, q in ipairs(ts) do b = b + q:numel() * size_of[q.dtype] end return b end
+    local grads, moments = {}, {}
+    for _, q in ipairs(params) do if q.grad then grads[#grads + 1] = q.grad end end
+    for _, st in pairs(opt.state) do moments[#moments + 1] = st.exp_avg; moments[#moments + 1] = st.exp_avg_sq end
+    local w = bytes(ml.nn.parameters(m.unet, m.text_encoder, m.vae))
+    local g, mo = bytes(grads), bytes(moments)
+    local pk = core.cuda_memory_stats(0).peak
+    say("  memory across steps: weights %.2f GiB, gradients %.2f GiB, AdamW moments %.2f GiB; the step's own "
+        .. "(activations, workspaces, slack): %.2f GiB of the %.2f GiB peak", w / 2 ^ 30, g / 2 ^ 30, mo / 2 ^ 30,
+        (pk - w - g - mo) / 2 ^ 30, pk / 2 ^ 30)
+end
 local peak = on_gpu and core.cuda_memory_stats(0).peak / 2 ^ 30 or 0
 -- the ranks step in lockstep: the slowest median is the run's
 local med_all = use_ddp and ml.dist.all_reduce_number(med, "max") or med

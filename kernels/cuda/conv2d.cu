@@ -9,12 +9,31 @@
 // of one copy of the input.
 //
 // Each distinct shape gets a plan, made once and kept: descriptors, and per
-// pass (forward, backward data, backward filter) the algorithm cuDNN's
-// heuristic ranks first among those allowed (deterministic ones preferred,
-// so a run repeats bit for bit) and its workspace size.  f32/f64 are
-// restricted to FMA kernels: CUDNN_DEFAULT_MATH would let f32 run on TF32
-// tensor cores from Ampere on, which loses parity with the CPU.  f16/bf16
-// use tensor cores with f32 accumulation.  The bias is added by the
+// pass (forward, backward data, backward filter) an algorithm and its
+// workspace size.  The algorithm is chosen on the pass's first call, by
+// MOONLIT_CONV_ALGO (read once):
+//   measure (default)  cuDNN times every algorithm on the call's own buffers
+//                      (cudnnFind*AlgorithmEx) and the fastest deterministic
+//                      one is kept (the fastest of any kind only where none
+//                      is deterministic).  Times within kTimeTie of the
+//                      fastest count as equal, the least workspace deciding
+//                      (pick_measured), so that runs on one machine nearly
+//                      always choose alike and repeat each other bit for bit;
+//   fastest            the fastest measured, deterministic or not;
+//   heuristic          the first allowed algorithm of cuDNN's heuristic
+//                      ranking (cudnnGet*Algorithm_v7), deterministic ones
+//                      preferred: no timing, so the choice can never differ
+//                      between two runs on one machine and cuDNN.
+// A measurement synchronises the device and runs every algorithm a few
+// times: it costs time once per shape and pass, in the first step
+// (tests/gpu/bench_conv.lua reports those first calls apart).  When it
+// fails (no memory for its workspace, a cuDNN error), the pass falls back to
+// the heuristic with one notice line on stderr.  Workspaces are capped at
+// kWorkspaceCap (FFT algorithms can want gigabytes).
+//
+// f32/f64 are restricted to FMA kernels: CUDNN_DEFAULT_MATH would let f32
+// run on TF32 tensor cores from Ampere on, which loses parity with the CPU.
+// f16/bf16 use tensor cores with f32 accumulation.  The bias is added by the
 // broadcast-add kernel, its gradient is a column sum of dout seen as
 // [N*Ho*Wo, O].
 #include "common.cuh"
@@ -99,20 +118,59 @@ int make_plan(const conv_key &k, conv_plan *p) {
 }
 
 // Workspace an algorithm may ask for before a leaner one is preferred (FFT
-// algorithms can want gigabytes).
+// algorithms can want gigabytes); also the workspace a measurement gets.
 constexpr size_t kWorkspaceCap = (size_t)512 << 20;
 
-// The heuristic's first usable result: status success, no tensor-core math
-// for f32/f64, workspace within kWorkspaceCap if any is, deterministic if
-// any is (so runs repeat bit for bit).  -1 if none.
-template <typename Perf> int pick(const Perf *r, int n, bool half) {
+// How each pass's algorithm is chosen (MOONLIT_CONV_ALGO, see the top).
+enum class algo_rule { measure, fastest, heuristic, invalid };
+
+struct algo_setting {
+    algo_rule rule = algo_rule::measure;
+    char value[64];   // the variable's text, for the error of a bad value
+};
+
+// MOONLIT_CONV_ALGO, read on the first use and kept.
+const algo_setting &setting() {
+    static const algo_setting s = [] {
+        algo_setting r = {algo_rule::measure, ""};
+        const char *e = getenv("MOONLIT_CONV_ALGO");
+        if (!e || !*e || !strcmp(e, "measure")) return r;
+        if (!strcmp(e, "fastest")) {
+            r.rule = algo_rule::fastest;
+        } else if (!strcmp(e, "heuristic")) {
+            r.rule = algo_rule::heuristic;
+        } else {
+            r.rule = algo_rule::invalid;
+            snprintf(r.value, sizeof r.value, "%s", e);
+        }
+        return r;
+    }();
+    return s;
+}
+
+int current_rule(algo_rule *out) {
+    const algo_setting &s = setting();
+    if (s.rule == algo_rule::invalid)
+        return ml_error("conv2d: MOONLIT_CONV_ALGO=%s is not a valid value (expected measure, fastest or heuristic)",
+                        s.value);
+    *out = s.rule;
+    return 0;
+}
+
+// f32/f64 may not run on tensor-core math (parity with the CPU).
+bool math_allowed(cudnnMathType_t m, bool half) {
+    return half || (m != CUDNN_TENSOR_OP_MATH && m != CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION);
+}
+
+// The heuristic's first usable result: status success, math allowed,
+// workspace within kWorkspaceCap if any is, deterministic if any is (so runs
+// repeat bit for bit).  -1 if none.
+template <typename Perf> int pick_ranked(const Perf *r, int n, bool half) {
     int best = -1;
     for (int capped = 1; capped >= 0 && best < 0; capped--) {
         for (int i = 0; i < n; i++) {
             if (r[i].status != CUDNN_STATUS_SUCCESS || (capped && r[i].memory > kWorkspaceCap)) continue;
-            if (!half &&
-                (r[i].mathType == CUDNN_TENSOR_OP_MATH || r[i].mathType == CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION))
-                continue;
+            if (!math_allowed(r[i].mathType, half)) continue;
             if (r[i].determinism == CUDNN_DETERMINISTIC) return i;
             if (best < 0) best = i;
         }
@@ -120,18 +178,54 @@ template <typename Perf> int pick(const Perf *r, int n, bool half) {
     return best;
 }
 
+// Measured times closer than this fraction count as equal, so that timing
+// noise rarely decides between two algorithms: two runs of one program that
+// chose differently would no longer repeat each other bit for bit.
+constexpr float kTimeTie = 0.03f;
+
+// The fastest measured result that ran (status success, a time, math
+// allowed, workspace within the cap), deterministic unless `any_kind` (of
+// any kind when no deterministic one ran); among those within kTimeTie of
+// it, the one with the smallest workspace, then the lowest algorithm
+// number.  -1 if none ran.
+template <typename Perf, int kMax> int pick_measured(const Perf (&r)[kMax], int n, bool half, bool any_kind) {
+    bool ran[kMax] = {}, det_ran = false;
+    n = n < kMax ? n : kMax;
+    for (int i = 0; i < n; i++) {
+        ran[i] = r[i].status == CUDNN_STATUS_SUCCESS && r[i].time >= 0 && r[i].memory <= kWorkspaceCap &&
+                 math_allowed(r[i].mathType, half);
+        det_ran = det_ran || (ran[i] && r[i].determinism == CUDNN_DETERMINISTIC);
+    }
+    bool only_det = !any_kind && det_ran;
+    float best_time = -1;
+    for (int i = 0; i < n; i++) {
+        if (!ran[i] || (only_det && r[i].determinism != CUDNN_DETERMINISTIC)) {
+            ran[i] = false;
+            continue;
+        }
+        if (best_time < 0 || r[i].time < best_time) best_time = r[i].time;
+    }
+    int pick = -1;
+    for (int i = 0; i < n; i++) {
+        if (!ran[i] || r[i].time > best_time * (1 + kTimeTie)) continue;
+        if (pick < 0 || r[i].memory < r[pick].memory ||
+            (r[i].memory == r[pick].memory && (int)r[i].algo < (int)r[pick].algo))
+            pick = i;
+    }
+    return pick;
+}
+
 const char *pass_name(int pass) {
     return pass == FWD ? "forward" : pass == BWD_DATA ? "backward data" : "backward filter";
 }
 
-// Chooses the algorithm of one pass (caller holds g_mu).
-template <typename Perf> int choose(cudnnHandle_t h, conv_plan *p, int pass, bool half, const Perf *r, int n) {
-    int i = pick(r, n, half);
-    if (i < 0) return ml_error("conv2d: cuDNN offers no %s algorithm for this shape and dtype", pass_name(pass));
+// Keeps result r as the algorithm of one pass, with its workspace size
+// (caller holds g_mu).
+template <typename Perf> int keep(cudnnHandle_t h, conv_plan *p, int pass, bool half, const Perf &r) {
     // A half-precision algorithm may ask for a math type of its own; f32
-    // stays on FMA whatever the heuristic reports.
-    if (half) ML_CUDNN_TRY(cudnnSetConvolutionMathType(p->conv[pass], r[i].mathType));
-    p->algo[pass] = (int)r[i].algo;
+    // stays on FMA whatever cuDNN reports.
+    if (half) ML_CUDNN_TRY(cudnnSetConvolutionMathType(p->conv[pass], r.mathType));
+    p->algo[pass] = (int)r.algo;
     cudnnConvolutionDescriptor_t c = p->conv[pass];
     size_t ws = 0;
     if (pass == FWD)
@@ -148,9 +242,77 @@ template <typename Perf> int choose(cudnnHandle_t h, conv_plan *p, int pass, boo
     return 0;
 }
 
-// The plan of key k with the algorithm of `pass` chosen.  Plans are never
-// freed: a model has a few dozen shapes.
-int plan_for(cudnnHandle_t h, const conv_key &k, int pass, conv_plan **out) {
+// Chooses the algorithm of one pass by cuDNN's heuristic ranking.
+int choose_ranked(cudnnHandle_t h, conv_plan *p, int pass, bool half) {
+    int n = 0, i;
+    if (pass == FWD) {
+        cudnnConvolutionFwdAlgoPerf_t r[CUDNN_CONVOLUTION_FWD_ALGO_COUNT];
+        ML_CUDNN_TRY(cudnnGetConvolutionForwardAlgorithm_v7(h, p->x, p->w, p->conv[pass], p->y,
+                                                            CUDNN_CONVOLUTION_FWD_ALGO_COUNT, &n, r));
+        if ((i = pick_ranked(r, n, half)) >= 0) return keep(h, p, pass, half, r[i]);
+    } else if (pass == BWD_DATA) {
+        cudnnConvolutionBwdDataAlgoPerf_t r[CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT];
+        ML_CUDNN_TRY(cudnnGetConvolutionBackwardDataAlgorithm_v7(h, p->w, p->y, p->conv[pass], p->x,
+                                                                 CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT, &n, r));
+        if ((i = pick_ranked(r, n, half)) >= 0) return keep(h, p, pass, half, r[i]);
+    } else {
+        cudnnConvolutionBwdFilterAlgoPerf_t r[CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT];
+        ML_CUDNN_TRY(cudnnGetConvolutionBackwardFilterAlgorithm_v7(h, p->x, p->y, p->conv[pass], p->w,
+                                                                   CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT, &n, r));
+        if ((i = pick_ranked(r, n, half)) >= 0) return keep(h, p, pass, half, r[i]);
+    }
+    return ml_error("conv2d: cuDNN offers no %s algorithm for this shape and dtype", pass_name(pass));
+}
+
+// The device buffers of one call, as cuDNN sees them: x the input (padded
+// when the padding is explicit), w the filter, y the output gradient, dst
+// what the pass writes (y for the forward, dx or dw for the backward).
+// Unused ones are null.
+struct pass_buffers {
+    const void *x, *w, *y;
+    void *dst;
+};
+
+// Chooses the algorithm of one pass by timing every algorithm cuDNN has on
+// the call's own buffers: the inputs hold the call's data and the output is
+// the one the pass is about to write, so nothing is allocated beyond the
+// workspace.  -1 with ml_error set when the measurement could not be made
+// (the caller falls back to the heuristic).  The Find calls block the host
+// until their timings are in, so the workspace is free again when they
+// return.
+int choose_measured(cudnnHandle_t h, conv_plan *p, int dev, int pass, bool half, bool any_kind,
+                    const pass_buffers &b) {
+    ml_cuda_workspace scratch(dev, {kWorkspaceCap});
+    if (!scratch.ok()) return -1;
+    void *ws = scratch.part<void>(0);
+    cudnnConvolutionDescriptor_t c = p->conv[pass];
+    int n = 0, i;
+    if (pass == FWD) {
+        cudnnConvolutionFwdAlgoPerf_t r[CUDNN_CONVOLUTION_FWD_ALGO_COUNT];
+        ML_CUDNN_TRY(cudnnFindConvolutionForwardAlgorithmEx(h, p->x, b.x, p->w, b.w, c, p->y, b.dst,
+                                                            CUDNN_CONVOLUTION_FWD_ALGO_COUNT, &n, r, ws,
+                                                            kWorkspaceCap));
+        if ((i = pick_measured(r, n, half, any_kind)) >= 0) return keep(h, p, pass, half, r[i]);
+    } else if (pass == BWD_DATA) {
+        cudnnConvolutionBwdDataAlgoPerf_t r[CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT];
+        ML_CUDNN_TRY(cudnnFindConvolutionBackwardDataAlgorithmEx(h, p->w, b.w, p->y, b.y, c, p->x, b.dst,
+                                                                 CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT, &n, r, ws,
+                                                                 kWorkspaceCap));
+        if ((i = pick_measured(r, n, half, any_kind)) >= 0) return keep(h, p, pass, half, r[i]);
+    } else {
+        cudnnConvolutionBwdFilterAlgoPerf_t r[CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT];
+        ML_CUDNN_TRY(cudnnFindConvolutionBackwardFilterAlgorithmEx(h, p->x, b.x, p->y, b.y, c, p->w, b.dst,
+                                                                   CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT, &n, r,
+                                                                   ws, kWorkspaceCap));
+        if ((i = pick_measured(r, n, half, any_kind)) >= 0) return keep(h, p, pass, half, r[i]);
+    }
+    return ml_error("no %s algorithm ran", pass_name(pass));
+}
+
+// The plan of key k with the algorithm of `pass` chosen (on this call's
+// buffers b when it is chosen by measurement).  Plans are never freed: a
+// model has a few dozen shapes.
+int plan_for(cudnnHandle_t h, const conv_key &k, int pass, const pass_buffers &b, conv_plan **out) {
     std::lock_guard<std::mutex> lock(g_mu);
     auto it = g_plans.find(k);
     if (it == g_plans.end()) {
@@ -161,24 +323,28 @@ int plan_for(cudnnHandle_t h, const conv_key &k, int pass, conv_plan **out) {
     conv_plan *p = it->second.get();
     *out = p;
     if (p->chosen[pass]) return 0;
+    algo_rule rule = algo_rule::measure;
+    if (current_rule(&rule) < 0) return -1;
     bool half = is_half(k.v[1]);
-    int n = 0;
-    if (pass == FWD) {
-        cudnnConvolutionFwdAlgoPerf_t r[CUDNN_CONVOLUTION_FWD_ALGO_COUNT];
-        ML_CUDNN_TRY(cudnnGetConvolutionForwardAlgorithm_v7(h, p->x, p->w, p->conv[pass], p->y,
-                                                            CUDNN_CONVOLUTION_FWD_ALGO_COUNT, &n, r));
-        return choose(h, p, pass, half, r, n);
+    if (rule != algo_rule::heuristic) {
+        // The inputs are written by kernels queued on the compute stream,
+        // which the Find calls run on too; the synchronisation makes an
+        // earlier kernel's failure its own error rather than a failed
+        // measurement.
+        int dev = k.v[0];
+        ml_cuda_stream_t s;
+        if (ml_cuda_enter(dev, &s) < 0) return -1;
+        ML_CUDA_TRY(cudaStreamSynchronize(s));
+        if (choose_measured(h, p, dev, pass, half, rule == algo_rule::fastest, b) == 0) return 0;
+        const int *v = k.v;
+        fprintf(stderr,
+                "moonlit: conv2d: measuring the %s algorithms of input [%d, %d, %d, %d] * filter [%d, %d, %d, %d] "
+                "(stride %d,%d, padding %d,%d) failed (%s); using cuDNN's heuristic choice\n",
+                pass_name(pass), v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[5], v[11], v[12], v[9], v[10],
+                ml_last_error());
+        ml_clear_error();
     }
-    if (pass == BWD_DATA) {
-        cudnnConvolutionBwdDataAlgoPerf_t r[CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT];
-        ML_CUDNN_TRY(cudnnGetConvolutionBackwardDataAlgorithm_v7(h, p->w, p->y, p->conv[pass], p->x,
-                                                                 CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT, &n, r));
-        return choose(h, p, pass, half, r, n);
-    }
-    cudnnConvolutionBwdFilterAlgoPerf_t r[CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT];
-    ML_CUDNN_TRY(cudnnGetConvolutionBackwardFilterAlgorithm_v7(h, p->x, p->y, p->conv[pass], p->w,
-                                                               CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT, &n, r));
-    return choose(h, p, pass, half, r, n);
+    return choose_ranked(h, p, pass, half);
 }
 
 // What one call needs: the handle, the plan, the input as cuDNN sees it.
@@ -286,7 +452,7 @@ struct scales {
 // Runs one pass with its workspace.
 int run_pass(const conv_call &c, int pass, ml_dtype dt, const void *xp, const void *wp, const void *yp, void *dst) {
     conv_plan *p;
-    if (plan_for(c.h, c.key, pass, &p) < 0) return -1;
+    if (plan_for(c.h, c.key, pass, pass_buffers{xp, wp, yp, dst}, &p) < 0) return -1;
     size_t wsb = p->ws[pass];
     ml_cuda_workspace scratch(c.dev, {wsb});
     if (!scratch.ok()) return -1;

@@ -85,6 +85,9 @@ static int l_clamp(lua_State *L) {
     return mlua_push_tensor(L, ml_clamp(x, lo, hi));
 }
 
+/* geglu(h): h[..., :n] * gelu(h[..., n:]) for h [..., 2n] */
+static int l_geglu(lua_State *L) { return mlua_push_tensor(L, ml_geglu(mlua_check_tensor(L, 1))); }
+
 static int l_where(lua_State *L) {
     ml_tensor *c = mlua_check_tensor(L, 1);
     ml_tensor *like = lua_type(L, 2) == LUA_TNUMBER ? mlua_check_tensor(L, 3) : mlua_check_tensor(L, 2);

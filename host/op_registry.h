@@ -82,6 +82,7 @@
     ML_OP(sigmoid,            GRAD,           1, sigmoid,            FN_METHOD_F) \
     ML_OP(tanh,               GRAD,           1, tanh,               FN_METHOD_F) \
     ML_OP(relu,               GRAD,           1, relu,               FN_METHOD_F) \
+    ML_OP(geglu,              GRAD,           1, geglu,              FN_F)        \
     ML_OP(sum,                GRAD,           1, sum,                FN_METHOD)   \
     ML_OP(mean,               GRAD,           1, mean,               FN_METHOD)   \
     ML_OP(var,                GRAD,           1, var,                FN_METHOD)   \

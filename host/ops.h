@@ -36,6 +36,9 @@ ml_tensor *ml_where(ml_tensor *cond, ml_tensor *a, ml_tensor *b);
 
 ml_tensor *ml_unary(ml_unop op, ml_tensor *x);
 ml_tensor *ml_clamp(ml_tensor *x, double lo, double hi);   /* use +-INFINITY for none */
+/* h [..., 2n] -> h[..., :n] * gelu(h[..., n:]) [..., n], the exact erf GELU:
+ * Stable Diffusion's GEGLU in one kernel forward and one backward. */
+ml_tensor *ml_geglu(ml_tensor *h);
 
 /* Sum a gradient down to `shape` (the reverse of broadcasting). */
 ml_tensor *ml_sum_to_shape(ml_tensor *g, int ndim, const int64_t *shape);

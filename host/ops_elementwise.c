@@ -496,6 +496,71 @@ ml_tensor *ml_clamp(ml_tensor *x, double lo, double hi) {
     return out;
 }
 
+/* ---- geglu -------------------------------------------------------------- */
+
+/* t as a kernel operand: in dtype kt on dev, contiguous, never recorded.
+ * New reference (t itself when it is all that already). */
+static ml_tensor *geglu_operand(ml_tensor *t, ml_dtype kt, ml_device dev) {
+    ml_tensor *c = oc_cast(t, kt, dev);
+    if (!c || ml_is_contiguous(c)) return c;
+    bool prev = ml_set_grad_enabled(false);
+    ml_tensor *k = ml_contiguous(c);
+    ml_set_grad_enabled(prev);
+    ml_release(c);
+    return k;
+}
+
+/* saved: h as the kernel took it (contiguous, kernel dtype).  One kernel
+ * writes both halves of dh: the narrow backwards of the unfused form (two
+ * zero-filled full-size gradients and their sum) do not happen. */
+static int geglu_backward(ml_node *n, ml_tensor *g, ml_tensor **gin) {
+    ml_tensor *h = n->saved[0];
+    ml_tensor *gk = geglu_operand(g, h->dtype, h->device);
+    ml_tensor *dh = gk ? ml_empty(h->ndim, h->shape, h->dtype, h->device) : NULL;
+    int rc = -1;
+    if (dh) rc = ML_RUN(dh->device, ml_geglu_backward, ML_KT(dh), ML_KT(gk), ML_KT(h));
+    ml_release(gk);
+    if (rc == 0) gin[0] = oc_grad_for_input(n, 0, dh);
+    ml_release(dh);
+    return rc == 0 && gin[0] ? 0 : -1;
+}
+
+/* The kernel computes in f32 for f16/bf16 and rounds the product once,
+ * where the unfused hidden * gelu(gate) rounds twice: gelu(gate) to the
+ * half type, then the product (PyTorch's unfused form rounds the same
+ * way).  So in half types the fused result is the closer one to the f32
+ * result, and may differ from the unfused one by an ulp; in f32 and f64
+ * the two are the same bits. */
+ml_tensor *ml_geglu(ml_tensor *h) {
+    if (!h) return ml_error_null("geglu: missing operand");
+    char sh[128];
+    if (!ml_dtype_is_float(h->dtype))
+        return ml_error_null("geglu: input must be a float tensor (got %s)", ml_dtype_name(h->dtype));
+    if (h->ndim == 0 || h->shape[h->ndim - 1] % 2 != 0)
+        return ml_error_null("geglu: input of shape %s must have an even last dim (its halves are the value and "
+                             "the gate)", ml_shape_str(h, sh, sizeof sh));
+    int64_t oshape[ML_MAX_DIMS];
+    memcpy(oshape, h->shape, (size_t)h->ndim * sizeof *oshape);
+    oshape[h->ndim - 1] /= 2;
+    ml_dtype kt = oc_kernel_dtype(h->dtype, h->device);
+    ml_tensor *hk = geglu_operand(h, kt, h->device);
+    ml_tensor *out = hk ? ml_empty(h->ndim, oshape, kt, h->device) : NULL;
+    int rc = out ? ML_RUN(out->device, ml_geglu, ML_KT(out), ML_KT(hk)) : -1;
+    if (rc < 0) { ml_release(hk); ml_release(out); return NULL; }
+    if (kt != h->dtype) {
+        ml_tensor *o = oc_cast(out, h->dtype, h->device);
+        ml_release(out);
+        if (!(out = o)) { ml_release(hk); return NULL; }
+    }
+    ml_node *n = ml_node_begin(ML_OP_geglu, geglu_backward, 1, &h);
+    if (n) {
+        ml_node_save(n, hk);
+        ml_node_finish(n, out);
+    }
+    ml_release(hk);
+    return out;
+}
+
 /* ---- sum_to_shape ------------------------------------------------------- */
 
 ml_tensor *ml_sum_to_shape(ml_tensor *g, int ndim, const int64_t *shape) {

@@ -1,7 +1,7 @@
 /* elementwise.h — elementwise kernels (binary, unary and their backward,
- * clamp, where): kernels/cpu/elementwise.c and kernels/cuda/elementwise.cu,
- * elementwise_unary.cu.  The op codes (ml_binop, ml_unop) and their names
- * are in kernel.h.
+ * clamp, where, the fused GEGLU): kernels/cpu/elementwise.c and
+ * kernels/cuda/elementwise.cu, elementwise_unary.cu.  The op codes
+ * (ml_binop, ml_unop) and their names are in kernel.h.
  *
  * What the host op has done before the call:
  *   - every operand has out's shape exactly; broadcasting is stride-0 views;
@@ -13,7 +13,8 @@
  *   - every operand is on out's device.
  * Inputs and out may have any strides; out must not overlap itself, and an
  * input may alias out only element for element (same data pointer and
- * strides), as in x.add_(y).
+ * strides), as in x.add_(y).  GEGLU is the exception: its operands have
+ * their own shapes and are contiguous (see its declaration).
  *
  * Which dtypes each op computes is the kernels' to say (an unsupported one
  * is an error naming op and dtype):
@@ -25,6 +26,7 @@
  *   backward   floats; zero for ROUND, FLOOR, SIGN.
  *   clamp      floats and integers; NaN stays NaN.
  *   where      any dtype.
+ *   geglu      floats.
  * The CUDA kernels take float16 and bfloat16 directly, computing in
  * float32 and rounding once; arithmetic follows the CPU expression for
  * expression, transcendental functions come from CUDA's libdevice (so they
@@ -49,5 +51,17 @@ ML_KERNEL(ml_clamp, (ml_ktensor *out, const ml_ktensor *x, double lo, double hi)
 ML_KERNEL(ml_clamp_backward, (ml_ktensor *dx, const ml_ktensor *dy, const ml_ktensor *x, double lo, double hi));
 /* out = cond ? a : b. */
 ML_KERNEL(ml_where, (ml_ktensor *out, const ml_ktensor *cond, const ml_ktensor *a, const ml_ktensor *b));
+
+/* GEGLU, the gated GELU of Stable Diffusion's feed-forward blocks, in one
+ * pass over h instead of two strided halves and a product.  h [..., 2n]
+ * and out [..., n] (dh [..., 2n], dout [..., n]) are contiguous and share
+ * one float dtype; a = h[..., :n] is the value, b = h[..., n:] the gate:
+ *   forward    out = a * gelu(b), gelu the exact erf form of ML_GELU;
+ *   backward   dh[..., :n] = dout * gelu(b), dh[..., n:] = dout * a * gelu'(b),
+ *              both halves written by the one call.
+ * The CPU computes f32 and f64 (the host widens f16/bf16 to f32); CUDA
+ * also takes f16/bf16, computing in f32 and rounding each result once. */
+ML_KERNEL(ml_geglu, (ml_ktensor *out, const ml_ktensor *h));
+ML_KERNEL(ml_geglu_backward, (ml_ktensor *dh, const ml_ktensor *dout, const ml_ktensor *h));
 
 #endif

@@ -494,3 +494,65 @@ int ml_where_cpu(ml_ktensor *out, const ml_ktensor *cond, const ml_ktensor *a, c
     ew_run(4, out->ndim, out->shape, o, fn, NULL);
     return 0;
 }
+
+/* ---- geglu: out = a * gelu(b) over the two halves of each row ------------ */
+
+/* The GELU is un_gelu's expression and its gradient dgelu's (erf computed
+ * once for both), in the order of the unfused ops: hidden * gelu(gate)
+ * forward; g * gelu(b) and (g * a) * gelu'(b) backward (the mul's
+ * gradients, then gelu's).  So in f32 and f64 the fused op gives the
+ * unfused op's bits. */
+#define DEF_GEGLU(T, tn)                                                                    \
+    static void geglu_##tn(int64_t rows, int64_t n, T *out, const T *h) {                  \
+        for (int64_t r = 0; r < rows; r++) {                                                \
+            const T *a = h + r * 2 * n, *b = a + n;                                         \
+            T *o = out + r * n;                                                             \
+            for (int64_t i = 0; i < n; i++) {                                               \
+                T x = b[i];                                                                 \
+                T gelu = (T)0.5 * x * ((T)1 + erf(x * (T)0.7071067811865476));              \
+                o[i] = a[i] * gelu;                                                         \
+            }                                                                               \
+        }                                                                                   \
+    }                                                                                       \
+    static void geglu_backward_##tn(int64_t rows, int64_t n, T *dh, const T *dout, const T *h) { \
+        for (int64_t r = 0; r < rows; r++) {                                                \
+            const T *a = h + r * 2 * n, *b = a + n, *g = dout + r * n;                      \
+            T *da = dh + r * 2 * n, *db = da + n;                                           \
+            for (int64_t i = 0; i < n; i++) {                                               \
+                T x = b[i], e = erf(x * (T)0.7071067811865476);                             \
+                T gelu = (T)0.5 * x * ((T)1 + e);                                           \
+                T cdf = (T)0.5 * ((T)1 + e);                                                \
+                T pdf = exp((T)-0.5 * x * x) * (T)0.3989422804014327;                       \
+                da[i] = g[i] * gelu;                                                        \
+                db[i] = (g[i] * a[i]) * (cdf + x * pdf);                                    \
+            }                                                                               \
+        }                                                                                   \
+    }
+
+DEF_GEGLU(float, f32)
+DEF_GEGLU(double, f64)
+
+/* Rows and half width n of a geglu call, from out's (or dout's) shape. */
+static void geglu_rows(const ml_ktensor *half, int64_t *rows, int64_t *n) {
+    *n = half->ndim > 0 ? half->shape[half->ndim - 1] : 1;
+    *rows = *n > 0 ? ml_kt_numel(half) / *n : 0;
+}
+
+int ml_geglu_cpu(ml_ktensor *out, const ml_ktensor *h) {
+    int64_t rows, n;
+    geglu_rows(out, &rows, &n);
+    if (h->dtype == ML_F32) geglu_f32(rows, n, out->data, h->data);
+    else if (h->dtype == ML_F64) geglu_f64(rows, n, out->data, h->data);
+    else return ml_error("geglu (cpu): dtype %s is not supported (float32 or float64)", ml_dtype_name(h->dtype));
+    return 0;
+}
+
+int ml_geglu_backward_cpu(ml_ktensor *dh, const ml_ktensor *dout, const ml_ktensor *h) {
+    int64_t rows, n;
+    geglu_rows(dout, &rows, &n);
+    if (h->dtype == ML_F32) geglu_backward_f32(rows, n, dh->data, dout->data, h->data);
+    else if (h->dtype == ML_F64) geglu_backward_f64(rows, n, dh->data, dout->data, h->data);
+    else return ml_error("geglu backward (cpu): dtype %s is not supported (float32 or float64)",
+                         ml_dtype_name(h->dtype));
+    return 0;
+}

@@ -171,3 +171,111 @@ extern "C" int ml_where_cuda(ml_ktensor *out, const ml_ktensor *cond, const ml_k
     default: return run(uint64_t());
     }
 }
+
+// ---- geglu ----------------------------------------------------------------
+//
+// out = a * gelu(b) over the two halves of each row of h [rows, 2n], and its
+// backward writing both halves of dh in one pass.  The GELU and its gradient
+// are elementwise_unary.cu's ML_GELU expressions (unary_f, unary_backward_f)
+// with erf computed once, in the order of the unfused ops (hidden * gelu(gate)
+// forward; g * gelu(b) and (g * a) * gelu'(b) backward), so f32 gives what the
+// unfused kernels give; f16/bf16 compute in f32 and round each result once
+// (the unfused form rounds gelu(gate) to the half type before the product).
+// Each thread moves V elements of each half (16 bytes of the widest) when a
+// half-row is a multiple of V and the buffers are 16-byte aligned, else one.
+
+namespace {
+
+template <int V, typename Idx, typename T>
+__global__ void __launch_bounds__(kThreads) geglu_forward_k(Idx nvec, Idx row_vecs, T *out, const T *h) {
+    typedef typename ml_ctype<T>::type C;
+    for (Idx j = blockIdx.x * (Idx)blockDim.x + threadIdx.x; j < nvec; j += (Idx)gridDim.x * blockDim.x) {
+        Idx r = j / row_vecs, c = j - r * row_vecs;
+        int64_t n = (int64_t)row_vecs * V;
+        const T *a = h + (int64_t)r * 2 * n + (int64_t)c * V;
+        vec_t<T, V> va = *reinterpret_cast<const vec_t<T, V> *>(a);
+        vec_t<T, V> vb = *reinterpret_cast<const vec_t<T, V> *>(a + n);
+        vec_t<T, V> vo;
+#pragma unroll
+        for (int k = 0; k < V; k++) {
+            C x = ml_to_c(vb.v[k]);
+            C gelu = (C)0.5 * x * ((C)1 + d_erf(x * (C)0.7071067811865476));
+            vo.v[k] = ml_from_c<T>(ml_to_c(va.v[k]) * gelu);
+        }
+        // out is [rows, n] contiguous: vector j starts at element j * V
+        *reinterpret_cast<vec_t<T, V> *>(out + (int64_t)j * V) = vo;
+    }
+}
+
+template <int V, typename Idx, typename T>
+__global__ void __launch_bounds__(kThreads)
+    geglu_backward_k(Idx nvec, Idx row_vecs, T *dh, const T *dout, const T *h) {
+    typedef typename ml_ctype<T>::type C;
+    for (Idx j = blockIdx.x * (Idx)blockDim.x + threadIdx.x; j < nvec; j += (Idx)gridDim.x * blockDim.x) {
+        Idx r = j / row_vecs, c = j - r * row_vecs;
+        int64_t n = (int64_t)row_vecs * V, at = (int64_t)r * 2 * n + (int64_t)c * V;
+        vec_t<T, V> va = *reinterpret_cast<const vec_t<T, V> *>(h + at);
+        vec_t<T, V> vb = *reinterpret_cast<const vec_t<T, V> *>(h + at + n);
+        vec_t<T, V> vg = *reinterpret_cast<const vec_t<T, V> *>(dout + (int64_t)j * V);
+        vec_t<T, V> da, db;
+#pragma unroll
+        for (int k = 0; k < V; k++) {
+            C x = ml_to_c(vb.v[k]), g = ml_to_c(vg.v[k]);
+            C e = d_erf(x * (C)0.7071067811865476);
+            C gelu = (C)0.5 * x * ((C)1 + e);
+            C cdf = (C)0.5 * ((C)1 + e);
+            C pdf = d_exp((C)-0.5 * x * x) * (C)0.3989422804014327;
+            da.v[k] = ml_from_c<T>(g * gelu);
+            db.v[k] = ml_from_c<T>((g * ml_to_c(va.v[k])) * (cdf + x * pdf));
+        }
+        *reinterpret_cast<vec_t<T, V> *>(dh + at) = da;
+        *reinterpret_cast<vec_t<T, V> *>(dh + at + n) = db;
+    }
+}
+
+template <int V, typename Idx, typename T>
+void geglu_start(unsigned grid, cudaStream_t s, Idx nvec, Idx row_vecs, T *o, const T *dout, const T *h) {
+    if (dout) geglu_backward_k<V, Idx><<<grid, kThreads, 0, s>>>(nvec, row_vecs, o, dout, h);
+    else geglu_forward_k<V, Idx><<<grid, kThreads, 0, s>>>(nvec, row_vecs, o, h);
+}
+
+// Forward (dout NULL: o is out) or backward (o is dh).  half: the [..., n]
+// operand (out, or dout), whose shape gives the rows and n.
+template <typename T>
+int geglu_run(const char *name, const ml_ktensor *half, T *o, const T *dout, const T *h) {
+    cudaStream_t s;
+    if (ml_cuda_prepare(half, name, &s) < 0) return -1;
+    int64_t n = half->ndim > 0 ? half->shape[half->ndim - 1] : 1;
+    int64_t total = ml_kt_numel(half);
+    if (total == 0 || n == 0) return 0;
+    int dev = half->device.index;
+    constexpr int VW = (int)(16 / sizeof(T));
+    bool wide = n % VW == 0 && aligned(o, VW) && aligned(h, VW) && (!dout || aligned(dout, VW));
+    int v = wide ? VW : 1;
+    int64_t nvec = total / v, row_vecs = n / v;
+    unsigned grid = ml_grid_for(nvec, kThreads, dev);
+    if (ml_fits_u32(nvec)) {
+        if (wide) geglu_start<VW, uint32_t>(grid, s, (uint32_t)nvec, (uint32_t)row_vecs, o, dout, h);
+        else geglu_start<1, uint32_t>(grid, s, (uint32_t)nvec, (uint32_t)row_vecs, o, dout, h);
+    } else {
+        if (wide) geglu_start<VW, int64_t>(grid, s, nvec, row_vecs, o, dout, h);
+        else geglu_start<1, int64_t>(grid, s, nvec, row_vecs, o, dout, h);
+    }
+    ML_CUDA_LAUNCHED(name);
+    return 0;
+}
+}  // namespace
+
+extern "C" int ml_geglu_cuda(ml_ktensor *out, const ml_ktensor *h) {
+    return ml_dispatch_float(h->dtype, "geglu", [&](auto tag) -> int {
+        typedef decltype(tag) T;
+        return geglu_run<T>("geglu", out, ml_ptr<T>(out), (const T *)nullptr, ml_ptr<T>(h));
+    });
+}
+
+extern "C" int ml_geglu_backward_cuda(ml_ktensor *dh, const ml_ktensor *dout, const ml_ktensor *h) {
+    return ml_dispatch_float(h->dtype, "geglu backward", [&](auto tag) -> int {
+        typedef decltype(tag) T;
+        return geglu_run<T>("geglu backward", dout, ml_ptr<T>(dh), ml_ptr<T>(dout), ml_ptr<T>(h));
+    });
+}

@@ -175,6 +175,12 @@ case("clamp", "both bounds", function(x) return x:clamp(-0.5, 0.5) end, clamp_in
 case("clamp", "lower bound only", function(x) return x:clamp(0) end, clamp_input(0, math.huge))
 case("clamp", "upper bound only", function(x) return x:clamp(nil, 0.3) end, clamp_input(-math.huge, 0.3))
 
+-- geglu: value half times gelu of the gate half, both halves' gradients
+case("geglu", "[2,3,8]", function(h) return F.geglu(h) end, function() return {randn(2, 3, 8)} end)
+case("geglu", "non-contiguous [4,6]", function(h) return F.geglu(h) end, function() return {randn_nc(4, 6)} end)
+case("geglu", "last dim 2 (n = 1), gate scaled", function(h) return F.geglu(h * 3) end,
+     function() return {randn(5, 2)} end)
+
 -- ---- reductions ------------------------------------------------------------
 
 for _, op in ipairs {"sum", "mean"} do

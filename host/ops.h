@@ -116,7 +116,8 @@ ml_tensor *ml_mean(ml_tensor *x, int ndims, const int *dims, bool keepdim);
 ml_tensor *ml_var(ml_tensor *x, int ndims, const int *dims, int correction, bool keepdim);
 ml_tensor *ml_max(ml_tensor *x, int dim, bool keepdim);          /* values */
 ml_tensor *ml_argmax(ml_tensor *x, int dim, bool keepdim);       /* int64, no grad */
-/* argmax with indices counted from index_base (1 for Lua, whose indices are 1-based) */
+/* argmax with indices counted from index_base (1 for Lua, whose indices are
+ * 1-based): the kernel writes them so, in the one launch ml_argmax makes. */
 ml_tensor *ml_argmax_ex(ml_tensor *x, int dim, bool keepdim, int64_t index_base);
 ml_tensor *ml_norm(ml_tensor *x, double p, int ndims, const int *dims, bool keepdim);
 
@@ -152,7 +153,9 @@ ml_tensor *ml_stack(int n, ml_tensor *const *ts, int dim);
 ml_tensor *ml_gather(ml_tensor *x, int dim, ml_tensor *index);
 ml_tensor *ml_index_select(ml_tensor *x, int dim, ml_tensor *index);
 /* The same with the index's values counted from index_base (1 for Lua):
- * ml_gather and ml_index_select are these with 0. */
+ * ml_gather and ml_index_select are these with 0.  The kernels read the
+ * base, so it costs no extra pass, the backward uses it too, and an
+ * out-of-range error names positions and the valid range in that base. */
 ml_tensor *ml_gather_ex(ml_tensor *x, int dim, ml_tensor *index, int64_t index_base);
 ml_tensor *ml_index_select_ex(ml_tensor *x, int dim, ml_tensor *index, int64_t index_base);
 ml_tensor *ml_upsample_nearest2d(ml_tensor *x, int scale);        /* NHWC */

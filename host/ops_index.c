@@ -153,25 +153,27 @@ ml_tensor *ml_stack(int n, ml_tensor *const *ts, int dim) {
 
 /* ---- gather / index_select ---------------------------------------------- */
 
-/* The kernels' index: contiguous and counted from 0.  An index counted from
- * index_base (1 from Lua) is shifted on the way, in one elementwise pass
- * that also makes it contiguous.  *rc as for ml_kernel_input. */
-static ml_tensor *kernel_index(ml_tensor *index, int64_t index_base, int *rc) {
-    if (index_base == 0) return ml_kernel_input(index, rc);
-    if (*rc < 0) return NULL;
-    ml_tensor *d = ml_detach(index);
-    ml_tensor *z = d ? ml_add_scalar(d, -(double)index_base) : NULL;   /* an integer result: no node */
-    ml_release(d);
-    if (!z) *rc = -1;
-    return z;
+/* The kernels take the index as the caller counts it (from index_base, 1
+ * from Lua) and subtract the base as they read it, so no pass shifts it
+ * first.  They report a bad index in the caller's base, counting positions
+ * and dim ranges from index_base: that needs base + size and base + count
+ * to fit in int64, which this checks. */
+static int check_index_base(const char *op, int64_t index_base, int64_t size, int64_t count) {
+    int64_t end;
+    if (!ml_add_i64(index_base, size, &end) || !ml_add_i64(index_base, count, &end))
+        return ml_error("%s: index_base %lld is too large for a dim of size %lld and %lld indices", op,
+                        (long long)index_base, (long long)size, (long long)count);
+    return 0;
 }
 
-/* saved: the index (contiguous); i[0] the dim. */
+/* saved: the index (contiguous, as the caller counts it); i[0] the dim,
+ * i[1] the index_base. */
 static int gather_backward(ml_node *n, ml_tensor *g, ml_tensor **gin) {
     int rc = 0;
     ml_tensor *gc = ml_kernel_input(g, &rc);
     ml_tensor *dx = ml_grad_buffer(n, 0, n->next[0].ndim, n->next[0].shape, g, &rc);
-    if (rc == 0) rc = ML_RUN(g->device, ml_gather_backward, ML_KT(dx), ML_KT(gc), (int)n->i[0], ML_KT(n->saved[0]));
+    if (rc == 0)
+        rc = ML_RUN(g->device, ml_gather_backward, ML_KT(dx), ML_KT(gc), (int)n->i[0], ML_KT(n->saved[0]), n->i[1]);
     ml_release(gc);
     if (rc < 0) { ml_release(dx); return -1; }
     gin[0] = dx;
@@ -188,27 +190,29 @@ ml_tensor *ml_gather_ex(ml_tensor *x, int dim, ml_tensor *index, int64_t index_b
     if (!fits)
         return ml_error_null("gather: index %s does not fit input %s (same number of dims, no larger "
                              "outside dim %d)", ml_shape_str(index, si, sizeof si), ml_shape_str(x, sx, sizeof sx), dim + 1);
+    if (check_index_base("gather", index_base, x->shape[dim], ml_numel(index)) < 0) return NULL;
     int rc = 0;
-    ml_tensor *xc = ml_kernel_input(x, &rc), *ic = kernel_index(index, index_base, &rc);
+    ml_tensor *xc = ml_kernel_input(x, &rc), *ic = ml_kernel_input(index, &rc);
     ml_tensor *out = rc == 0 ? ml_empty(index->ndim, index->shape, x->dtype, x->device) : NULL;
-    if (!out || ML_RUN(x->device, ml_gather_forward, ML_KT(out), ML_KT(xc), dim, ML_KT(ic)) < 0) rc = -1;
+    if (!out || ML_RUN(x->device, ml_gather_forward, ML_KT(out), ML_KT(xc), dim, ML_KT(ic), index_base) < 0) rc = -1;
     ml_release(xc);
     if (rc < 0) { ml_release(ic); ml_release(out); return NULL; }
     ml_node *n = ml_node_begin(ML_OP_gather, gather_backward, 1, &x);
-    if (n) { ml_node_save(n, ic); n->i[0] = dim; ml_node_finish(n, out); }
+    if (n) { ml_node_save(n, ic); n->i[0] = dim; n->i[1] = index_base; ml_node_finish(n, out); }
     ml_release(ic);
     return out;
 }
 
 ml_tensor *ml_gather(ml_tensor *x, int dim, ml_tensor *index) { return ml_gather_ex(x, dim, index, 0); }
 
-/* saved: the index [n]; i[0] the dim. */
+/* saved: the index [n] (as the caller counts it); i[0] the dim, i[1] the
+ * index_base. */
 static int index_select_backward(ml_node *n, ml_tensor *g, ml_tensor **gin) {
     int rc = 0;
     ml_tensor *gc = ml_kernel_input(g, &rc);
     ml_tensor *dx = ml_grad_buffer(n, 0, n->next[0].ndim, n->next[0].shape, g, &rc);
     if (rc == 0) rc = ML_RUN(g->device, ml_index_select_backward, ML_KT(dx), ML_KT(gc), (int)n->i[0],
-                                 ML_KT(n->saved[0]));
+                                 ML_KT(n->saved[0]), n->i[1]);
     ml_release(gc);
     if (rc < 0) { ml_release(dx); return -1; }
     gin[0] = dx;
@@ -225,16 +229,18 @@ ml_tensor *ml_index_select_ex(ml_tensor *x, int dim, ml_tensor *index, int64_t i
     int64_t m = ml_numel(index), shape[ML_MAX_DIMS];
     memcpy(shape, x->shape, (size_t)x->ndim * sizeof *shape);
     shape[dim] = m;
+    if (check_index_base("index_select", index_base, x->shape[dim], m) < 0) return NULL;
     int rc = 0;
-    ml_tensor *xc = ml_kernel_input(x, &rc), *ic = kernel_index(index, index_base, &rc);
+    ml_tensor *xc = ml_kernel_input(x, &rc), *ic = ml_kernel_input(index, &rc);
     ml_tensor *flat = ic ? ml_header_as(ic, 1, &m) : NULL;
     ml_tensor *out = rc == 0 ? ml_empty(x->ndim, shape, x->dtype, x->device) : NULL;
-    if (!out || !flat || ML_RUN(x->device, ml_index_select_forward, ML_KT(out), ML_KT(xc), dim, ML_KT(flat)) < 0)
+    if (!out || !flat ||
+        ML_RUN(x->device, ml_index_select_forward, ML_KT(out), ML_KT(xc), dim, ML_KT(flat), index_base) < 0)
         rc = -1;
     ml_release(xc); ml_release(ic);
     if (rc < 0) { ml_release(flat); ml_release(out); return NULL; }
     ml_node *n = ml_node_begin(ML_OP_index_select, index_select_backward, 1, &x);
-    if (n) { ml_node_save(n, flat); n->i[0] = dim; ml_node_finish(n, out); }
+    if (n) { ml_node_save(n, flat); n->i[0] = dim; n->i[1] = index_base; ml_node_finish(n, out); }
     ml_release(flat);
     return out;
 }

@@ -6,6 +6,7 @@
  * without the reduced dims; backward views the incoming gradient back in
  * the keepdim layout and broadcasts it over x. */
 #include "ops.h"
+#include "checked_math.h"
 #include "dispatch.h"
 #include "ew_common.h"
 #include "reduce.h"
@@ -251,15 +252,19 @@ static int max_backward(ml_node *n, ml_tensor *g, ml_tensor **gin) {
     return gin[0] ? 0 : -1;
 }
 
-/* values and/or indices of the max along dim (values NULL for argmax). */
-static int max_dim(const char *op, ml_tensor *x, int dim, bool keepdim, ml_tensor **values, ml_tensor **indices) {
+/* values and/or indices of the max along dim (values NULL for argmax), the
+ * indices counted from index_base, which the kernel adds as it writes
+ * them.  The max node saves the indices and compares them with positions
+ * from 0, so a call asking for values passes 0. */
+static int max_dim(const char *op, ml_tensor *x, int dim, bool keepdim, int64_t index_base, ml_tensor **values,
+                   ml_tensor **indices) {
     if (!x) return ml_error("%s: missing tensor", op);
     if (dim == ML_ALL_DIMS || x->ndim == 0) {
         /* over all elements: reduce the flattened tensor */
         int64_t all = -1;
         ml_tensor *flat = ml_view(x, 1, &all);
         if (!flat) return -1;
-        int rc = max_dim(op, flat, 0, false, values, indices);
+        int rc = max_dim(op, flat, 0, false, index_base, values, indices);
         ml_release(flat);
         if (rc < 0 || !keepdim || x->ndim == 0) return rc;
         int64_t ones[ML_MAX_DIMS];
@@ -280,6 +285,10 @@ static int max_dim(const char *op, ml_tensor *x, int dim, bool keepdim, ml_tenso
         return ml_error("%s: cannot reduce dim %d of size 0 (shape %s)", op, dim, ml_shape_str(x, b, sizeof b));
     }
     if (x->dtype == ML_BOOL && values) return ml_error("%s: not supported for bool tensors", op);
+    int64_t end;
+    if (!ml_add_i64(index_base, x->shape[d], &end))
+        return ml_error("%s: index_base %lld is too large for a dim of size %lld", op, (long long)index_base,
+                        (long long)x->shape[d]);
     red_spec s;
     if (make_spec(op, x, 1, &d, keepdim, &s) < 0) return -1;
     ml_dtype kt = oc_kernel_dtype(x->dtype, x->device);
@@ -288,7 +297,7 @@ static int max_dim(const char *op, ml_tensor *x, int dim, bool keepdim, ml_tenso
     ml_tensor *vk = ik && values ? ml_empty(x->ndim, s.kshape, kt, x->device) : NULL;
     int rc = -1;
     if (ik && (vk || !values))
-        rc = ML_RUN(x->device, ml_max_dim, ML_KT(vk), ML_KT(ik), ML_KT(cx), d);
+        rc = ML_RUN(x->device, ml_max_dim, ML_KT(vk), ML_KT(ik), ML_KT(cx), d, index_base);
     ml_release(cx);
     if (rc == 0 && vk && kt != x->dtype) {
         ml_tensor *c = oc_cast(vk, x->dtype, x->device);
@@ -313,21 +322,14 @@ static int max_dim(const char *op, ml_tensor *x, int dim, bool keepdim, ml_tenso
 
 ml_tensor *ml_max(ml_tensor *x, int dim, bool keepdim) {
     ml_tensor *v = NULL;
-    if (max_dim("max", x, dim, keepdim, &v, NULL) < 0) { ml_release(v); return NULL; }
+    if (max_dim("max", x, dim, keepdim, 0, &v, NULL) < 0) { ml_release(v); return NULL; }
     return v;
 }
 
-ml_tensor *ml_argmax(ml_tensor *x, int dim, bool keepdim) {
-    ml_tensor *i = NULL;
-    if (max_dim("argmax", x, dim, keepdim, NULL, &i) < 0) { ml_release(i); return NULL; }
-    return i;
-}
+ml_tensor *ml_argmax(ml_tensor *x, int dim, bool keepdim) { return ml_argmax_ex(x, dim, keepdim, 0); }
 
-/* The kernel writes indices from 0; another base is one elementwise pass. */
 ml_tensor *ml_argmax_ex(ml_tensor *x, int dim, bool keepdim, int64_t index_base) {
-    ml_tensor *i = ml_argmax(x, dim, keepdim);
-    if (!i || index_base == 0) return i;
-    ml_tensor *b = ml_add_scalar(i, (double)index_base);   /* int64: records nothing */
-    ml_release(i);
-    return b;
+    ml_tensor *i = NULL;
+    if (max_dim("argmax", x, dim, keepdim, index_base, NULL, &i) < 0) { ml_release(i); return NULL; }
+    return i;
 }

@@ -25,9 +25,10 @@ ML_KERNEL(ml_var, (ml_ktensor *out, const ml_ktensor *x, double correction));
 /* out = (sum |x|^p)^(1/p) for finite p > 0.  Floats. */
 ML_KERNEL(ml_norm, (ml_ktensor *out, const ml_ktensor *x, double p));
 /* Along one dim: values = max, indices = position of its first occurrence
- * (NaN counts as the maximum).  values (x's dtype, may be NULL) and indices
- * (int64) have x's shape with size 1 at dim and are contiguous.  Floats and
- * integers. */
-ML_KERNEL(ml_max_dim, (ml_ktensor *values, ml_ktensor *indices, const ml_ktensor *x, int dim));
+ * counted from index_base (0 for C, 1 for Lua; the host checked that
+ * index_base + x->shape[dim] fits in int64), NaN counting as the maximum.
+ * values (x's dtype, may be NULL) and indices (int64) have x's shape with
+ * size 1 at dim and are contiguous.  Floats and integers. */
+ML_KERNEL(ml_max_dim, (ml_ktensor *values, ml_ktensor *indices, const ml_ktensor *x, int dim, int64_t index_base));
 
 #endif

@@ -284,7 +284,7 @@ DEF_MAX_SCAN(int32_t, i32, NOT_NAN)
 DEF_MAX_SCAN(int64_t, i64, NOT_NAN)
 DEF_MAX_SCAN(uint8_t, u8, NOT_NAN)
 
-int ml_max_dim_cpu(ml_ktensor *values, ml_ktensor *indices, const ml_ktensor *x, int dim) {
+int ml_max_dim_cpu(ml_ktensor *values, ml_ktensor *indices, const ml_ktensor *x, int dim, int64_t index_base) {
     void (*scan)(const char *, int64_t, int64_t, char *, int64_t *);
     switch (x->dtype) {
     case ML_F32: scan = max_scan_f32; break;
@@ -302,6 +302,7 @@ int ml_max_dim_cpu(ml_ktensor *values, ml_ktensor *indices, const ml_ktensor *x,
     int64_t *ib = indices->data;
     for (int64_t i = 0; i < no; i++) {
         scan(xb + ox * (int64_t)es, L, sd, vb ? vb + i * (int64_t)es : NULL, ib + i);
+        ib[i] += index_base;
         for (int d = x->ndim - 1; d >= 0; d--) {
             if (d == dim) continue;
             if (++idx[d] < x->shape[d]) { ox += x->strides[d]; break; }

@@ -257,10 +257,12 @@ template <typename C> __device__ __forceinline__ bool beats(C a, int64_t ia, C b
     return a > b || (a == b && ia < ib);
 }
 
-// A warp per output, for rows contiguous along dim.
+// A warp per output, for rows contiguous along dim.  Both kernels write
+// positions counted from index_base (1 for Lua), so argmax needs no pass
+// after them.
 template <typename T>
-__global__ void max_warp(const T *x, ml_indexer<1> kept, int64_t no, int64_t len, int64_t sd, T *values,
-                         int64_t *indices) {
+__global__ void max_warp(const T *x, ml_indexer<1> kept, int64_t no, int64_t len, int64_t sd, int64_t index_base,
+                         T *values, int64_t *indices) {
     typedef typename ml_ctype<T>::type C;
     int lane = threadIdx.x % 32;
     int64_t o = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) / 32;
@@ -283,14 +285,14 @@ __global__ void max_warp(const T *x, ml_indexer<1> kept, int64_t no, int64_t len
     }
     if (lane == 0) {
         if (values) values[o] = x[base + bi * sd];
-        indices[o] = bi;
+        indices[o] = bi + index_base;
     }
 }
 
 // A thread per output, scanning in order like the CPU (rows strided along dim).
 template <typename T>
-__global__ void max_thread(const T *x, ml_indexer<1> kept, int64_t no, int64_t len, int64_t sd, T *values,
-                           int64_t *indices) {
+__global__ void max_thread(const T *x, ml_indexer<1> kept, int64_t no, int64_t len, int64_t sd, int64_t index_base,
+                           T *values, int64_t *indices) {
     typedef typename ml_ctype<T>::type C;
     for (int64_t o = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; o < no; o += (int64_t)gridDim.x * blockDim.x) {
         int64_t base;
@@ -304,7 +306,7 @@ __global__ void max_thread(const T *x, ml_indexer<1> kept, int64_t no, int64_t l
                 if (v > best) { best = v; bi = k; }
             }
         if (values) values[o] = x[base + bi * sd];
-        indices[o] = bi;
+        indices[o] = bi + index_base;
     }
 }
 
@@ -374,7 +376,8 @@ extern "C" int ml_norm_cuda(ml_ktensor *out, const ml_ktensor *x, double p) {
     });
 }
 
-extern "C" int ml_max_dim_cuda(ml_ktensor *values, ml_ktensor *indices, const ml_ktensor *x, int dim) {
+extern "C" int ml_max_dim_cuda(ml_ktensor *values, ml_ktensor *indices, const ml_ktensor *x, int dim,
+                               int64_t index_base) {
     cudaStream_t s;
     if (ml_cuda_prepare(x, "max", &s) < 0) return -1;
     int64_t ks[ML_MAX_DIMS], kst[ML_MAX_DIMS];
@@ -392,10 +395,11 @@ extern "C" int ml_max_dim_cuda(ml_ktensor *values, ml_ktensor *indices, const ml
         T *v = values ? ml_ptr<T>(values) : nullptr;
         if (sd == 1 && len > 16) {
             int64_t blocks = (no * 32 + kThreads - 1) / kThreads;
-            max_warp<T><<<(unsigned)blocks, kThreads, 0, s>>>(ml_ptr<T>(x), kept, no, len, sd, v,
+            max_warp<T><<<(unsigned)blocks, kThreads, 0, s>>>(ml_ptr<T>(x), kept, no, len, sd, index_base, v,
                                                               ml_ptr<int64_t>(indices));
         } else {
-            max_thread<T><<<ml_grid_for(no, kThreads, dev), kThreads, 0, s>>>(ml_ptr<T>(x), kept, no, len, sd, v,
+            max_thread<T><<<ml_grid_for(no, kThreads, dev), kThreads, 0, s>>>(ml_ptr<T>(x), kept, no, len, sd,
+                                                                                index_base, v,
                                                                                 ml_ptr<int64_t>(indices));
         }
         ML_CUDA_LAUNCHED(sd == 1 && len > 16 ? "max_warp" : "max_thread");

@@ -1,10 +1,16 @@
 /* test_ops_index.c — embedding, cat, stack, gather, index_select and
  * upsample_nearest2d: values against hand-written loops, finite-difference
  * gradients in f64 (repeated indices, non-contiguous inputs, more inputs
- * than one autograd node holds), and argument errors. */
+ * than one autograd node holds), and argument errors.  Also gather,
+ * index_select and argmax counted from another index_base: the same values
+ * and gradients as from 0, errors in the caller's base, one kernel call. */
 #include "check.h"
 #include "tensor_check.h"
 #include "gradcheck.h"
+#include "dispatch.h"
+#include "index.h"
+#include "profile.h"
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -199,6 +205,164 @@ static void test_gather_index_select(void) {
     ml_release(oob); ml_release(big); ml_release(oob1); ml_release(fi);
 }
 
+/* ---- index_base ----------------------------------------------------------- */
+
+typedef ml_tensor *(*based_op)(ml_tensor *x, int dim, ml_tensor *index, int64_t index_base);
+
+/* The gradient of sum(op(x, dim, index, base) * w) with respect to x, as
+ * doubles (NULL on failure); x's .grad is cleared afterwards. */
+static double *grad_of(based_op op, ml_tensor *x, int dim, ml_tensor *index, int64_t base, ml_tensor *w) {
+    ml_tensor *y = op(x, dim, index, base);
+    ml_tensor *p = y ? ml_mul(y, w) : NULL;
+    ml_tensor *s = p ? ml_sum(p, 0, NULL, false) : NULL;
+    double *g = s && ml_backward(s, NULL, false) == 0 && x->grad ? ml_to_doubles(x->grad) : NULL;
+    ml_release(y); ml_release(p); ml_release(s);
+    ml_release(x->grad);
+    x->grad = NULL;
+    return g;
+}
+
+/* The index values of i0 plus `shift`, in dtype dt and i0's shape. */
+static ml_tensor *shifted(ml_tensor *i0, double shift, ml_dtype dt) {
+    double *v = ml_to_doubles(i0);
+    for (int64_t k = 0; v && k < ml_numel(i0); k++) v[k] += shift;
+    ml_tensor *t = v ? ml_from_doubles(v, i0->ndim, i0->shape, dt) : NULL;
+    free(v);
+    return t;
+}
+
+/* One based op against its base-0 form: values equal, gradients equal bit
+ * for bit (the kernels sum in one order whatever the base). */
+static void same_as_base0(const char *what, based_op op, ml_tensor *x, int dim, ml_tensor *i0, int64_t base,
+                          ml_dtype dt) {
+    ml_tensor *ib = shifted(i0, (double)base, dt);
+    ml_tensor *y0 = op(x, dim, i0, 0), *yb = ib ? op(x, dim, ib, base) : NULL;
+    double *v0 = y0 ? ml_to_doubles(y0) : NULL;
+    CHECK(v0 && yb && ml_same_shape(y0, yb) && max_diff(yb, v0) == 0, "%s: base %lld (%s) selects what base 0 does: %s",
+          what, (long long)base, ml_dtype_name(dt), ml_last_error());
+    ml_tensor *w = y0 ? ml_randn(y0->ndim, y0->shape, ML_F64, ml_cpu(), NULL) : NULL;
+    double *g0 = w ? grad_of(op, x, dim, i0, 0, w) : NULL, *gb = w ? grad_of(op, x, dim, ib, base, w) : NULL;
+    bool same = g0 && gb;
+    for (int64_t k = 0; same && k < ml_numel(x); k++) same = g0[k] == gb[k];
+    CHECK(same, "%s: the gradient through base %lld equals base 0's: %s", what, (long long)base, ml_last_error());
+    free(v0); free(g0); free(gb);
+    ml_release(ib); ml_release(y0); ml_release(yb); ml_release(w);
+}
+
+/* Calls of kernel `name` and of all kernels in a profile. */
+static long calls_of(const ml_profile_entry *e, int n, const char *name, long *total) {
+    long c = 0;
+    *total = 0;
+    for (int k = 0; k < n; k++) {
+        *total += e[k].calls;
+        if (!strcmp(e[k].name, name)) c += e[k].calls;
+    }
+    return c;
+}
+
+static void test_index_base(void) {
+    ml_tensor *x = rn(ML_F64, SH(3, 4));
+    x->requires_grad = true;
+    ml_tensor *g0 = ints(ML_I64, (double[]){2, 0, 1, 1, 0, 0, 2, 2}, SH(2, 4));    /* dim 0, repeats */
+    ml_tensor *g1 = ints(ML_I64, (double[]){3, 3, 0, 1, 2, 0}, SH(3, 2));          /* dim 1, narrower */
+    ml_tensor *s0 = ints(ML_I64, (double[]){2, 2, 0}, SH(3));
+    ml_tensor *s1 = ints(ML_I64, (double[]){3, 1, 1, 0, 3}, SH(5));
+    int64_t bases[3] = {1, -1, 1000};
+    for (int b = 0; b < 3; b++)
+        for (int it = 0; it < 2; it++) {
+            ml_dtype dt = it ? ML_I32 : ML_I64;
+            same_as_base0("gather_ex dim 0", ml_gather_ex, x, 0, g0, bases[b], dt);
+            same_as_base0("gather_ex dim 1", ml_gather_ex, x, 1, g1, bases[b], dt);
+            same_as_base0("index_select_ex dim 0", ml_index_select_ex, x, 0, s0, bases[b], dt);
+            same_as_base0("index_select_ex dim 1", ml_index_select_ex, x, 1, s1, bases[b], dt);
+        }
+
+    /* argmax: the kernel writes the base in. */
+    ml_tensor *am0 = ml_argmax(x, 1, false), *am1 = ml_argmax_ex(x, 1, false, 1);
+    ml_tensor *amk = ml_argmax_ex(x, 0, true, 1), *amk0 = ml_argmax_ex(x, 0, true, 0);
+    ml_tensor *amall = ml_argmax_ex(x, ML_ALL_DIMS, false, 1), *amall0 = ml_argmax(x, ML_ALL_DIMS, false);
+    double *v0 = am0 ? ml_to_doubles(am0) : NULL, *vk = amk0 ? ml_to_doubles(amk0) : NULL;
+    double *va = amall0 ? ml_to_doubles(amall0) : NULL;
+    for (int k = 0; v0 && k < 3; k++) v0[k] += 1;
+    for (int k = 0; vk && k < 4; k++) vk[k] += 1;
+    CHECK(v0 && am1 && am1->dtype == ML_I64 && max_diff(am1, v0) == 0, "argmax_ex base 1 = argmax + 1 along dim 2");
+    CHECK(vk && amk && amk->ndim == 2 && amk->shape[0] == 1 && max_diff(amk, vk) == 0, "argmax_ex base 1, keepdim");
+    CHECK(va && amall && amall->ndim == 0 && max_diff(amall, (double[]){va[0] + 1}) == 0,
+          "argmax_ex base 1 over all elements");
+    free(v0); free(vk); free(va);
+    ml_release(am0); ml_release(am1); ml_release(amk); ml_release(amk0); ml_release(amall); ml_release(amall0);
+
+    /* Errors speak in the caller's base: index 0 counted from 1 is before
+     * the first element, and the message names position 1 and 1..3. */
+    ml_tensor *zero = ints(ML_I64, (double[]){1, 0, 2, 3}, SH(1, 4));
+    expect_error("gather_ex base 1, index 0", ml_gather_ex(x, 0, zero, 1), "index 0 (element 2 of the indices)",
+                 "for a dim of size 3 (valid: 1..3)");
+    expect_error("gather_ex base 0, the same index past the end", ml_gather_ex(x, 0, zero, 0),
+                 "index 3 (element 3 of the indices)", "(valid: 0..2)");
+    ml_tensor *past = ints(ML_I32, (double[]){4, 5}, SH(2));
+    expect_error("index_select_ex base 1, index 5 of 4", ml_index_select_ex(x, 1, past, 1),
+                 "index_select: index 5 (element 2 of the indices)", "size 4 (valid: 1..4)");
+    ml_tensor *low = ints(ML_I64, (double[]){-1}, SH(1));
+    expect_error("index_select_ex base 0, index -1", ml_index_select_ex(x, 1, low, 0), "index -1 (element 0",
+                 "(valid: 0..3)");
+    expect_error("index_select_ex base -1 accepts -1 but not 3", ml_index_select_ex(x, 1, past, -1), "index 4",
+                 "(valid: -1..2)");
+    /* Values far from the base must not wrap into the range. */
+    int64_t far_v[2] = {INT64_MIN, INT64_MAX};
+    ml_tensor *far = ml_empty(1, (int64_t[]){2}, ML_I64, ml_cpu());
+    if (far) memcpy(ml_data(far), far_v, sizeof far_v);
+    expect_error("index_select_ex base 1, INT64_MIN", ml_index_select_ex(x, 1, far, 1), "element 1 of", "1..4");
+    ml_tensor *far1 = far ? ml_narrow(far, 0, 1, 1) : NULL;
+    expect_error("index_select_ex base -1, INT64_MAX", ml_index_select_ex(x, 1, far1, -1), "element -1 of",
+                 "-1..2");
+    expect_error("gather_ex base too large", ml_gather_ex(x, 0, zero, INT64_MAX - 1), "index_base", "too large");
+    expect_error("index_select_ex base too large", ml_index_select_ex(x, 0, s0, INT64_MAX - 2), "index_base",
+                 "too large");
+    expect_error("argmax_ex base too large", ml_argmax_ex(x, 1, false, INT64_MAX - 2), "index_base", "too large");
+    ml_tensor *ok_edge = ml_argmax_ex(x, 1, false, INT64_MAX - 4);
+    CHECK(ok_edge != NULL, "argmax_ex base INT64_MAX - 4 over 4 positions fits: %s", ml_last_error());
+    ml_release(ok_edge);
+
+    /* The backward kernels check their index in the caller's base too. */
+    ml_tensor *dx = ml_empty(2, (int64_t[]){3, 4}, ML_F64, ml_cpu());
+    ml_tensor *dy = ml_zeros(2, (int64_t[]){1, 4}, ML_F64, ml_cpu());
+    int rc = dx && dy ? ML_RUN(ml_cpu(), ml_gather_backward, ML_KT(dx), ML_KT(dy), 0, ML_KT(zero), 1) : 0;
+    CHECK(rc < 0 && strstr(ml_last_error(), "index 0 (element 2 of the indices)") &&
+              strstr(ml_last_error(), "(valid: 1..3)"),
+          "gather backward kernel, base 1: %s", ml_last_error());
+    rc = dx && dy ? ML_RUN(ml_cpu(), ml_index_select_backward, ML_KT(dx), ML_KT(dy), 1, ML_KT(past), 1) : 0;
+    CHECK(rc < 0 && strstr(ml_last_error(), "index 5 (element 2") && strstr(ml_last_error(), "(valid: 1..4)"),
+          "index_select backward kernel, base 1: %s", ml_last_error());
+
+    /* No extra pass: each _ex call from 1 runs exactly its one kernel, and
+     * the caller's index is left as it was. */
+    ml_tensor *g1b = shifted(g1, 1, ML_I64), *s1b = shifted(s1, 1, ML_I32);
+    struct { const char *kernel; int which; } runs[3] = {
+        {"ml_gather_forward_cpu", 0}, {"ml_index_select_forward_cpu", 1}, {"ml_max_dim_cpu", 2}};
+    for (int r = 0; r < 3; r++) {
+        int64_t v_before = g1b ? g1b->storage->version : 0;
+        ml_profile_start();
+        ml_tensor *y = runs[r].which == 0 ? ml_gather_ex(x, 1, g1b, 1)
+                     : runs[r].which == 1 ? ml_index_select_ex(x, 1, s1b, 1)
+                                          : ml_argmax_ex(x, 1, false, 1);
+        ml_profile_entry *e = NULL;
+        int n = 0;
+        long total = 0;
+        CHECK(ml_profile_stop(&e, &n) == 0 && y, "%s: %s", runs[r].kernel, ml_last_error());
+        long c = calls_of(e, n, runs[r].kernel, &total);
+        CHECK(c == 1 && total == 1, "base 1 runs %s once and nothing else (%ld of %ld kernel calls)", runs[r].kernel,
+              c, total);
+        CHECK(!g1b || g1b->storage->version == v_before, "the caller's index is not written");
+        free(e);
+        ml_release(y);
+    }
+    CHECK(g1b && max_diff(g1b, (double[]){4, 4, 1, 2, 3, 1}) == 0, "the caller's index values are unchanged");
+
+    ml_release(g1b); ml_release(s1b); ml_release(dx); ml_release(dy); ml_release(far); ml_release(far1);
+    ml_release(zero); ml_release(past); ml_release(low);
+    ml_release(g0); ml_release(g1); ml_release(s0); ml_release(s1); ml_release(x);
+}
+
 /* ---- upsample ----------------------------------------------------------- */
 
 static ml_tensor *f_upsample(ml_tensor **x, void *ctx) {
@@ -239,6 +403,7 @@ int main(void) {
     test_embedding();
     test_cat_stack();
     test_gather_index_select();
+    test_index_base();
     test_upsample();
     return check_summary();
 }

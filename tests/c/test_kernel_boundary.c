@@ -184,7 +184,7 @@ static void test_every_twin_is_linked(void) {
     const struct { const char *name; const void *fn; } twins[] = {
 #define TWIN(f) {#f "_cuda", (const void *)f##_cuda}
         TWIN(ml_copy), TWIN(ml_fill),
-        TWIN(ml_binary), TWIN(ml_binary_scalar), TWIN(ml_unary), TWIN(ml_unary_backward),
+        TWIN(ml_binary), TWIN(ml_binary_scalar), TWIN(ml_unary), TWIN(ml_unary_backward), TWIN(ml_geglu), TWIN(ml_geglu_backward),
         TWIN(ml_clamp), TWIN(ml_clamp_backward), TWIN(ml_where),
         TWIN(ml_matmul_forward), TWIN(ml_matmul_backward), TWIN(ml_linear_forward), TWIN(ml_linear_backward),
         TWIN(ml_gemm), TWIN(ml_colsum),

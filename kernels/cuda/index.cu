@@ -78,7 +78,7 @@ __global__ void __launch_bounds__(kBlock) rows_sum(T *__restrict__ dx, const T *
         uint64_t p = position_of(v, base);
         if (p >= (uint64_t)X || head[p] != (unsigned)i) continue;
         A acc = 0;
-        unsigned left = cnt[v];
+        unsigned left = cnt[p];
         for (int64_t j = i; left > 0 && j < n; j++)
             if (idx[j] == v) {
                 acc += ml_to_c(dy[(o * n + j) * inner + k]);

@@ -10,7 +10,8 @@
 # Needs build/moonlit (CUDA) and, for the peer, the diffusers wheel in
 # PEER_DIR (.cache/peer; see tests/bench/README.md).  Knobs: PRECISIONS
 # ("bf16-mixed bf16-sr"), STEPS (timed train steps, 10), PROFILE (N: also
-# print moonlit's N costliest kernels of one step), SKIP_PEER=1, SKIP_GEN=1.
+# print moonlit's N costliest kernels of one step), PROFILE_BY_SCOPE (N: the
+# N costliest kernels per layer or backward node), SKIP_PEER=1, SKIP_GEN=1.
 set -u
 BIN=${BIN:-build/moonlit}
 WORK=${WORK:-build/bench_vs_peer}
@@ -18,6 +19,7 @@ PEER_DIR=${PEER_DIR:-.cache/peer}
 PRECISIONS=${PRECISIONS:-"bf16-mixed bf16-sr"}
 STEPS=${STEPS:-10}
 PROFILE=${PROFILE:-0}
+PROFILE_BY_SCOPE=${PROFILE_BY_SCOPE:-0}
 export NCCL_NVLS_ENABLE=0
 [ -d /usr/local/cuda/lib64 ] && export LD_LIBRARY_PATH="/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 mkdir -p "$WORK"
@@ -32,7 +34,8 @@ field() { # field FILE REGEX AWK-PROGRAM: the first line matching REGEX, through
 for prec in $PRECISIONS; do
     log=$WORK/ml-train-$prec.log
     echo "== moonlit train step, $prec"
-    "$BIN" tests/bench/bench_train_step.lua --precision "$prec" --steps "$STEPS" --profile "$PROFILE" 2>&1 | tee "$log"
+    "$BIN" tests/bench/bench_train_step.lua --precision "$prec" --steps "$STEPS" --profile "$PROFILE" \
+        --profile_by_scope "$PROFILE_BY_SCOPE" 2>&1 | tee "$log"
     eval "$(awk '/^train step/ { for (i = 1; i <= NF; i++) { if ($i == "median") med = $(i+1); if ($i == "min") mn = $(i+1);
                                                             if ($i == "peak") pk = $(i+1) } }
                  /TFLOP\/s of model FLOPs/ { tf = $1 }

@@ -308,6 +308,48 @@ function tests.conv2d_matches_a_naive_loop(t)
     t:assert(has(e, "[1, 4, 4, 3]") and has(e, "[2, 3, 3, 2]"), tostring(e))
 end
 
+-- A 1x1 convolution with stride 1 and no padding runs as a GEMM (the linear
+-- kernels): same values as the direct loop, gradients to x, w and b, the
+-- conv kernel not called; strided or padded 1x1 convolutions stay convolutions.
+function tests.conv2d_1x1_runs_as_a_gemm(t)
+    ml.manual_seed(4)
+    local x = ml.randn({2, 3, 4, 5}, {dtype = "f64", requires_grad = true})
+    local w = ml.randn({6, 1, 1, 5}, {dtype = "f64", requires_grad = true})
+    local b = ml.randn({6}, {dtype = "f64", requires_grad = true})
+    local y
+    local rep = ml.profile(function() y = F.conv2d(x, w, b) end)
+    local kernels = {}
+    for _, e in ipairs(rep) do kernels[e.name] = e.calls end
+    t:assertEq(kernels["ml_linear_forward_cpu"], 1, "one GEMM")
+    t:assert(kernels["ml_conv2d_forward_cpu"] == nil, "no convolution kernel")
+    t:assertEq(y:size(), {2, 3, 4, 6})
+    near_list(t, y, naive_conv(x:totable(), w:totable(), b:totable(), 1, 0, 0, 0, 0), 1e-12, "values")
+    -- gradients against the same map written with matmul
+    local g = ml.randn({2, 3, 4, 6}, {dtype = "f64"})
+    y:backward(g)
+    local gx, gw, gb = x.grad:clone(), w.grad:clone(), b.grad:clone()
+    local x2 = x:detach():clone(); x2.requires_grad = true
+    local w2 = w:detach():clone(); w2.requires_grad = true
+    local b2 = b:detach():clone(); b2.requires_grad = true
+    local ref = x2:view(24, 5):matmul(w2:view(6, 5):t()) + b2
+    ref:backward(g:view(24, 6))
+    t:assert((gx - x2.grad):abs():max():item() < 1e-12, "dx")
+    t:assert((gw - w2.grad):abs():max():item() < 1e-12, "dw keeps the [O, 1, 1, C] shape")
+    t:assertEq(gw:size(), {6, 1, 1, 5})
+    t:assert((gb - b2.grad):abs():max():item() < 1e-12, "db")
+    -- not a plain GEMM: the convolution kernel still runs
+    rep = ml.profile(function() F.conv2d(x, w, b, {stride = 2}); F.conv2d(x, w, nil, {padding = 1}) end)
+    kernels = {}
+    for _, e in ipairs(rep) do kernels[e.name] = e.calls end
+    t:assertEq(kernels["ml_conv2d_forward_cpu"], 2, "strided and padded 1x1 stay convolutions")
+    near_list(t, F.conv2d(x, w, b, {stride = 2}), naive_conv(x:totable(), w:totable(), b:totable(), 2, 0, 0, 0, 0),
+              1e-12, "strided 1x1")
+    -- a non-contiguous input is fine
+    local xt = ml.randn({2, 5, 4, 3}, {dtype = "f64"}):permute(1, 4, 3, 2)
+    near_list(t, F.conv2d(xt, w:detach(), nil), naive_conv(xt:totable(), w:totable(), nil, 1, 0, 0, 0, 0), 1e-12,
+              "permuted input")
+end
+
 -- ---- norms -----------------------------------------------------------------------
 
 function tests.group_norm_matches_manual_statistics(t)

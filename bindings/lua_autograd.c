@@ -3,17 +3,144 @@
 #include "autograd.h"
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
+
+/* The Lua state whose t:backward is running in this thread: backward
+ * functions written in Lua (checkpointed blocks) are called on it, since it
+ * is the thread running (a coroutine, perhaps), not merely the main one. */
+static _Thread_local lua_State *tl_backward_L;
 
 /* t:backward([grad], [{retain_graph = true}]) */
 static int t_backward(lua_State *L) {
     ml_tensor *t = mlua_check_tensor(L, 1);
     ml_tensor *g = NULL;
     int opts = 0;
-    if (luaL_testudata(L, 2, MLUA_TENSOR)) { g = mlua_check_tensor(L, 2); opts = lua_istable(L, 3) ? 3 : 0; }
-    else if (lua_istable(L, 2)) opts = 2;
+    /* (grad), (grad, opts), (nil, opts), (opts): anything else is refused,
+     * never dropped (a number for the gradient, options in the wrong place) */
+    if (luaL_testudata(L, 2, MLUA_TENSOR)) {
+        g = mlua_check_tensor(L, 2);
+        opts = 3;
+    } else if (lua_istable(L, 2)) {
+        opts = 2;
+        if (!lua_isnone(L, 3)) return luaL_error(L, "backward: options come last (got a %s after them)",
+                                                  luaL_typename(L, 3));
+    } else if (lua_isnoneornil(L, 2)) {
+        opts = 3;
+    } else {
+        return luaL_error(L, "backward: the gradient must be a tensor (got %s); a number as gradient: "
+                             "ml.full(t:size(), v)", luaL_typename(L, 2));
+    }
+    if (opts == 3 && !lua_isnoneornil(L, 3) && !lua_istable(L, 3))
+        return luaL_error(L, "backward: options must be a table like {retain_graph = true} (got %s)",
+                          luaL_typename(L, 3));
+    if (opts == 3 && !lua_istable(L, 3)) opts = 0;
+    if (opts) {
+        lua_pushnil(L);
+        while (lua_next(L, opts)) {
+            lua_pop(L, 1);
+            if (lua_type(L, -1) != LUA_TSTRING || strcmp(lua_tostring(L, -1), "retain_graph") != 0) {
+                const char *k = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : luaL_typename(L, -1);
+                return luaL_error(L, "backward: unknown option '%s' (the option is retain_graph)", k);
+            }
+        }
+    }
     bool retain = mlua_opt_field_bool(L, opts, "retain_graph", 0);
-    if (ml_backward(t, g, retain) < 0) return mlua_error(L, NULL);
+    lua_State *outer = tl_backward_L;
+    tl_backward_L = L;
+    int rc = ml_backward(t, g, retain);
+    tl_backward_L = outer;
+    if (rc < 0) return mlua_error(L, NULL);
     return 0;
+}
+
+/* ---- nodes whose backward is a Lua function (nn.checkpoint) ------------ */
+
+typedef struct { lua_State *L; int ref; } lua_node_ctx;
+
+static void lua_node_free(void *vctx) {
+    lua_node_ctx *c = vctx;
+    luaL_unref(c->L, LUA_REGISTRYINDEX, c->ref);
+    free(c);
+}
+
+/* Calls the node's Lua function with the output's gradient; it returns one
+ * value per input: a gradient tensor, or nil where none is wanted. */
+static int lua_node_backward(ml_node *n, ml_tensor *gout, ml_tensor **gin) {
+    lua_node_ctx *c = n->ctx;
+    lua_State *L = tl_backward_L ? tl_backward_L : c->L;
+    int top = lua_gettop(L);
+    if (!lua_checkstack(L, n->n_inputs + 4)) return ml_error("%s: Lua stack overflow", n->name);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, c->ref);
+    mlua_push_tensor(L, ml_retain(gout));
+    if (lua_pcall(L, 1, n->n_inputs, 0) != LUA_OK) {
+        ml_error("%s", lua_tostring(L, -1));
+        lua_settop(L, top);
+        return -1;
+    }
+    for (int i = 0; i < n->n_inputs; i++) {
+        int idx = top + 1 + i;
+        if (lua_isnil(L, idx)) continue;
+        mlua_tensor_box *b = luaL_testudata(L, idx, MLUA_TENSOR);
+        if (!b || !b->t) {
+            for (int k = 0; k < i; k++) { ml_release(gin[k]); gin[k] = NULL; }
+            lua_settop(L, top);
+            return ml_error("%s: its backward must return a tensor or nil for input %d (got %s)", n->name, i + 1,
+                            luaL_typename(L, idx));
+        }
+        if (ml_node_needs_grad(n, i)) gin[i] = ml_retain(b->t);
+    }
+    lua_settop(L, top);
+    return 0;
+}
+
+/* checkpoint_node(out, inputs, backward) -> out recorded as the result of a
+ * node named "checkpoint" over inputs (a table with field n: tensors, or
+ * other values, which get no edge), whose backward is the Lua function
+ * backward(grad_out) -> one gradient (or nil) per input.  The inputs are
+ * saved, so writing one in place before backward makes backward fail, as
+ * for any op.  out itself is returned when nothing needs a gradient. */
+static int l_checkpoint_node(lua_State *L) {
+    ml_tensor *out = mlua_check_tensor(L, 1);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    luaL_checktype(L, 3, LUA_TFUNCTION);
+    lua_getfield(L, 2, "n");
+    lua_Integer n = lua_isinteger(L, -1) ? lua_tointeger(L, -1) : (lua_Integer)lua_rawlen(L, 2);
+    lua_pop(L, 1);
+    if (n < 0 || n > ML_NODE_MAX_INPUTS)
+        return luaL_error(L, "checkpoint: %d inputs, at most %d", (int)n, ML_NODE_MAX_INPUTS);
+    ml_tensor *ins[ML_NODE_MAX_INPUTS] = {0};
+    for (int i = 0; i < (int)n; i++) {
+        lua_rawgeti(L, 2, i + 1);
+        mlua_tensor_box *b = luaL_testudata(L, -1, MLUA_TENSOR);
+        if (b && b->t) ins[i] = b->t;
+        lua_pop(L, 1);
+    }
+    ml_node *node = ml_node_begin_custom("checkpoint", lua_node_backward, (int)n, ins);
+    if (!node) { lua_pushvalue(L, 1); return 1; }
+    ml_tensor *res = ml_detach(out);
+    if (res && node->op == ML_NODE_UNRECORDED) {
+        /* The node could not be allocated: the shared placeholder, which
+         * backward refuses naming the op; it holds no state of ours. */
+        ml_node_finish(node, res);
+        return mlua_push_tensor(L, res);
+    }
+    lua_node_ctx *c = res ? malloc(sizeof *c) : NULL;
+    if (!c) {
+        ml_release(res);
+        ml_node_release(node);
+        return luaL_error(L, "checkpoint: out of memory");
+    }
+    lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
+    c->L = lua_tothread(L, -1);
+    lua_pop(L, 1);
+    lua_pushvalue(L, 3);
+    c->ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    node->ctx = c;
+    node->ctx_free = lua_node_free;
+    for (int i = 0; i < (int)n; i++)
+        if (ins[i]) ml_node_save(node, ins[i]);
+    ml_node_finish(node, res);
+    return mlua_push_tensor(L, res);
 }
 
 static int l_is_grad_enabled(lua_State *L) { lua_pushboolean(L, ml_grad_enabled()); return 1; }
@@ -144,7 +271,7 @@ static int l_tensor_key(lua_State *L) {
 void mlua_open_autograd(lua_State *L) {
     static const luaL_Reg funcs[] = {
         {"is_grad_enabled", l_is_grad_enabled}, {"set_grad_enabled", l_set_grad_enabled},
-        {"no_grad", l_no_grad}, {"enable_grad", l_enable_grad},
+        {"no_grad", l_no_grad}, {"enable_grad", l_enable_grad}, {"checkpoint_node", l_checkpoint_node},
         {"set_grad_ready_callback", l_set_grad_ready_callback}, {"grad_ready_error", l_grad_ready_error},
         {"tensor_key", l_tensor_key}, {NULL, NULL},
     };

@@ -63,6 +63,9 @@ function M.parser()
                               help = "learning-rate schedule"})
     p:option("lr_warmup_steps", {type = "integer", default = 0, help = "linear warm-up steps of the schedule"})
     p:option("gradient_accumulation_steps", {type = "integer", default = 1, help = "micro-batches per optimizer step"})
+    p:option("gradient_checkpointing", {type = "boolean", default = false,
+                                        help = "recompute the UNet's (and a trained text encoder's) blocks in backward "
+                                            .. "instead of keeping their activations: less memory, one more forward"})
     p:option("adam_weight_decay", {type = "number", default = 1e-2, help = "AdamW weight decay"})
     p:option("checkpointing_steps", {type = "integer", default = 500, help = "save a resumable checkpoint every N steps (0: never)"})
     p:option("checkpoints_total_limit", {type = "integer", help = "keep only the N newest checkpoints"})
@@ -294,6 +297,10 @@ function M.train_fn(m, a)
         if a.train_text_encoder then te:train(); trained.text_encoder = te
         else te:requires_grad_(false); te:eval() end
         local params = a.train_text_encoder and ml.nn.parameters(unet, te) or ml.nn.parameters(unet)
+        if a.gradient_checkpointing then
+            unet:enable_gradient_checkpointing()
+            if a.train_text_encoder then te:enable_gradient_checkpointing() end
+        end
         if a.use_lora then
             -- only the adapters train, and checkpoints hold only them
             local lora, lo = ml.nn.lora, {rank = a.lora_rank, alpha = a.lora_alpha}

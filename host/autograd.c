@@ -152,6 +152,12 @@ int ml_inplace_begin(const char *op, ml_tensor *dst) {
 }
 
 static void drop_saved(ml_node *n) {
+    if (n->ctx_free) {
+        void (*f)(void *) = n->ctx_free;
+        n->ctx_free = NULL;
+        f(n->ctx);
+        n->ctx = NULL;
+    }
     for (int i = 0; i < n->n_saved; i++) { ml_release(n->saved[i]); n->saved[i] = NULL; }
     n->n_saved = 0;
     if (n->saved != n->saved_buf) {

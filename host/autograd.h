@@ -61,6 +61,12 @@ struct ml_node {
      * memory saving a tensor, too many inputs), or NULL.  Backward refuses
      * a graph holding such a node rather than return partial gradients. */
     const char *broken;
+    /* State a backward needs beyond tensors and numbers (a checkpointed
+     * block's Lua function): ctx_free(ctx) runs when the node drops its saved
+     * tensors (after its backward without retain_graph, or when the node is
+     * freed), so what ctx holds goes with them. */
+    void *ctx;
+    void (*ctx_free)(void *ctx);
     bool released;                   /* saved tensors already freed */
     /* engine scratch */
     int deps;

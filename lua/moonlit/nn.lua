@@ -55,9 +55,16 @@ local function leave_scope(outer, ...)
     profile_scope(outer)
     return ...
 end
-function Module.__call(self, ...)
+local function call_forward(self, ...)
     if not profiling() then return self:forward(...) end
     return leave_scope(profile_scope(self.__name), self:forward(...))
+end
+function Module.__call(self, ...)
+    -- a layer marked by enable_gradient_checkpointing, while training with grad on
+    if rawget(self, "_checkpoint") and self.training and core.is_grad_enabled() then
+        return nn.checkpoint(call_forward, self, ...)
+    end
+    return call_forward(self, ...)
 end
 
 function Module:forward() error(self.__name .. ": forward is not implemented", 2) end
@@ -377,6 +384,86 @@ function nn.cast(t)
     return t
 end
 local cast = nn.cast
+
+-- ---- gradient checkpointing ---------------------------------------------
+-- nn.checkpoint(fn, ...) -> fn(...), a single tensor, computed without
+-- keeping fn's intermediate activations: fn runs under no_grad, and the
+-- backward of the result runs it again with grad on (from the same inputs,
+-- random state and autocast dtype) and backpropagates through that second
+-- run, which gives fn's parameters their gradients and the inputs theirs.
+-- Memory: only the inputs are kept, for one extra forward of fn in backward
+-- (torch.utils.checkpoint's reentrant form).  fn must be deterministic given
+-- its inputs and the random state (dropout draws the same numbers again),
+-- and return one tensor.  When no tensor argument requires grad, fn runs
+-- normally: a result whose only path to the parameters is inside fn would
+-- otherwise get no gradient (PyTorch's reentrant checkpoint warns of it).
+function nn.checkpoint(fn, ...)
+    local args = table.pack(...)
+    if not core.is_grad_enabled() then return fn(...) end
+    local wants = {}
+    local any = false
+    for i = 1, args.n do
+        local a = args[i]
+        wants[i] = core.is_tensor(a) and a.requires_grad
+        any = any or wants[i]
+    end
+    if not any then return fn(...) end
+    local dtype = compute_dtype
+    local seed, offset = core.get_rng_state()
+    local out = core.no_grad(fn, ...)
+    if not core.is_tensor(out) then
+        error("nn.checkpoint: fn must return one tensor (got " .. type(out) .. ")", 2)
+    end
+    -- the inputs as the second run sees them: same storage, no history
+    local held = {}
+    for i = 1, args.n do
+        local a = args[i]
+        held[i] = core.is_tensor(a) and a:detach() or a
+    end
+    local function backward(gout)
+        local ins = {}
+        for i = 1, args.n do
+            local a = held[i]
+            if wants[i] then a = a:detach(); a.requires_grad = true end
+            ins[i] = a
+        end
+        local s_now, o_now = core.get_rng_state()
+        core.set_rng_state(seed, offset)
+        local ok, res = pcall(core.enable_grad, function()
+            if dtype then return nn.autocast(dtype, fn, table.unpack(ins, 1, args.n)) end
+            return fn(table.unpack(ins, 1, args.n))
+        end)
+        core.set_rng_state(s_now, o_now)
+        if not ok then error(res, 0) end
+        if res.requires_grad then res:backward(gout) end
+        local grads = {}
+        for i = 1, args.n do grads[i] = wants[i] and ins[i].grad or nil end
+        return table.unpack(grads, 1, args.n)
+    end
+    return core.checkpoint_node(out, args, backward)
+end
+
+-- model:enable_gradient_checkpointing([classes]): every submodule whose class
+-- name is in `classes` (a list; default: the model's own
+-- _checkpoint_classes, which the SD models set to their blocks) computes
+-- through nn.checkpoint while training.  disable_gradient_checkpointing()
+-- undoes it.  Returns the number of layers marked.
+function Module:enable_gradient_checkpointing(classes)
+    classes = classes or self._checkpoint_classes
+    if type(classes) ~= "table" or #classes == 0 then
+        error(self.__name .. ":enable_gradient_checkpointing: give the layer classes to checkpoint", 2)
+    end
+    local set = {}
+    for _, c in ipairs(classes) do set[c] = true end
+    local n = 0
+    for _, nm in ipairs(self:named_modules()) do
+        if set[nm[2].__name] then rawset(nm[2], "_checkpoint", true); n = n + 1 end
+    end
+    return n
+end
+function Module:disable_gradient_checkpointing()
+    for _, nm in ipairs(self:named_modules()) do rawset(nm[2], "_checkpoint", nil) end
+end
 
 -- ---- layers ---------------------------------------------------------------
 

@@ -35,6 +35,8 @@ p:option("lora", {type = "integer", default = 0,
 p:option("num_workers", {type = "integer", default = 1, help = "data-parallel workers, one GPU each (DDP over NCCL)"})
 p:option("ddp", {type = "boolean", default = false, help = "with one worker: gradients through DDP at world size 1"})
 p:option("bucket_mb", {type = "number", default = 25, help = "DDP bucket size in MiB"})
+p:option("gradient_checkpointing", {type = "boolean", default = false,
+                                    help = "recompute the UNet's and text encoder's blocks in backward (less memory)"})
 p:option("grad_dtype", {type = "string", default = "f32", choices = {"f32", "bf16"}, help = "dtype of DDP's all-reduce"})
 local o = p:parse(arg or {})
 if o.num_workers < 1 then p:error("--num_workers must be >= 1") end
@@ -67,6 +69,10 @@ local S = require "moonlit.schedulers"
 local ddpm = S.DDPMScheduler {beta_start = 0.00085, beta_end = 0.012, beta_schedule = "scaled_linear",
                               num_train_timesteps = 1000, clip_sample = false}
 local params = ml.nn.parameters(m.unet, m.text_encoder)
+if o.gradient_checkpointing then
+    say("gradient checkpointing: %d UNet blocks, %d text encoder layers", m.unet:enable_gradient_checkpointing(),
+        m.text_encoder:enable_gradient_checkpointing())
+end
 if o.lora > 0 then
     -- the Ray example's --use_lora: adapters on the UNet's attention projections, text encoder frozen
     m.text_encoder:requires_grad_(false)

@@ -62,6 +62,31 @@ function tests.retain_graph_and_second_backward(t)
     z:backward(ml.tensor(1), {retain_graph = true})
     z:backward(ml.tensor(1))
     t:assertEq(x.grad:totable(), {8, 12, 16}, "explicit gradient and options together")
+    local u = (x * 3):sum()
+    u:backward(nil, {retain_graph = true})
+    u:backward()
+    t:assertEq(x.grad:totable(), {14, 18, 22}, "backward(nil, opts) keeps the graph as asked")
+end
+
+-- What backward cannot use is refused, never dropped.
+function tests.backward_refuses_what_it_cannot_use(t)
+    local x = ml.tensor({1, 2, 3}, {requires_grad = true})
+    local y = (x * x):sum()
+    local cases = {
+        {function() y:backward(2) end, "gradient must be a tensor (got number)"},
+        {function() y:backward("1") end, "gradient must be a tensor (got string)"},
+        {function() y:backward(nil, 5) end, "options must be a table"},
+        {function() y:backward(ml.tensor(1), "retain") end, "options must be a table"},
+        {function() y:backward({retain = true}) end, "unknown option 'retain'"},
+        {function() y:backward({retain_graph = true}, 1) end, "options come last"},
+    }
+    for i, c in ipairs(cases) do
+        local e = error_of(c[1])
+        t:assert(has(e, c[2]), "case " .. i .. ": " .. tostring(e))
+    end
+    t:assert(x.grad == nil, "no refused call wrote a gradient")
+    y:backward()
+    t:assertEq(x.grad:totable(), {2, 4, 6}, "the graph is intact after the refusals")
 end
 
 function tests.no_grad_records_nothing_and_returns_values(t)

@@ -161,6 +161,32 @@ function tests.resume_gives_the_same_weights(t)
     U.remove_tree(dir)
 end
 
+-- --gradient_checkpointing recomputes the UNet's and text encoder's blocks
+-- in backward: the trained weights are those of the plain run.  The same
+-- ops run again, but the gradients of what several blocks share (the time
+-- embedding, the text encoder's output) are summed in another order, ~5e-7
+-- of their scale apart (test_checkpoint.lua), and AdamW's first steps
+-- divide by |g|, which amplifies that in near-zero gradients: bound the
+-- weights to 1% of the 2 steps' largest possible move (2 x lr).
+function tests.gradient_checkpointing_trains_the_same_weights(t)
+    local dir = U.temp_dir()
+    write_images(dir .. "/inst", 2, 1, 64)
+    local extra = {"--max_train_steps", "2", "--num_epochs", "100", "--train_batch_size", "1"}
+    local plain = run_main(base_args(dir, extra))
+    local args = base_args(dir, extra)
+    for i, v in ipairs(args) do if v == dir .. "/out" then args[i] = dir .. "/out2" end end
+    args[#args + 1] = "--gradient_checkpointing"
+    local ck = run_main(args)
+    local du, dt = param_diff(plain.model.unet, ck.model.unet), param_diff(plain.model.text_encoder, ck.model.text_encoder)
+    local marked = 0
+    for _, nm in ipairs(ck.model.unet:named_modules()) do if rawget(nm[2], "_checkpoint") then marked = marked + 1 end end
+    t:assert(marked > 0, "the flag reached the UNet's blocks")
+    local bound = 0.01 * 2 * 1e-3
+    t:assert(du < bound and dt < bound, string.format("weights after 2 steps: UNet %.3g, text encoder %.3g apart (bound %.3g)",
+                                                      du, dt, bound))
+    U.remove_tree(dir)
+end
+
 function tests.bad_inputs_are_clear_errors(t)
     local dir = U.temp_dir()
     local function err_of(extra, replace)

@@ -77,6 +77,8 @@ end
 
 local CLIPTextModel = nn.Module:extend("CLIPTextModel")
 M.CLIPTextModel = CLIPTextModel
+-- text_encoder:enable_gradient_checkpointing() recomputes each encoder layer
+CLIPTextModel._checkpoint_classes = {"CLIPEncoderLayer"}
 
 function CLIPTextModel:init(cfg)
     self.config = cfg

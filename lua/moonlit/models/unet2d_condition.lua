@@ -155,6 +155,9 @@ end
 
 local UNet = nn.Module:extend("UNet2DConditionModel")
 M.UNet2DConditionModel = UNet
+-- what unet:enable_gradient_checkpointing() recomputes in backward: every
+-- resnet and transformer block, as diffusers' gradient checkpointing does
+UNet._checkpoint_classes = {"ResnetBlock2D", "Transformer2DModel"}
 
 function UNet:init(cfg)
     check_supported(cfg)

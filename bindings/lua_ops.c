@@ -171,6 +171,22 @@ static int l_adamw_step_(lua_State *L) {
     return 0;
 }
 
+/* cast_as(t, shadow): t in shadow's dtype without a copy, recorded as a
+ * conversion of t (ml_cast_as; the autocast cache of moonlit.nn). */
+static int l_cast_as(lua_State *L) {
+    ml_tensor *t = mlua_check_tensor(L, 1), *shadow = mlua_check_tensor(L, 2);
+    return mlua_push_tensor(L, ml_cast_as(t, shadow));
+}
+
+/* storage_version(t): how many in-place writes t's storage has seen (any
+ * view, any op, optimizer steps included); the autocast cache compares it
+ * with the version a shadow was made from. */
+static int l_storage_version(lua_State *L) {
+    ml_tensor *t = mlua_check_tensor(L, 1);
+    lua_pushinteger(L, (lua_Integer)t->storage->version);
+    return 1;
+}
+
 /* The tensors of the list at idx, borrowed (the list keeps them alive), in
  * a scratch array owned by the Lua stack.  want >= 0: the length it must
  * have (`what`'s length is compared with `against`'s). */
@@ -196,13 +212,14 @@ static ml_tensor **check_tensor_list(lua_State *L, int idx, const char *op, cons
 }
 
 /* adamw_multi_(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps,
- *              weight_decay, steps [, {seed =, offset =, grad_scale =}])
+ *              weight_decay, steps [, {seed =, offset =, grad_scale =, shadows =}])
  * One fused AdamW step over lists of equal length; steps is one integer for
  * all or a list (one per parameter).  Without a seed the default generator
  * supplies the stochastic-rounding bits and moves past all of them, as a
  * loop of adamw_step_ calls would.  grad_scale: a one-element f32 tensor on
  * the parameters' device multiplying every gradient (clip_grad_norm's
- * coefficient, never read back to the host). */
+ * coefficient, never read back to the host).  shadows: per parameter an
+ * autocast shadow to refresh with the new weight (ml_adamw_args). */
 static int l_adamw_multi_(lua_State *L) {
     const char *op = "adamw_multi_";
     lua_settop(L, 11);   /* the scratch arrays below must not land in the options' slot */
@@ -236,6 +253,31 @@ static int l_adamw_multi_(lua_State *L) {
     if (lua_istable(L, opts)) {
         lua_getfield(L, opts, "seed");
         has_seed = !lua_isnil(L, -1);
+        lua_pop(L, 1);
+        /* shadows: a table indexed like params, each entry a tensor or
+         * absent (nil or false): the autocast shadows the step refreshes. */
+        lua_getfield(L, opts, "shadows");
+        if (!lua_isnil(L, -1)) {
+            if (!lua_istable(L, -1)) luaL_error(L, "%s: shadows must be a table (got %s)", op, luaL_typename(L, -1));
+            ml_tensor **sh = lua_newuserdatauv(L, (size_t)(n > 0 ? n : 1) * sizeof *sh, 0);
+            for (int64_t i = 0; i < n; i++) {
+                lua_geti(L, -2, i + 1);
+                if (lua_isnil(L, -1) || (lua_isboolean(L, -1) && !lua_toboolean(L, -1))) {
+                    sh[i] = NULL;
+                } else {
+                    mlua_tensor_box *b = luaL_testudata(L, -1, MLUA_TENSOR);
+                    if (!b || !b->t)
+                        luaL_error(L, "%s: shadows: element %d is not a live tensor (got %s)", op, (int)(i + 1),
+                                   b ? "a freed tensor" : luaL_typename(L, -1));
+                    sh[i] = b->t;   /* the options table keeps it alive */
+                }
+                lua_pop(L, 1);
+            }
+            a.shadows = sh;
+            /* keep the scratch array below the options: park it in the
+             * stack slot after the table, popped only when the call ends */
+            lua_insert(L, -2);
+        }
         lua_pop(L, 1);
         lua_getfield(L, opts, "grad_scale");
         if (!lua_isnil(L, -1)) {
@@ -617,6 +659,7 @@ static const luaL_Reg inplace_funcs[] = {
 
 static const luaL_Reg funcs[] = {
     {"adamw_multi_", l_adamw_multi_}, {"grad_norm_multi", l_grad_norm_multi},
+    {"storage_version", l_storage_version},
     {"scale_multi_", l_scale_multi_},
     {"manual_seed", l_manual_seed}, {"get_rng_state", l_get_rng_state},
     {"set_rng_state", l_set_rng_state}, {"op_registry", l_op_registry},

@@ -115,6 +115,7 @@
     ML_OP(clone,              GRAD,           1, clone,              METHOD)      \
     ML_OP(to_dtype,           GRAD,           1, to,                 VIA_TO)      \
     ML_OP(to_device,          GRAD_BY_PARITY, 1, to,                 VIA_TO)      \
+    ML_OP(cast_as,            GRAD,           1, cast_as,            FN)          \
     ML_OP(randn,              NO_GRAD,        1, randn,              FN)          \
     ML_OP(rand,               NO_GRAD,        1, rand,               FN)          \
     ML_OP(randint,            NO_GRAD,        1, randint,            FN)          \

@@ -83,6 +83,14 @@ typedef struct {
      * to the gradient's dtype): the bits of ml_scale_multi_ on the
      * gradients followed by the step, without the extra pass or a sync. */
     const ml_tensor *grad_scale;
+    /* NULL, or one entry per parameter, each NULL or the parameter's
+     * autocast shadow (ml_cast_as): a contiguous tensor of its shape and
+     * device in another floating dtype, into which the step also writes
+     * the new weight converted as ml_to_dtype would (round to nearest even
+     * for bf16/f16), so the next forward needs no cast.  The parameter's
+     * and the moments' bits are the same with or without it; a written
+     * shadow's storage version is bumped like the parameter's. */
+    ml_tensor *const *shadows;
 } ml_adamw_args;
 /* ml_adamw_step_ over n parameters in one call (on the GPU one launch per
  * dtype combination): params[k] with grads[k], exp_avgs[k] and
@@ -93,6 +101,15 @@ typedef struct {
  * anything is written: all four tensors of a parameter contiguous, of one
  * shape and device, and no parameter or moment sharing memory with any
  * other tensor of the call. */
+/* t in shadow's dtype, with no copy: a new tensor over shadow's storage
+ * (which the caller guarantees holds t's values converted to that dtype,
+ * as ml_to_dtype would make them: the autocast cache of lua/moonlit/nn.lua
+ * keeps it so), recorded by autograd as a conversion of t (registry op
+ * cast_as, to_dtype's gradient).  Same shape and device, both floating,
+ * different dtypes; the shadow must not require grad.  A write into the
+ * shadow's storage between a forward that saved the result and its
+ * backward makes that backward refuse, as for any saved tensor. */
+ml_tensor *ml_cast_as(ml_tensor *t, ml_tensor *shadow);
 int ml_adamw_multi_(int64_t n, ml_tensor *const *params, ml_tensor *const *grads, ml_tensor *const *exp_avgs,
                     ml_tensor *const *exp_avg_sqs, const int64_t *steps, const ml_adamw_args *a,
                     uint64_t *blocks_used);

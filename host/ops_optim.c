@@ -169,7 +169,25 @@ static int check_adamw_dtypes(const char *pre, const ml_tensor *p, const ml_tens
                     cpu ? "" : " or f16");
 }
 
-static const char *const adamw_roles[4] = {"param", "gradient", "exp_avg", "exp_avg_sq"};
+static const char *const adamw_roles[5] = {"param", "gradient", "exp_avg", "exp_avg_sq", "shadow"};
+
+/* A parameter's autocast shadow (ml_adamw_args.shadows): the param's shape
+ * and device, contiguous, floating in another dtype, and not a tensor
+ * autograd tracks (the step writes it whatever the grad mode). */
+static int check_shadow(const char *pre, const ml_tensor *p, const ml_tensor *sh) {
+    if (!ml_same_shape(sh, p)) {
+        char b1[128], b2[128];
+        return ml_error("adamw: %sshadow of shape %s does not match the parameter's shape %s", pre,
+                        ml_shape_str(sh, b1, sizeof b1), ml_shape_str(p, b2, sizeof b2));
+    }
+    if (!ml_device_eq(sh->device, p->device)) return ml_error("adamw: %sshadow is not on the parameter's device", pre);
+    if (!is_float(sh->dtype) || sh->dtype == p->dtype)
+        return ml_error("adamw: %sshadow must be a floating dtype other than the parameter's %s (got %s)", pre,
+                        ml_dtype_name(p->dtype), ml_dtype_name(sh->dtype));
+    if (!ml_is_contiguous(sh)) return ml_error("adamw: %sshadow must be contiguous", pre);
+    if (sh->requires_grad) return ml_error("adamw: %sshadow requires grad (a shadow is a plain copy)", pre);
+    return 0;
+}
 
 int ml_adamw_multi_(int64_t n, ml_tensor *const *params, ml_tensor *const *grads, ml_tensor *const *exp_avgs,
                     ml_tensor *const *exp_avg_sqs, const int64_t *steps, const ml_adamw_args *a,
@@ -182,7 +200,7 @@ int ml_adamw_multi_(int64_t n, ml_tensor *const *params, ml_tensor *const *grads
     ml_adamw_tensor *items = NULL;
     ml_device *devs = NULL;
     size_t sp_bytes, it_bytes;
-    if (!ml_mul_size((size_t)n, 4 * sizeof *spans, &sp_bytes) || !ml_mul_size((size_t)n, sizeof *items, &it_bytes))
+    if (!ml_mul_size((size_t)n, 5 * sizeof *spans, &sp_bytes) || !ml_mul_size((size_t)n, sizeof *items, &it_bytes))
         return ml_error("adamw: %lld tensors is too many", (long long)n);
     spans = malloc(sp_bytes);
     items = malloc(it_bytes);
@@ -223,12 +241,17 @@ int ml_adamw_multi_(int64_t n, ml_tensor *const *params, ml_tensor *const *grads
             }
         }
         if (a->grad_scale && check_scale("adamw", "grad_scale", a->grad_scale, p->device) < 0) goto done;
-        if (ml_numel(p) > 0)
+        ml_tensor *sh = a->shadows ? a->shadows[k] : NULL;
+        if (sh && check_shadow(pre, p, sh) < 0) goto done;
+        if (ml_numel(p) > 0) {
             for (int r = 0; r < 4; r++) span_of(&spans[nspans++], t4[r], k, r, r != 1);
+            if (sh) span_of(&spans[nspans++], sh, k, 4, true);
+        }
         items[k] = (ml_adamw_tensor){
             .param = ml_data(p), .grad = ml_data(t4[1]), .exp_avg = ml_data(t4[2]), .exp_avg_sq = ml_data(t4[3]),
             .numel = ml_numel(p), .step = steps[k], .offset = offset,
-            .param_dtype = p->dtype, .grad_dtype = t4[1]->dtype, .state_dtype = t4[2]->dtype};
+            .param_dtype = p->dtype, .grad_dtype = t4[1]->dtype, .state_dtype = t4[2]->dtype,
+            .shadow = sh ? ml_data(sh) : NULL, .shadow_dtype = sh ? sh->dtype : p->dtype};
         devs[k] = p->device;
         /* A 64-bit counter: wrapping is what a generator advanced tensor by
          * tensor would do too. */
@@ -240,6 +263,7 @@ int ml_adamw_multi_(int64_t n, ml_tensor *const *params, ml_tensor *const *grads
         ml_mark_modified(params[k]);
         ml_mark_modified(exp_avgs[k]);
         ml_mark_modified(exp_avg_sqs[k]);
+        if (a->shadows && a->shadows[k]) ml_mark_modified(a->shadows[k]);
     }
     ml_adamw_hparams h = {a->lr, a->beta1, a->beta2, a->eps, a->weight_decay, a->seed,
                           a->grad_scale ? (const float *)ml_data(a->grad_scale) : NULL};

@@ -351,6 +351,46 @@ ml_tensor *ml_to_dtype(ml_tensor *t, ml_dtype dt) {
     return convert_recorded(t, dt, t->device, ML_OP_to_dtype);
 }
 
+/* ml_cast_as (host/ops.h): the autocast shadow of t handed out as if
+ * ml_to_dtype(t, shadow's dtype) had just made it.  The result is a new
+ * header over the shadow's storage, so nothing is copied; its node is
+ * to_dtype's backward (the gradient converted to t's dtype), so t.grad gets
+ * what a fresh conversion would give it.  Sharing the storage is what keeps
+ * the saved-tensor rule whole: linear and conv save this result, an
+ * in-place write into the shadow (the optimizer's refresh, or the user's)
+ * bumps that storage's version, and a backward that saved it before the
+ * write refuses instead of using the new values. */
+ml_tensor *ml_cast_as(ml_tensor *t, ml_tensor *shadow) {
+    if (!t || !shadow) return ml_error_null("cast_as: missing %s", t ? "shadow" : "tensor");
+    if (!ml_dtype_is_float(t->dtype) || !ml_dtype_is_float(shadow->dtype))
+        return ml_error_null("cast_as: both tensors must be floating (got %s and a %s shadow)",
+                             ml_dtype_name(t->dtype), ml_dtype_name(shadow->dtype));
+    if (t->dtype == shadow->dtype)
+        return ml_error_null("cast_as: the shadow has the tensor's own dtype %s (a shadow is a copy in another dtype)",
+                             ml_dtype_name(t->dtype));
+    if (!ml_same_shape(t, shadow)) {
+        char b1[128], b2[128];
+        return ml_error_null("cast_as: shadow of shape %s does not match the tensor's shape %s",
+                             ml_shape_str(shadow, b1, sizeof b1), ml_shape_str(t, b2, sizeof b2));
+    }
+    if (!ml_device_eq(t->device, shadow->device)) {
+        char a[16], b[16];
+        ml_device_str(shadow->device, a, sizeof a);
+        ml_device_str(t->device, b, sizeof b);
+        return ml_error_null("cast_as: the shadow is on %s but the tensor is on %s", a, b);
+    }
+    /* The shadow's own history would be dropped by the alias below; one
+     * that autograd tracks is not a cache entry but a mistake. */
+    if (shadow->requires_grad)
+        return ml_error_null("cast_as: the shadow requires grad (a shadow is a plain copy: detach it)");
+    ml_tensor *o = ml_from_storage(shadow->storage, shadow->offset, shadow->ndim, shadow->shape, shadow->strides,
+                                   shadow->dtype);
+    if (!o) return NULL;
+    ml_node *n = ml_node_begin(ML_OP_cast_as, to_backward, 1, &t);
+    if (n) ml_node_finish(n, o);
+    return o;
+}
+
 ml_tensor *ml_to_device(ml_tensor *t, ml_device dev) {
     if (ml_device_eq(t->device, dev)) return ml_retain(t);
     return convert_recorded(t, t->dtype, dev, ML_OP_to_device);

@@ -74,6 +74,13 @@ typedef struct {
     int64_t step;        /* this parameter's step count (>= 1): its bias corrections */
     uint64_t offset;     /* Philox block of element 0 (bf16-sr steps) */
     ml_dtype param_dtype, grad_dtype, state_dtype;
+    /* NULL, or numel elements of shadow_dtype (a floating dtype other than
+     * the param's) that get the new param converted as a copy converts it
+     * (ml_store_from_double on the CPU, ml_cvt on the GPU: round to nearest
+     * even), element for element what casting the stepped param gives: the
+     * autocast shadow, refreshed without a pass of its own. */
+    void *shadow;
+    ml_dtype shadow_dtype;
 } ml_adamw_tensor;
 
 /* What every parameter of a call shares. */

@@ -115,6 +115,17 @@ static void adamw_sr(const ml_adamw_tensor *t, const ml_adamw_hparams *h, const 
     }
 }
 
+/* The shadow of a stepped parameter: each new param element as the copy
+ * kernel converts it (through double, narrowing floats via f32), read back
+ * from the param so the shadow is exactly the cast of what was stored,
+ * whatever rounding (nearest, or stochastic for bf16 params) stored it.  A
+ * pass after the step keeps the step's loops as they were; on the CPU the
+ * second read of a just-written tensor is cheap. */
+static void write_shadow(const ml_adamw_tensor *t) {
+    for (int64_t i = 0; i < t->numel; i++)
+        ml_store_from_double(t->shadow, t->shadow_dtype, i, ml_load_as_double(t->param, t->param_dtype, i));
+}
+
 int ml_adamw_multi_cpu(ml_device dev, const ml_adamw_hparams *h, int64_t n, const ml_adamw_tensor *list) {
     (void)dev;
     const ml_adamw_consts c32 = ml_adamw_consts_of(h, true), c64 = ml_adamw_consts_of(h, false);
@@ -145,6 +156,7 @@ int ml_adamw_multi_cpu(ml_device dev, const ml_adamw_hparams *h, int64_t n, cons
         } else {
             goto unsupported;
         }
+        if (t->shadow) write_shadow(t);
         continue;
     unsupported:
         return ml_error("adamw (cpu): unsupported dtypes (param %s, grad %s, moments %s)", ml_dtype_name(tp),

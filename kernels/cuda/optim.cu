@@ -191,10 +191,26 @@ struct adamw_item {
     void *p;
     const void *g;
     void *m, *v;
+    void *shadow;                // null, or the autocast shadow to refresh (kernels/optim.h)
     int64_t n;
     uint64_t offset;
     double neg_step, bc2_sqrt;   // this tensor's bias corrections, rounded to the compute type
+    int shadow_dtype;            // ml_dtype of shadow
 };
+
+// The shadow's element i from the param's new value x as the copy kernel
+// converts it (ml_cvt: ml_st<D>::from(ml_ld(stored param))), so a refreshed
+// shadow is bit for bit the cast of the stepped param.  One switch per
+// element on a value every thread of the launch shares: no divergence.
+template <typename X> __device__ __forceinline__ void store_shadow(void *sh, int dt, int64_t i, X x) {
+    switch (dt) {
+    case ML_BF16: ((ml_bf16_t *)sh)[i] = ml_st<ml_bf16_t>::from(x); break;
+    case ML_F16: ((ml_f16_t *)sh)[i] = ml_st<ml_f16_t>::from(x); break;
+    case ML_F32: ((float *)sh)[i] = ml_st<float>::from(x); break;
+    case ML_F64: ((double *)sh)[i] = ml_st<double>::from(x); break;
+    default: break;   // the host op admits floating shadows only
+    }
+}
 
 // C: the compute type (float, or double for f64 steps); P, G, S: the
 // element types of the param, the gradient and the moments.
@@ -225,6 +241,9 @@ __global__ void __launch_bounds__(kLanes)
         store(p, i, r_add(pi, r_mul(neg_step, r_div(mi, denom))), x[0]);
         store(m, i, mi, x[1]);
         store(v, i, vi, x[2]);
+        // From the stored param (a bf16 param was rounded stochastically):
+        // the shadow is the cast of what the step left.
+        if (it.shadow) store_shadow(it.shadow, it.shadow_dtype, i, ml_ld(p[i]));
     }
 }
 
@@ -336,6 +355,8 @@ extern "C" int ml_adamw_multi_cuda(ml_device dev, const ml_adamw_hparams *h, int
             e.g = t.grad;
             e.m = t.exp_avg;
             e.v = t.exp_avg_sq;
+            e.shadow = t.shadow;
+            e.shadow_dtype = (int)t.shadow_dtype;
             e.n = t.numel;
             e.offset = t.offset;
             e.neg_step = neg_step[f64];

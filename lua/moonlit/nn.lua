@@ -71,6 +71,7 @@ function Module:forward() error(self.__name .. ": forward is not implemented", 2
 
 function Module:register_parameter(name, t)
     if t ~= nil then t.requires_grad = true end
+    nn._mark_parameter(t)
     if self._params[name] == nil then self._param_names[#self._param_names + 1] = name end
     self._params[name] = t
     rawset(self, name, t)
@@ -182,6 +183,7 @@ function Module:to(...)
                 if q ~= p then
                     q = q:detach()
                     q.requires_grad = p.requires_grad
+                    nn._mark_parameter(q)
                     m._params[n] = q
                     rawset(m, n, q)
                 end
@@ -306,6 +308,7 @@ function Module:load_state_dict(sd, opts)
                 q = q:detach()
                 q.requires_grad = dst.requires_grad
                 local m, name, field = table.unpack(owners[n])
+                if field == "_params" then nn._mark_parameter(q) end
                 m[field][name] = q
                 rawset(m, name, q)
             else
@@ -365,6 +368,32 @@ local function opt(o, k, d) if o == nil or o[k] == nil then return d end return 
 -- while the parameters themselves stay as they are (f32 master weights).
 -- The conversions are recorded by autograd, so gradients arrive in the
 -- parameters' own dtype.  This is the bf16-mixed recipe.
+--
+-- The shadow cache.  Converting every weight at every layer call costs a
+-- copy kernel per weight per forward (SD 1.4's step: ~1,000 of them), for
+-- values that change once per optimizer step, or never (frozen weights:
+-- LoRA's base layers, the VAE).  So nn.cast keeps, per module parameter
+-- and compute dtype, a shadow: the parameter converted, with the storage
+-- version (core.storage_version: every in-place write through any view
+-- bumps it) it was converted from.  While the version matches, cast hands
+-- out the shadow through core.cast_as, which copies nothing and records
+-- the same conversion node p:to(dtype) records (so p.grad gets the
+-- gradient in p's dtype, as before).  When it does not (p:add_, copy_,
+-- load_state_dict, SGD), cast converts afresh into a NEW tensor and keeps
+-- that as the shadow: the old shadow's memory may be saved by a graph not
+-- yet backwarded, which must keep the values it saved.  AdamW writes the
+-- new weight into the shadow as it steps (optim.lua), so the next forward
+-- converts nothing.  That write is in place: a graph recorded before the
+-- step that saved the shadow (linear and conv save their weight) cannot be
+-- backwarded after it; backward refuses, naming the op, as it does for any
+-- saved tensor written in place (the ordinary loop, forward, backward,
+-- step, never meets this).
+--
+-- Which tensors: the parameters of modules (registered with
+-- register_parameter, or put in place by Module:to or load_state_dict),
+-- trainable or frozen.  Inputs and other tensors are converted each call.
+-- Memory: a shadow lives as long as its parameter (weak keys), 2 bytes per
+-- f32 element for bf16 or f16; nn.autocast_cache_clear() drops them all.
 local compute_dtype = nil
 function nn.autocast(dtype, fn, ...)
     local prev = compute_dtype
@@ -375,13 +404,82 @@ function nn.autocast(dtype, fn, ...)
     return table.unpack(res, 2, res.n)
 end
 function nn.compute_dtype() return compute_dtype end
+
+local FLOAT_DTYPES = {f32 = 4, f64 = 8, f16 = 2, bf16 = 2}   -- the floating dtypes, with their element bytes
+local is_parameter = setmetatable({}, {__mode = "k"})   -- tensor -> true: a module's parameter
+local shadows = setmetatable({}, {__mode = "k"})        -- parameter -> {[dtype] = {tensor =, version =}}
+local cache_enabled = true
+local storage_version, cast_as = core.storage_version, core.cast_as
+
+-- Marks t (a tensor or nil) as a module parameter: nn.cast may shadow it.
+function nn._mark_parameter(t)
+    if t ~= nil then is_parameter[t] = true end
+    return t
+end
+
+local function cast_parameter(p, dtype)
+    local per = shadows[p]
+    local entry = per and per[dtype]
+    local version = storage_version(p)
+    if entry and entry.version == version then return cast_as(p, entry.tensor) end
+    local c = p:to(dtype)
+    if not per then per = {}; shadows[p] = per end
+    -- c:detach() shares c's memory: keeping it costs no copy, and the
+    -- shadow is exactly what this conversion produced.
+    per[dtype] = {tensor = c:detach(), version = version}
+    return c
+end
+
 -- t in the autocast dtype (t itself outside autocast, or when nil / not float)
 function nn.cast(t)
-    if compute_dtype and t ~= nil and t.dtype ~= compute_dtype and
-       (t.dtype == "f32" or t.dtype == "f64" or t.dtype == "f16" or t.dtype == "bf16") then
-        return t:to(compute_dtype)
+    local dtype = compute_dtype
+    if dtype and t ~= nil and t.dtype ~= dtype and FLOAT_DTYPES[t.dtype] then
+        if cache_enabled and is_parameter[t] then return cast_parameter(t, dtype) end
+        return t:to(dtype)
     end
     return t
+end
+
+-- nn.autocast_cache(on): turn the shadow cache on or off (on by default);
+-- returns the previous setting.  Off, every cast converts (the shadows
+-- already made stay until autocast_cache_clear or their parameter goes).
+function nn.autocast_cache(on)
+    local prev = cache_enabled
+    if on ~= nil then cache_enabled = on and true or false end
+    return prev
+end
+
+-- Drops every shadow; returns how many and their bytes.  The next cast of
+-- each parameter converts it again.
+function nn.autocast_cache_clear()
+    local count, bytes = 0, 0
+    for p, per in pairs(shadows) do
+        for _, entry in pairs(per) do
+            -- A parameter already collected (its finalizer ran) stays a key
+            -- until the next collection, its shadow finalized with it.
+            if not entry.tensor:is_freed() then
+                count = count + 1
+                bytes = bytes + entry.tensor:numel() * FLOAT_DTYPES[entry.tensor.dtype]
+            end
+        end
+        shadows[p] = nil
+    end
+    return count, bytes
+end
+
+-- The shadow AdamW refreshes for parameter p: its entry ({tensor =,
+-- version =}; with shadows in several dtypes, the first of bf16, f16,
+-- f32, f64), or nil.  After writing the new weight into entry.tensor the
+-- optimizer sets entry.version to p's new storage version; the other
+-- dtypes' shadows are left stale and convert again on their next use.
+local SHADOW_ORDER = {"bf16", "f16", "f32", "f64"}
+function nn._autocast_shadow(p)
+    local per = shadows[p]
+    if not per then return nil end
+    for _, dt in ipairs(SHADOW_ORDER) do
+        if per[dt] then return per[dt] end
+    end
+    return nil
 end
 local cast = nn.cast
 

@@ -10,6 +10,9 @@
 --          move the weights on average instead of rounding away.
 --          opt:step{grad_scale = coef} multiplies every gradient by a
 --          device scalar as it is read (clip_grad_norm's coefficient).
+--          Parameters with an autocast shadow (nn.autocast's cache) get it
+--          refreshed by the same kernel: the new weight rounded to the
+--          shadow's dtype, bit for bit what casting it after the step gives.
 --   SGD:   momentum, dampening, nesterov, weight decay (coupled, as torch.optim.SGD).
 --   clip_grad_norm(params, max_norm [, norm_type] [, opts]): the total norm
 --          over all gradients, computed on their device in one pass
@@ -83,12 +86,28 @@ function AdamW:step(opts)
         end
         if n == 0 then return end
         if type(grad_scale) == "number" then grad_scale = core.full({}, grad_scale, {device = ps[1].device}) end
+        -- The autocast shadows (moonlit.nn's cache) of the stepped
+        -- parameters: the kernel writes each new weight there too, rounded
+        -- as :to(dtype) rounds, so the next forward converts nothing.
+        local shadow_of = require("moonlit.nn")._autocast_shadow
+        local shadows, refreshed = nil, {}
+        for k = 1, n do
+            local entry = shadow_of(ps[k])
+            if entry then
+                shadows = shadows or {}
+                shadows[k] = entry.tensor
+                refreshed[#refreshed + 1] = {ps[k], entry}
+            end
+        end
         -- One call: it draws the stochastic-rounding bits of each parameter
         -- where the former loop of one call per parameter did, and moves
         -- the default generator past all of them.
         core.adamw_multi_(ps, gs, ms, vs, self.lr, self.betas[1], self.betas[2], self.eps, self.weight_decay, steps,
-                          {grad_scale = grad_scale})
+                          {grad_scale = grad_scale, shadows = shadows})
         for k, s in ipairs(states) do s.step = steps[k] end
+        -- Each refreshed shadow now holds the weight at the version the
+        -- step left (read after it: the step bumped it).
+        for _, pe in ipairs(refreshed) do pe[2].version = core.storage_version(pe[1]) end
     end)
 end
 

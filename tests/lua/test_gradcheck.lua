@@ -371,6 +371,10 @@ case("to_dtype", "f64 -> f32 -> f64", function(x) return (x:float() * 3):double(
      function() return {randn(2, 3)} end, {eps = 1e-2, atol = 1e-4})
 case("to_dtype", "to{dtype = 'f32'}", function(x) return x:to{dtype = "f32"} end,
      function() return {randn(4)} end, {eps = 1e-2, atol = 1e-4})
+-- the autocast shadow: x's values taken from a copy made beside it, the
+-- gradient converted back to x's dtype as to_dtype's
+case("cast_as", "f64 through an f32 shadow", function(x) return ml.cast_as(x, x:detach():float()):double() * 3 end,
+     function() return {randn(2, 3)} end, {eps = 1e-2, atol = 1e-4})
 
 -- ---- tests -------------------------------------------------------------------
 

@@ -106,13 +106,15 @@ $(BUILD)/%.o: %.cu
 	$(call say,NVCC,$<)
 	$(Q)$(NVCC) $(NVFLAGS) -MMD -MP -c $< -o $@
 
-# The fused cuDNN attention is built against the header-only cuDNN frontend
-# when `make deps` has fetched it (scripts/fetch_cudnn_frontend.sh), and as a
-# stub that always answers "unsupported" when not.  The folder is looked for
-# when the recipe runs, since deps runs earlier in the same make; its VERSION
-# file is a prerequisite so that fetching the frontend later rebuilds this.
+# The files over cuDNN's graph API (the fused attention, the convolutions)
+# are built against the header-only cuDNN frontend when `make deps` has
+# fetched it (scripts/fetch_cudnn_frontend.sh), and as stubs that always
+# answer "unsupported" when not.  The folder is looked for when the recipe
+# runs, since deps runs earlier in the same make; its VERSION file is a
+# prerequisite so that fetching the frontend later rebuilds them.
 CUDNN_FE := .cache/cudnn-frontend
-$(BUILD)/kernels/cuda/attention_cudnn.o: kernels/cuda/attention_cudnn.cu $(wildcard $(CUDNN_FE)/VERSION)
+CUDNN_FE_OBJS := $(BUILD)/kernels/cuda/attention_cudnn.o $(BUILD)/kernels/cuda/conv_cudnn_graph.o
+$(CUDNN_FE_OBJS): $(BUILD)/%.o: %.cu $(wildcard $(CUDNN_FE)/VERSION)
 	@mkdir -p $(dir $@)
 	$(call say,NVCC,$<)
 	$(Q)$(NVCC) $(NVFLAGS) $$(test -f $(CUDNN_FE)/include/cudnn_frontend.h && \

@@ -70,6 +70,7 @@ if [ -x build/tests/test_cuda_attention ]; then
     step "cudnn attention (C)" cuda_attention.log build/tests/test_cuda_attention
 fi
 step "parity cpu vs gpu" parity.log "$BIN" tests/gpu/test_parity.lua
+step "parity conv legacy API" parity_conv_legacy.log env MOONLIT_CONV_API=legacy "$BIN" tests/gpu/test_parity.lua conv2d
 for f in tests/fixtures/sd1-tiny tests/fixtures/sd2-tiny; do
     if [ -f "$f/pipeline/tokenizer/vocab.json" ]; then
         step "fixture $(basename "$f") f32" "verify_$(basename "$f").log" "$BIN" scripts/verify_fixture.lua "$f" --device cuda
@@ -83,6 +84,7 @@ if [ -f tests/fixtures/sd1-tiny/pipeline/tokenizer/vocab.json ]; then
 fi
 # ml.data's tests include pinned-memory batches on the GPU, checked against the CPU's
 step "data loader on GPU" data.log "$BIN" tests/lua/run.lua tests/lua/test_data.lua
+step "gc pressure hook" gc_pressure.log "$BIN" tests/gpu/check_gc_pressure.lua
 # BENCH=0 leaves out the benchmarks (a correctness-only run)
 if [ "${BENCH:-1}" != 0 ]; then
     step "kernel bandwidth" bench_kernels.log "$BIN" tests/gpu/bench_kernels.lua

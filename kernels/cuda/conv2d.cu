@@ -1,6 +1,23 @@
-// conv2d.cu — CUDA twins of kernels/cpu/conv2d.c over cuDNN's convolution
-// API with NHWC tensors and [O,kh,kw,C] (NHWC) filters (contract in
-// conv2d.h).
+// conv2d.cu — CUDA twins of kernels/cpu/conv2d.c over cuDNN with NHWC
+// tensors and [O,kh,kw,C] (NHWC) filters (contract in conv2d.h).
+//
+// Two ways into cuDNN, chosen by MOONLIT_CONV_API (read once):
+//   graph (default)  the frontend's graph API (conv_cudnn_graph.cu): one
+//                    plan built per shape and pass and kept, the forward's
+//                    bias add fused into its graph.  Tried first for every
+//                    call; whatever it answers "unsupported" (a shape, a
+//                    dtype or a runtime cuDNN does not plan, a build without
+//                    the frontend) runs on the legacy API below, after one
+//                    notice line per distinct reason;
+//   legacy           cuDNN's legacy convolution API only
+//                    (cudnnConvolutionForward and the backward twins), with
+//                    the bias added by the broadcast-add kernel.  cuDNN 9
+//                    implements those calls over the graph backend with some
+//                    set-up per call: tens of microseconds of host time that
+//                    dominate small convolutions.
+// The rest of this comment describes the legacy path; MOONLIT_CONV_ALGO
+// chooses the graph path's plans by the same three rules
+// (conv_cudnn_graph.cu says how).
 //
 // cuDNN pads symmetrically only.  An asymmetric convolution (the VAE
 // encoder's downsampling pads bottom/right only) is run on an explicitly
@@ -33,12 +50,13 @@
 //
 // f32/f64 are restricted to FMA kernels: CUDNN_DEFAULT_MATH would let f32
 // run on TF32 tensor cores from Ampere on, which loses parity with the CPU.
-// f16/bf16 use tensor cores with f32 accumulation.  The bias is added by the
-// broadcast-add kernel, its gradient is a column sum of dout seen as
-// [N*Ho*Wo, O].
+// f16/bf16 use tensor cores with f32 accumulation.  On the legacy path the
+// bias is added by the broadcast-add kernel; on both, its gradient is a
+// column sum of dout seen as [N*Ho*Wo, O].
 #include "common.cuh"
 #include "cudnn_handle.h"
 #include "conv2d.h"
+#include "conv_cudnn_graph.h"
 #include "copy.h"
 #include "elementwise.h"
 #include "gemm.h"
@@ -154,6 +172,39 @@ int current_rule(algo_rule *out) {
         return ml_error("conv2d: MOONLIT_CONV_ALGO=%s is not a valid value (expected measure, fastest or heuristic)",
                         s.value);
     *out = s.rule;
+    return 0;
+}
+
+// Which cuDNN API runs the convolutions (MOONLIT_CONV_API, see the top).
+enum class conv_api { graph, legacy, invalid };
+
+struct api_setting {
+    conv_api api = conv_api::graph;
+    char value[64];   // the variable's text, for the error of a bad value
+};
+
+// MOONLIT_CONV_API, read on the first use and kept.
+const api_setting &api_env() {
+    static const api_setting s = [] {
+        api_setting r = {conv_api::graph, ""};
+        const char *e = getenv("MOONLIT_CONV_API");
+        if (!e || !*e || !strcmp(e, "graph")) return r;
+        if (!strcmp(e, "legacy")) {
+            r.api = conv_api::legacy;
+        } else {
+            r.api = conv_api::invalid;
+            snprintf(r.value, sizeof r.value, "%s", e);
+        }
+        return r;
+    }();
+    return s;
+}
+
+int current_api(conv_api *out) {
+    const api_setting &s = api_env();
+    if (s.api == conv_api::invalid)
+        return ml_error("conv2d: MOONLIT_CONV_API=%s is not a valid value (expected graph or legacy)", s.value);
+    *out = s.api;
     return 0;
 }
 
@@ -479,6 +530,45 @@ int run_pass(const conv_call &c, int pass, ml_dtype dt, const void *xp, const vo
     return 0;
 }
 
+// Runs one pass through the graph API (conv_cudnn_graph.h) on the same
+// buffers run_pass takes, the forward's bias fused when given (*bias_added
+// says whether it was).  1 done, 0 the legacy path is to run it, -1 error.
+int graph_pass(const conv_call &c, int pass, const void *xp, const void *wp, const void *yp, void *dst,
+               const void *bias, bool *bias_added) {
+    if (bias_added) *bias_added = false;
+    conv_api api = conv_api::graph;
+    if (current_api(&api) < 0) return -1;
+    if (api != conv_api::graph) return 0;
+    algo_rule rule = algo_rule::measure;
+    if (current_rule(&rule) < 0) return -1;
+    const int *v = c.key.v;
+    ml_conv_graph_shape s;
+    s.device = v[0];
+    s.dtype = (ml_dtype)v[1];
+    s.N = v[2], s.H = v[3], s.W = v[4], s.C = v[5], s.O = v[6], s.kh = v[7], s.kw = v[8];
+    s.pad_h = v[9], s.pad_w = v[10], s.stride_h = v[11], s.stride_w = v[12];
+    s.choice = rule == algo_rule::heuristic ? ML_CONV_GRAPH_HEURISTIC
+               : rule == algo_rule::fastest ? ML_CONV_GRAPH_FASTEST
+                                            : ML_CONV_GRAPH_MEASURE;
+    if (pass == FWD) return ml_conv_graph_forward(dst, xp, wp, bias, &s, bias_added);
+    if (pass == BWD_DATA) return ml_conv_graph_backward_data(dst, yp, wp, &s);
+    return ml_conv_graph_backward_filter(dst, xp, yp, &s);
+}
+
+// One pass: through the graph API when it takes it, else the legacy API.
+// The forward's bias is in dst afterwards when bias is given.
+int any_pass(const conv_call &c, int pass, ml_dtype dt, const void *xp, const void *wp, const void *yp, void *dst,
+             ml_ktensor *out, const ml_ktensor *bias) {
+    bool bias_added = false;
+    // The graph reads the bias as a packed [O]; another stride (add_bias
+    // honours any) is added apart.
+    const bool fuse = bias && (bias->shape[0] <= 1 || bias->strides[0] == 1);
+    int rc = graph_pass(c, pass, xp, wp, yp, dst, fuse ? bias->data : nullptr, &bias_added);
+    if (rc < 0) return -1;
+    if (rc == 0 && run_pass(c, pass, dt, xp, wp, yp, dst) < 0) return -1;
+    return bias && !bias_added ? add_bias(out, bias) : 0;
+}
+
 }  // namespace
 
 extern "C" int ml_conv2d_forward_cuda(ml_ktensor *out, const ml_ktensor *x, const ml_ktensor *w, const ml_ktensor *b,
@@ -496,11 +586,9 @@ extern "C" int ml_conv2d_forward_cuda(ml_ktensor *out, const ml_ktensor *x, cons
     if (c.explicit_pad) {
         padded_input xp(x, c);   // given back stream-ordered once the pass is queued
         if (xp.fill_from(x, p) < 0) return -1;
-        if (run_pass(c, FWD, x->dtype, xp.t.data, w->data, nullptr, out->data) < 0) return -1;
-    } else if (run_pass(c, FWD, x->dtype, x->data, w->data, nullptr, out->data) < 0) {
-        return -1;
+        return any_pass(c, FWD, x->dtype, xp.t.data, w->data, nullptr, out->data, out, b);
     }
-    return b ? add_bias(out, b) : 0;
+    return any_pass(c, FWD, x->dtype, x->data, w->data, nullptr, out->data, out, b);
 }
 
 extern "C" int ml_conv2d_backward_cuda(ml_ktensor *dx, ml_ktensor *dw, ml_ktensor *db, const ml_ktensor *dout,
@@ -523,9 +611,9 @@ extern "C" int ml_conv2d_backward_cuda(ml_ktensor *dx, ml_ktensor *dw, ml_ktenso
         if (c.explicit_pad) {
             padded_input xp(x, c);
             rc = xp.fill_from(x, p);
-            if (rc == 0) rc = run_pass(c, BWD_FILTER, x->dtype, xp.t.data, nullptr, dout->data, dw->data);
+            if (rc == 0) rc = any_pass(c, BWD_FILTER, x->dtype, xp.t.data, nullptr, dout->data, dw->data, dw, nullptr);
         } else {
-            rc = run_pass(c, BWD_FILTER, x->dtype, x->data, nullptr, dout->data, dw->data);
+            rc = any_pass(c, BWD_FILTER, x->dtype, x->data, nullptr, dout->data, dw->data, dw, nullptr);
         }
     }
     if (dx && rc == 0) {
@@ -534,13 +622,13 @@ extern "C" int ml_conv2d_backward_cuda(ml_ktensor *dx, ml_ktensor *dw, ml_ktenso
             // interior is dx.
             padded_input dxp(x, c);
             if (!dxp.ws.ok()) return -1;
-            rc = run_pass(c, BWD_DATA, x->dtype, nullptr, w->data, dout->data, dxp.t.data);
+            rc = any_pass(c, BWD_DATA, x->dtype, nullptr, w->data, dout->data, dxp.t.data, nullptr, nullptr);
             if (rc == 0) {
                 ml_ktensor v = interior(&dxp.t, x, p);
                 rc = ml_copy_cuda(dx, &v);
             }
         } else {
-            rc = run_pass(c, BWD_DATA, x->dtype, nullptr, w->data, dout->data, dx->data);
+            rc = any_pass(c, BWD_DATA, x->dtype, nullptr, w->data, dout->data, dx->data, dx, nullptr);
         }
     }
     return rc;

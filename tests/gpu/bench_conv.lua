@@ -7,6 +7,7 @@
 --
 --     build/moonlit tests/gpu/bench_conv.lua [--dtype bf16] [--iters 9] [--reps 5] [--all_passes]
 --     MOONLIT_CONV_ALGO=fastest build/moonlit tests/gpu/bench_conv.lua     -- one row set per choice rule
+--     MOONLIT_CONV_API=legacy build/moonlit tests/gpu/bench_conv.lua       -- cuDNN's legacy API (default: graph)
 --     build/moonlit tests/gpu/bench_conv.lua --device cpu --quick          -- tiny sizes, to check the script
 --     build/moonlit tests/gpu/bench_conv.lua --list_shapes [--quick]       -- the shapes as JSON, for the peer
 --     build/moonlit tests/gpu/bench_conv.lua --check_shapes                -- the list against the models (CPU, ~1 min)
@@ -15,7 +16,9 @@
 -- 512x512 images under no_grad (forward only), then the UNet at batch 4 on
 -- 64x64 latents, forward and backward; its conv_in needs no input gradient
 -- (the noisy latents are not trained).  NHWC activations, [O, kh, kw, C]
--- filters, no bias (the bias is a separate broadcast add and column sum).
+-- filters, no bias unless --bias (the step's convolutions have one; the
+-- graph API fuses its add into the forward, the legacy API adds it apart;
+-- its gradient is a column sum either way).
 --
 -- A pass's time is the median over --iters rounds of the mean of --reps
 -- back-to-back calls (synchronised before and after each round), after one
@@ -23,7 +26,14 @@
 -- (kernels/cuda/conv2d.cu, MOONLIT_CONV_ALGO), is reported apart as
 -- first_ms.  Backward passes run on a retained graph, one gradient at a
 -- time, so moonlit's autograd bookkeeping is in the time as it is in a
--- step.  TFLOP/s: 2 N Ho Wo O C kh kw per pass.  Passes the step does not
+-- step.  TFLOP/s: 2 N Ho Wo O C kh kw per pass.
+--
+-- Host time: "host us" is the wall time of issuing --host_calls calls of a
+-- pass back to back without synchronising, divided by their count (the
+-- device drained before and after): what a call costs the CPU, apart from
+-- the GPU's time.  Where it is close to the GPU time, the GPU waits for the
+-- host (cuDNN's legacy API does per-call set-up; the graph API runs a plan
+-- built once).  Passes the step does not
 -- run (count 0) are skipped unless --all_passes.  1x1 stride-1 convolutions
 -- are also timed as the GEMM they are ([N H W, C] x [O, C]^T through
 -- F.linear), to see whether cuDNN is slow on them.
@@ -43,12 +53,16 @@ do
     p:option("quick", {type = "boolean", default = false, help = "tiny sizes (batch 1, channels / 16, sides / 16)"})
     p:option("all_passes", {type = "boolean", default = false, help = "also time the passes the step does not run"})
     p:option("gemm", {type = "boolean", default = true, help = "time 1x1 stride-1 convolutions as a GEMM too"})
+    p:option("bias", {type = "boolean", default = false, help = "give every convolution a bias [O]"})
+    p:option("host_calls", {type = "integer", default = 20,
+                            help = "calls issued without synchronising for the host time per call (0: not measured)"})
     p:option("only", {type = "string", default = "", help = "time only shapes whose name contains this text"})
     p:option("list_shapes", {type = "boolean", default = false, help = "print the shapes as one JSON list and stop"})
     p:option("check_shapes", {type = "boolean", default = false,
                               help = "check the list against the models of configs/sd-v1-4 and stop"})
     args = p:parse(arg or {})
     if args.iters < 1 or args.reps < 1 then p:error("--iters and --reps must be >= 1") end
+    if args.host_calls < 0 then p:error("--host_calls must be >= 0") end
     args.dtype = args.dtype or (args.device:sub(1, 4) == "cuda" and "bf16" or "f32")
 end
 
@@ -238,6 +252,8 @@ if on_gpu then
 end
 local ALGO = os.getenv("MOONLIT_CONV_ALGO")
 if ALGO == nil or ALGO == "" then ALGO = "measure" end
+local API = os.getenv("MOONLIT_CONV_API")
+if API == nil or API == "" then API = "graph" end
 
 -- seconds fn() takes, all its GPU work included
 local function elapsed(fn)
@@ -247,8 +263,20 @@ local function elapsed(fn)
     return core.now() - t0
 end
 
--- {first = s, median = s}: the first call, then the median over iters
--- rounds of the mean of reps calls
+-- seconds of host time per call of fn: --host_calls calls issued without
+-- synchronising, the device drained before and after (nil when not asked)
+local function host_time(fn)
+    if args.host_calls == 0 then return nil end
+    if on_gpu then core.cuda_synchronize() end
+    local t0 = core.now()
+    for _ = 1, args.host_calls do fn() end
+    local t = core.now() - t0
+    if on_gpu then core.cuda_synchronize() end
+    return t / args.host_calls
+end
+
+-- {first = s, median = s, host = s}: the first call, then the median over
+-- iters rounds of the mean of reps calls, then the host time per call
 local function time_pass(fn)
     local first = elapsed(fn)
     local t = {}
@@ -258,7 +286,7 @@ local function time_pass(fn)
         end) / args.reps
     end
     table.sort(t)
-    return {first = first, median = t[(#t + 1) // 2]}
+    return {first = first, median = t[(#t + 1) // 2], host = host_time(fn)}
 end
 
 local F = ml.F
@@ -271,16 +299,17 @@ local function measure(s)
     local x = ml.randn({s.N, s.H, s.W, s.C}, {device = DEV}):to(args.dtype)
     local w = (ml.randn({s.O, s.kh, s.kw, s.C}, {device = DEV}) * (1 / math.sqrt(s.C * s.kh * s.kw))):to(args.dtype)
     local g = ml.randn({s.N, Ho, Wo, s.O}, {device = DEV}):to(args.dtype)
+    local b = args.bias and ml.randn({s.O}, {device = DEV}):to(args.dtype) or nil
     local opts = {stride = s.stride, padding = s.pad}
     local want = function(pass) return args.all_passes or s.count[pass] > 0 end
     if want("fwd") then
-        r.fwd = time_pass(function() ml.no_grad(function() local y <close> = F.conv2d(x, w, nil, opts) end) end)
+        r.fwd = time_pass(function() ml.no_grad(function() local y <close> = F.conv2d(x, w, b, opts) end) end)
     end
     -- backward on a retained graph whose only leaf needing a gradient is
     -- the one of the pass
     local function backward_pass(leaf, other)
         leaf.requires_grad, other.requires_grad = true, false
-        local y = F.conv2d(x, w, nil, opts)
+        local y = F.conv2d(x, w, b, opts)
         local res = time_pass(function()
             y:backward(g, {retain_graph = true})
             leaf.grad = nil
@@ -312,7 +341,7 @@ local function measure(s)
         if want("dgrad") then r.gemm.dgrad = gemm_backward(x2, w2) end
         if want("wgrad") then r.gemm.wgrad = gemm_backward(w2, x2) end
     end
-    x, w, g = nil, nil, nil
+    x, w, g, b = nil, nil, nil, nil
     collectgarbage()
     return r
 end
@@ -325,15 +354,17 @@ end
 
 local device_name = on_gpu and core.cuda_device_info(DEV == "cuda" and 0 or tonumber(DEV:match(":(%d+)")) or 0).name or
                     "cpu"
-print(string.format("moonlit conv2d on %s, %s, MOONLIT_CONV_ALGO=%s%s%s; ms are medians of %d rounds of %d calls",
-                    device_name, args.dtype, ALGO, on_gpu and "" or " (cuDNN's only: no effect on cpu)",
-                    args.quick and ", quick sizes" or "", args.iters, args.reps))
-print(string.format("%-40s %8s | %8s %6s | %8s %6s | %8s %6s | %9s", "shape", "f/d/w", "fwd ms", "TF/s", "dgrad ms",
-                    "TF/s", "wgrad ms", "TF/s", "step ms"))
+print(string.format("moonlit conv2d on %s, %s, MOONLIT_CONV_API=%s MOONLIT_CONV_ALGO=%s%s%s; ms are medians of %d " ..
+                    "rounds of %d calls; host us per call over %d unsynchronised calls%s", device_name, args.dtype, API,
+                    ALGO, on_gpu and "" or " (cuDNN's only: no effect on cpu)", args.quick and ", quick sizes" or "",
+                    args.iters, args.reps, args.host_calls, args.bias and "; with bias" or ""))
+print(string.format("%-40s %8s | %8s %6s | %8s %6s | %8s %6s | %9s | %17s", "shape", "f/d/w", "fwd ms", "TF/s",
+                    "dgrad ms", "TF/s", "wgrad ms", "TF/s", "step ms", "host us f/d/w"))
 local function ms(t) return t and string.format("%.4f", t.median * 1e3) or "-" end
 local function tf(t, f) return t and string.format("%.1f", f / t.median / 1e12) or "-" end
+local function hus(t) return t and t.host and string.format("%.0f", t.host * 1e6) or "-" end
 
-local results, total = {}, {fwd = 0, dgrad = 0, wgrad = 0, first = 0}
+local results, total = {}, {fwd = 0, dgrad = 0, wgrad = 0, first = 0, host = 0}
 local timed = 0
 for _, s in ipairs(shapes) do
     if args.only == "" or s.name:find(args.only, 1, true) then
@@ -345,11 +376,13 @@ for _, s in ipairs(shapes) do
                 step = step + r[pass].median * s.count[pass]
                 total[pass] = total[pass] + r[pass].median * s.count[pass]
                 if s.count[pass] > 0 then total.first = total.first + r[pass].first end
+                total.host = total.host + (r[pass].host or 0) * s.count[pass]
             end
         end
-        print(string.format("%-40s %8s | %8s %6s | %8s %6s | %8s %6s | %9.3f", s.name,
+        print(string.format("%-40s %8s | %8s %6s | %8s %6s | %8s %6s | %9.3f | %17s", s.name,
                             s.count.fwd .. "/" .. s.count.dgrad .. "/" .. s.count.wgrad, ms(r.fwd), tf(r.fwd, f),
-                            ms(r.dgrad), tf(r.dgrad, f), ms(r.wgrad), tf(r.wgrad, f), step * 1e3))
+                            ms(r.dgrad), tf(r.dgrad, f), ms(r.wgrad), tf(r.wgrad, f), step * 1e3,
+                            hus(r.fwd) .. "/" .. hus(r.dgrad) .. "/" .. hus(r.wgrad)))
         if r.gemm then
             print(string.format("%-40s %8s | %8s %6s | %8s %6s | %8s %6s |", "  as GEMM (F.linear)", "",
                                 ms(r.gemm.fwd), tf(r.gemm.fwd, f), ms(r.gemm.dgrad), tf(r.gemm.dgrad, f),
@@ -360,19 +393,22 @@ for _, s in ipairs(shapes) do
     end
 end
 print(string.format("per step: forward %.3f ms, backward data %.3f ms, backward filter %.3f ms, total %.3f ms " ..
-                    "over %d shapes; first calls (algorithm choice included) %.1f ms", total.fwd * 1e3,
-                    total.dgrad * 1e3, total.wgrad * 1e3, (total.fwd + total.dgrad + total.wgrad) * 1e3, timed,
-                    total.first * 1e3))
+                    "over %d shapes; first calls (algorithm choice included) %.1f ms; host time of the step's " ..
+                    "calls %.3f ms", total.fwd * 1e3, total.dgrad * 1e3, total.wgrad * 1e3,
+                    (total.fwd + total.dgrad + total.wgrad) * 1e3, timed, total.first * 1e3, total.host * 1e3))
 
 local function msf(t) return t and t.median * 1e3 or nil end
 for _, e in ipairs(results) do
     local s, r = e.s, e.r
-    local row = {side = "moonlit", algo = ALGO, device = device_name, dtype = args.dtype, name = s.name, N = s.N,
+    local row = {side = "moonlit", algo = ALGO, api = API, bias = args.bias, device = device_name, dtype = args.dtype, name = s.name, N = s.N,
                  H = s.H, W = s.W, C = s.C, O = s.O, kh = s.kh, kw = s.kw, stride = s.stride, pad = s.pad,
                  count_fwd = s.count.fwd, count_dgrad = s.count.dgrad, count_wgrad = s.count.wgrad, flops = e.flops,
                  fwd_ms = msf(r.fwd), dgrad_ms = msf(r.dgrad), wgrad_ms = msf(r.wgrad), step_ms = e.step * 1e3,
                  fwd_first_ms = r.fwd and r.fwd.first * 1e3, dgrad_first_ms = r.dgrad and r.dgrad.first * 1e3,
-                 wgrad_first_ms = r.wgrad and r.wgrad.first * 1e3}
+                 wgrad_first_ms = r.wgrad and r.wgrad.first * 1e3,
+                 fwd_host_us = r.fwd and r.fwd.host and r.fwd.host * 1e6,
+                 dgrad_host_us = r.dgrad and r.dgrad.host and r.dgrad.host * 1e6,
+                 wgrad_host_us = r.wgrad and r.wgrad.host and r.wgrad.host * 1e6}
     if r.gemm then
         row.gemm_fwd_ms, row.gemm_dgrad_ms, row.gemm_wgrad_ms = msf(r.gemm.fwd), msf(r.gemm.dgrad), msf(r.gemm.wgrad)
     end

@@ -6,7 +6,15 @@
 -- is far below TF32's error (~1e-2).  Half-precision cases round the
 -- inputs to bf16/f16 on both devices; the CPU convolves the rounded values
 -- in f32 and rounds the result, the GPU uses tensor cores with f32
--- accumulation (its bias is added after rounding: one more rounding).
+-- accumulation (on the graph path the bias is added in f32 inside cuDNN's
+-- graph; on the legacy path after rounding: one more rounding).
+--
+-- The GPU side runs through whichever cuDNN API MOONLIT_CONV_API selects
+-- (kernels/cuda/conv2d.cu): graph by default, with the legacy API taking
+-- what the graph path refuses; scripts/gpu_check.sh runs these cases once
+-- more with MOONLIT_CONV_API=legacy.  The half-precision cases cover both
+-- APIs' choices: bias and no bias, strides 1 and 2, symmetric and
+-- asymmetric padding (a padded copy with pad 0 for cuDNN), 1x1 and 3x3.
 return function(case, ml, helpers)
     local F = ml.F
     local f32 = {rtol = 1e-4, atol = 2e-4}
@@ -53,6 +61,19 @@ return function(case, ml, helpers)
     case("conv2d", "bf16 1x1 no bias", via("bf16", plain), xwb(2, 8, 8, 64, 32, 1, 1, true), bf16)
     case("conv2d", "bf16 conv_in 4 -> 32 channels", via("bf16", p1), xwb(2, 16, 16, 4, 32, 3, 3), bf16)
     case("conv2d", "f16 3x3 stride 2 pad 1", via("f16", s2p1), xwb(2, 16, 16, 32, 32, 3, 3), f16)
+    case("conv2d", "bf16 3x3 pad 1, no bias", via("bf16", p1), xwb(2, 12, 12, 16, 24, 3, 3, true), bf16)
+    case("conv2d", "bf16 3x3 stride 2 pad 1, no bias", via("bf16", s2p1), xwb(2, 16, 16, 32, 32, 3, 3, true), bf16)
+    case("conv2d", "bf16 1x1 bias", via("bf16", plain), xwb(2, 8, 8, 64, 32, 1, 1), bf16)
+    case("conv2d", "bf16 1x1 stride 2", via("bf16", conv {stride = 2}), xwb(2, 9, 9, 32, 16, 1, 1), bf16)
+    case("conv2d", "bf16 asymmetric {1,1,0,2}, no bias", via("bf16", conv {padding = {1, 1, 0, 2}}),
+         xwb(2, 9, 7, 8, 16, 3, 3, true), bf16)
+    case("conv2d", "bf16 SD-sized 3x3 [1,32,32,64] -> 64", via("bf16", p1), xwb(1, 32, 32, 64, 64, 3, 3), bf16)
+    case("conv2d", "f16 3x3 pad 1, bias", via("f16", p1), xwb(2, 16, 16, 32, 64, 3, 3), f16)
+    case("conv2d", "f16 3x3 pad 1, no bias", via("f16", p1), xwb(2, 12, 12, 16, 24, 3, 3, true), f16)
+    case("conv2d", "f16 1x1 bias", via("f16", plain), xwb(2, 8, 8, 64, 32, 1, 1), f16)
+    case("conv2d", "f16 1x1 no bias", via("f16", plain), xwb(2, 8, 8, 64, 32, 1, 1, true), f16)
+    case("conv2d", "f16 VAE downsample padding {0,1,0,1}", via("f16", vae_down), xwb(2, 16, 16, 32, 32, 3, 3), f16)
+    case("conv2d", "f16 conv_out 32 -> 4 channels", via("f16", p1), xwb(2, 16, 16, 32, 4, 3, 3), f16)
     -- f64 conv is refused on CUDA (cuDNN 9 has no NHWC f64 backward-filter
     -- algorithms); f64 stays a CPU dtype for gradient checks.
 end

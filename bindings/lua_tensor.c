@@ -5,6 +5,9 @@
 #include "autograd.h"
 #include "ops.h"
 #include "op_registry.h"
+#ifdef ML_WITH_CUDA
+#include "cuda/allocator.h"
+#endif
 #include <limits.h>
 #include <math.h>
 #include <stdio.h>
@@ -21,29 +24,84 @@ int mlua_error(lua_State *L, const char *op) {
     return luaL_error(L, "%s", msg);
 }
 
-/* Bytes of fresh tensor memory handed to Lua since the last collection.  A
- * box is a few bytes of Lua heap holding perhaps megabytes of tensor memory,
- * so Lua's collector, paced by its own heap, would let dead temporaries pile
- * up.  Instead, once the memory handed out since the last collection reaches
- * a quarter of all live tensor memory (at least 64 KB), we run a full
- * collection: dead temporaries then never exceed about a quarter of what is
- * live, and the number of collections per training step stays small (a
- * step allocates a few times its live memory), whatever the tensor sizes.
- * Asking the incremental collector for work in proportion to the bytes
- * instead cost 11% of a small training step, in thousands of steps; Lua's
- * generational mode left boxes promoted to the old generation until a
- * major collection (a 10,000-step loop's RSS grew 6 MB). */
-static _Thread_local size_t gc_debt;
+/* Lua's collector and tensor memory.  A box is a few bytes of Lua heap
+ * holding perhaps megabytes of tensor memory, so Lua's collector, paced by
+ * its own heap, would let dead temporaries pile up.  Two things run it for
+ * tensors instead:
+ *
+ * - Pacing by bytes (mlua_push_tensor): the fresh tensor bytes handed to Lua
+ *   since the last collection (the debt, per device type) are compared with
+ *   the live tensor bytes of that type, as counted by ml_storage_stats --
+ *   which include the dead temporaries not collected yet.  CPU memory: a
+ *   full collection once the debt reaches a quarter of the live CPU bytes,
+ *   so dead temporaries never exceed about a third of what really lives,
+ *   and a training step (which allocates a few times its live memory) runs
+ *   a few collections whatever the tensor sizes.  CUDA memory: half of the
+ *   live CUDA bytes, i.e. fresh bytes as many as all the others (a debt of
+ *   all the live bytes could never be reached while the fresh bytes are the
+ *   uncollected garbage they are counted in).  This is a safety net only,
+ *   for memory the caching allocator could otherwise hand out forever
+ *   without running dry.
+ * - Memory pressure (CUDA): a freed tensor's device memory stays in the
+ *   caching allocator (kernels/cuda/allocator.h), so collecting only
+ *   matters when the cache cannot serve a request.  The allocator then
+ *   calls gc_pressure_hook (registered in mlua_open_tensor) before it
+ *   cudaMallocs, rate-limited to one call per max(64 MiB, reserved / 8)
+ *   bytes handed out on the device.
+ *
+ * Measured on an H200 when CUDA memory was paced like CPU memory (a
+ * quarter): 11-13 ms of every SD 1.4 training step (2.3-4 full collections)
+ * and 184 ms of a 1.375 s 50-step generation at batch 1 (136 collections),
+ * 421 ms of 2.10 s at batch 4 (494); a full collection of moonlit's heap
+ * with nothing dead takes ~0.85 ms, more with finalizers.
+ *
+ * Earlier attempts: asking the incremental collector for work in
+ * proportion to the bytes cost 11% of a small training step, in thousands
+ * of steps; Lua's generational mode left boxes promoted to the old
+ * generation until a major collection (a 10,000-step loop's RSS grew 6 MB).
+ *
+ * gc_pacing{} changes the two shares and turns the pressure hook off or on
+ * (tests/gpu/check_gc_pressure.lua measures the old rule beside the new). */
+#if LUA_VERSION_RELEASE_NUM < 50404
+/* Older 5.4 releases run a full collection when lua_gc is called from a
+ * finalizer; 5.4.4 made it a no-op that returns -1, which collect() needs. */
+#error "moonlit needs Lua 5.4.4 or later"
+#endif
+static _Thread_local size_t gc_debt[2];              /* [ML_CPU], [ML_CUDA] */
+static _Thread_local double gc_share[2] = {0.25, 0.5};
 #define GC_DEBT_MIN (64 * 1024)
-/* How often that pacing ran the collector and how long it took (seconds):
- * what gc_pacing_stats() reports, so its cost can be measured. */
-static _Thread_local long gc_steps;
-static _Thread_local double gc_seconds;
+/* How often each trigger ran the collector and how long it took (seconds),
+ * and the CUDA storage bytes the pressure hook's collections released:
+ * what gc_pacing_stats() reports, so the cost can be measured. */
+static _Thread_local long gc_steps, gc_pressure_steps;
+static _Thread_local double gc_seconds, gc_pressure_seconds;
+static _Thread_local long long gc_pressure_freed;
+/* True while collect() runs: a finalizer that pushes a tensor must not
+ * start another collection. */
+static _Thread_local bool gc_collecting;
 
 static double mono_now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* A full collection, counted; false when none ran.  Lua 5.4 ignores lua_gc
+ * (returns -1) while its collector runs finalizers, so a push or an
+ * allocation inside a finalizer only falls through. */
+static bool collect(lua_State *L, bool by_pressure) {
+    if (gc_collecting) return false;
+    gc_collecting = true;
+    double t0 = mono_now();
+    int rc = lua_gc(L, LUA_GCCOLLECT);
+    double dt = mono_now() - t0;
+    gc_collecting = false;
+    if (rc < 0) return false;
+    gc_debt[ML_CPU] = gc_debt[ML_CUDA] = 0;
+    gc_steps++;
+    gc_seconds += dt;
+    if (by_pressure) { gc_pressure_steps++; gc_pressure_seconds += dt; }
+    return true;
 }
 
 int mlua_push_tensor(lua_State *L, ml_tensor *t) {
@@ -53,22 +111,56 @@ int mlua_push_tensor(lua_State *L, ml_tensor *t) {
     luaL_setmetatable(L, MLUA_TENSOR);
     /* only storage this box alone owns: views and retained tensors were counted when created */
     if (t->refcount == 1 && t->storage && t->storage->refcount == 1 && !t->storage->release) {
-        gc_debt += t->storage->nbytes;
-        if (gc_debt >= GC_DEBT_MIN) {
-            long long n, cpu, cuda;
-            ml_storage_stats(&n, &cpu, &cuda);
-            size_t threshold = (size_t)(cpu + cuda) / 4;
-            if (gc_debt >= threshold) {
-                gc_debt = 0;
-                double t0 = mono_now();
-                lua_gc(L, LUA_GCCOLLECT);
-                gc_seconds += mono_now() - t0;
-                gc_steps++;
-            }
+        int type = t->storage->device.type == ML_CUDA ? ML_CUDA : ML_CPU;
+        gc_debt[type] += t->storage->nbytes;
+        if (gc_debt[type] >= GC_DEBT_MIN) {
+            long long n, live[2];
+            ml_storage_stats(&n, &live[ML_CPU], &live[ML_CUDA]);
+            if ((double)gc_debt[type] >= (double)live[type] * gc_share[type]) collect(L, false);
         }
     }
     return 1;
 }
+
+#ifdef ML_WITH_CUDA
+/* The caching allocator found no cached block for a request on `device`
+ * (allocator.h says when it asks): collect, so dead tensors' memory goes
+ * back to the cache before it cudaMallocs more.  It runs on the thread that
+ * registered it, the Lua state's, from inside whatever C function is
+ * allocating: as an allocation by Lua itself may, it runs finalizers there.
+ * ctx is the state's main thread (moonlit runs no coroutines). */
+static void gc_pressure_hook(void *ctx, int device) {
+    (void)device;
+    long long before, after;
+    ml_storage_stats(NULL, NULL, &before);
+    if (!collect((lua_State *)ctx, true)) return;
+    ml_storage_stats(NULL, NULL, &after);
+    if (before > after) gc_pressure_freed += before - after;
+}
+
+/* __gc of the registry's sentinel: the state is closing, so its hook must
+ * go (unless another state has registered its own since). */
+static int gc_pressure_unhook(lua_State *L) {
+    lua_State *main = lua_touserdata(L, lua_upvalueindex(1));
+    if (ml_cuda_pressure_hook_ctx() == main) ml_cuda_set_pressure_hook(NULL, NULL);
+    return 0;
+}
+
+static void gc_pressure_register(lua_State *L, bool on) {
+    lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
+    lua_State *main = lua_tothread(L, -1);
+    lua_pop(L, 1);
+    if (on) ml_cuda_set_pressure_hook(gc_pressure_hook, main);
+    else if (ml_cuda_pressure_hook_ctx() == main) ml_cuda_set_pressure_hook(NULL, NULL);
+}
+
+static bool gc_pressure_registered(lua_State *L) {
+    lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
+    bool mine = ml_cuda_pressure_hook_ctx() == lua_tothread(L, -1);
+    lua_pop(L, 1);
+    return mine;
+}
+#endif
 
 ml_tensor *mlua_check_tensor(lua_State *L, int idx) {
     mlua_tensor_box *b = luaL_testudata(L, idx, MLUA_TENSOR);
@@ -667,12 +759,72 @@ static int l_arange(lua_State *L) {
     return mlua_push_tensor(L, ml_arange(start, end, step, dt, dev));
 }
 
-/* gc_pacing_stats() -> {steps =, ms =}: collector work triggered by tensor
- * memory (see mlua_push_tensor), cumulative. */
+/* gc_pacing_stats() -> {steps =, ms =, pressure_steps =, pressure_ms =,
+ * pressure_freed_bytes =}: full collections run for tensor memory (see
+ * mlua_push_tensor), cumulative.  steps and ms count them all; the
+ * pressure_ fields those the CUDA allocator asked for, and the CUDA tensor
+ * bytes they released. */
 static int l_gc_pacing_stats(lua_State *L) {
-    lua_createtable(L, 0, 2);
+    lua_createtable(L, 0, 5);
     lua_pushinteger(L, gc_steps); lua_setfield(L, -2, "steps");
     lua_pushnumber(L, gc_seconds * 1e3); lua_setfield(L, -2, "ms");
+    lua_pushinteger(L, gc_pressure_steps); lua_setfield(L, -2, "pressure_steps");
+    lua_pushnumber(L, gc_pressure_seconds * 1e3); lua_setfield(L, -2, "pressure_ms");
+    lua_pushinteger(L, gc_pressure_freed); lua_setfield(L, -2, "pressure_freed_bytes");
+    return 1;
+}
+
+static double opt_share(lua_State *L, const char *key, double def) {
+    double v = mlua_opt_field_number(L, 1, key, def);
+    if (!(v > 0 && v <= 64))
+        luaL_error(L, "gc_pacing: %s must be a number above 0 and at most 64 (got %f)", key, v);
+    return v;
+}
+
+/* gc_pacing([{cpu_share =, cuda_share =, pressure =, pressure_share =}])
+ * -> the settings as they were: a full collection once the fresh tensor
+ * bytes of a device type reach that share of its live bytes (0.25 and 0.5
+ * by default); whether the CUDA allocator's pressure hook collects for this
+ * state (true by default where moonlit has CUDA, always false without);
+ * and the share of the allocator's reserve handed out between two calls of
+ * the hook (1/8; nil without CUDA). */
+static int l_gc_pacing(lua_State *L) {
+    if (!lua_isnoneornil(L, 1)) luaL_checktype(L, 1, LUA_TTABLE);
+    bool pressure = false;
+#ifdef ML_WITH_CUDA
+    pressure = gc_pressure_registered(L);
+#endif
+    lua_createtable(L, 0, 4);
+    lua_pushnumber(L, gc_share[ML_CPU]); lua_setfield(L, -2, "cpu_share");
+    lua_pushnumber(L, gc_share[ML_CUDA]); lua_setfield(L, -2, "cuda_share");
+    lua_pushboolean(L, pressure); lua_setfield(L, -2, "pressure");
+#ifdef ML_WITH_CUDA
+    double pressure_share = ml_cuda_set_pressure_share(-1);   /* reads it */
+    lua_pushnumber(L, pressure_share); lua_setfield(L, -2, "pressure_share");
+#endif
+    if (lua_isnoneornil(L, 1)) return 1;
+    /* every option checked before any is applied */
+    double cpu = opt_share(L, "cpu_share", gc_share[ML_CPU]);
+    double cuda = opt_share(L, "cuda_share", gc_share[ML_CUDA]);
+    lua_getfield(L, 1, "pressure");
+    int want = lua_type(L, -1);
+    bool on = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    if (want != LUA_TNIL && want != LUA_TBOOLEAN)
+        return luaL_error(L, "gc_pacing: pressure must be a boolean (got %s)", lua_typename(L, want));
+#ifdef ML_WITH_CUDA
+    double ps = mlua_opt_field_number(L, 1, "pressure_share", pressure_share);
+    if (!(ps >= 0 && ps <= 1))
+        return luaL_error(L, "gc_pacing: pressure_share must be a number from 0 to 1 (got %f)", ps);
+#endif
+    gc_share[ML_CPU] = cpu;
+    gc_share[ML_CUDA] = cuda;
+#ifdef ML_WITH_CUDA
+    if (want == LUA_TBOOLEAN) gc_pressure_register(L, on);
+    ml_cuda_set_pressure_share(ps);
+#else
+    (void)on;
+#endif
     return 1;
 }
 
@@ -718,7 +870,7 @@ static const luaL_Reg tensor_funcs[] = {
     {"tensor", l_tensor}, {"zeros", l_zeros}, {"ones", l_ones}, {"empty", l_empty}, {"full", l_full},
     {"zeros_like", l_zeros_like}, {"ones_like", l_ones_like}, {"empty_like", l_empty_like},
     {"full_like", l_full_like}, {"arange", l_arange}, {"is_tensor", l_is_tensor},
-    {"memory_stats", l_memory_stats}, {"gc_pacing_stats", l_gc_pacing_stats},
+    {"memory_stats", l_memory_stats}, {"gc_pacing_stats", l_gc_pacing_stats}, {"gc_pacing", l_gc_pacing},
     {NULL, NULL},
 };
 
@@ -741,4 +893,25 @@ void mlua_open_tensor(lua_State *L) {
     lua_pushcfunction(L, t_tostring); lua_setfield(L, -2, "__tostring");
     lua_setfield(L, -2, "Tensor");   /* core.Tensor = the metatable */
     luaL_setfuncs(L, tensor_funcs, 0);
+#ifdef ML_WITH_CUDA
+    /* The pressure hook collects this state's garbage (see gc_debt); a
+     * sentinel in the registry removes it when the state closes (one per
+     * state: a second one, collected, would remove the hook early). */
+    gc_pressure_register(L, true);
+    if (lua_getfield(L, LUA_REGISTRYINDEX, "moonlit.gc_pressure_sentinel") != LUA_TNIL) {
+        lua_pop(L, 1);
+        return;
+    }
+    lua_pop(L, 1);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
+    lua_State *main = lua_tothread(L, -1);
+    lua_pop(L, 1);
+    lua_newuserdatauv(L, 0, 0);
+    lua_createtable(L, 0, 1);
+    lua_pushlightuserdata(L, main);
+    lua_pushcclosure(L, gc_pressure_unhook, 1);
+    lua_setfield(L, -2, "__gc");
+    lua_setmetatable(L, -2);
+    lua_setfield(L, LUA_REGISTRYINDEX, "moonlit.gc_pressure_sentinel");
+#endif
 }

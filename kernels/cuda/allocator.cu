@@ -5,6 +5,7 @@
 
 #include <mutex>
 #include <set>
+#include <thread>
 #include <unordered_map>
 
 namespace {
@@ -14,6 +15,15 @@ constexpr size_t kSmallMax = 1u << 20;       // requests up to here use the smal
 constexpr size_t kSmallSegment = 2u << 20;   // cudaMalloc size of a small-pool segment
 constexpr size_t kLargeRound = 2u << 20;     // large segments are multiples of this
 constexpr double kMiB = 1024.0 * 1024.0;
+// The pressure hook's rate limit (allocator.h): a cache miss calls it only
+// once kHookMinBytes, or g_hook_share of the reserve if more, have been
+// handed out on the device since it last ran there (1/8 unless
+// ml_cuda_set_pressure_share said otherwise).  Warm-up fills an empty cache
+// with nothing dead in it, each miss asking for memory that no collection
+// could give back: the floor keeps a full collection (about a millisecond
+// for moonlit's Lua heap) to one per 64 MiB handed out, and the share of
+// the reserve to a fixed number per doubling of the cache.
+constexpr uint64_t kHookMinBytes = 64ull << 20;
 
 // A piece of a cudaMalloc'd segment.  prev/next link the pieces of one
 // segment in address order, so freed neighbours can merge; a block with
@@ -37,9 +47,19 @@ struct dev_cache {
     std::set<block *, by_size> free_small, free_large;
     std::unordered_map<void *, block *> live;
     ml_cuda_mem_stats st;
+    uint64_t handed_since_hook;   // bytes of blocks handed out since the hook last ran here
+    uint64_t freed_total;         // bytes of blocks given back, cumulative (pressure_freed)
 };
 
 std::mutex g_mu;
+// The pressure hook and the thread that registered it (under g_mu).
+ml_cuda_pressure_fn g_hook = nullptr;
+void *g_hook_ctx = nullptr;
+std::thread::id g_hook_thread;
+double g_hook_share = 0.125;
+// True on a thread while its hook runs: an allocation the hook makes (a
+// finalizer that allocates) goes straight to cudaMalloc.
+thread_local bool t_in_hook = false;
 dev_cache **g_cache = nullptr;   // one per device, made on first use, never destroyed
 int g_ncache = 0;
 
@@ -55,6 +75,8 @@ dev_cache *cache_of(int dev) {
     if (!g_cache[dev]) {
         g_cache[dev] = new dev_cache();
         memset(&g_cache[dev]->st, 0, sizeof g_cache[dev]->st);
+        g_cache[dev]->handed_since_hook = 0;
+        g_cache[dev]->freed_total = 0;
     }
     return g_cache[dev];
 }
@@ -118,7 +140,75 @@ block *new_segment(dev_cache *c, size_t seg, bool small, bool *oom) {
     return new block{(char *)p, seg, false, small, nullptr, nullptr};
 }
 
+// The smallest cached block of the pool that holds size bytes, taken out
+// of the pool; NULL when none fits.  Caller holds g_mu.
+block *take_cached(dev_cache *c, size_t size, bool small) {
+    auto &pool = pool_of(c, small);
+    block key{nullptr, size, false, small, nullptr, nullptr};
+    auto it = pool.lower_bound(&key);
+    if (it == pool.end()) return nullptr;
+    block *b = *it;
+    pool.erase(it);
+    return b;
+}
+
+// Whether this request may call the pressure hook: one is registered, this
+// is its thread, it is not running already (no recursion), and -- unless
+// `out_of_memory` -- the rate limit of allocator.h allows it.  Caller holds
+// g_mu.
+bool hook_may_run(const dev_cache *c, bool out_of_memory) {
+    if (!g_hook || t_in_hook || std::this_thread::get_id() != g_hook_thread) return false;
+    if (out_of_memory) return true;
+    uint64_t share = (uint64_t)((double)c->st.reserved * g_hook_share);
+    return c->handed_since_hook >= (share > kHookMinBytes ? share : kHookMinBytes);
+}
+
+// Runs the hook with g_mu released (it frees through ml_cuda_free, which
+// takes g_mu), then takes the cache's block for the request if one fits now.
+// `lock` holds g_mu on entry and on return.  *failed: the device could not
+// be selected again (ml_error says why), so nothing may be cudaMalloc'd.
+block *run_hook_then_retry(std::unique_lock<std::mutex> &lock, dev_cache *c, int device, size_t size,
+                           bool small, bool *failed) {
+    ml_cuda_pressure_fn fn = g_hook;
+    void *ctx = g_hook_ctx;
+    c->handed_since_hook = 0;
+    c->st.num_pressure_hooks++;
+    uint64_t freed_before = c->freed_total;
+    lock.unlock();
+    t_in_hook = true;
+    fn(ctx, device);
+    t_in_hook = false;
+    // The hook may run any code, selecting another device on the way.
+    int set = ml_cuda_set_device(device);
+    lock.lock();
+    c->st.pressure_freed += c->freed_total - freed_before;
+    *failed = set < 0;
+    if (*failed) return nullptr;
+    block *b = take_cached(c, size, small);
+    if (b) c->st.pressure_reused += size;
+    return b;
+}
+
 }  // namespace
+
+extern "C" void ml_cuda_set_pressure_hook(ml_cuda_pressure_fn fn, void *ctx) {
+    std::lock_guard<std::mutex> lock(g_mu);
+    g_hook = fn;
+    g_hook_ctx = fn ? ctx : nullptr;
+    g_hook_thread = std::this_thread::get_id();
+}
+
+extern "C" double ml_cuda_set_pressure_share(double share) {
+    std::lock_guard<std::mutex> lock(g_mu);
+    double was = g_hook_share;
+    if (share >= 0 && share <= 1) g_hook_share = share;
+    return was;
+}
+
+extern "C" void *ml_cuda_pressure_hook_ctx(void) {
+    std::lock_guard<std::mutex> lock(g_mu);
+    return g_hook_ctx;
+}
 
 extern "C" void *ml_cuda_malloc(int device, size_t nbytes) {
     // Also checks that the device exists; cudaMalloc allocates on the current one.
@@ -131,19 +221,27 @@ extern "C" void *ml_cuda_malloc(int device, size_t nbytes) {
     size_t size = round_up(nbytes ? nbytes : 1, kRound);
     bool small = size <= kSmallMax;
 
-    std::lock_guard<std::mutex> lock(g_mu);
+    std::unique_lock<std::mutex> lock(g_mu);
     dev_cache *c = cache_of(device);
     auto &pool = pool_of(c, small);
-    block key{nullptr, size, false, small, nullptr, nullptr};
-    auto it = pool.lower_bound(&key);
-    block *b;
-    if (it != pool.end()) {
-        b = *it;
-        pool.erase(it);
-    } else {
+    block *b = take_cached(c, size, small);
+    bool hook_ran = false, failed = false;
+    if (!b && hook_may_run(c, false)) {
+        hook_ran = true;
+        b = run_hook_then_retry(lock, c, device, size, small, &failed);
+        if (failed) return nullptr;
+    }
+    if (!b) {
         size_t seg = small ? kSmallSegment : round_up(size, kLargeRound);
         bool oom;
         b = new_segment(c, seg, small, &oom);
+        // Out of memory even after the cache gave back its free segments:
+        // dead tensors not collected yet may hold what is missing.
+        if (!b && oom && !hook_ran && hook_may_run(c, true)) {
+            b = run_hook_then_retry(lock, c, device, size, small, &failed);
+            if (failed) return nullptr;
+            if (!b) b = new_segment(c, seg, small, &oom);
+        }
         if (!b) {
             if (oom) out_of_memory(device, c, nbytes);
             return nullptr;
@@ -166,6 +264,7 @@ extern "C" void *ml_cuda_malloc(int device, size_t nbytes) {
     if (c->st.allocated > c->st.peak) c->st.peak = c->st.allocated;
     c->st.active_blocks++;
     c->st.num_allocs++;
+    c->handed_since_hook += b->size;
     return b->ptr;
 }
 
@@ -186,6 +285,7 @@ extern "C" void ml_cuda_free(int device, void *p, size_t nbytes) {
     b->live = false;
     c->st.allocated -= b->size;
     c->st.active_blocks--;
+    c->freed_total += b->size;
     auto &pool = pool_of(c, b->small);
     if (b->prev && !b->prev->live) {
         block *pr = b->prev;

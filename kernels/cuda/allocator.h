@@ -18,6 +18,10 @@
  *   whole-segment free blocks are returned to the driver and the call is
  *   retried once; a second failure is reported as "out of GPU memory on
  *   cuda:N: asked for X MiB, Y MiB free (Z reserved by moonlit's cache)".
+ * - Memory pressure: before a cache miss turns into a cudaMalloc, the hook
+ *   set by ml_cuda_set_pressure_hook may free memory (Lua's collector: dead
+ *   tensors only go back to the cache when their boxes are collected), and
+ *   the cache is tried once more.  See ml_cuda_set_pressure_hook.
  * - Thread-safe (one mutex). */
 #ifndef ML_CUDA_ALLOCATOR_H
 #define ML_CUDA_ALLOCATOR_H
@@ -52,9 +56,46 @@ typedef struct {
     uint64_t num_allocs;       /* ml_cuda_malloc calls, cumulative */
     uint64_t num_cudamalloc;   /* cudaMalloc calls, cumulative: flat in a steady state */
     uint64_t num_cudafree;     /* cudaFree calls, cumulative */
+    uint64_t num_pressure_hooks;   /* calls of the pressure hook for this device, cumulative */
+    uint64_t pressure_freed;   /* bytes given back to this device's cache while the hook ran */
+    uint64_t pressure_reused;  /* bytes of the requests the cache served right after the hook
+                                * (each would have been a cudaMalloc without it) */
 } ml_cuda_mem_stats;
 
 int ml_cuda_memory_stats(int dev, ml_cuda_mem_stats *out);
+
+/* The memory pressure hook: fn(ctx, device) is asked to free device memory
+ * (through ml_cuda_free) when a request on `device` finds no cached block
+ * that fits.  The allocator then tries its cache once more before it
+ * cudaMallocs a new segment.  Rules:
+ * - It is called without the allocator's mutex held, so it may free (and
+ *   allocate: such an allocation never calls the hook again, it goes
+ *   straight to cudaMalloc).
+ * - Only on the thread that registered it: a data loader's worker thread
+ *   that allocates never runs the hook (moonlit's hook runs Lua, whose
+ *   state belongs to one thread).
+ * - Rate limit: a cache miss calls it only once max(64 MiB, reserved / 8)
+ *   bytes (the share: ml_cuda_set_pressure_share) have been handed out on
+ *   that device since the hook last ran
+ *   there, so that warm-up (an empty cache, nothing dead yet, every request
+ *   a miss) does not run it on every miss; in a steady state the cache
+ *   serves everything and it never runs.  When cudaMalloc itself runs out
+ *   of memory, the hook is called whatever the rate limit says (if it did
+ *   not run for this request already), before the error is reported.
+ * - The current device may have changed when it returns (it may run any
+ *   code); the allocator selects `device` again.
+ * fn = NULL removes it.  One hook for the process: a second call replaces
+ * the first (and its thread). */
+typedef void (*ml_cuda_pressure_fn)(void *ctx, int device);
+void ml_cuda_set_pressure_hook(ml_cuda_pressure_fn fn, void *ctx);
+/* The share of the reserve in the rate limit above (1/8 to start with): a
+ * larger one lets the cache grow further before the hook runs, so it runs
+ * less often.  Returns the share it replaces; a share outside [0, 1] only
+ * reads the current one. */
+double ml_cuda_set_pressure_share(double share);
+/* The registered hook's context (NULL when none), so an owner can tell
+ * whether the hook is still its own before removing it. */
+void *ml_cuda_pressure_hook_ctx(void);
 /* peak <- allocated. */
 int ml_cuda_reset_peak(int dev);
 /* Give every cached segment that is entirely free back to the driver

@@ -1,6 +1,7 @@
 /* test_cuda_core.c — the CUDA runtime below the ops: device checks, the
  * caching allocator (reuse without cudaMalloc, split/merge, statistics, the
- * out-of-memory message), host<->device and peer copies, strided copies
+ * out-of-memory message, the memory pressure hook), host<->device and peer
+ * copies, strided copies
  * converting between every pair of dtypes (bit-identical to the CPU's copy),
  * and fill.  Without CUDA, or on a machine without a GPU, it reports that it
  * skipped and passes. */
@@ -11,6 +12,9 @@
 #include <string.h>
 
 #ifdef ML_WITH_CUDA
+#include <pthread.h>
+#include <time.h>
+#include <unistd.h>
 #include "cuda/runtime.h"
 #include "cuda/allocator.h"
 
@@ -130,6 +134,181 @@ static void test_allocator(void) {
     void *z = ml_cuda_malloc(0, 0);
     CHECK(z != NULL, "malloc(0)");
     ml_cuda_free(0, z, 0);
+}
+
+/* ---- the memory pressure hook (allocator.h) ---------------------------- */
+
+#define MiB ((size_t)1 << 20)
+
+/* What the hook saw, and what it is asked to do when called. */
+static struct {
+    int calls;
+    int off_thread;          /* calls on a thread other than the registering one */
+    int wrong_args;          /* calls with another context or device */
+    int lock_held;           /* calls during which the allocator's mutex was taken */
+    int reentered;           /* calls from inside the hook */
+    bool running;
+    pthread_t owner;
+    void *victim;            /* freed by the hook (ml_cuda_free from inside it) */
+    size_t victim_bytes;
+    bool alloc_inside;       /* the hook allocates (as a finalizer may) */
+    bool inner_ok;           /* that allocation succeeded without calling the hook again */
+} g_hook;
+
+static void *probe_stats(void *arg) {
+    ml_cuda_mem_stats st;
+    *(int *)arg = ml_cuda_memory_stats(0, &st) == 0;
+    return NULL;
+}
+
+/* ml_cuda_memory_stats takes the allocator's mutex: run it on another thread
+ * and wait up to 5 s, so a mutex held around the hook fails the test
+ * instead of deadlocking it. */
+static bool allocator_mutex_free(void) {
+    pthread_t th;
+    int ok = 0;
+    if (pthread_create(&th, NULL, probe_stats, &ok) != 0) return false;
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += 5;
+    if (pthread_timedjoin_np(th, NULL, &until) != 0) {
+        printf("FAIL: the allocator's mutex is held while the pressure hook runs\n");
+        fflush(stdout);
+        _exit(1);   /* the probe stays blocked: nothing after this could finish */
+    }
+    return ok != 0;
+}
+
+static void counting_hook(void *ctx, int device) {
+    if (g_hook.running) g_hook.reentered++;
+    g_hook.running = true;
+    g_hook.calls++;
+    if (!pthread_equal(pthread_self(), g_hook.owner)) g_hook.off_thread++;
+    if (ctx != &g_hook || device != 0) g_hook.wrong_args++;
+    if (!allocator_mutex_free()) g_hook.lock_held++;
+    if (g_hook.alloc_inside) {
+        /* a miss (the cache holds nothing this big): straight to cudaMalloc */
+        int before = g_hook.calls;
+        void *inner = ml_cuda_malloc(0, 8 * MiB);
+        g_hook.inner_ok = inner != NULL && g_hook.calls == before;
+        ml_cuda_free(0, inner, 8 * MiB);
+    }
+    if (g_hook.victim) {
+        ml_cuda_free(0, g_hook.victim, g_hook.victim_bytes);
+        g_hook.victim = NULL;
+    }
+    g_hook.running = false;
+}
+
+static void *alloc_misses(void *arg) {
+    /* three 100 MiB blocks, each a miss with more than enough handed out */
+    void *p[3];
+    for (int i = 0; i < 3; i++) p[i] = ml_cuda_malloc(0, 100 * MiB);
+    *(int *)arg = p[0] && p[1] && p[2];
+    for (int i = 0; i < 3; i++) ml_cuda_free(0, p[i], 100 * MiB);
+    return NULL;
+}
+
+static void test_pressure_hook(void) {
+    CHECK(ml_cuda_empty_cache(0) == 0, "empty_cache: %s", ml_last_error());
+    memset(&g_hook, 0, sizeof g_hook);
+    g_hook.owner = pthread_self();
+    ml_cuda_set_pressure_hook(counting_hook, &g_hook);
+    CHECK(ml_cuda_pressure_hook_ctx() == &g_hook, "the hook's context is the one registered");
+    ml_cuda_mem_stats s0 = stats();
+
+    /* Rate limit.  The tests before handed out far more than 64 MiB, so the
+     * first miss (4 KiB: the small pool is empty after empty_cache) calls it. */
+    void *first = ml_cuda_malloc(0, 4096);
+    CHECK(first && g_hook.calls == 1, "a miss after > 64 MiB handed out calls the hook (%d calls)", g_hook.calls);
+    CHECK(stats().num_pressure_hooks == s0.num_pressure_hooks + 1, "num_pressure_hooks counts it");
+    /* Misses right after it, with less than 64 MiB handed out since (and a
+     * reserve whose eighth is below 64 MiB): no call. */
+    void *a = ml_cuda_malloc(0, 40 * MiB), *b = ml_cuda_malloc(0, 40 * MiB);
+    CHECK(a && b && g_hook.calls == 1, "misses within 64 MiB of the last call do not call it (%d calls)", g_hook.calls);
+    void *c = ml_cuda_malloc(0, 40 * MiB);   /* 80 MiB handed out since */
+    CHECK(c && g_hook.calls == 2, "the miss after 80 MiB handed out calls it (%d calls)", g_hook.calls);
+    ml_cuda_free(0, first, 4096);
+    ml_cuda_free(0, a, 40 * MiB);
+    ml_cuda_free(0, b, 40 * MiB);
+    ml_cuda_free(0, c, 40 * MiB);
+
+    /* The reserve's eighth: with 1.5 GiB reserved, 100 MiB handed out since
+     * the last call is not enough, 800 MiB is. */
+    CHECK(ml_cuda_empty_cache(0) == 0, "empty_cache: %s", ml_last_error());
+    void *keep = ml_cuda_malloc(0, 1024 * MiB);
+    void *cached = ml_cuda_malloc(0, 512 * MiB);
+    ml_cuda_free(0, cached, 512 * MiB);          /* stays cached */
+    int before = g_hook.calls;
+    void *reset = ml_cuda_malloc(0, 4096);         /* a small miss: the count starts again */
+    CHECK(reset && g_hook.calls == before + 1, "a miss after 1.5 GiB handed out calls it");
+    void *hit = ml_cuda_malloc(0, 100 * MiB);     /* split from the cached 512 MiB */
+    ml_cuda_mem_stats r = stats();
+    CHECK(hit && g_hook.calls == before + 1, "a cache hit never calls it");
+    CHECK(r.reserved / 8 > 150 * MiB, "a reserve of %llu MiB", (unsigned long long)(r.reserved / MiB));
+    void *m1 = ml_cuda_malloc(0, 700 * MiB);      /* a miss, 100 MiB handed out: < reserved / 8 */
+    CHECK(m1 && g_hook.calls == before + 1, "a miss within reserved/8 of the last call does not call it");
+    void *m2 = ml_cuda_malloc(0, 700 * MiB);      /* a miss, 800 MiB handed out: > reserved / 8 */
+    CHECK(m2 && g_hook.calls == before + 2, "the miss past reserved/8 calls it (%d calls)", g_hook.calls - before);
+    void *all[] = {keep, reset, hit, m1, m2};
+    const size_t sizes[] = {1024 * MiB, 4096, 100 * MiB, 700 * MiB, 700 * MiB};
+    for (int i = 0; i < 5; i++) ml_cuda_free(0, all[i], sizes[i]);
+
+    /* The hook frees (through ml_cuda_free, the mutex free) and allocates;
+     * the request is then served from the memory it freed. */
+    CHECK(ml_cuda_empty_cache(0) == 0, "empty_cache: %s", ml_last_error());
+    g_hook.victim_bytes = 256 * MiB;
+    g_hook.victim = ml_cuda_malloc(0, g_hook.victim_bytes);   /* may call it: the victim is set after */
+    void *victim = g_hook.victim;
+    g_hook.alloc_inside = true;
+    ml_cuda_mem_stats v0 = stats();
+    before = g_hook.calls;
+    void *served = ml_cuda_malloc(0, 200 * MiB);   /* a miss: nothing cached, 256 MiB handed out */
+    ml_cuda_mem_stats v1 = stats();
+    CHECK(served && g_hook.calls == before + 1, "the hook ran for the 200 MiB request");
+    CHECK(g_hook.victim == NULL && served == victim, "the request got the block the hook freed");
+    CHECK(g_hook.inner_ok, "an allocation inside the hook succeeds without calling it again");
+    CHECK(g_hook.reentered == 0 && g_hook.lock_held == 0, "no re-entry, mutex free (%d, %d)", g_hook.reentered,
+          g_hook.lock_held);
+    CHECK(v1.num_cudamalloc == v0.num_cudamalloc + 1, "only the hook's own 8 MiB was cudaMalloc'd (%llu)",
+          (unsigned long long)(v1.num_cudamalloc - v0.num_cudamalloc));
+    CHECK(v1.pressure_reused - v0.pressure_reused == 200 * MiB, "pressure_reused counts the 200 MiB (%llu)",
+          (unsigned long long)(v1.pressure_reused - v0.pressure_reused));
+    CHECK(v1.pressure_freed - v0.pressure_freed == 264 * MiB, "pressure_freed counts 256 + 8 MiB (%llu)",
+          (unsigned long long)(v1.pressure_freed - v0.pressure_freed));
+    ml_cuda_free(0, served, 200 * MiB);
+    g_hook.alloc_inside = false;
+
+    /* Another thread's misses never call it, however much it hands out. */
+    CHECK(ml_cuda_empty_cache(0) == 0, "empty_cache: %s", ml_last_error());
+    before = g_hook.calls;
+    pthread_t th;
+    int ok = 0;
+    CHECK(pthread_create(&th, NULL, alloc_misses, &ok) == 0 && pthread_join(th, NULL) == 0 && ok,
+          "allocations on another thread");
+    CHECK(g_hook.calls == before && g_hook.off_thread == 0, "no call from another thread (%d calls, %d off)",
+          g_hook.calls - before, g_hook.off_thread);
+    CHECK(ml_cuda_empty_cache(0) == 0, "empty_cache: %s", ml_last_error());
+    void *after = ml_cuda_malloc(0, 100 * MiB);   /* this thread: the 300 MiB count */
+    CHECK(after && g_hook.calls == before + 1, "the registering thread's next miss calls it");
+
+    /* Out of memory calls it whatever the rate limit (it just ran), then fails. */
+    void *huge = ml_cuda_malloc(0, (size_t)1 << 50);
+    CHECK(huge == NULL && g_hook.calls == before + 2, "out of memory calls the hook first (%d)", g_hook.calls - before);
+    CHECK(strncmp(ml_last_error(), "out of GPU memory on cuda:0", 27) == 0, "OOM message: %s", ml_last_error());
+    ml_cuda_free(0, after, 100 * MiB);
+
+    /* Removed: misses no longer call it. */
+    ml_cuda_set_pressure_hook(NULL, NULL);
+    CHECK(ml_cuda_pressure_hook_ctx() == NULL, "no hook after removal");
+    CHECK(ml_cuda_empty_cache(0) == 0, "empty_cache: %s", ml_last_error());
+    before = g_hook.calls;
+    void *x = ml_cuda_malloc(0, 300 * MiB);
+    CHECK(x && g_hook.calls == before, "no call once removed");
+    ml_cuda_free(0, x, 300 * MiB);
+    CHECK(g_hook.off_thread == 0 && g_hook.wrong_args == 0,
+          "every call on the registering thread, for cuda:0, with its context");
+    CHECK(ml_cuda_empty_cache(0) == 0, "empty_cache: %s", ml_last_error());
 }
 
 static void test_memcpy(void) {
@@ -355,6 +534,7 @@ int main(void) {
     }
     test_devices();
     test_allocator();
+    test_pressure_hook();
     test_memcpy();
     test_copy_strided();
     test_fill();

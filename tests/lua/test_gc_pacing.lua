@@ -1,0 +1,94 @@
+-- test_gc_pacing.lua — how tensor memory runs Lua's collector
+-- (bindings/lua_tensor.c): the CPU rule (a full collection once the fresh
+-- CPU tensor bytes reach a quarter of the live ones), the settings of
+-- gc_pacing{} and their errors, and tensors made by finalizers during a
+-- collection (no collection inside a collection).  The CUDA side (the
+-- allocator's pressure hook) is tests/gpu/check_gc_pressure.lua.
+local ml = require "moonlit"
+local core = ml.core
+
+local tests = {}
+
+-- Collections the pacing runs in 100 iterations of (x * 2 + 1):sum() on a
+-- 4 MB CPU tensor: each temporary (4 MB) meets the share of what is live.
+local function loop_collections()
+    collectgarbage("collect")
+    local x = ml.full({1000 * 1000}, 0.5)
+    local before = core.gc_pacing_stats().steps
+    local wrong = 0
+    for _ = 1, 100 do
+        if (x * 2 + 1):sum():item() ~= 2e6 then wrong = wrong + 1 end
+    end
+    return core.gc_pacing_stats().steps - before, wrong
+end
+
+function tests.cpu_rule_a_quarter(t)
+    local p = core.gc_pacing()
+    t:assertEq(p.cpu_share, 0.25, "CPU share by default")
+    t:assertEq(p.cuda_share, 0.5, "CUDA share by default")
+    -- x (4 MB) live: each 4 MB temporary is at least a quarter of the live
+    -- bytes, so every one of the 200 runs a collection
+    local n, wrong = loop_collections()
+    t:assertEq(wrong, 0, "sums")
+    t:assertEq(n, 200, "collections with the quarter rule")
+end
+
+function tests.cpu_share_changes_the_rule(t)
+    local was = core.gc_pacing {cpu_share = 0.5}
+    local ok, n, wrong = pcall(loop_collections)
+    core.gc_pacing(was)
+    t:assert(ok, tostring(n))
+    t:assertEq(wrong, 0, "sums")
+    -- a half: a collection every second temporary
+    t:assertEq(n, 100, "collections with a share of one half")
+    t:assertEq(core.gc_pacing().cpu_share, 0.25, "restored")
+end
+
+function tests.stats_fields(t)
+    local s = core.gc_pacing_stats()
+    for _, k in ipairs {"steps", "ms", "pressure_steps", "pressure_ms", "pressure_freed_bytes"} do
+        t:assert(type(s[k]) == "number", "gc_pacing_stats()." .. k)
+    end
+    if not core.cuda_available() then
+        t:assertEq(s.pressure_steps, 0, "no pressure collections without a GPU")
+    end
+end
+
+function tests.bad_settings(t)
+    local cases = {
+        {{cpu_share = 0}, "cpu_share must be a number above 0 and at most 64"},
+        {{cuda_share = -1}, "cuda_share must be a number above 0 and at most 64"},
+        {{cuda_share = 65}, "cuda_share must be a number above 0 and at most 64"},
+        {{cpu_share = "x"}, "option 'cpu_share' must be a number"},
+        {{pressure = 1}, "pressure must be a boolean %(got number%)"},
+    }
+    for _, c in ipairs(cases) do
+        local ok, err = pcall(core.gc_pacing, c[1])
+        t:assert(not ok and tostring(err):find(c[2]) ~= nil, "error for a bad setting: " .. tostring(err))
+    end
+    local ok, err = pcall(core.gc_pacing, 5)
+    t:assert(not ok and tostring(err):find("table expected"), "a number is refused: " .. tostring(err))
+    -- a refused call changes nothing
+    local ok2 = pcall(core.gc_pacing, {cpu_share = 0.5, cuda_share = 0})
+    t:assert(not ok2, "refused")
+    t:assertEq(core.gc_pacing().cpu_share, 0.25, "nothing applied from a refused call")
+end
+
+-- Finalizers that make tensors run inside a collection: the pacing must
+-- not start a collection from there (Lua ignores lua_gc then) and every
+-- finalizer must finish.
+function tests.finalizers_that_allocate(t)
+    local made = 0
+    for _ = 1, 50 do
+        setmetatable({}, {__gc = function()
+            local z = ml.zeros(100000)   -- 400 KB: past the pacing's 64 KB minimum
+            made = made + (z:numel() == 100000 and 1 or 0)
+        end})
+    end
+    for _ = 1, 100 do local _ = ml.zeros(100000) + 1 end
+    collectgarbage("collect")
+    collectgarbage("collect")
+    t:assertEq(made, 50, "every finalizer made its tensor")
+end
+
+return tests

@@ -194,6 +194,30 @@ function T.cache_clear_and_switch(t)
     t:assertEq(copies(function() nn.autocast("f64", function() return nn.cast(w) end) end), 1)
 end
 
+-- A checkpointed block recomputes its forward in backward: the recompute
+-- takes the shadows too, with the gradients of the uncached path.
+function T.checkpointed_blocks_use_the_shadows(t)
+    local function run(cache)
+        return with_cache(cache, function()
+            local m = mlp()
+            local opt = ml.optim.AdamW(m:parameters(), {lr = 1e-2})
+            local x = ml.randn({5, 6})
+            x.requires_grad = true
+            local grads = {}
+            for s = 1, 2 do
+                opt:zero_grad()
+                local y = nn.autocast("f64", function() return nn.checkpoint(function(h) return m(h) end, x) end)
+                ;(y ^ 2):sum():backward()
+                for _, p in ipairs(m:parameters()) do grads[#grads + 1] = p.grad:clone() end
+                opt:step()
+            end
+            return grads
+        end)
+    end
+    local off, on = run(false), run(true)
+    for i = 1, #off do t:assertTensorEq(on[i], off[i], 0, "grad " .. i) end
+end
+
 -- ---- the ops ------------------------------------------------------------------
 
 function T.cast_as_records_a_conversion_of_its_input(t)

@@ -9,7 +9,8 @@
  *   cuda_set_device(dev)      select a device for this thread
  *   cuda_synchronize([dev])   wait for queued work (nil: every device)
  *   cuda_memory_stats(dev)    {allocated, peak, reserved, active_blocks,
- *                             num_allocs, num_cudamalloc, num_cudafree}
+ *                             num_allocs, num_cudamalloc, num_cudafree,
+ *                             num_pressure_hooks, pressure_freed, pressure_reused}
  *   cuda_reset_peak(dev)      peak <- allocated
  *   cuda_empty_cache(dev)     give wholly free cached segments back
  *   cuda_device_info(dev)     {name, total_mem, free_mem, sm_count,
@@ -92,6 +93,9 @@ static int l_cuda_memory_stats(lua_State *L) {
     set_int(L, "num_allocs", st.num_allocs);
     set_int(L, "num_cudamalloc", st.num_cudamalloc);
     set_int(L, "num_cudafree", st.num_cudafree);
+    set_int(L, "num_pressure_hooks", st.num_pressure_hooks);
+    set_int(L, "pressure_freed", st.pressure_freed);
+    set_int(L, "pressure_reused", st.pressure_reused);
     return 1;
 }
 

@@ -530,6 +530,8 @@ int run_pass(const conv_call &c, int pass, ml_dtype dt, const void *xp, const vo
     return 0;
 }
 
+int v0_dtype(const conv_call &c) { return c.key.v[1]; }
+
 // Runs one pass through the graph API (conv_cudnn_graph.h) on the same
 // buffers run_pass takes, the forward's bias fused when given (*bias_added
 // says whether it was).  1 done, 0 the legacy path is to run it, -1 error.
@@ -539,6 +541,11 @@ int graph_pass(const conv_call &c, int pass, const void *xp, const void *wp, con
     conv_api api = conv_api::graph;
     if (current_api(&api) < 0) return -1;
     if (api != conv_api::graph) return 0;
+    // f32 stays on the legacy API with FMA math: the graph path's f32 plans
+    // (those cuDNN does not mark as tensor-core) failed the sd1-tiny
+    // fixture's f32 check on the GPU, which the legacy path passes; f32 is
+    // the precision of parity and fixtures, not of speed.
+    if (!is_half(v0_dtype(c))) return 0;
     algo_rule rule = algo_rule::measure;
     if (current_rule(&rule) < 0) return -1;
     const int *v = c.key.v;

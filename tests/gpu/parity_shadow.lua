@@ -117,6 +117,6 @@ return function(case, ml)
             if d ~= 0 then error(string.format("on %s: tensor %d of the record differs by %g with the cache", M.dev, i, d)) end
             worst = math.max(worst, d)
         end
-        return {ml.full({1}, worst)}
+        return {ml.full({1}, worst, {device = M.dev})}
     end, exact)
 end

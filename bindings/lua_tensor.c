@@ -69,6 +69,17 @@ int mlua_error(lua_State *L, const char *op) {
 #endif
 static _Thread_local size_t gc_debt[2];              /* [ML_CPU], [ML_CUDA] */
 static _Thread_local double gc_share[2] = {0.25, 0.5};
+/* Young collections between the full ones (gc_pacing{minor_share = s}, 0 =
+ * off, the default): with s > 0 Lua's collector runs in generational mode
+ * and a young collection -- which visits only the objects made since the
+ * last one, so it costs a fraction of a full one -- runs once the fresh
+ * bytes since the last collection of either kind reach s of the live bytes.
+ * The full collections keep their pacing above and collect what the young
+ * ones promoted.  Off by default until measured worth it (docs/gpu.md). */
+static _Thread_local size_t gc_minor_debt[2];
+static _Thread_local double gc_minor_share;
+static _Thread_local long gc_minor_steps;
+static _Thread_local double gc_minor_seconds;
 #define GC_DEBT_MIN (64 * 1024)
 /* How often each trigger ran the collector and how long it took (seconds),
  * and the CUDA storage bytes the pressure hook's collections released:
@@ -98,9 +109,26 @@ static bool collect(lua_State *L, bool by_pressure) {
     gc_collecting = false;
     if (rc < 0) return false;
     gc_debt[ML_CPU] = gc_debt[ML_CUDA] = 0;
+    gc_minor_debt[ML_CPU] = gc_minor_debt[ML_CUDA] = 0;
     gc_steps++;
     gc_seconds += dt;
     if (by_pressure) { gc_pressure_steps++; gc_pressure_seconds += dt; }
+    return true;
+}
+
+/* A young collection (generational mode only), counted apart from the full
+ * ones; false when none ran (inside a finalizer). */
+static bool collect_young(lua_State *L) {
+    if (gc_collecting) return false;
+    gc_collecting = true;
+    double t0 = mono_now();
+    int rc = lua_gc(L, LUA_GCSTEP, 0);
+    double dt = mono_now() - t0;
+    gc_collecting = false;
+    if (rc < 0) return false;
+    gc_minor_debt[ML_CPU] = gc_minor_debt[ML_CUDA] = 0;
+    gc_minor_steps++;
+    gc_minor_seconds += dt;
     return true;
 }
 
@@ -113,10 +141,13 @@ int mlua_push_tensor(lua_State *L, ml_tensor *t) {
     if (t->refcount == 1 && t->storage && t->storage->refcount == 1 && !t->storage->release) {
         int type = t->storage->device.type == ML_CUDA ? ML_CUDA : ML_CPU;
         gc_debt[type] += t->storage->nbytes;
+        gc_minor_debt[type] += t->storage->nbytes;
         if (gc_debt[type] >= GC_DEBT_MIN) {
             long long n, live[2];
             ml_storage_stats(&n, &live[ML_CPU], &live[ML_CUDA]);
             if ((double)gc_debt[type] >= (double)live[type] * gc_share[type]) collect(L, false);
+            else if (gc_minor_share > 0 && (double)gc_minor_debt[type] >= (double)live[type] * gc_minor_share)
+                collect_young(L);
         }
     }
     return 1;
@@ -765,7 +796,9 @@ static int l_arange(lua_State *L) {
  * pressure_ fields those the CUDA allocator asked for, and the CUDA tensor
  * bytes they released. */
 static int l_gc_pacing_stats(lua_State *L) {
-    lua_createtable(L, 0, 5);
+    lua_createtable(L, 0, 7);
+    lua_pushinteger(L, gc_minor_steps); lua_setfield(L, -2, "minor_steps");
+    lua_pushnumber(L, gc_minor_seconds * 1e3); lua_setfield(L, -2, "minor_ms");
     lua_pushinteger(L, gc_steps); lua_setfield(L, -2, "steps");
     lua_pushnumber(L, gc_seconds * 1e3); lua_setfield(L, -2, "ms");
     lua_pushinteger(L, gc_pressure_steps); lua_setfield(L, -2, "pressure_steps");
@@ -781,7 +814,7 @@ static double opt_share(lua_State *L, const char *key, double def) {
     return v;
 }
 
-/* gc_pacing([{cpu_share =, cuda_share =, pressure =, pressure_share =}])
+/* gc_pacing([{cpu_share =, cuda_share =, minor_share =, pressure =, pressure_share =}])
  * -> the settings as they were: a full collection once the fresh tensor
  * bytes of a device type reach that share of its live bytes (0.25 and 0.5
  * by default); whether the CUDA allocator's pressure hook collects for this
@@ -798,6 +831,7 @@ static int l_gc_pacing(lua_State *L) {
     lua_pushnumber(L, gc_share[ML_CPU]); lua_setfield(L, -2, "cpu_share");
     lua_pushnumber(L, gc_share[ML_CUDA]); lua_setfield(L, -2, "cuda_share");
     lua_pushboolean(L, pressure); lua_setfield(L, -2, "pressure");
+    lua_pushnumber(L, gc_minor_share); lua_setfield(L, -2, "minor_share");
 #ifdef ML_WITH_CUDA
     double pressure_share = ml_cuda_set_pressure_share(-1);   /* reads it */
     lua_pushnumber(L, pressure_share); lua_setfield(L, -2, "pressure_share");
@@ -806,6 +840,9 @@ static int l_gc_pacing(lua_State *L) {
     /* every option checked before any is applied */
     double cpu = opt_share(L, "cpu_share", gc_share[ML_CPU]);
     double cuda = opt_share(L, "cuda_share", gc_share[ML_CUDA]);
+    double minor = mlua_opt_field_number(L, 1, "minor_share", gc_minor_share);
+    if (!(minor >= 0 && minor <= 64))
+        return luaL_error(L, "gc_pacing: minor_share must be a number from 0 (off) to 64 (got %f)", minor);
     lua_getfield(L, 1, "pressure");
     int want = lua_type(L, -1);
     bool on = lua_toboolean(L, -1);
@@ -819,6 +856,9 @@ static int l_gc_pacing(lua_State *L) {
 #endif
     gc_share[ML_CPU] = cpu;
     gc_share[ML_CUDA] = cuda;
+    if ((minor > 0) != (gc_minor_share > 0)) lua_gc(L, minor > 0 ? LUA_GCGEN : LUA_GCINC, 0, 0);
+    gc_minor_share = minor;
+    gc_minor_debt[ML_CPU] = gc_minor_debt[ML_CUDA] = 0;
 #ifdef ML_WITH_CUDA
     if (want == LUA_TBOOLEAN) gc_pressure_register(L, on);
     ml_cuda_set_pressure_share(ps);

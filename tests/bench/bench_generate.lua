@@ -23,7 +23,11 @@ p:option("device", {type = "string", default = "cuda", help = "cpu, cuda or cuda
 p:option("profile", {type = "integer", default = 0,
                      help = "after timing, profile one denoising step at the first batch size: wall time against "
                          .. "the GPU time of its kernels (a step that waits on the host shows a gap), top N kernels"})
+p:option("gc_minor_share", {type = "number", default = 0,
+                            help = "young collections between the full ones at this share of the live tensor bytes "
+                                .. "(core.gc_pacing's minor_share; 0: off)"})
 local o = p:parse(arg or {})
+if o.gc_minor_share > 0 then core.gc_pacing {minor_share = o.gc_minor_share} end
 local dev = o.device
 local on_gpu = dev:sub(1, 4) == "cuda"
 local function sync() if on_gpu then core.cuda_synchronize(0) end end
@@ -85,8 +89,9 @@ for _, n in ipairs(batches) do
     local gc1 = core.gc_pacing_stats()
     local peak = on_gpu and core.cuda_memory_stats(0).peak / 2 ^ 30 or 0
     print(string.format("generate %d steps batch %d: %.3f s (%.1f UNet it/s), peak %.2f GiB; Lua GC paced by tensor "
-                        .. "memory: %d collections, %.1f ms", o.steps, n, s, o.steps / s, peak, gc1.steps - gc0.steps,
-                        (gc1.ms - gc0.ms)))
+                        .. "memory: %d collections, %.1f ms%s", o.steps, n, s, o.steps / s, peak, gc1.steps - gc0.steps,
+                        (gc1.ms - gc0.ms), o.gc_minor_share > 0 and string.format("; %d young, %.1f ms",
+                        gc1.minor_steps - gc0.minor_steps, gc1.minor_ms - gc0.minor_ms) or ""))
 end
 
 if o.profile > 0 then

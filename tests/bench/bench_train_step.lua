@@ -38,6 +38,9 @@ p:option("bucket_mb", {type = "number", default = 25, help = "DDP bucket size in
 p:option("gradient_checkpointing", {type = "boolean", default = false,
                                     help = "recompute the UNet's and text encoder's blocks in backward (less memory)"})
 p:option("grad_dtype", {type = "string", default = "f32", choices = {"f32", "bf16"}, help = "dtype of DDP's all-reduce"})
+p:option("gc_sweep", {type = "integer", default = 0,
+                      help = "after the timing: N steps under each of a set of collector pacings, one table row each "
+                          .. "(step ms, peak, memory at the end of forward, collections per step)"})
 local o = p:parse(arg or {})
 if o.num_workers < 1 then p:error("--num_workers must be >= 1") end
 if ml.train.launch_if_needed(o.num_workers, {device = o.device}) then return end
@@ -101,7 +104,10 @@ end
 
 -- One step; with `phases`, the time of each part is added to it (the GPU is
 -- synchronised between parts, as the peer's CUDA events separate them).
-local function step(phases)
+-- `probe` (a table), when given, gets the CUDA memory at the end of forward
+-- (allocated, and allocated after a full collection when probe.collect) and
+-- the forward's peak; probe.gc_before_backward collects before backward.
+local function step(phases, probe)
     local function mark(name, a)
         if not phases then return end
         sync()
@@ -118,6 +124,14 @@ local function step(phases)
     local noisy = ddpm:add_noise(latents, noise, t)
     local pred = compute(function() return m.unet(noisy, t, m.text_encoder(ids)) end)
     local loss = prior_preserving_loss(pred, noise, 1.0)
+    if probe and on_gpu then
+        local st = core.cuda_memory_stats(0)
+        probe.fwd_alloc, probe.fwd_peak = st.allocated, st.peak
+        if probe.collect or probe.gc_before_backward then
+            collectgarbage()
+            probe.fwd_live = core.cuda_memory_stats(0).allocated
+        end
+    end
     loss:backward()
     a = mark("text+unet fwd/bwd", a)
     if ddp then
@@ -177,6 +191,62 @@ if o.profile_by_scope > 0 then
     local rep = ml.profile({by_scope = true}, step)
     say("  kernels of one step by scope:")
     if rank == 0 then rep:print(o.profile_by_scope); rep:by_scope(o.profile_by_scope) end
+end
+-- The collector's pacing against the peak: dead tensors hold their memory
+-- until Lua collects their boxes, so the peak counts the garbage of the
+-- step as well as what lives.  Each row: that pacing's median step, peak,
+-- the allocation at the end of forward (and what of it still lives after
+-- a full collection: activations saved for backward, weights, shadows),
+-- and the collections it ran per step.
+if o.gc_sweep > 0 and on_gpu then
+    local defaults = core.gc_pacing()
+    local rows = {
+        {"default", {}},
+        {"cuda_share 1/8", {cuda_share = 0.125}},
+        {"cuda_share 1/32", {cuda_share = 1 / 32}},
+        {"young 1/16", {minor_share = 1 / 16}},
+        {"young 1/32", {minor_share = 1 / 32}},
+        {"young 1/64", {minor_share = 1 / 64}},
+        {"full before backward", {}, {gc_before_backward = true}},
+        {"young 1/32 + full before bwd", {minor_share = 1 / 32}, {gc_before_backward = true}},
+        {"exact (full at fwd end)", {cuda_share = 1 / 64}, {collect = true}},
+    }
+    say("  collector pacing sweep (%d steps each, after one):", o.gc_sweep)
+    say("  %-30s %9s %9s %10s %10s %10s %8s %8s %8s", "pacing", "median ms", "peak GiB", "fwd alloc", "fwd peak",
+        "fwd live", "full/st", "young/st", "gc ms/st")
+    for _, r in ipairs(rows) do
+        local cfg = {}
+        for k, v in pairs(defaults) do cfg[k] = v end
+        for k, v in pairs(r[2]) do cfg[k] = v end
+        cfg.minor_share = r[2].minor_share or 0
+        core.gc_pacing(cfg)
+        local probe = {}
+        for k, v in pairs(r[3] or {}) do probe[k] = v end
+        step(nil, probe)
+        collectgarbage()
+        sync()
+        core.cuda_reset_peak(0)
+        local g0 = core.gc_pacing_stats()
+        local ts, fa, fp, fl = {}, 0, 0, 0
+        for i = 1, o.gc_sweep do
+            sync()
+            local a = now()
+            step(nil, probe)
+            sync()
+            ts[i] = now() - a
+            fa, fp = math.max(fa, probe.fwd_alloc), math.max(fp, probe.fwd_peak)
+            fl = math.max(fl, probe.fwd_live or 0)
+        end
+        local g1 = core.gc_pacing_stats()
+        table.sort(ts)
+        local n = o.gc_sweep
+        say("  %-30s %9.1f %9.2f %10.2f %10.2f %10s %8.1f %8.1f %8.2f", r[1], ts[(n + 1) // 2] * 1e3,
+            core.cuda_memory_stats(0).peak / 2 ^ 30, fa / 2 ^ 30, fp / 2 ^ 30,
+            fl > 0 and string.format("%.2f", fl / 2 ^ 30) or "-", (g1.steps - g0.steps) / n,
+            (g1.minor_steps - g0.minor_steps) / n, (g1.ms - g0.ms + g1.minor_ms - g0.minor_ms) / n)
+    end
+    defaults.minor_share = 0
+    core.gc_pacing(defaults)
 end
 local phases = {}
 local gc0 = core.gc_pacing_stats()

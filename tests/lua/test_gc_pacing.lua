@@ -44,9 +44,45 @@ function tests.cpu_share_changes_the_rule(t)
     t:assertEq(core.gc_pacing().cpu_share, 0.25, "restored")
 end
 
+-- minor_share: young collections (generational mode) between the full
+-- ones.  With x live (4 MB), a share of 1/8 calls for one at every
+-- temporary at first; the cpu_share of 64 keeps the full ones out of the
+-- loop.  A temporary that is still an operand when the next young
+-- collection runs survives two and is promoted to the old generation,
+-- where only a full collection takes it: so the live bytes (garbage
+-- included) grow until the share of them exceeds a temporary, and from
+-- then a young collection runs at every other one (measured: 107 of 200).
+-- Turning it off returns to the incremental mode and full collections
+-- only.
+function tests.minor_share_runs_young_collections(t)
+    local was = core.gc_pacing {cpu_share = 64, minor_share = 0.125}
+    t:assertEq(core.gc_pacing().minor_share, 0.125, "setting read back")
+    t:assertEq(collectgarbage("incremental"), "generational", "Lua's collector in generational mode")
+    collectgarbage("generational")
+    local s0 = core.gc_pacing_stats()
+    local ok, n, wrong = pcall(loop_collections)
+    local s1 = core.gc_pacing_stats()
+    was.minor_share = 0
+    core.gc_pacing(was)
+    t:assert(ok, tostring(n))
+    t:assertEq(wrong, 0, "sums")
+    local young = s1.minor_steps - s0.minor_steps
+    t:assert(young >= 100 and young <= 200, "a young collection at every temporary or every other: " .. young)
+    t:assertEq(n, 0, "no full collection from the pacing")
+    t:assertEq(core.gc_pacing().minor_share, 0, "off again")
+    t:assertEq(collectgarbage("incremental"), "incremental", "back in incremental mode")
+    -- dead tensors still go: a loop of 400 MB of temporaries stays small
+    local m0 = core.memory_stats().cpu_bytes
+    core.gc_pacing {minor_share = 1 / 64}
+    for _ = 1, 100 do local _ = ml.zeros(1000 * 1000) + 1 end
+    local m1 = core.memory_stats().cpu_bytes
+    core.gc_pacing {minor_share = 0}
+    t:assert(m1 - m0 < 64e6, string.format("live CPU bytes grew by %.1f MB", (m1 - m0) / 1e6))
+end
+
 function tests.stats_fields(t)
     local s = core.gc_pacing_stats()
-    for _, k in ipairs {"steps", "ms", "pressure_steps", "pressure_ms", "pressure_freed_bytes"} do
+    for _, k in ipairs {"steps", "ms", "minor_steps", "minor_ms", "pressure_steps", "pressure_ms", "pressure_freed_bytes"} do
         t:assert(type(s[k]) == "number", "gc_pacing_stats()." .. k)
     end
     if not core.cuda_available() then
@@ -61,6 +97,7 @@ function tests.bad_settings(t)
         {{cuda_share = 65}, "cuda_share must be a number above 0 and at most 64"},
         {{cpu_share = "x"}, "option 'cpu_share' must be a number"},
         {{pressure = 1}, "pressure must be a boolean %(got number%)"},
+        {{minor_share = -0.5}, "minor_share must be a number from 0 %(off%) to 64"},
     }
     for _, c in ipairs(cases) do
         local ok, err = pcall(core.gc_pacing, c[1])

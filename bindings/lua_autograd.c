@@ -268,12 +268,72 @@ static int l_tensor_key(lua_State *L) {
     return 1;
 }
 
+/* saved_census(t) -> {{op =, nodes =, tensors =, bytes =}, ...}: what the
+ * graph behind t holds for backward, by the op of the node that saved it
+ * (ml_saved_census: each storage counted once), largest first; {} for a
+ * tensor without history.  What holds the activations of a training step
+ * between its forward and backward. */
+typedef struct { lua_State *L; int tab; } census_ctx;
+
+static void census_add(void *vctx, const char *node, int n_saved, int fresh, size_t bytes) {
+    census_ctx *c = vctx;
+    lua_State *L = c->L;
+    if (lua_getfield(L, c->tab, node) != LUA_TTABLE) {
+        lua_pop(L, 1);
+        lua_createtable(L, 0, 4);
+        lua_pushstring(L, node); lua_setfield(L, -2, "op");
+        lua_pushinteger(L, 0); lua_setfield(L, -2, "nodes");
+        lua_pushinteger(L, 0); lua_setfield(L, -2, "tensors");
+        lua_pushinteger(L, 0); lua_setfield(L, -2, "bytes");
+        lua_pushvalue(L, -1);
+        lua_setfield(L, c->tab, node);
+    }
+    const char *keys[3] = {"nodes", "tensors", "bytes"};
+    lua_Integer add[3] = {1, fresh, (lua_Integer)bytes};
+    (void)n_saved;
+    for (int k = 0; k < 3; k++) {
+        lua_getfield(L, -1, keys[k]);
+        lua_Integer v = lua_tointeger(L, -1) + add[k];
+        lua_pop(L, 1);
+        lua_pushinteger(L, v);
+        lua_setfield(L, -2, keys[k]);
+    }
+    lua_pop(L, 1);
+}
+
+static int census_cmp(lua_State *L) {
+    lua_getfield(L, 1, "bytes");
+    lua_getfield(L, 2, "bytes");
+    lua_pushboolean(L, lua_tointeger(L, -2) > lua_tointeger(L, -1));
+    return 1;
+}
+
+static int l_saved_census(lua_State *L) {
+    ml_tensor *t = mlua_check_tensor(L, 1);
+    lua_settop(L, 1);
+    lua_newtable(L);                          /* 2: by op */
+    census_ctx c = {L, 2};
+    if (ml_saved_census(t, census_add, &c) < 0) return mlua_error(L, NULL);
+    lua_newtable(L);                          /* 3: the list */
+    lua_Integer n = 0;
+    lua_pushnil(L);
+    while (lua_next(L, 2)) { lua_rawseti(L, 3, ++n); }
+    /* table.sort(list, by bytes descending) */
+    lua_getglobal(L, "table");
+    lua_getfield(L, -1, "sort");
+    lua_pushvalue(L, 3);
+    lua_pushcfunction(L, census_cmp);
+    lua_call(L, 2, 0);
+    lua_pop(L, 1);
+    return 1;
+}
+
 void mlua_open_autograd(lua_State *L) {
     static const luaL_Reg funcs[] = {
         {"is_grad_enabled", l_is_grad_enabled}, {"set_grad_enabled", l_set_grad_enabled},
         {"no_grad", l_no_grad}, {"enable_grad", l_enable_grad}, {"checkpoint_node", l_checkpoint_node},
         {"set_grad_ready_callback", l_set_grad_ready_callback}, {"grad_ready_error", l_grad_ready_error},
-        {"tensor_key", l_tensor_key}, {NULL, NULL},
+        {"tensor_key", l_tensor_key}, {"saved_census", l_saved_census}, {NULL, NULL},
     };
     static const luaL_Reg methods[] = {
         {"backward", t_backward}, {"register_hook", t_register_hook}, {"remove_hook", t_remove_hook},

@@ -252,16 +252,16 @@ static int push_node(graph *g, ml_node *n) {
 
 /* Leaf lookup by linear scan would be quadratic for models with ~1000
  * parameters; a pointer-keyed open-addressing table keeps it linear. */
-typedef struct { ml_tensor **keys; size_t *vals; size_t cap, n; } ptr_map;
+typedef struct { const void **keys; size_t *vals; size_t cap, n; } ptr_map;
 
 static size_t pm_hash(const void *p, size_t cap) { return ((uintptr_t)p >> 4) * 11400714819323198485ull & (cap - 1); }
 
 /* Returns the slot for k (inserting it with value SIZE_MAX if new), or NULL
  * when out of memory. */
-static size_t *pm_slot(ptr_map *m, ml_tensor *k) {
+static size_t *pm_slot(ptr_map *m, const void *k) {
     if ((m->n + 1) * 2 > m->cap) {
         size_t nc = m->cap ? m->cap * 2 : 128;
-        ml_tensor **nk = calloc(nc, sizeof *nk);
+        const void **nk = calloc(nc, sizeof *nk);
         size_t *nv = calloc(nc, sizeof *nv);
         if (!nk || !nv) { free(nk); free(nv); return NULL; }
         for (size_t i = 0; i < m->cap; i++) {
@@ -277,6 +277,43 @@ static size_t *pm_slot(ptr_map *m, ml_tensor *k) {
     while (m->keys[i] && m->keys[i] != k) i = (i + 1) & (m->cap - 1);
     if (!m->keys[i]) { m->keys[i] = k; m->vals[i] = SIZE_MAX; m->n++; }
     return &m->vals[i];
+}
+
+/* ---- what a graph holds (ml_saved_census) -------------------------------- */
+
+int ml_saved_census(const ml_tensor *root, ml_census_fn fn, void *ctx) {
+    if (!root->grad_fn) return 0;
+    graph g = {0};
+    ptr_map seen = {0}, storages = {0};
+    int rc = -1;
+    if (!pm_slot(&seen, root->grad_fn)) { ml_error("saved_census: out of memory"); goto out; }
+    if (push_node(&g, root->grad_fn) < 0) goto out;
+    for (size_t k = 0; k < g.n_nodes; k++) {
+        ml_node *n = g.nodes[k];
+        int fresh = 0;
+        size_t bytes = 0;
+        for (int j = 0; !n->released && j < n->n_saved; j++) {
+            ml_storage *st = n->saved[j] ? n->saved[j]->storage : NULL;
+            if (!st) continue;
+            size_t before = storages.n;
+            if (!pm_slot(&storages, st)) { ml_error("saved_census: out of memory"); goto out; }
+            if (storages.n > before) { fresh++; bytes += st->nbytes; }
+        }
+        if (!n->released) fn(ctx, n->name, n->n_saved, fresh, bytes);
+        for (int i = 0; i < n->n_inputs; i++) {
+            ml_node *c = n->next[i].fn;
+            if (!c) continue;
+            size_t before = seen.n;
+            if (!pm_slot(&seen, c)) { ml_error("saved_census: out of memory"); goto out; }
+            if (seen.n > before && push_node(&g, c) < 0) goto out;
+        }
+    }
+    rc = 0;
+out:
+    free(g.nodes);
+    free(seen.keys); free(seen.vals);
+    free(storages.keys); free(storages.vals);
+    return rc;
 }
 
 /* *acc += g (a new tensor; *acc keeps its value on failure).  e is the

@@ -117,6 +117,15 @@ void ml_mark_modified(ml_tensor *t);
  * ones).  Gradients of leaves accumulate into leaf->grad. */
 int ml_backward(ml_tensor *root, ml_tensor *grad, bool retain_graph);
 
+/* What the graph behind root holds for backward: fn is called once per
+ * node reachable from root's grad_fn with the node's name, its saved
+ * tensors, how many of them hold a storage no node visited before held,
+ * and those storages' bytes (each storage counted once, at the first node
+ * that saved it; a node already run without retain_graph is not reported).
+ * 0 / -1 (out of memory). */
+typedef void (*ml_census_fn)(void *ctx, const char *node, int n_saved, int fresh, size_t fresh_bytes);
+int ml_saved_census(const ml_tensor *root, ml_census_fn fn, void *ctx);
+
 /* ---- hooks on leaf tensors --------------------------------------------- */
 /* Called with the incoming gradient before it is accumulated into .grad.
  * Return a NEW reference to replace it, or NULL to keep it (set *err = 1 on

@@ -41,6 +41,8 @@ p:option("grad_dtype", {type = "string", default = "f32", choices = {"f32", "bf1
 p:option("gc_sweep", {type = "integer", default = 0,
                       help = "after the timing: N steps under each of a set of collector pacings, one table row each "
                           .. "(step ms, peak, memory at the end of forward, collections per step)"})
+p:option("saved_census", {type = "integer", default = 0,
+                          help = "print the N ops whose saved tensors hold the most memory at the end of forward"})
 local o = p:parse(arg or {})
 if o.num_workers < 1 then p:error("--num_workers must be >= 1") end
 if ml.train.launch_if_needed(o.num_workers, {device = o.device}) then return end
@@ -124,6 +126,17 @@ local function step(phases, probe)
     local noisy = ddpm:add_noise(latents, noise, t)
     local pred = compute(function() return m.unet(noisy, t, m.text_encoder(ids)) end)
     local loss = prior_preserving_loss(pred, noise, 1.0)
+    if probe and probe.census then
+        local list, total = core.saved_census(loss), 0
+        for _, e in ipairs(list) do total = total + e.bytes end
+        say("  saved for backward at the end of forward: %.3f GiB in %d ops; the %d largest:", total / 2 ^ 30, #list,
+            math.min(probe.census, #list))
+        say("  %-28s %8s %8s %10s", "node", "nodes", "tensors", "MiB")
+        for i = 1, math.min(probe.census, #list) do
+            local e = list[i]
+            say("  %-28s %8d %8d %10.1f", e.op, e.nodes, e.tensors, e.bytes / 2 ^ 20)
+        end
+    end
     if probe and on_gpu then
         local st = core.cuda_memory_stats(0)
         probe.fwd_alloc, probe.fwd_peak = st.allocated, st.peak
@@ -248,6 +261,7 @@ if o.gc_sweep > 0 and on_gpu then
     defaults.minor_share = 0
     core.gc_pacing(defaults)
 end
+if o.saved_census > 0 then step(nil, {census = o.saved_census}) end
 local phases = {}
 local gc0 = core.gc_pacing_stats()
 for _ = 1, 3 do step(phases) end

@@ -355,4 +355,24 @@ function tests.optimizer_step_between_retained_backwards(t)
     end
 end
 
+function tests.saved_census_counts_each_storage_once(t)
+    local core = ml.core
+    local w = ml.ones({4, 4}, {requires_grad = true})
+    local x = ml.ones(2, 4)
+    t:assertEq(#core.saved_census(w), 0, "a leaf holds nothing")
+    local h = x:matmul(w)           -- saves x and w
+    local y = (h * h):sum()         -- mul saves h twice: one storage
+    local by = {}
+    local total = 0
+    for _, e in ipairs(core.saved_census(y)) do by[e.op] = e; total = total + e.bytes end
+    t:assert(by.mul and by.matmul, "mul and matmul listed")
+    t:assertEq(by.mul.nodes, 1, "one mul node")
+    t:assertEq(by.mul.tensors, 1, "h saved twice is one storage")
+    t:assertEq(by.mul.bytes, 2 * 4 * 4, "h's bytes")
+    t:assertEq(by.matmul.tensors, 2, "x and w")
+    t:assertEq(total, (2 * 4 + 4 * 4 + 2 * 4) * 4, "every storage once")
+    y:backward()
+    t:assertEq(#core.saved_census(y), 0, "nothing held after backward")
+end
+
 return tests

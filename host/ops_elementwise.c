@@ -106,7 +106,22 @@ static int run_binary_scalar(ml_binop op, ml_tensor *out, const ml_tensor *a, do
 
 /* ---- binary ------------------------------------------------------------- */
 
-/* saved: a, b (and the output for pow); i[0] = op. */
+/* Which operands op's backward reads, given which inputs need a gradient:
+ * bit 0 a, bit 1 b.  add and sub read neither (their inputs' shapes and
+ * dtypes are on the edges): saving them would keep every residual sum's
+ * operands alive until backward, most of a UNet's activations. */
+static int binary_saves(ml_binop op, bool need_a, bool need_b) {
+    switch (op) {
+    case ML_ADD: case ML_SUB: return 0;
+    case ML_MUL: return (need_a ? 2 : 0) | (need_b ? 1 : 0);
+    case ML_DIV: return 2 | (need_b ? 1 : 0);
+    default: return 3;
+    }
+}
+
+/* saved: a, b, each NULL where binary_saves says backward does not read
+ * it (the slots stay put so errors name "saved tensor 2" for b whatever
+ * was saved), and the output for pow; i[0] = op. */
 static int binary_backward(ml_node *n, ml_tensor *g, ml_tensor **gin) {
     ml_binop op = (ml_binop)n->i[0];
     ml_tensor *a = n->saved[0], *b = n->saved[1];
@@ -218,9 +233,10 @@ ml_tensor *ml_binary(ml_binop op, ml_tensor *a, ml_tensor *b) {
     if (is_compare(op) || !ml_dtype_is_float(ct)) return out;
     ml_node *n = ml_node_begin(binop_registry_op(op), binary_backward, 2, ab);
     if (n) {
+        int saves = binary_saves(op, ml_node_needs_grad(n, 0), ml_node_needs_grad(n, 1));
         n->i[0] = op;
-        ml_node_save(n, a);
-        ml_node_save(n, b);
+        ml_node_save(n, saves & 1 ? a : NULL);
+        ml_node_save(n, saves & 2 ? b : NULL);
         if (op == ML_POW) ml_node_save(n, out);
         ml_node_finish(n, out);
     }
@@ -246,7 +262,14 @@ static ml_dtype scalar_dtype(ml_binop op, ml_dtype t, double s) {
     return t;
 }
 
-/* f[0] = s; i[0] = op; i[1] = scalar_first; saved: a (and the output for s^a). */
+/* Whether a op s (s op a when first) reads a in backward: only s / a
+ * and a ^ s do; s ^ a reads its output. */
+static bool scalar_saves_input(ml_binop op, bool first) {
+    return (op == ML_DIV && first) || (op == ML_POW && !first);
+}
+
+/* f[0] = s; i[0] = op; i[1] = scalar_first; saved: a (NULL where
+ * scalar_saves_input says backward does not read it), the output for s^a. */
 static int scalar_backward(ml_node *n, ml_tensor *g, ml_tensor **gin) {
     ml_binop op = (ml_binop)n->i[0];
     bool first = n->i[1];
@@ -307,7 +330,7 @@ static ml_tensor *binary_scalar(ml_binop op, ml_tensor *a, double s, bool first,
         n->i[0] = op;
         n->i[1] = first;
         n->f[0] = s;
-        ml_node_save(n, a);
+        ml_node_save(n, scalar_saves_input(op, first) ? a : NULL);
         if (op == ML_POW && first) ml_node_save(n, out);
         ml_node_finish(n, out);
     }

@@ -701,6 +701,19 @@ function nn.parameters(...)
     return out
 end
 
+-- nn.release(t, ...): t:free() unless t is one of the values after it (nil
+-- is ignored).  A forward calls it on each intermediate it is done with, so
+-- that the memory goes back at once rather than at the next collection: the
+-- graph holds what backward needs by references of its own, and a freed
+-- box only drops the Lua side's.  The values kept are what a submodule might
+-- have handed back unchanged (an input, an output), which must live on.
+function nn.release(t, ...)
+    if t == nil then return end
+    for i = 1, select("#", ...) do
+        if rawequal(t, (select(i, ...))) then return end
+    end
+    t:free()
+end
 
 -- ml.nn.lora (moonlit.lora) loads on first use: it builds on this module.
 setmetatable(nn, {__index = function(t, k) if k == "lora" then rawset(t, k, require "moonlit.lora"); return rawget(t, k) end end})

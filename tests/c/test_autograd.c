@@ -256,7 +256,8 @@ static ml_tensor *constant(int n, double v) {
     return ml_full(1, &s, v, ML_F64, ml_cpu());
 }
 
-/* sum(w * x) with w a leaf and x a constant: mul saves both. */
+/* sum(w * x) with w a leaf and x a constant: mul saves x (w's gradient
+ * reads it; w is saved only when x needs a gradient too). */
 static ml_tensor *weighted_sum(ml_tensor *w, ml_tensor *x) {
     ml_tensor *y = ml_mul(w, x), *s = ml_sum(y, 0, NULL, false);
     ml_release(y);
@@ -309,7 +310,10 @@ static void test_saved_versions(void) {
           "a write through the base is caught: %s", ml_last_error());
     ml_release(s); ml_release(all); ml_release(row0); ml_release(row1); ml_release(x);
 
-    /* retain_graph, an optimizer-style update of the leaf, a second backward */
+    /* retain_graph, an optimizer-style update of the leaf, a second backward.
+     * With x a constant, mul saves only x (w's gradient reads x, nothing
+     * reads w), so stepping w leaves the graph valid, as in PyTorch; with
+     * x needing a gradient too, w is saved and the step invalidates it. */
     ml_release(w->grad); w->grad = NULL;
     x = constant(3, 2);
     s = weighted_sum(w, x);
@@ -318,6 +322,16 @@ static void test_saved_versions(void) {
     bool prev = ml_set_grad_enabled(false);
     CHECK(ml_adamw_step_(w, w->grad, m, v, 0.1, 0.9, 0.999, 1e-8, 0, 1, 0, 0) == 0, "adamw step");
     ml_set_grad_enabled(prev);
+    CHECK(ml_backward(s, NULL, false) == 0, "w is not saved when x needs no gradient: %s", ml_last_error());
+    ml_release(s);
+    x->requires_grad = true;
+    ml_release(w->grad); w->grad = NULL;
+    s = weighted_sum(w, x);
+    CHECK(ml_backward(s, NULL, true) == 0, "first backward with retain_graph (x needs a gradient)");
+    prev = ml_set_grad_enabled(false);
+    CHECK(ml_adamw_step_(w, w->grad, m, v, 0.1, 0.9, 0.999, 1e-8, 0, 2, 0, 0) == 0, "adamw step");
+    ml_set_grad_enabled(prev);
+    ml_error("(no error)");
     CHECK(ml_backward(s, NULL, false) < 0 && has(ml_last_error(), "saved tensor 1 of 'mul'"),
           "second backward after the parameter was stepped fails: %s", ml_last_error());
     ml_release(s); ml_release(m); ml_release(v); ml_release(x); ml_release(w);

@@ -4,6 +4,7 @@
 --   vae:decode(z [N,h,w,4]) -> [N,H,W,3]
 local core = require "moonlit.core"
 local nn = require "moonlit.nn"
+local release = nn.release
 local B = require "moonlit.models.blocks"
 
 local M = {}
@@ -18,10 +19,26 @@ function MidBlock:init(c, groups)
     self:add_module("attentions", attns)
     self:add_module("resnets", resnets)
 end
+-- Intermediates are released once used (nn.release), never the input.
 function MidBlock:forward(h)
-    h = self.resnets[1](h)
-    h = self.attentions[1](h)
-    return self.resnets[2](h)
+    local r1 = self.resnets[1](h)
+    local a = self.attentions[1](r1)
+    release(r1, h, a)
+    local r2 = self.resnets[2](a)
+    release(a, h, r2)
+    return r2
+end
+
+-- x through each of fns in turn, releasing each intermediate once used
+-- (never x).
+local function chain(x, fns)
+    local h = x
+    for _, f in ipairs(fns) do
+        local nh = f(h)
+        release(h, x, nh)
+        h = nh
+    end
+    return h
 end
 
 -- DownEncoderBlock2D / UpDecoderBlock2D: a stack of resnets, then an
@@ -42,10 +59,10 @@ local function resnet_stack(name, sampler_field, make_sampler)
         end
     end
     function cls:forward(h)
-        for _, r in ipairs(self.resnets:children()) do h = r(h) end
+        local fns = self.resnets:children()
         local s = self[sampler_field]
-        if s then h = s[1](h) end
-        return h
+        if s then fns[#fns + 1] = s[1] end
+        return chain(h, fns)
     end
     return cls
 end
@@ -70,11 +87,13 @@ function Encoder:init(cfg)
     self:add_module("conv_norm_out", nn.GroupNorm(groups, boc[#boc], {eps = 1e-6}))
     self:add_module("conv_out", nn.Conv2d(boc[#boc], 2 * cfg.latent_channels, 3, {padding = 1}))
 end
+local function norm_out_silu(m) return function(h) return m(h, {silu = true}) end end
+
 function Encoder:forward(x)
-    local h = self.conv_in(x)
-    for _, b in ipairs(self.down_blocks:children()) do h = b(h) end
-    h = self.mid_block(h)
-    return self.conv_out(self.conv_norm_out(h, {silu = true}))
+    local fns = {self.conv_in}
+    for _, b in ipairs(self.down_blocks:children()) do fns[#fns + 1] = b end
+    for _, f in ipairs {self.mid_block, norm_out_silu(self.conv_norm_out), self.conv_out} do fns[#fns + 1] = f end
+    return chain(x, fns)
 end
 
 local Decoder = nn.Module:extend("Decoder")
@@ -96,10 +115,11 @@ function Decoder:init(cfg)
     self:add_module("conv_out", nn.Conv2d(boc[1], cfg.out_channels or 3, 3, {padding = 1}))
 end
 function Decoder:forward(z)
-    local h = self.conv_in(z)
-    h = self.mid_block(h)
-    for _, b in ipairs(self.up_blocks:children()) do h = b(h) end
-    return self.conv_out(self.conv_norm_out(h, {silu = true}))
+    local fns = {self.conv_in, self.mid_block}
+    for _, b in ipairs(self.up_blocks:children()) do fns[#fns + 1] = b end
+    fns[#fns + 1] = norm_out_silu(self.conv_norm_out)
+    fns[#fns + 1] = self.conv_out
+    return chain(z, fns)
 end
 
 -- ---- the posterior ------------------------------------------------------------

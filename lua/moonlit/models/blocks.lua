@@ -4,6 +4,7 @@
 -- state_dict keys match the files.  All activations are NHWC.
 local core = require "moonlit.core"
 local nn = require "moonlit.nn"
+local release = nn.release
 
 local B = {}
 
@@ -25,19 +26,33 @@ function ResnetBlock2D:init(o)
     if cin ~= cout then self:add_module("conv_shortcut", nn.Conv2d(cin, cout, 1)) end
 end
 
--- x [N,H,W,Cin], temb [N,T] (already silu'd by the caller? no: raw) -> [N,H,W,Cout]
+-- x [N,H,W,Cin], temb [N,T] -> [N,H,W,Cout].  Each intermediate is
+-- released (nn.release) once used: what backward needs the graph holds.
 function ResnetBlock2D:forward(x, temb)
-    local h = self.norm1(x, {silu = true})
-    h = self.conv1(h)
+    local n1 = self.norm1(x, {silu = true})
+    local h = self.conv1(n1)
+    release(n1, x, h)
     if temb and self.time_emb_proj then
-        local t = self.time_emb_proj(core.silu(temb))            -- [N, Cout]
-        h = h + t:view(t:size(1), 1, 1, t:size(2))
+        local st = core.silu(temb)
+        local t = self.time_emb_proj(st)                         -- [N, Cout]
+        release(st, temb, t)
+        local tv = t:view(t:size(1), 1, 1, t:size(2))
+        local ht = h + tv
+        release(tv, temb); release(t, temb); release(h, x)
+        h = ht
     end
-    h = self.norm2(h, {silu = true})
-    h = self.conv2(h)
+    local n2 = self.norm2(h, {silu = true})
+    release(h, x, n2)
+    h = self.conv2(n2)
+    release(n2, x, h)
     local sc = self.conv_shortcut and self.conv_shortcut(x) or x
     local out = sc + h
-    if self.output_scale_factor ~= 1 then out = out / self.output_scale_factor end
+    release(h, x); release(sc, x)
+    if self.output_scale_factor ~= 1 then
+        local scaled = out / self.output_scale_factor
+        release(out, x)
+        out = scaled
+    end
     return out
 end
 
@@ -67,25 +82,47 @@ end
 
 -- x [B, S, C] (or [B,H,W,C] for the VAE form), context [B, S2, Cc] or nil
 function Attention:forward(x, context)
-    local residual = x
+    local input = x
     local shape4 = nil
     if x:dim() == 4 then
         shape4 = x:size()
         if self.group_norm then x = self.group_norm(x) end
-        x = x:view(shape4[1], shape4[2] * shape4[3], shape4[4])
+        local flat = x:view(shape4[1], shape4[2] * shape4[3], shape4[4])
+        release(x, input, flat)
+        x = flat
     elseif self.group_norm then
         x = self.group_norm(x)
     end
     local b, s = x:size(1), x:size(2)
-    context = context or x
-    local q = self.to_q(x):view(b, s, self.heads, self.dim_head)
-    local k = self.to_k(context):view(b, context:size(2), self.heads, self.dim_head)
-    local v = self.to_v(context):view(b, context:size(2), self.heads, self.dim_head)
-    local o = core.scaled_dot_product_attention(q, k, v)
-    o = self.to_out[1](o:view(b, s, self.heads * self.dim_head))
-    if shape4 then o = o:view(shape4) end
-    if self.residual then o = o + residual end
-    return o
+    local src = context or x
+    local function heads(proj)
+        local p = proj(src)
+        local hv = p:view(b, src:size(2), self.heads, self.dim_head)
+        release(p, src, hv)
+        return hv
+    end
+    local q = self.to_q(x)
+    local qv = q:view(b, s, self.heads, self.dim_head)
+    release(q, x, qv)
+    local k, v = heads(self.to_k), heads(self.to_v)
+    release(x, input, context)
+    local o = core.scaled_dot_product_attention(qv, k, v)
+    release(qv, input, context); release(k, input, context); release(v, input, context)
+    local ov = o:view(b, s, self.heads * self.dim_head)
+    release(o, ov)
+    local out = self.to_out[1](ov)
+    release(ov, out)
+    if shape4 then
+        local o4 = out:view(shape4)
+        release(out, o4)
+        out = o4
+    end
+    if self.residual then
+        local r = out + input
+        release(out, input)
+        out = r
+    end
+    return out
 end
 
 -- ---- FeedForward with GEGLU ------------------------------------------------
@@ -97,7 +134,10 @@ function GEGLU:init(din, dout) self:add_module("proj", nn.Linear(din, dout * 2))
 -- of a strided gelu and product forward and, backward, two full-size
 -- zero-filled narrow gradients summed.
 function GEGLU:forward(x)
-    return core.geglu(self.proj(x))
+    local h = self.proj(x)
+    local y = core.geglu(h)
+    release(h, x, y)
+    return y
 end
 
 local FeedForward = nn.Module:extend("FeedForward")
@@ -109,7 +149,12 @@ function FeedForward:init(dim, mult)
     net:append(nn.Linear(inner, dim))
     self:add_module("net", net)
 end
-function FeedForward:forward(x) return self.net[3](self.net[1](x)) end
+function FeedForward:forward(x)
+    local h = self.net[1](x)
+    local y = self.net[3](h)
+    release(h, x, y)
+    return y
+end
 
 -- ---- BasicTransformerBlock / Transformer2DModel ----------------------------
 
@@ -125,11 +170,22 @@ function BasicTransformerBlock:init(o)
     self:add_module("norm3", nn.LayerNorm(dim))
     self:add_module("ff", FeedForward(dim))
 end
+-- f(norm(x), ...) + x, releasing norm(x) and f's output once used.
+local function residual(x, norm, f, ...)
+    local n = norm(x)
+    local y = f(n, ...)
+    release(n, x, y)
+    local out = y + x
+    release(y, x)
+    return out
+end
 function BasicTransformerBlock:forward(x, context)
-    x = self.attn1(self.norm1(x)) + x
-    x = self.attn2(self.norm2(x), context) + x
-    x = self.ff(self.norm3(x)) + x
-    return x
+    local h1 = residual(x, self.norm1, self.attn1)
+    local h2 = residual(h1, self.norm2, self.attn2, context)
+    release(h1, x, context)
+    local h3 = residual(h2, self.norm3, self.ff)
+    release(h2, x, context)
+    return h3
 end
 
 local Transformer2DModel = nn.Module:extend("Transformer2DModel")
@@ -158,14 +214,25 @@ end
 -- x [N,H,W,C], context [N,S,Cc] -> [N,H,W,C].  In NHWC a 1x1 conv and a
 -- linear layer are the same map, so both projection styles need no transpose.
 function Transformer2DModel:forward(x, context)
-    local n, h, w, c = table.unpack(x:size())
-    local hs = self.norm(x)
-    hs = self.proj_in(hs)
-    local inner = hs:size(4)
-    hs = hs:view(n, h * w, inner)
-    for _, blk in ipairs(self.transformer_blocks:children()) do hs = blk(hs, context) end
-    hs = self.proj_out(hs:view(n, h, w, inner))
-    return hs + x
+    local n, h, w = x:size(1), x:size(2), x:size(3)
+    local normed = self.norm(x)
+    local p = self.proj_in(normed)
+    release(normed, x, p)
+    local inner = p:size(4)
+    local hs = p:view(n, h * w, inner)
+    release(p, x, hs)
+    for _, blk in ipairs(self.transformer_blocks:children()) do
+        local nh = blk(hs, context)
+        release(hs, x, context, nh)
+        hs = nh
+    end
+    local hv = hs:view(n, h, w, inner)
+    release(hs, x, hv)
+    local po = self.proj_out(hv)
+    release(hv, x, po)
+    local out = po + x
+    release(po, x)
+    return out
 end
 
 -- ---- Down/Upsample2D ------------------------------------------------------
@@ -225,8 +292,10 @@ end
 -- (diffusers' Upsample2D output_size, passed when a skip is not an exact
 -- doubling of the map below it).
 function Upsample2D:forward(x, output_size)
-    if output_size then return self.conv(B.resize_nearest(x, output_size)) end
-    return self.conv(core.upsample_nearest2d(x, 2))
+    local up = output_size and B.resize_nearest(x, output_size) or core.upsample_nearest2d(x, 2)
+    local y = self.conv(up)
+    release(up, x, y)
+    return y
 end
 
 return B

@@ -5,6 +5,7 @@
 -- loader accepts both forms and files are written with the prefix.
 local core = require "moonlit.core"
 local nn = require "moonlit.nn"
+local release = nn.release
 
 local M = {}
 
@@ -33,13 +34,24 @@ function SelfAttention:init(cfg)
     self:add_module("q_proj", nn.Linear(d, d))
     self:add_module("out_proj", nn.Linear(d, d))
 end
+-- Intermediates are released once used (nn.release): what backward needs
+-- the graph holds.
 function SelfAttention:forward(x)
     local b, s = x:size(1), x:size(2)
-    local q = self.q_proj(x):view(b, s, self.heads, self.head_dim)
-    local k = self.k_proj(x):view(b, s, self.heads, self.head_dim)
-    local v = self.v_proj(x):view(b, s, self.heads, self.head_dim)
+    local function heads(proj)
+        local p = proj(x)
+        local hv = p:view(b, s, self.heads, self.head_dim)
+        release(p, x, hv)
+        return hv
+    end
+    local q, k, v = heads(self.q_proj), heads(self.k_proj), heads(self.v_proj)
     local o = core.scaled_dot_product_attention(q, k, v, {causal = true})
-    return self.out_proj(o:view(b, s, self.heads * self.head_dim))
+    release(q, x); release(k, x); release(v, x)
+    local ov = o:view(b, s, self.heads * self.head_dim)
+    release(o, ov)
+    local out = self.out_proj(ov)
+    release(ov, out)
+    return out
 end
 
 local MLP = nn.Module:extend("CLIPMLP")
@@ -52,7 +64,12 @@ local acts = {quick_gelu = core.quick_gelu, gelu = core.gelu, gelu_new = core.ge
               gelu_pytorch_tanh = core.gelu_tanh, relu = core.relu, silu = core.silu}
 function MLP:forward(x)
     local act = acts[self.act] or error("CLIPTextModel: unsupported hidden_act '" .. tostring(self.act) .. "'")
-    return self.fc2(act(self.fc1(x)))
+    local h = self.fc1(x)
+    local a = act(h)
+    release(h, x, a)
+    local y = self.fc2(a)
+    release(a, x, y)
+    return y
 end
 
 local Layer = nn.Module:extend("CLIPEncoderLayer")
@@ -64,8 +81,18 @@ function Layer:init(cfg)
     self:add_module("layer_norm2", nn.LayerNorm(cfg.hidden_size, {eps = eps}))
 end
 function Layer:forward(x)
-    x = x + self.self_attn(self.layer_norm1(x))
-    return x + self.mlp(self.layer_norm2(x))
+    local n1 = self.layer_norm1(x)
+    local a = self.self_attn(n1)
+    release(n1, x, a)
+    local h = x + a
+    release(a, x)
+    local n2 = self.layer_norm2(h)
+    local m = self.mlp(n2)
+    release(n2, h, m)
+    local out = h + m
+    release(m, h)
+    release(h, x)
+    return out
 end
 
 local Encoder = nn.Module:extend("CLIPEncoder")
@@ -93,8 +120,14 @@ function CLIPTextModel:forward(ids, opts)
     local h = self.embeddings(ids)
     local layers = self.encoder.layers:children()
     local n = #layers - ((opts and opts.skip_layers) or 0)
-    for i = 1, n do h = layers[i](h) end
-    return self.final_layer_norm(h)
+    for i = 1, n do
+        local nh = layers[i](h)
+        release(h, ids, nh)
+        h = nh
+    end
+    local out = self.final_layer_norm(h)
+    release(h, ids, out)
+    return out
 end
 
 return M

@@ -4,6 +4,7 @@
 local core = require "moonlit.core"
 local nn = require "moonlit.nn"
 local B = require "moonlit.models.blocks"
+local release = nn.release
 
 local M = {}
 
@@ -93,18 +94,32 @@ function UpBlock:init(o)
     end
 end
 
+-- Takes its skips off the end of the list; each is released once
+-- concatenated (the list held the only other reference), as are the
+-- intermediates made here (nn.release), never the input h.
 function UpBlock:forward(h, temb, context, skips)
+    local input = h
     for j, r in ipairs(self.resnets:children()) do
         local s = table.remove(skips)
-        h = r(core.cat({h, s}, 4), temb)       -- channels last: cat on dim 4
-        if self.attentions then h = self.attentions[j](h, context) end
+        local c = core.cat({h, s}, 4)          -- channels last: cat on dim 4
+        release(s, input, temb, context)
+        release(h, input)
+        h = r(c, temb)
+        release(c, input, h)
+        if self.attentions then
+            local a = self.attentions[j](h, context)
+            release(h, input, a)
+            h = a
+        end
     end
     if self.upsamplers then
         -- upsample to the size of the skip the next block concatenates: twice
         -- this size when the sample's sides divide by every downsampling, the
         -- rounded-up halves' inverse otherwise (diffusers' upsample_size)
         local nxt = skips[#skips]
-        h = self.upsamplers[1](h, nxt and {nxt:size(2), nxt:size(3)} or nil)
+        local u = self.upsamplers[1](h, nxt and {nxt:size(2), nxt:size(3)} or nil)
+        release(h, input, u)
+        h = u
     end
     return h
 end
@@ -124,9 +139,12 @@ function MidBlock:init(o)
     self:add_module("resnets", resnets)
 end
 function MidBlock:forward(h, temb, context)
-    h = self.resnets[1](h, temb)
-    h = self.attentions[1](h, context)
-    return self.resnets[2](h, temb)
+    local r1 = self.resnets[1](h, temb)
+    local a = self.attentions[1](r1, context)
+    release(r1, h, a)
+    local r2 = self.resnets[2](a, temb)
+    release(a, h, r2)
+    return r2
 end
 
 -- ---- timestep embedding -----------------------------------------------------
@@ -232,16 +250,31 @@ function UNet:forward(sample, timesteps, context)
         timesteps = timesteps:float():view(1):expand(n)
     end
     local t_emb = M.timestep_embedding(timesteps, self.time_proj_dim, self.flip_sin_to_cos, self.freq_shift, dev)
-    if t_emb.dtype ~= sample.dtype then t_emb = t_emb:to(sample.dtype) end
+    if t_emb.dtype ~= sample.dtype then
+        local cast = t_emb:to(sample.dtype)
+        release(t_emb, cast)
+        t_emb = cast
+    end
     local emb = self.time_embedding(t_emb)
+    release(t_emb, emb)
 
+    -- Intermediates are released once used (nn.release); the down path's
+    -- outputs live on in skips until the up blocks concatenate them.
     local h = self.conv_in(sample)
     local skips = {h}
     for _, blk in ipairs(self.down_blocks:children()) do h = blk(h, emb, context, skips) end
     h = self.mid_block(h, emb, context)
-    for _, blk in ipairs(self.up_blocks:children()) do h = blk(h, emb, context, skips) end
-    h = self.conv_norm_out(h, {silu = true})
-    return self.conv_out(h)
+    for _, blk in ipairs(self.up_blocks:children()) do
+        local nh = blk(h, emb, context, skips)
+        release(h, sample, context, nh)
+        h = nh
+    end
+    local n = self.conv_norm_out(h, {silu = true})
+    release(h, sample, n)
+    release(emb, sample, context)
+    local out = self.conv_out(n)
+    release(n, sample, out)
+    return out
 end
 
 return M

@@ -58,7 +58,7 @@ function LoRALinear:init(base, o)
 end
 
 function LoRALinear:forward(x)
-    local y = core.linear(nn.cast(x), nn.cast(self.weight), nn.cast(self.bias))
+    local y = nn._with_cast(core.linear, x, self.weight, self.bias)
     if self.scale == 0 then return y end
     local h = x
     if self.dropout > 0 and self.training then h = core.dropout(x, self.dropout, true) end

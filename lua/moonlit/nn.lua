@@ -483,6 +483,23 @@ function nn._autocast_shadow(p)
 end
 local cast = nn.cast
 
+-- f(cast(x), cast(w), cast(b), ...), each converted copy freed once f
+-- returns: a conversion made afresh (activations, parameters outside the
+-- shadow cache) goes back to the allocator at once, not at the next
+-- collection; what f's backward needs, its graph keeps by references of its
+-- own.  (A cached shadow comes as a box of its own: freeing it leaves the
+-- cache's.)
+local function free_cast(c, orig)
+    if c ~= nil and not rawequal(c, orig) then c:free() end
+end
+local function with_cast(f, x, w, b, ...)
+    local xc, wc, bc = cast(x), cast(w), cast(b)
+    local y = f(xc, wc, bc, ...)
+    free_cast(xc, x); free_cast(wc, w); free_cast(bc, b)
+    return y
+end
+nn._with_cast = with_cast
+
 -- ---- gradient checkpointing ---------------------------------------------
 -- nn.checkpoint(fn, ...) -> fn(...), a single tensor, computed without
 -- keeping fn's intermediate activations: fn runs under no_grad, and the
@@ -576,7 +593,7 @@ function Linear:init(in_features, out_features, o)
         self:register_parameter("bias", default_uniform(core.empty({out_features}, topts), in_features))
     end
 end
-function Linear:forward(x) return core.linear(cast(x), cast(self.weight), cast(self.bias)) end
+function Linear:forward(x) return with_cast(core.linear, x, self.weight, self.bias) end
 function Linear:extra_repr() return string.format("in=%d, out=%d, bias=%s", self.in_features, self.out_features, tostring(self.bias ~= nil)) end
 
 local Conv2d = Module:extend("Conv2d")
@@ -596,7 +613,7 @@ function Conv2d:init(cin, cout, k, o)
     if opt(o, "bias", true) then self:register_parameter("bias", default_uniform(core.empty({cout}, topts), fan_in)) end
 end
 function Conv2d:forward(x)
-    return core.conv2d(cast(x), cast(self.weight), cast(self.bias), {stride = self.stride, padding = self.padding})
+    return with_cast(core.conv2d, x, self.weight, self.bias, {stride = self.stride, padding = self.padding})
 end
 function Conv2d:extra_repr()
     local function show(v) return type(v) == "table" and "{" .. table.concat(v, ", ") .. "}" or tostring(v) end
@@ -618,7 +635,10 @@ function GroupNorm:init(groups, channels, o)
 end
 -- forward(x, {silu = true}) fuses the SiLU that follows most norms in SD.
 function GroupNorm:forward(x, o)
-    return core.group_norm(cast(x), self.num_groups, cast(self.weight), cast(self.bias), self.eps, opt(o, "silu", false))
+    local xc, wc, bc = cast(x), cast(self.weight), cast(self.bias)
+    local y = core.group_norm(xc, self.num_groups, wc, bc, self.eps, opt(o, "silu", false))
+    free_cast(xc, x); free_cast(wc, self.weight); free_cast(bc, self.bias)
+    return y
 end
 
 local LayerNorm = Module:extend("LayerNorm")
@@ -631,7 +651,7 @@ function LayerNorm:init(dim, o)
         self:register_parameter("bias", core.zeros({dim}, topts))
     end
 end
-function LayerNorm:forward(x) return core.layer_norm(cast(x), cast(self.weight), cast(self.bias), self.eps) end
+function LayerNorm:forward(x) return with_cast(core.layer_norm, x, self.weight, self.bias, self.eps) end
 
 local Embedding = Module:extend("Embedding")
 nn.Embedding = Embedding
@@ -639,7 +659,12 @@ function Embedding:init(num, dim, o)
     local topts = {dtype = opt(o, "dtype", "f32"), device = opt(o, "device", "cpu")}
     self:register_parameter("weight", nn.init.normal_(core.empty({num, dim}, topts), 0, 1))
 end
-function Embedding:forward(ids) return core.embedding(cast(self.weight), ids) end
+function Embedding:forward(ids)
+    local w = cast(self.weight)
+    local y = core.embedding(w, ids)
+    free_cast(w, self.weight)
+    return y
+end
 
 local Dropout = Module:extend("Dropout")
 nn.Dropout = Dropout

@@ -20,7 +20,9 @@
 int mlua_error(lua_State *L, const char *op) {
     const char *msg = ml_last_error();
     if (!msg[0]) msg = "unknown error";
-    if (op) return luaL_error(L, "%s: %s", op, msg);
+    /* host ops name themselves; "normal_: normal_: ..." says nothing more */
+    size_t n = op ? strlen(op) : 0;
+    if (op && !(strncmp(msg, op, n) == 0 && msg[n] == ':')) return luaL_error(L, "%s: %s", op, msg);
     return luaL_error(L, "%s", msg);
 }
 
@@ -454,8 +456,10 @@ static int t_index(lua_State *L) {
         }
         if (strcmp(k, "ndim") == 0) { lua_pushinteger(L, t->ndim); return 1; }
         if (strcmp(k, "is_cuda") == 0) { lua_pushboolean(L, t->device.type == ML_CUDA); return 1; }
-        lua_pushnil(L);
-        return 1;
+        /* nil here would let a misspelt method surface later as "attempt to
+         * call a nil value" far from the typo; code that probes for a method
+         * asks rawget(ml.Tensor.__methods, k) */
+        return luaL_error(L, "tensor has no field or method '%s'", k);
     }
     if (lua_type(L, 2) == LUA_TNUMBER) {   /* t[i] selects along the first dim (Torch7 style) */
         ml_tensor *t = mlua_check_tensor(L, 1);
@@ -466,8 +470,8 @@ static int t_index(lua_State *L) {
                               (LUAI_UACINT)t->shape[0]);
         return mlua_push_tensor(L, ml_select(t, 0, i > 0 ? i - 1 : i + t->shape[0]));
     }
-    lua_pushnil(L);
-    return 1;
+    return luaL_error(L, "a tensor is indexed by an integer (t[i]) or a field or method name, not a %s",
+                      luaL_typename(L, 2));
 }
 
 static int t_newindex(lua_State *L) {

@@ -28,7 +28,8 @@ ml_tensor *mlua_check_tensor(lua_State *L, int idx);
 ml_tensor *mlua_opt_tensor(lua_State *L, int idx);
 /* A tensor, or a Lua number converted to a 0-dim tensor like `like` (new ref). */
 ml_tensor *mlua_tensor_or_scalar(lua_State *L, int idx, const ml_tensor *like);
-/* Raise ml_last_error() as a Lua error (prefixed with the op name if given). */
+/* Raise ml_last_error() as a Lua error, prefixed with the op name if given
+ * and the host message does not already start with "op: ". */
 int mlua_error(lua_State *L, const char *op);
 /* If rc < 0 raise the host error. */
 #define MLUA_CHECK(L, rc) do { if ((rc) < 0) mlua_error((L), NULL); } while (0)

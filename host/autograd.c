@@ -8,6 +8,7 @@
 #include "autograd.h"
 #include "ops.h"
 #include "profile.h"
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -139,6 +140,49 @@ bool ml_node_needs_grad(const ml_node *n, int i) {
 
 void ml_mark_modified(ml_tensor *t) { t->storage->version++; }
 
+static void dims_str(int n, const int64_t *v, char *buf, size_t cap) {
+    size_t k = (size_t)snprintf(buf, cap, "[");
+    for (int i = 0; i < n && k < cap; i++)
+        k += (size_t)snprintf(buf + k, cap - k, i ? ", %lld" : "%lld", (long long)v[i]);
+    if (k < cap) snprintf(buf + k, cap - k, "]");
+}
+
+/* Dims of size 1 never step, and an empty tensor has nothing to write.  For
+ * the rest, sorted by |stride|: the elements reached by the dims before dim
+ * i span at most `span` elements, so if |stride_i| exceeds that span each
+ * step along dim i lands past all of them and no two index tuples meet.
+ * This is sufficient, not necessary: a layout it refuses may still be free
+ * of overlap (shape {3, 2}, strides {2, 3}), but the views moonlit makes of
+ * a fresh tensor (view, transpose, permute, narrow, select) all pass.
+ * The span saturates instead of overflowing: no later stride can exceed
+ * it, so such a layout (larger than any memory) is refused. */
+int ml_check_no_internal_overlap(const char *op, const ml_tensor *t) {
+    int64_t st[ML_MAX_DIMS], sz[ML_MAX_DIMS];
+    int n = 0;
+    for (int i = 0; i < t->ndim; i++) {
+        if (t->shape[i] == 0) return 0;
+        if (t->shape[i] == 1) continue;
+        int64_t s = t->strides[i] < 0 ? -t->strides[i] : t->strides[i];
+        int j = n++;
+        for (; j > 0 && st[j - 1] > s; j--) { st[j] = st[j - 1]; sz[j] = sz[j - 1]; }
+        st[j] = s;
+        sz[j] = t->shape[i];
+    }
+    int64_t span = 0;
+    bool overlap = false;
+    for (int i = 0; i < n && !overlap; i++) {
+        overlap = st[i] <= span;
+        span = st[i] > (INT64_MAX - span) / (sz[i] - 1) ? INT64_MAX : span + st[i] * (sz[i] - 1);
+    }
+    if (!overlap) return 0;
+    char b1[160], b2[160];
+    dims_str(t->ndim, t->shape, b1, sizeof b1);
+    dims_str(t->ndim, t->strides, b2, sizeof b2);
+    return ml_error("%s: more than one element of the written-to tensor refers to a single memory "
+                    "location (shape %s, strides %s, e.g. from expand); write into a copy made "
+                    "with :clone() or :contiguous() instead", op, b1, b2);
+}
+
 int ml_inplace_begin(const char *op, ml_tensor *dst) {
     if (ml_grad_enabled() && dst->requires_grad) {
         if (!dst->grad_fn)
@@ -147,6 +191,7 @@ int ml_inplace_begin(const char *op, ml_tensor *dst) {
         return ml_error("%s: in-place op on a tensor that is part of an autograd graph "
                         "(in-place ops are not recorded; use the out-of-place op)", op);
     }
+    if (ml_check_no_internal_overlap(op, dst) < 0) return -1;
     ml_mark_modified(dst);
     return 0;
 }

@@ -101,9 +101,16 @@ void ml_node_release(ml_node *n);
 bool ml_any_requires_grad(int n, ml_tensor *const *ts);
 
 /* ---- in-place writes ------------------------------------------------------ */
+/* Refuse (error naming op, shape and strides) a tensor two of whose
+ * elements may share a memory location, as an expanded one does: writing
+ * through it would hit those locations several times and give a result
+ * that depends on the order of the writes.  Sufficient, not exact (see
+ * autograd.c).  Returns 0 or -1. */
+int ml_check_no_internal_overlap(const char *op, const ml_tensor *t);
 /* The gate every in-place op passes before writing into dst: in-place
  * writes are not recorded, so while grad mode is on they are refused on
- * tensors autograd tracks (error naming op).  On success the version of
+ * tensors autograd tracks (error naming op), and a dst with internal
+ * overlap is refused whatever the mode.  On success the version of
  * dst's storage is bumped, so a tensor saved for backward that is then
  * overwritten (through any view) makes backward fail instead of using the
  * new values.  Returns 0 or -1. */

@@ -666,17 +666,20 @@ static int inplace_binary(const char *name, ml_binop op, ml_tensor *dst, ml_tens
     return with_kernel_dtype(dst, inplace_binary_run, &c);
 }
 
-int ml_add_(ml_tensor *dst, ml_tensor *src, double alpha) {
-    if (alpha == 1.0) return inplace_binary("add_", ML_ADD, dst, src);
-    if (!src) return ml_error("add_: missing operand");
+/* add_ and sub_ (alpha negated): name is the op the caller called. */
+static int inplace_add(const char *name, ml_tensor *dst, ml_tensor *src, double alpha) {
+    if (alpha == 1.0) return inplace_binary(name, ML_ADD, dst, src);
+    if (!src) return ml_error("%s: missing operand", name);
     bool prev = ml_set_grad_enabled(false);
     ml_tensor *s = binary_scalar(ML_MUL, src, alpha, false, false);
     ml_set_grad_enabled(prev);
     if (!s) return -1;
-    int rc = inplace_binary("add_", ML_ADD, dst, s);
+    int rc = inplace_binary(name, ML_ADD, dst, s);
     ml_release(s);
     return rc;
 }
+
+int ml_add_(ml_tensor *dst, ml_tensor *src, double alpha) { return inplace_add("add_", dst, src, alpha); }
 
 int ml_mul_(ml_tensor *dst, ml_tensor *src) { return inplace_binary("mul_", ML_MUL, dst, src); }
 
@@ -687,18 +690,20 @@ static int inplace_scalar_run(ml_tensor *dst, void *ctx) {
     return run_binary_scalar(c->op, dst, dst, c->s, false);
 }
 
-static int inplace_scalar(const char *name, ml_binop op, ml_tensor *dst, double s) {
+/* sub_ and div_ run as add_ and mul_ with -s and 1/s; given is the scalar
+ * the caller passed, for the message. */
+static int inplace_scalar(const char *name, ml_binop op, ml_tensor *dst, double s, double given) {
     if (!dst) return ml_error("%s: missing operand", name);
     if (scalar_dtype(op, dst->dtype, s) != dst->dtype)
         return ml_error("%s: the result of a %s tensor and %g cannot be stored in place", name,
-                        ml_dtype_name(dst->dtype), s);
+                        ml_dtype_name(dst->dtype), given);
     if (ml_inplace_begin(name, dst) < 0) return -1;
     inplace_sc c = {op, s};
     return with_kernel_dtype(dst, inplace_scalar_run, &c);
 }
 
-int ml_mul_scalar_(ml_tensor *dst, double s) { return inplace_scalar("mul_", ML_MUL, dst, s); }
-int ml_add_scalar_(ml_tensor *dst, double s) { return inplace_scalar("add_", ML_ADD, dst, s); }
+int ml_mul_scalar_(ml_tensor *dst, double s) { return inplace_scalar("mul_", ML_MUL, dst, s, s); }
+int ml_add_scalar_(ml_tensor *dst, double s) { return inplace_scalar("add_", ML_ADD, dst, s, s); }
 
 typedef struct { double lo, hi; } inplace_clamp;
 
@@ -716,9 +721,9 @@ int ml_clamp_(ml_tensor *dst, double lo, double hi) {
     return with_kernel_dtype(dst, inplace_clamp_run, &c);
 }
 
-int ml_sub_(ml_tensor *dst, ml_tensor *src, double alpha) { return ml_add_(dst, src, -alpha); }
-int ml_sub_scalar_(ml_tensor *dst, double s) { return ml_add_scalar_(dst, -s); }
-int ml_div_scalar_(ml_tensor *dst, double s) { return ml_mul_scalar_(dst, 1.0 / s); }
+int ml_sub_(ml_tensor *dst, ml_tensor *src, double alpha) { return inplace_add("sub_", dst, src, -alpha); }
+int ml_sub_scalar_(ml_tensor *dst, double s) { return inplace_scalar("sub_", ML_ADD, dst, -s, s); }
+int ml_div_scalar_(ml_tensor *dst, double s) { return inplace_scalar("div_", ML_MUL, dst, 1.0 / s, s); }
 
 int ml_inplace_copy_(ml_tensor *dst, const ml_tensor *src) {
     if (!dst || !src) return ml_error("copy_: missing tensor");

@@ -1,7 +1,8 @@
 /* test_autograd.c — the backward engine: accumulation, retain_graph,
  * no_grad, detach, hooks and the grad-ready callback, shared subgraphs,
  * errors, very long chains, release of saved tensors; saved-tensor version
- * checks and the in-place gate; recording and accumulation failures (forced
+ * checks and the in-place gate (tracked tensors, destinations whose
+ * elements share memory); recording and accumulation failures (forced
  * with the failure-injection hook) and nodes saving many tensors; plus
  * gradient checks of the view ops, whose backward runs through sum_to_shape
  * and copies. */
@@ -374,6 +375,80 @@ static void test_inplace_ops_bump(void) {
     ml_release(t); ml_release(o); ml_release(m); ml_release(v);
 }
 
+/* A layout for ml_check_no_internal_overlap, which reads shape and strides
+ * only: no storage behind it. */
+static int overlap_of(int nd, const int64_t *shape, const int64_t *strides) {
+    ml_tensor t = {.ndim = nd};
+    memcpy(t.shape, shape, (size_t)nd * sizeof *shape);
+    memcpy(t.strides, strides, (size_t)nd * sizeof *strides);
+    return ml_check_no_internal_overlap("probe", &t);
+}
+
+static void test_inplace_overlap(void) {
+    /* every row of e is base's one row: an in-place write through e would
+     * hit each element four times (add_(1) gave 5s) */
+    ml_tensor *base = ml_full(2, (int64_t[]){1, 3}, 1, ML_F32, ml_cpu());
+    ml_tensor *e = ml_expand(base, 2, (int64_t[]){4, 3});
+    ml_tensor *src = ml_full(2, (int64_t[]){4, 3}, 2, ML_F32, ml_cpu());
+    ml_generator g = {1, 0};
+    int64_t ver = base->storage->version;
+    /* each refusal names the op called: sub_ and div_ run as add_ and mul_ */
+#define REFUSED(name, call) do { \
+        const char *want_ = name ": more than one element of the written-to tensor refers to a single memory location"; \
+        CHECK((call) < 0 && strncmp(ml_last_error(), want_, strlen(want_)) == 0, \
+              "%s into expand(4, 3) refused: %s", #call, ml_last_error()); \
+    } while (0)
+    REFUSED("add_", ml_add_scalar_(e, 1));
+    REFUSED("add_", ml_add_(e, src, 1.0));
+    REFUSED("add_", ml_add_(e, src, 2.0));
+    REFUSED("sub_", ml_sub_scalar_(e, 1));
+    REFUSED("sub_", ml_sub_(e, src, 1.0));
+    REFUSED("mul_", ml_mul_scalar_(e, 2));
+    REFUSED("mul_", ml_mul_(e, src));
+    REFUSED("div_", ml_div_scalar_(e, 2));
+    REFUSED("clamp_", ml_clamp_(e, 0, 0.5));
+    REFUSED("fill_", ml_inplace_fill_(e, 7));
+    REFUSED("zero_", ml_inplace_zero_(e));
+    REFUSED("copy_", ml_inplace_copy_(e, src));
+    REFUSED("normal_", ml_normal_(e, 0, 1, &g));
+    REFUSED("uniform_", ml_uniform_(e, 0, 1, &g));
+#undef REFUSED
+    bool prev = ml_set_grad_enabled(false);
+    CHECK(ml_add_scalar_(e, 1) < 0, "refused under no_grad too");
+    ml_set_grad_enabled(prev);
+    CHECK(ml_add_scalar_(e, 1) < 0 && has(ml_last_error(), "shape [4, 3], strides [0, 1]") &&
+          has(ml_last_error(), ":clone()") && has(ml_last_error(), ":contiguous()"),
+          "the message names shape, strides and the way out: %s", ml_last_error());
+    CHECK(base->storage->version == ver, "refused writes bump nothing");
+    expect("base unchanged", base, (double[]){1, 1, 1}, 3, 0);
+
+    /* layouts: dims of size 1 and empty tensors never overlap; a stride 0
+     * of size > 1 always does; the others by the span of the smaller strides */
+    CHECK(overlap_of(2, (int64_t[]){2, 3}, (int64_t[]){3, 1}) == 0, "contiguous");
+    CHECK(overlap_of(2, (int64_t[]){3, 2}, (int64_t[]){1, 3}) == 0, "transposed");
+    CHECK(overlap_of(3, (int64_t[]){4, 2, 3}, (int64_t[]){1, 12, 4}) == 0, "permuted");
+    CHECK(overlap_of(2, (int64_t[]){2, 2}, (int64_t[]){3, 2}) == 0, "interleaved (2 * 2 > 3, yet 3 > span 2)");
+    CHECK(overlap_of(1, (int64_t[]){5}, (int64_t[]){-1}) == 0, "negative stride");
+    CHECK(overlap_of(2, (int64_t[]){3, 1}, (int64_t[]){1, 0}) == 0, "stride 0 on a size-1 dim");
+    CHECK(overlap_of(2, (int64_t[]){0, 5}, (int64_t[]){0, 0}) == 0, "empty");
+    CHECK(overlap_of(0, NULL, NULL) == 0, "0-dim");
+    CHECK(overlap_of(2, (int64_t[]){3, 5}, (int64_t[]){1, 0}) < 0 && has(ml_last_error(), "probe: ") &&
+          has(ml_last_error(), "shape [3, 5], strides [1, 0]"), "stride 0 last: %s", ml_last_error());
+    CHECK(overlap_of(2, (int64_t[]){3, 2}, (int64_t[]){1, 2}) < 0, "steps of 1 and 2 meet ((2, 0) and (0, 1))");
+    CHECK(overlap_of(2, (int64_t[]){2, 2}, (int64_t[]){1, 1}) < 0, "equal strides");
+    CHECK(overlap_of(2, (int64_t[]){4, 2}, (int64_t[]){INT64_MAX / 2, INT64_MAX}) < 0,
+          "a span past INT64_MAX saturates instead of wrapping");
+
+    /* views that share no element are written as before */
+    ml_tensor *x = ml_arange(0, 6, 1, ML_F32, ml_cpu());
+    ml_tensor *x2 = ml_view(x, 2, (int64_t[]){2, 3}), *xt = ml_transpose(x2, 0, 1), *row = ml_narrow(xt, 0, 2, 1);
+    CHECK(ml_add_scalar_(xt, 10) == 0 && ml_inplace_fill_(row, -1) == 0,
+          "writes through a transpose and its narrow: %s", ml_last_error());
+    expect("through the transpose", x, (double[]){10, 11, -1, 13, 14, -1}, 6, 0);
+    ml_release(row); ml_release(xt); ml_release(x2); ml_release(x);
+    ml_release(src); ml_release(e); ml_release(base);
+}
+
 /* ---- nodes built by hand ----------------------------------------------- */
 
 /* "scale_by_saved": out = x * (sum of the n saved constants); backward
@@ -582,6 +657,7 @@ int main(void) {
     test_saved_freed_during_backward();
     test_saved_versions();
     test_inplace_ops_bump();
+    test_inplace_overlap();
     test_many_saved();
     test_recording_errors();
     test_injected_failures();

@@ -1,8 +1,10 @@
 -- test_bad_input.lua — inputs that once crashed, hung or gave silently wrong
 -- results, each now a clear error: sizes whose products overflow, integer
 -- arguments that do not fit, split/chunk sizes, files that are not regular
--- files, huge scheduler configs and images declaring huge sizes.  Every
--- input is made here; nothing is allocated at the sizes named.
+-- files, huge scheduler configs, images declaring huge sizes, in-place
+-- writes through views whose elements share memory and tensor keys that
+-- name nothing.  Every input is made here; nothing is allocated at the
+-- sizes named.
 local ml = require "moonlit"
 local util = require "testutil"
 local S = require "moonlit.schedulers"
@@ -170,6 +172,115 @@ function T.split_and_chunk_sizes(t)
     t:assertEq(b:totable(), {4, 5})
     local p, q, r = x:split({1, 0, 5})
     t:assertEq({p:numel(), q:numel(), r:numel()}, {1, 0, 5})
+end
+
+-- ---- in-place writes through overlapping views ------------------------------
+
+local OVERLAP = {"more than one element of the written-to tensor refers to a single memory location",
+                 "shape [4, 3]", "strides [0, 1]", "clone()", "contiguous()"}
+
+local function overlap_fails(t, op, fn)
+    local parts = {op .. ": "}
+    for _, p in ipairs(OVERLAP) do parts[#parts + 1] = p end
+    fails_with(t, fn, parts, op .. " into expand(4, 3)")
+end
+
+function T.inplace_writes_through_expanded_views_are_refused(t)
+    -- every row of e is the one row of base: add_(1) added 1 four times (5s)
+    local base = ml.ones(1, 3)
+    local e = base:expand(4, 3)
+    overlap_fails(t, "add_", function() e:add_(1) end)
+    overlap_fails(t, "add_", function() e:add_(ml.ones(4, 3)) end)
+    overlap_fails(t, "add_", function() e:add_(ml.ones(4, 3), 2) end)
+    overlap_fails(t, "sub_", function() e:sub_(1) end)
+    overlap_fails(t, "sub_", function() e:sub_(ml.ones(3)) end)
+    overlap_fails(t, "mul_", function() e:mul_(2) end)
+    overlap_fails(t, "mul_", function() e:mul_(ml.full({4, 3}, 2)) end)
+    overlap_fails(t, "div_", function() e:div_(2) end)
+    overlap_fails(t, "clamp_", function() e:clamp_(0, 0.5) end)
+    overlap_fails(t, "fill_", function() e:fill_(7) end)
+    overlap_fails(t, "zero_", function() e:zero_() end)
+    overlap_fails(t, "copy_", function() e:copy_(ml.arange(12):view(4, 3)) end)
+    overlap_fails(t, "normal_", function() e:normal_() end)
+    overlap_fails(t, "uniform_", function() e:uniform_() end)
+    t:assertTensorEq(base, ml.ones(1, 3), 0, "nothing was written")
+    -- refused in no_grad too: the overlap is no autograd matter
+    ml.no_grad(function() overlap_fails(t, "add_", function() e:add_(1) end) end)
+    -- a stride-0 dim is refused wherever it sits, and whatever the other strides
+    fails_with(t, function() ml.zeros(3, 1):expand(3, 5):fill_(1) end, {"fill_:", "shape [3, 5]", "strides [1, 0]"},
+               "fill_ into zeros(3, 1):expand(3, 5)")
+    fails_with(t, function() ml.tensor(2):expand(2, 2):mul_(3) end, {"mul_:", "shape [2, 2]", "strides [0, 0]"},
+               "mul_ into a 0-dim tensor expanded")
+    -- the way out the message names
+    t:assertTensorEq(e:clone():add_(1), ml.full({4, 3}, 2), 0, "clone():add_(1)")
+    t:assertTensorEq(e:contiguous():mul_(3), ml.full({4, 3}, 3), 0, "contiguous():mul_(3)")
+end
+
+function T.inplace_writes_through_views_without_overlap_work(t)
+    -- an expanded tensor read as a source is fine; only the destination matters
+    local d = ml.zeros(4, 3)
+    d:copy_(ml.arange(3):view(1, 3):expand(4, 3))
+    t:assertTensorEq(d, ml.tensor{{0, 1, 2}, {0, 1, 2}, {0, 1, 2}, {0, 1, 2}}, 0, "copy_ from expand")
+    d:add_(ml.ones(1, 3):expand(4, 3))
+    t:assertTensorEq(d[4], ml.tensor{1, 2, 3}, 0, "add_ of an expanded source")
+    -- transposed: strides [1, 3], no two elements shared
+    local x = ml.arange(6):float():view(2, 3)
+    local xt = x:t()
+    t:assertEq(xt:is_contiguous(), false)
+    xt:add_(10)
+    xt:mul_(ml.tensor{{1, 2}, {1, 2}, {1, 2}})
+    t:assertTensorEq(x, ml.tensor{{10, 11, 12}, {26, 28, 30}}, 0, "written through the transpose")
+    xt:copy_(ml.tensor{{1, 4}, {2, 5}, {3, 6}})
+    t:assertTensorEq(x, ml.tensor{{1, 2, 3}, {4, 5, 6}}, 0, "copy_ into the transpose")
+    -- a permuted column of a 3-D tensor, and expanding along a size-1 dim to size 1
+    local y = ml.zeros(2, 3, 4)
+    y:permute(3, 1, 2):narrow(1, 2, 2):fill_(1)
+    t:assertEq(y:sum():item(), 12.0, "two of the four columns filled")
+    local col = ml.zeros(3, 1)
+    col:expand(3, 1):add_(1)
+    t:assertTensorEq(col, ml.ones(3, 1), 0, "expand to the same shape")
+    -- empty tensors have nothing to overlap
+    ml.zeros(0, 1):expand(0, 4):fill_(1)
+end
+
+function T.inplace_errors_name_the_op_called_once(t)
+    -- sub_ and div_ run as add_ and mul_ of -s and 1/s; the message names what was called, with its scalar
+    local i = ml.ones(3):int()
+    fails_with(t, function() i:div_(2) end, {"div_: the result of a int32 tensor and 2 cannot"}, "int div_(2)")
+    fails_with(t, function() i:sub_(1.5) end, {"sub_: the result of a int32 tensor and 1.5 cannot"}, "int sub_(1.5)")
+    fails_with(t, function() i:sub_(ml.ones(3), 2) end, {"sub_: result type float32"}, "int sub_(f32, 2)")
+    -- the binding's prefix is not doubled on a host message that starts with the op already
+    for _, c in ipairs {{"normal_", function() ml.ones(3):normal_(0, -1) end},
+                        {"uniform_", function() ml.ones(3):uniform_(2, 1) end}} do
+        local e = error_of(c[2])
+        t:assert(e and has(e, c[1] .. ": ") and not has(e, c[1] .. ": " .. c[1]), tostring(e))
+    end
+end
+
+-- ---- tensor keys that name nothing ---------------------------------------------
+
+function T.unknown_tensor_keys_raise(t)
+    local x = ml.ones(3)
+    fails_with(t, function() return x.x end, {"tensor has no field or method 'x'"}, "x.x")
+    fails_with(t, function() return x["shpae"] end, {"tensor has no field or method 'shpae'"}, "x['shpae']")
+    -- a misspelt method names itself, not "attempt to call a nil value"
+    fails_with(t, function() return x:sizee() end, {"tensor has no field or method 'sizee'"}, "x:sizee()")
+    for _, k in ipairs {true, {}, print} do
+        fails_with(t, function() return x[k] end, {"a tensor is indexed by an integer", "not a " .. type(k)},
+                   "x[" .. type(k) .. "]")
+    end
+    fails_with(t, function() return x[1.5] end, {"tensor index"}, "x[1.5]")
+    -- what exists still reads as before, nil included where nil is the value
+    t:assertEq(x.grad, nil)
+    t:assertEq(x.grad_fn, nil)
+    t:assertEq(x.dtype, "f32")
+    t:assertEq(x[2]:item(), 1.0)
+    t:assert(rawget(ml.Tensor.__methods, "sizee") == nil and rawget(ml.Tensor.__methods, "size") ~= nil,
+             "methods are probed without an error through ml.Tensor.__methods")
+    -- a freed tensor still says so first
+    local f = ml.ones(2)
+    f:free()
+    fails_with(t, function() return f.x end, {"freed tensor"}, "freed f.x")
 end
 
 -- ---- files that are not regular files ---------------------------------------

@@ -432,7 +432,7 @@ function tests.fields(t)
     t:assertEq(x.is_leaf, true)
     t:assertEq(x.grad, nil)
     t:assertEq(x.grad_fn, nil)
-    t:assertEq(x.no_such_field, nil)
+    t:assertError(function() return x.no_such_field end, "tensor has no field or method 'no_such_field'")
     t:assertError(function() x.dtype = "f32" end, "cannot set field 'dtype'")
 end
 

@@ -1,11 +1,13 @@
 /* lua_io.c — Lua bindings of safetensors IO (host/safetensors.h) and JSON
- * (jansson for reading, a writer here that walks Lua tables).
+ * (jansson both ways: Lua tables are turned into a jansson tree to write).
  *
  * Safetensors:
  *   st_open(path_or_dir [, {variant=, basename=}]) -> SafeTensors handle
  *   st_open_model(dir, basename_or_nil [, {variant=}]) -> handle
  *   st_load(path_or_dir [, {dtype=, device=, variant=, basename=}]) -> {name = tensor}
- *   st_save(path, {name = tensor}, [{dtype=, metadata={k = "v"}}])
+ *   st_save(path, {name = tensor}, [{dtype=, metadata={k = "v"}}]) (names,
+ *     keys and values with NUL bytes, or a header past ML_ST_MAX_HEADER, are
+ *     refused with nothing written)
  *   handle:keys() sorted names, handle:has(name), handle:info(name) ->
  *     {dtype="f32" (or the file's spelling, e.g. "I8", when moonlit lacks
  *     it), st_dtype="F32", shape={2,4,8,8}, nbytes=, file=} (an unknown
@@ -230,6 +232,35 @@ static int l_st_load(lua_State *L) {
     return 1;
 }
 
+/* s (n bytes) for a message, each NUL byte shown as \0. */
+static const char *push_shown(lua_State *L, const char *s, size_t n) {
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    for (size_t i = 0; i < n; i++) {
+        if (s[i]) luaL_addchar(&b, s[i]);
+        else luaL_addstring(&b, "\\0");
+    }
+    luaL_pushresult(&b);
+    return lua_tostring(L, -1);
+}
+
+/* ml_st_save takes C strings: a name, key or value holding a NUL byte would
+ * be cut short there and saved under another name.  Refused here instead,
+ * naming it, before anything is written. */
+static void check_no_nul(lua_State *L, const char *path, int idx, const char *what, int key_idx) {
+    size_t n;
+    const char *s = lua_tolstring(L, idx, &n);
+    if (strlen(s) == n) return;
+    if (key_idx) {
+        size_t kn;
+        const char *k = lua_tolstring(L, key_idx, &kn);
+        luaL_error(L, "st_save '%s': %s of '%s' holds a NUL byte (at byte %d): safetensors "
+                   "headers hold NUL-free text", path, what, push_shown(L, k, kn), (int)strlen(s));
+    }
+    luaL_error(L, "st_save '%s': %s '%s' holds a NUL byte (at byte %d): safetensors headers "
+               "hold NUL-free text", path, what, push_shown(L, s, n), (int)strlen(s));
+}
+
 static int l_st_save(lua_State *L) {
     const char *path = luaL_checkstring(L, 1);
     luaL_checktype(L, 2, LUA_TTABLE);
@@ -243,6 +274,7 @@ static int l_st_save(lua_State *L) {
         if (lua_type(L, -2) != LUA_TSTRING)
             luaL_error(L, "st_save '%s': tensor names must be strings (got a %s key)", path,
                        luaL_typename(L, -2));
+        check_no_nul(L, path, -2, "tensor name", 0);
         mlua_tensor_box *tb = luaL_testudata(L, -1, MLUA_TENSOR);
         if (!tb || !tb->t)
             luaL_error(L, "st_save '%s': value for '%s' is %s, not a live tensor", path,
@@ -261,6 +293,8 @@ static int l_st_save(lua_State *L) {
             while (lua_next(L, midx)) {
                 if (lua_type(L, -2) != LUA_TSTRING || lua_type(L, -1) != LUA_TSTRING)
                     luaL_error(L, "st_save '%s': metadata keys and values must be strings", path);
+                check_no_nul(L, path, -2, "metadata key", 0);
+                check_no_nul(L, path, -1, "metadata value", lua_gettop(L) - 1);
                 nmeta++;
                 lua_pop(L, 1);
             }
@@ -404,6 +438,11 @@ static int l_json_load(lua_State *L) {
 /* JSON writing                                                             */
 /* ======================================================================== */
 
+/* The Lua value becomes a jansson tree (checked as it is built, errors naming
+ * where in the value they are), jansson writes the text, and restyle() turns
+ * the two spellings where jansson and Python's json.dumps differ into
+ * Python's. */
+
 typedef struct { char *p; size_t n, cap; } jbuf;
 
 static int jbuf_gc(lua_State *L) {
@@ -413,31 +452,40 @@ static int jbuf_gc(lua_State *L) {
     return 0;
 }
 
-#define ENC_MAX_DEPTH 128
-
-typedef struct {
-    lua_State *L;
-    jbuf *b;
-    int indent;
-    int depth;
-    const char *what;      /* "json_encode" or "json_save 'path'" for messages */
-    struct { const char *key; size_t klen; lua_Integer index; } seg[ENC_MAX_DEPTH];
-} encoder;
-
-static void put(encoder *e, const char *s, size_t n) {
-    jbuf *b = e->b;
+/* No Lua error here: it runs under json_dump_callback, and a longjmp out of
+ * jansson would leak what the dump holds. */
+static int jbuf_add(jbuf *b, const char *s, size_t n) {
     if (b->n + n > b->cap) {
         size_t cap = b->cap ? b->cap : 256;
         while (cap < b->n + n) cap *= 2;
         char *p = realloc(b->p, cap);
-        if (!p) luaL_error(e->L, "%s: out of memory", e->what);
+        if (!p) return -1;
         b->p = p;
         b->cap = cap;
     }
     memcpy(b->p + b->n, s, n);
     b->n += n;
+    return 0;
 }
-#define PUTS(e, lit) put((e), (lit), sizeof(lit) - 1)
+
+static int jbuf_dump_cb(const char *s, size_t n, void *data) { return jbuf_add(data, s, n); }
+
+static jbuf *push_jbuf(lua_State *L) {
+    jbuf *b = lua_newuserdatauv(L, sizeof *b, 0);
+    memset(b, 0, sizeof *b);
+    luaL_setmetatable(L, JBUF_MT);
+    return b;
+}
+
+#define ENC_MAX_DEPTH 128
+
+typedef struct {
+    lua_State *L;
+    json_box *root;        /* holds the tree: a Lua error half-way frees it */
+    int depth;
+    const char *what;      /* "json_encode" or "json_save 'path'" for messages */
+    struct { const char *key; size_t klen; lua_Integer index; } seg[ENC_MAX_DEPTH];
+} encoder;
 
 /* Raise an error naming where in the value it happened ("$.unet.layers[2]"). */
 static void enc_error(encoder *e, const char *msg) {
@@ -459,68 +507,26 @@ static void enc_error(encoder *e, const char *msg) {
     luaL_error(L, "%s: %s at %s", e->what, msg, lua_tostring(L, -1));
 }
 
-static void newline(encoder *e, int depth) {
-    if (!e->indent) return;
-    PUTS(e, "\n");
-    for (int i = 0; i < e->indent * depth; i++) PUTS(e, " ");
-}
+/* Where a value goes: under key in an object, appended to an array (key
+ * NULL), or the root (parent NULL).  A table's container is placed before it
+ * is filled, so everything made hangs from the root at every moment. */
+typedef struct { json_t *parent; const char *key; size_t klen; } slot;
 
-/* Well-formed UTF-8 (no overlongs, surrogates or code points past U+10FFFF). */
-static int utf8_ok(const unsigned char *s, size_t n) {
-    size_t i = 0;
-    while (i < n) {
-        unsigned c = s[i];
-        if (c < 0x80) { i++; continue; }
-        int len = c >= 0xf0 ? 4 : c >= 0xe0 ? 3 : c >= 0xc0 ? 2 : 0;
-        if (!len || c > 0xf4 || i + (size_t)len > n) return 0;
-        unsigned cp = c & (0x3f >> (len - 1));
-        for (int k = 1; k < len; k++) {
-            if ((s[i + k] & 0xc0) != 0x80) return 0;
-            cp = (cp << 6) | (s[i + k] & 0x3f);
-        }
-        if ((len == 2 && cp < 0x80) || (len == 3 && cp < 0x800) || (len == 4 && cp < 0x10000) ||
-            cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff))
-            return 0;
-        i += (size_t)len;
+/* Store v (a new reference, or NULL when jansson could not allocate it) in
+ * s; the set_new calls take the reference even when they fail. */
+static void place(encoder *e, slot s, json_t *v) {
+    int rc = -1;
+    if (v && !s.parent) {
+        e->root->j = v;
+        rc = 0;
+    } else if (v) {
+        rc = s.key ? json_object_setn_new(s.parent, s.key, s.klen, v)
+                   : json_array_append_new(s.parent, v);
     }
-    return 1;
+    if (rc < 0) enc_error(e, "out of memory");
 }
 
-static void put_string(encoder *e, const char *s, size_t n) {
-    if (!utf8_ok((const unsigned char *)s, n)) enc_error(e, "string is not valid UTF-8");
-    PUTS(e, "\"");
-    size_t run = 0;
-    for (size_t i = 0; i < n; i++) {
-        unsigned char c = (unsigned char)s[i];
-        const char *esc = NULL;
-        char ub[8];
-        switch (c) {
-        case '"': esc = "\\\""; break;
-        case '\\': esc = "\\\\"; break;
-        case '\n': esc = "\\n"; break;
-        case '\r': esc = "\\r"; break;
-        case '\t': esc = "\\t"; break;
-        case '\b': esc = "\\b"; break;
-        case '\f': esc = "\\f"; break;
-        default:
-            if (c < 0x20) {
-                snprintf(ub, sizeof ub, "\\u%04x", c);
-                esc = ub;
-            }
-        }
-        if (esc) {
-            put(e, s + i - run, run);
-            run = 0;
-            put(e, esc, strlen(esc));
-        } else {
-            run++;
-        }
-    }
-    put(e, s + n - run, run);
-    PUTS(e, "\"");
-}
-
-static void encode_value(encoder *e, int idx);
+static void encode_value(encoder *e, int idx, slot s);
 
 typedef struct { const char *s; size_t n; lua_Integer ikey; int is_int; } okey;
 
@@ -531,7 +537,7 @@ static int cmp_okey(const void *a, const void *b) {
     return c ? c : (x->n > y->n) - (x->n < y->n);
 }
 
-static void encode_table(encoder *e, int idx) {
+static void encode_table(encoder *e, int idx, slot s) {
     lua_State *L = e->L;
     if (e->depth >= ENC_MAX_DEPTH) enc_error(e, "tables nested too deeply (does a table contain itself?)");
     if (!lua_checkstack(L, 8)) enc_error(e, "out of Lua stack");
@@ -568,127 +574,185 @@ static void encode_table(encoder *e, int idx) {
         /* Holes (from decoded nulls) become null; a mostly empty "array"
          * is more likely a mistake than data. */
         if (maxk > 2 * nint + 16) enc_error(e, "sparse array (use json_object for integer-keyed maps)");
-        if (maxk == 0) PUTS(e, "[]");
-        else {
-            PUTS(e, "[");
-            for (lua_Integer i = 1; i <= maxk; i++) {
-                if (i > 1) put(e, e->indent ? "," : ", ", e->indent ? 1 : 2);
-                newline(e, d + 1);
-                e->seg[d].key = NULL;
-                e->seg[d].index = i;
-                e->depth = d + 1;
-                lua_rawgeti(L, idx, i);
-                encode_value(e, lua_gettop(L));
-                lua_pop(L, 1);
-                e->depth = d;
-            }
-            newline(e, d);
-            PUTS(e, "]");
+        json_t *arr = json_array();
+        place(e, s, arr);
+        for (lua_Integer i = 1; i <= maxk; i++) {
+            e->seg[d].key = NULL;
+            e->seg[d].index = i;
+            e->depth = d + 1;
+            lua_rawgeti(L, idx, i);
+            encode_value(e, lua_gettop(L), (slot){arr, NULL, 0});
+            lua_pop(L, 1);
+            e->depth = d;
         }
-    } else {
-        lua_Integer n = nint + nstr;
-        if (n == 0) PUTS(e, "{}");
-        else {
-            /* Keys sorted bytewise like Python's sort_keys; integer keys
-             * become their decimal strings, anchored in a helper table. */
-            okey *keys = lua_newuserdatauv(L, (size_t)n * sizeof *keys, 0);
-            lua_createtable(L, (int)nint, 0);
-            int anchor = lua_gettop(L), kidx = anchor - 1;
-            lua_Integer k = 0, na = 0;
-            lua_pushnil(L);
-            while (lua_next(L, idx)) {
-                lua_pop(L, 1);
-                if (lua_type(L, -1) == LUA_TSTRING) {
-                    keys[k].s = lua_tolstring(L, -1, &keys[k].n);
-                    keys[k].is_int = 0;
-                } else {
-                    keys[k].ikey = lua_tointeger(L, -1);
-                    keys[k].is_int = 1;
-                    lua_pushfstring(L, "%I", keys[k].ikey);
-                    keys[k].s = lua_tolstring(L, -1, &keys[k].n);
-                    lua_rawseti(L, anchor, ++na);
-                }
-                k++;
-            }
-            qsort(keys, (size_t)n, sizeof *keys, cmp_okey);
-            for (lua_Integer i = 1; i < n; i++)
-                if (cmp_okey(&keys[i - 1], &keys[i]) == 0)
-                    enc_error(e, lua_pushfstring(L, "integer key %s and string key \"%s\" spell the "
-                                                    "same JSON key", keys[i].s, keys[i].s));
-            PUTS(e, "{");
-            for (lua_Integer i = 0; i < n; i++) {
-                if (i > 0) put(e, e->indent ? "," : ", ", e->indent ? 1 : 2);
-                newline(e, d + 1);
-                put_string(e, keys[i].s, keys[i].n);
-                PUTS(e, ": ");
-                e->seg[d].key = keys[i].s;
-                e->seg[d].klen = keys[i].n;
-                e->depth = d + 1;
-                if (keys[i].is_int) lua_rawgeti(L, idx, keys[i].ikey);
-                else {
-                    lua_pushlstring(L, keys[i].s, keys[i].n);
-                    lua_rawget(L, idx);
-                }
-                encode_value(e, lua_gettop(L));
-                lua_pop(L, 1);
-                e->depth = d;
-            }
-            newline(e, d);
-            PUTS(e, "}");
-            lua_settop(L, kidx - 1);
-        }
+        return;
     }
+    json_t *obj = json_object();
+    place(e, s, obj);
+    lua_Integer n = nint + nstr;
+    if (n == 0) return;
+    /* Keys in the order jansson writes them (bytewise, like Python's
+     * sort_keys), so the first bad value found is the first one written;
+     * integer keys become their decimal strings, anchored in a helper table. */
+    okey *keys = lua_newuserdatauv(L, (size_t)n * sizeof *keys, 0);
+    lua_createtable(L, (int)nint, 0);
+    int anchor = lua_gettop(L), kidx = anchor - 1;
+    lua_Integer k = 0, na = 0;
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+        lua_pop(L, 1);
+        if (lua_type(L, -1) == LUA_TSTRING) {
+            keys[k].s = lua_tolstring(L, -1, &keys[k].n);
+            keys[k].is_int = 0;
+        } else {
+            keys[k].ikey = lua_tointeger(L, -1);
+            keys[k].is_int = 1;
+            lua_pushfstring(L, "%I", keys[k].ikey);
+            keys[k].s = lua_tolstring(L, -1, &keys[k].n);
+            lua_rawseti(L, anchor, ++na);
+        }
+        k++;
+    }
+    qsort(keys, (size_t)n, sizeof *keys, cmp_okey);
+    for (lua_Integer i = 1; i < n; i++)
+        if (cmp_okey(&keys[i - 1], &keys[i]) == 0)
+            enc_error(e, lua_pushfstring(L, "integer key %s and string key \"%s\" spell the "
+                                            "same JSON key", keys[i].s, keys[i].s));
+    for (lua_Integer i = 0; i < n; i++) {
+        /* A null holds the key's place first: jansson refuses a key that is
+         * not UTF-8, and that is reported at the object, before its value. */
+        json_t *hold = json_null();
+        if (json_object_setn_new(obj, keys[i].s, keys[i].n, hold) < 0)
+            enc_error(e, "string is not valid UTF-8");
+        e->seg[d].key = keys[i].s;
+        e->seg[d].klen = keys[i].n;
+        e->depth = d + 1;
+        if (keys[i].is_int) lua_rawgeti(L, idx, keys[i].ikey);
+        else {
+            lua_pushlstring(L, keys[i].s, keys[i].n);
+            lua_rawget(L, idx);
+        }
+        encode_value(e, lua_gettop(L), (slot){obj, keys[i].s, keys[i].n});
+        lua_pop(L, 1);
+        e->depth = d;
+    }
+    lua_settop(L, kidx - 1);
 }
 
-static void encode_value(encoder *e, int idx) {
+static void encode_value(encoder *e, int idx, slot s) {
     lua_State *L = e->L;
     switch (lua_type(L, idx)) {
-    case LUA_TNIL: PUTS(e, "null"); break;
-    case LUA_TBOOLEAN:
-        if (lua_toboolean(L, idx)) PUTS(e, "true");
-        else PUTS(e, "false");
+    case LUA_TNIL: place(e, s, json_null()); break;
+    case LUA_TBOOLEAN: place(e, s, json_boolean(lua_toboolean(L, idx))); break;
+    case LUA_TNUMBER:
+        if (lua_isinteger(L, idx)) {
+            place(e, s, json_integer((json_int_t)lua_tointeger(L, idx)));
+        } else {
+            double v = lua_tonumber(L, idx);
+            if (!isfinite(v)) enc_error(e, "NaN or infinity has no JSON spelling");
+            place(e, s, json_real(v));
+        }
         break;
-    case LUA_TNUMBER: {
-        char nb[48];
-        if (lua_isinteger(L, idx)) snprintf(nb, sizeof nb, LUA_INTEGER_FMT, (LUAI_UACINT)lua_tointeger(L, idx));
-        else if (ml_json_format_double(lua_tonumber(L, idx), nb, sizeof nb) < 0)
-            enc_error(e, "NaN or infinity has no JSON spelling");
-        put(e, nb, strlen(nb));
-        break;
-    }
     case LUA_TSTRING: {
         size_t n;
-        const char *s = lua_tolstring(L, idx, &n);
-        put_string(e, s, n);
+        const char *str = lua_tolstring(L, idx, &n);
+        /* NULL for text that is not UTF-8 (no overlongs, surrogates or code
+         * points past U+10FFFF); NUL bytes are kept, written as \u0000. */
+        json_t *j = json_stringn(str, n);
+        if (!j) enc_error(e, "string is not valid UTF-8");
+        place(e, s, j);
         break;
     }
     case LUA_TLIGHTUSERDATA:
         if (lua_touserdata(L, idx) == NULL_SENTINEL) {
-            PUTS(e, "null");
+            place(e, s, json_null());
             break;
         }
         /* fallthrough */
     default:
         enc_error(e, lua_pushfstring(L, "cannot encode a %s", luaL_typename(L, idx)));
         break;
-    case LUA_TTABLE: encode_table(e, idx); break;
+    case LUA_TTABLE: encode_table(e, idx, s); break;
     }
+}
+
+/* jansson writes a real as %.17g less its exponent's zeros
+ * ("1.0000000000000001e-5") and escapes control characters in uppercase
+ * hex ("\u001F"); Python's json.dumps, whose files must come back byte for
+ * byte, writes "1e-05" and "\u001f".  Copy jansson's text to out with those
+ * two respelled: a number with '.' or an exponent is a real, and the %.17g
+ * text reads back as exactly the double, which ml_json_format_double
+ * writes as before. */
+static int restyle(char *s, size_t n, jbuf *out) {
+    size_t i = 0, run = 0;   /* s[run..i) is still to be copied */
+    while (i < n) {
+        char c = s[i];
+        if (c == '"') {
+            /* jansson's only \u escapes are control characters ("\u00XX"). */
+            for (i++; i < n && s[i] != '"'; i++) {
+                if (s[i] != '\\') continue;
+                i++;
+                if (i + 4 < n && s[i] == 'u')
+                    for (int k = 1; k <= 4; k++)
+                        if (s[i + k] >= 'A' && s[i + k] <= 'F') s[i + k] += 'a' - 'A';
+            }
+            i++;
+        } else if (c == '-' || (c >= '0' && c <= '9')) {
+            size_t j = i;
+            int real = 0;
+            for (; j < n; j++) {
+                char d = s[j];
+                if (d == '.' || d == 'e' || d == 'E') real = 1;
+                else if (!(d == '-' || d == '+' || (d >= '0' && d <= '9'))) break;
+            }
+            if (real) {
+                /* copied out: the text need not end in NUL after a number */
+                char num[48], nb[48];
+                if (j - i >= sizeof num) return -1;
+                memcpy(num, s + i, j - i);
+                num[j - i] = 0;
+                if (jbuf_add(out, s + run, i - run) < 0 ||
+                    ml_json_format_double(strtod(num, NULL), nb, sizeof nb) < 0 ||
+                    jbuf_add(out, nb, strlen(nb)) < 0)
+                    return -1;
+                run = j;
+            }
+            i = j;
+        } else {
+            i++;
+        }
+    }
+    return jbuf_add(out, s + run, n - run);
 }
 
 /* Encode the value at idx into a jbuf userdata pushed on the stack. */
 static jbuf *encode_to_buffer(lua_State *L, int idx, int indent, const char *what) {
-    jbuf *b = lua_newuserdatauv(L, sizeof *b, 0);
-    memset(b, 0, sizeof *b);
-    luaL_setmetatable(L, JBUF_MT);
+    json_box *box = lua_newuserdatauv(L, sizeof *box, 0);
+    box->j = NULL;
+    luaL_setmetatable(L, JSON_BOX_MT);
     encoder *e = lua_newuserdatauv(L, sizeof *e, 0);
     e->L = L;
-    e->b = b;
-    e->indent = indent;
+    e->root = box;
     e->depth = 0;
     e->what = what;
-    encode_value(e, idx);
+    encode_value(e, idx, (slot){NULL, NULL, 0});
     lua_pop(L, 1);
-    return b;
+    jbuf *raw = push_jbuf(L);
+    /* The tree holds no loop (the depth limit saw to that) and only UTF-8
+     * text, so a failed dump is a failed allocation. */
+    size_t flags = JSON_ENCODE_ANY | JSON_SORT_KEYS | JSON_INDENT(indent);
+    if (json_dump_callback(box->j, jbuf_dump_cb, raw, flags) < 0)
+        luaL_error(L, "%s: out of memory", what);
+    json_decref(box->j);
+    box->j = NULL;
+    jbuf *out = push_jbuf(L);
+    int rc = restyle(raw->p, raw->n, out);
+    free(raw->p);   /* now, not when collected: it may be large */
+    raw->p = NULL;
+    if (rc < 0) luaL_error(L, "%s: out of memory", what);
+    lua_replace(L, -3);   /* out where the box was */
+    lua_pop(L, 1);
+    return out;
 }
 
 static int opt_indent(lua_State *L, int opts, int def) {
@@ -715,8 +779,7 @@ static int l_json_save(lua_State *L) {
     int indent = opt_indent(L, opts, 2);
     const char *what = lua_pushfstring(L, "json_save '%s'", path);
     jbuf *b = encode_to_buffer(L, 2, indent, what);
-    encoder tail = {.L = L, .b = b, .what = what};
-    PUTS(&tail, "\n");
+    if (jbuf_add(b, "\n", 1) < 0) return luaL_error(L, "%s: out of memory", what);
     if (ml_write_file_atomic(path, b->p, b->n) < 0) return mlua_error(L, NULL);
     return 0;
 }

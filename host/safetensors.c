@@ -14,10 +14,6 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-/* The Python library refuses larger headers; a bigger length field means a
- * corrupt or foreign file, and parsing it would only waste memory. */
-#define ST_MAX_HEADER ((uint64_t)100 * 1000 * 1000)
-
 /* Every dtype name the format defines (sub-byte F4/F6 excepted), in the
  * order of the Python library's dtype enum: writers place wider dtypes
  * first by walking this order backwards. */
@@ -393,9 +389,12 @@ static int add_shard(ml_st_file *f, const char *path) {
         return ml_error("%s: header length %llu runs past the end of the file (%llu bytes): "
                         "truncated or not a safetensors file", path, (unsigned long long)hlen,
                         (unsigned long long)size);
-    if (hlen > ST_MAX_HEADER)
+    /* The Python library refuses larger headers (ML_ST_MAX_HEADER); a bigger
+     * length field means a corrupt or foreign file, and parsing it would
+     * only waste memory. */
+    if (hlen > ML_ST_MAX_HEADER)
         return ml_error("%s: header length %llu is over the %llu-byte limit: not a safetensors "
-                        "file", path, (unsigned long long)hlen, (unsigned long long)ST_MAX_HEADER);
+                        "file", path, (unsigned long long)hlen, (unsigned long long)ML_ST_MAX_HEADER);
     if (hlen < 2) return ml_error("%s: header of %llu bytes is too short to be JSON", path,
                                   (unsigned long long)hlen);
     sh->data_start = 8 + hlen;
@@ -966,6 +965,15 @@ static int write_tensor(ml_atomic_file *af, const save_item *it, void *stage, si
     return rc;
 }
 
+/* Written, such a file would fail every open (the reader's limit), so it is
+ * refused up front. */
+static void header_too_large(const char *path, const char *more, uint64_t bytes) {
+    ml_error("%s: the header would take %s%llu bytes, over the %llu-byte limit of safetensors "
+             "readers (st_open would refuse the file); nothing written: split the tensors over "
+             "several files, or store less metadata", path, more, (unsigned long long)bytes,
+             (unsigned long long)ML_ST_MAX_HEADER);
+}
+
 int ml_st_save(const char *path, int n, const char *const *names, ml_tensor *const *tensors,
                int nmeta, const char *const *meta_keys, const char *const *meta_values,
                int dt) {
@@ -1025,9 +1033,22 @@ int ml_st_save(const char *path, int n, const char *const *names, ml_tensor *con
         }
     qsort(items, (size_t)n, sizeof *items, cmp_save_order);
 
+    /* The names and metadata alone already past the limit: refused before a
+     * header that size is built (the exact check follows it). */
+    uint64_t text_bytes = 0;
+    for (int i = 0; i < n; i++) text_bytes += strlen(names[i]);
+    for (int i = 0; i < nmeta; i++) text_bytes += strlen(meta_keys[i]) + strlen(meta_values[i]);
+    if (text_bytes > ML_ST_MAX_HEADER) {
+        header_too_large(path, "more than ", text_bytes);
+        goto done;
+    }
     header = build_header(path, items, n, nmeta, meta_keys, meta_values);
     if (!header) goto done;
     size_t hlen = strlen(header), padded = (hlen + 7) / 8 * 8;
+    if (padded > ML_ST_MAX_HEADER) {
+        header_too_large(path, "", padded);
+        goto done;
+    }
     unsigned char prefix[8];
     for (int i = 0; i < 8; i++) prefix[i] = (unsigned char)(((uint64_t)padded >> (8 * i)) & 0xff);
     static const char spaces[8] = "        ";

@@ -35,6 +35,12 @@
 
 typedef struct ml_st_file ml_st_file;
 
+/* The largest header length (the 8-byte field, padding included) a file may
+ * have: the Python library's limit.  The reader refuses a longer one as a
+ * corrupt or foreign file; ml_st_save refuses to write one, since no reader
+ * would open it. */
+#define ML_ST_MAX_HEADER ((uint64_t)100 * 1000 * 1000)
+
 /* What the header says about one tensor. */
 typedef struct {
     const char *name;
@@ -90,7 +96,10 @@ const char *ml_st_metadata_get(const ml_st_file *f, const char *key);
  * must be a float dtype: floating tensors are stored in it, integer and bool
  * tensors as they are.  The layout is the Python safetensors library's:
  * tensors ordered by dtype (widest first) then name, metadata first, header
- * padded with spaces to a multiple of 8 bytes. */
+ * padded with spaces to a multiple of 8 bytes.  A header that would pass
+ * ML_ST_MAX_HEADER is refused before anything is written.  Names, keys and
+ * values are C strings: a caller holding counted strings (Lua) must refuse
+ * ones with NUL bytes itself, as they would be cut short here. */
 int ml_st_save(const char *path, int n, const char *const *names, ml_tensor *const *tensors,
                int nmeta, const char *const *meta_keys, const char *const *meta_values,
                int dtype_or_minus1);

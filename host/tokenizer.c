@@ -371,6 +371,11 @@ static int load_merges_file(ml_tokenizer *tok, const char *path) {
         rc = add_merge(tok, line, (size_t)(sp - line), sp + 1, (size_t)(eol - sp - 1), where);
     }
     free(text);
+    /* Without merges every word falls apart into single characters: ids
+     * that load fine and mean nothing to the text encoder.  An empty file
+     * is a broken download or a stub, not a tokenizer. */
+    if (rc == 0 && tok->n_merges == 0)
+        rc = ml_error("%s holds no merges (empty, or only its #version line)", path);
     return rc;
 }
 
@@ -425,6 +430,11 @@ static int load_tokenizer_json(ml_tokenizer *tok, const char *path, tok_config *
 
     json_t *merges = json_object_get(model, "merges");
     if (!json_is_array(merges)) { ml_error("%s: model.merges is not an array", path); goto done; }
+    /* as in load_merges_file: no merges, no BPE */
+    if (json_array_size(merges) == 0) {
+        ml_error("%s: model.merges holds no merges (an empty array)", path);
+        goto done;
+    }
     if (merges_reserve(tok, json_array_size(merges)) < 0) goto done;
     size_t i;
     json_t *m;

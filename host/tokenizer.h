@@ -46,7 +46,9 @@ typedef struct {
  * there, else tokenizer.json; tokenizer_config.json and
  * special_tokens_map.json (optional) name the bos/eos/pad/unk tokens and
  * model_max_length (defaults: <|startoftext|>, <|endoftext|> for the other
- * three, 77).  NULL + error naming the file on failure. */
+ * three, 77).  NULL + error naming the file on failure; a merges.txt or
+ * model.merges without a single merge is one (BPE without merges would
+ * silently split every word into single characters). */
 ml_tokenizer *ml_tokenizer_load(const char *dir);
 /* The two files alone, default special tokens. */
 ml_tokenizer *ml_tokenizer_load_files(const char *vocab_path, const char *merges_path);

@@ -542,6 +542,63 @@ static void test_atomic_save(void) {
     ml_release(t);
 }
 
+/* The writer and the reader share ML_ST_MAX_HEADER: a header of exactly the
+ * limit saves and opens again; one byte more is refused with nothing
+ * written, found once the header is built, or before building it when the
+ * metadata alone is past the limit. */
+static void test_header_limit(void) {
+    int64_t s1[1] = {1};
+    ml_tensor *t = ml_full(1, s1, 1.0, ML_F32, ml_cpu());
+    const char *name = "a", *key = "k";
+    const char *path = tmp_path("limit.safetensors");
+    size_t big = (size_t)ML_ST_MAX_HEADER + 16;
+    char *value = malloc(big + 1);
+    if (!value) { CHECK(0, "out of memory"); ml_release(t); return; }
+
+    /* The header's length around an 8-byte value, less its padding. */
+    memset(value, 'x', 8);
+    value[8] = 0;
+    const char *v = value;
+    CHECK(ml_st_save(path, 1, &name, &t, 1, &key, &v, -1) == 0, "small save: %s", ml_last_error());
+    size_t n;
+    unsigned char *bytes = read_bytes(path, &n);
+    uint64_t hlen = 0;
+    for (int i = 0; bytes && i < 8; i++) hlen |= (uint64_t)bytes[i] << (8 * i);
+    while (bytes && hlen > 0 && bytes[8 + hlen - 1] == ' ') hlen--;
+    free(bytes);
+    size_t at_limit = 8 + (size_t)(ML_ST_MAX_HEADER - hlen);
+    remove(path);
+
+    memset(value, 'x', at_limit);
+    value[at_limit] = 0;
+    CHECK(ml_st_save(path, 1, &name, &t, 1, &key, &v, -1) == 0,
+          "a header of exactly ML_ST_MAX_HEADER bytes saves: %s", ml_last_error());
+    ml_st_file *f = ml_st_open(path);
+    CHECK(f && ml_st_metadata_get(f, "k") && strlen(ml_st_metadata_get(f, "k")) == at_limit,
+          "and opens again: %s", f ? "" : ml_last_error());
+    ml_st_close(f);
+    remove(path);
+
+    struct { size_t len; const char *want, *what; } cases[] = {
+        {at_limit + 1, "would take 100000008 bytes", "one byte past the limit"},
+        {big, "more than", "metadata alone past the limit"},
+    };
+    for (size_t c = 0; c < sizeof cases / sizeof *cases; c++) {
+        memset(value, 'x', cases[c].len);
+        value[cases[c].len] = 0;
+        ml_clear_error();
+        int rc = ml_st_save(path, 1, &name, &t, 1, &key, &v, -1);
+        const char *e = ml_last_error();
+        CHECK(rc < 0 && strstr(e, path) && strstr(e, cases[c].want) && strstr(e, "nothing written"),
+              "%s: %s", cases[c].what, rc < 0 ? e : "saved");
+        struct stat st;
+        CHECK(stat(path, &st) != 0 && count_temp_files() == 0, "%s: no file, no temporary file",
+              cases[c].what);
+    }
+    free(value);
+    ml_release(t);
+}
+
 /* ---- sharded checkpoints and variants ----------------------------------- */
 
 static void save_two(const char *path, const char *a, const char *b, double va) {
@@ -853,6 +910,7 @@ int main(void) {
     test_not_regular_files();
     test_metadata_merge();
     test_atomic_save();
+    test_header_limit();
     test_sharded();
     test_lookup_errors();
     test_fuzz();

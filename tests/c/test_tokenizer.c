@@ -291,6 +291,20 @@ static void check_errors(void) {
     tok = ml_tokenizer_load(dir);
     CHECK(!tok && strstr(ml_last_error(), "merges.txt line 2"), "bad merge line: %s", ml_last_error());
 
+    /* No merges at all: it would load and split every word into characters. */
+    const char *no_merges[] = {"", "#version: 0.2\n", "#version: 0.2\n\n\r\n"};
+    for (int i = 0; i < 3; i++) {
+        write_file(merges, no_merges[i]);
+        tok = ml_tokenizer_load(dir);
+        CHECK(!tok && strstr(ml_last_error(), merges) && strstr(ml_last_error(), "holds no merges"),
+              "merges.txt %d without merges: %s", i, tok ? "loaded" : ml_last_error());
+        ml_tokenizer_free(tok);
+        tok = ml_tokenizer_load_files(vocab, merges);
+        CHECK(!tok && strstr(ml_last_error(), "merges.txt holds no merges"),
+              "load_files, merges.txt %d without merges: %s", i, tok ? "loaded" : ml_last_error());
+        ml_tokenizer_free(tok);
+    }
+
     write_file(merges, "#version: 0.2\na b\na b</w>\n");
     write_file(conf, "{\"pad_token\": {\"content\": \"<pad>\"}}");
     tok = ml_tokenizer_load(dir);
@@ -328,6 +342,17 @@ static void check_errors(void) {
               "string merges encode");
         ml_tokenizer_free(tok);
     }
+    write_file(json, "{\"model\": {\"type\": \"BPE\", \"end_of_word_suffix\": \"</w>\", "
+                     "\"vocab\": {\"a\": 0, \"a</w>\": 1, \"<|startoftext|>\": 2, "
+                     "\"<|endoftext|>\": 3}, \"merges\": []}, \"added_tokens\": []}");
+    tok = ml_tokenizer_load(dir);
+    CHECK(!tok && strstr(ml_last_error(), json) && strstr(ml_last_error(), "holds no merges"),
+          "tokenizer.json with no merges: %s", tok ? "loaded" : ml_last_error());
+    ml_tokenizer_free(tok);
+    tok = ml_tokenizer_load_json(json);
+    CHECK(!tok && strstr(ml_last_error(), "tokenizer.json: model.merges holds no merges"),
+          "load_json with no merges: %s", tok ? "loaded" : ml_last_error());
+    ml_tokenizer_free(tok);
     write_file(json, "{\"model\": {\"type\": \"WordPiece\"}}");
     tok = ml_tokenizer_load(dir);
     CHECK(!tok && strstr(ml_last_error(), "tokenizer.json") && strstr(ml_last_error(), "WordPiece"),

@@ -172,6 +172,41 @@ function tests.save_errors_leave_old_file(t)
     remove_tree(dir)
 end
 
+-- Refusals that would otherwise write a file other than the one asked for
+-- (a NUL cuts a C string short) or one no reader opens (a header past the
+-- limit st_open accepts): an error naming the key, and nothing written.
+function tests.save_refuses_nul_and_oversized_headers(t)
+    local dir = temp_dir()
+    local path = dir .. "/out.safetensors"
+    local x = core.tensor({1, 2})
+    local function listing()
+        local p = assert(io.popen("ls -A '" .. dir .. "'"))
+        local s = p:read("a")
+        p:close()
+        return s
+    end
+    local cases = {
+        {{["a\0b"] = x}, nil, "tensor name 'a\\0b' holds a NUL byte"},
+        {{a = x}, {metadata = {["k\0"] = "v"}}, "metadata key 'k\\0' holds a NUL byte"},
+        {{a = x}, {metadata = {format = "pt", note = "x\0y"}}, "metadata value of 'note' holds a NUL byte"},
+        {{a = x}, {metadata = {big = string.rep("x", 100 * 1000 * 1000 + 1)}},
+         "over the 100000000-byte limit"},
+    }
+    for i, c in ipairs(cases) do
+        local err = error_of(core.st_save, path, c[1], c[2])
+        t:assert(err and err:find(path, 1, true) and err:find(c[3], 1, true),
+                 "case " .. i .. ": " .. tostring(err))
+        t:assertEq(listing(), "", "case " .. i .. " wrote nothing")
+    end
+    -- an existing file stays as it was
+    core.st_save(path, {a = x})
+    local before = read_file(path)
+    t:assert(error_of(core.st_save, path, {["a\0"] = x}), "NUL name over an existing file")
+    t:assertEq(read_file(path), before)
+    t:assertEq(listing(), "out.safetensors\n")
+    remove_tree(dir)
+end
+
 function tests.corrupt_file_errors_name_the_file(t)
     local dir = temp_dir()
     local path = dir .. "/bad.safetensors"
@@ -246,6 +281,9 @@ function tests.json_encode_matches_python(t)
     t:assertEq(core.json_encode(core.json_object({[2] = "b", [10] = "a"})), '{"10": "a", "2": "b"}')
     t:assertEq(core.json_encode({1, nil, 3}), "[1, null, 3]")
     t:assertEq(core.json_encode("\1"), '"\\u0001"')
+    -- escapes in lowercase hex, NUL bytes kept (in keys too), '/' as is
+    t:assertEq(core.json_encode({["k\0"] = "\31/\0"}), '{"k\\u0000": "\\u001f/\\u0000"}')
+    t:assertEq(core.json_encode({1e20, 1e-05, 2 ^ 63}), "[1e+20, 1e-05, 9.223372036854776e+18]")
 end
 
 function tests.json_floats_round_trip(t)

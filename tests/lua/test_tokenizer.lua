@@ -3,6 +3,7 @@
 -- prompts, the HF-style options, lookups and argument errors.  The
 -- vocabulary comes from `make fixtures`.
 local core = require "moonlit.core"
+local util = require "testutil"
 
 local DIR = "tests/fixtures/sd1-tiny/pipeline/tokenizer"
 local FIXTURE = "tests/fixtures/sd1-tiny/tokenizer.json"
@@ -114,6 +115,31 @@ function tests.bad_arguments(t)
     t:assertError(function() tok:decode({320, "x"}) end, "ids[2]")
     t:assertError(function() tok:decode({320, 99999}) end, "99999")
     t:assertError(function() tok:decode(core.zeros(2, 2, 2)) end, "1-D/2-D")
+end
+
+-- A tokenizer without merges would split every word into single characters:
+-- an empty or header-only merges.txt, or an empty model.merges, is refused.
+function tests.no_merges_refused(t)
+    local dir = util.temp_dir()
+    local vocab = '{"a": 0, "a</w>": 1, "<|startoftext|>": 2, "<|endoftext|>": 3}'
+    util.write_file(dir .. "/vocab.json", vocab)
+    for _, text in ipairs({"", "#version: 0.2\n", "#version: 0.2\n\n"}) do
+        util.write_file(dir .. "/merges.txt", text)
+        t:assertError(function() core.tokenizer_load(dir) end, dir .. "/merges.txt holds no merges",
+                      string.format("merges.txt %q", text))
+    end
+    os.remove(dir .. "/merges.txt")
+    os.remove(dir .. "/vocab.json")
+    util.write_file(dir .. "/tokenizer.json", '{"model": {"type": "BPE", "end_of_word_suffix": "</w>", '
+                    .. '"vocab": ' .. vocab .. ', "merges": []}, "added_tokens": []}')
+    t:assertError(function() core.tokenizer_load(dir) end,
+                  dir .. "/tokenizer.json: model.merges holds no merges", "empty model.merges")
+    -- one merge is enough
+    util.write_file(dir .. "/tokenizer.json", '{"model": {"type": "BPE", "end_of_word_suffix": "</w>", '
+                    .. '"vocab": {"a": 0, "a</w>": 1, "aa</w>": 4, "<|startoftext|>": 2, "<|endoftext|>": 3}, '
+                    .. '"merges": ["a a</w>"]}, "added_tokens": []}')
+    t:assertEq(core.tokenizer_load(dir):encode("aa"), {2, 4, 3})
+    util.remove_tree(dir)
 end
 
 function tests.close(t)

@@ -12,6 +12,7 @@ local core = require "moonlit.core"
 local nn = require "moonlit.nn"
 local schedulers = require "moonlit.schedulers"
 local options = require "moonlit.options"
+local config_check = require "moonlit.config_check"
 
 local sd = {}
 
@@ -57,24 +58,12 @@ local function normalise_key(component, k)
     return k
 end
 
--- Config keys each network cannot be built without.
-local required = {
-    CLIPTextModel = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "max_position_embeddings"},
-    UNet2DConditionModel = {"in_channels", "out_channels", "block_out_channels", "down_block_types",
-                            "up_block_types", "cross_attention_dim"},
-    AutoencoderKL = {"latent_channels", "block_out_channels", "down_block_types", "up_block_types"},
-}
-
-local function check_config(cfg, cls_name, path)
-    local missing = {}
-    for _, k in ipairs(required[cls_name] or {}) do
-        if cfg[k] == nil then missing[#missing + 1] = k end
-    end
-    if #missing > 0 then
-        error(string.format("sd.load: %s: config key(s) missing for %s: %s", path, cls_name,
-                            table.concat(missing, ", ")), 3)
-    end
+-- A network's config checked against its schema (moonlit.config_check:
+-- keys missing, of the wrong type or out of range, lists of mismatched
+-- lengths, ...) before anything is built; the error names the file and key.
+local function check_config(cfg, cls_name, path, who)
+    local ok, msg = config_check.validate(cls_name, cfg, path)
+    if not ok then error((who or "sd.load") .. ": " .. msg, 0) end
 end
 
 -- Build a network from <dir>/config.json and load its weights.
@@ -170,8 +159,9 @@ function sd.load(dir, opts)
         m.tokenizer = core.tokenizer_load(m.tokenizer_dir)
     end
     if want.scheduler then
-        m.scheduler_config, m.scheduler_raw_config = read_json(join(dir, "scheduler/scheduler_config.json"), "scheduler config")
-        m.scheduler = schedulers.from_config(m.scheduler_config)
+        local path = join(dir, "scheduler/scheduler_config.json")
+        m.scheduler_config, m.scheduler_raw_config = read_json(path, "scheduler config")
+        m.scheduler = schedulers.from_config(m.scheduler_config, nil, nil, path)
     end
     for _, c in ipairs {"text_encoder", "unet", "vae"} do
         if want[c] then m[c] = sd.load_component(join(dir, c), c, opts) end
@@ -301,7 +291,10 @@ function sd.from_configs(dir, opts)
     for _, c in ipairs {"text_encoder", "unet", "vae"} do
         local cfg, raw = read_json(join(dir, c .. "/config.json"), c .. " config")
         local cls = cfg._class_name or (cfg.architectures and cfg.architectures[1]) or default_class[c]
-        check_config(cfg, cls, join(dir, c .. "/config.json"))
+        if not sd.models[cls] then
+            error("sd.from_configs: unsupported model class '" .. tostring(cls) .. "' in " .. join(dir, c .. "/config.json"), 2)
+        end
+        check_config(cfg, cls, join(dir, c .. "/config.json"), "sd.from_configs")
         m[c] = sd.models[cls]()(cfg)
         m[c].config = cfg
         m[c].raw_config = raw
@@ -312,8 +305,9 @@ function sd.from_configs(dir, opts)
         m.tokenizer_dir = tdir
         m.tokenizer = core.tokenizer_load(tdir)
     end
-    m.scheduler_config, m.scheduler_raw_config = read_json(join(dir, "scheduler/scheduler_config.json"), "scheduler config")
-    m.scheduler = schedulers.from_config(m.scheduler_config)
+    local spath = join(dir, "scheduler/scheduler_config.json")
+    m.scheduler_config, m.scheduler_raw_config = read_json(spath, "scheduler config")
+    m.scheduler = schedulers.from_config(m.scheduler_config, nil, nil, spath)
     return m
 end
 

@@ -13,6 +13,7 @@
 local core = require "moonlit.core"
 local nn = require "moonlit.nn"
 local schedulers = require "moonlit.schedulers"
+local config_check = require "moonlit.config_check"
 
 local M = {}
 
@@ -433,12 +434,29 @@ function M.load(path, opts)
     cfgs.text_encoder = folder_cfg("text_encoder") or text_config(w, text, path)
     local scale = dig(orig, "model", "params", "scale_factor")
     if scale and not folder_cfg("vae") then cfgs.vae.scaling_factor = scale end
+    -- Each config checked against its schema (moonlit.config_check) before
+    -- the names below or the networks are made from it (the UNet's and the
+    -- VAE's shape the names whatever is loaded).
+    local wanted_text = not opts.components
+    for _, c in ipairs(opts.components or {}) do if c == "text_encoder" then wanted_text = true end end
+    for _, c in ipairs(wanted_text and {"text_encoder", "unet", "vae"} or {"unet", "vae"}) do
+        local cfg = cfgs[c]
+        local cls = cfg._class_name or (cfg.architectures and cfg.architectures[1])
+        if not sd.models[cls] then
+            error(string.format("sd.load_single_file: %s: unsupported %s model class '%s'", path, c, tostring(cls)), 2)
+        end
+        local source = folder_cfg(c) and join(join(cdir, c), "config.json")
+            or string.format("%s (the %s config read from its shapes%s)", path, c,
+                             opts.original_config and " and " .. opts.original_config or "")
+        local ok, msg = config_check.validate(cls, cfg, source)
+        if not ok then error("sd.load_single_file: " .. msg, 2) end
+    end
 
     local want = {}
     for _, c in ipairs(opts.components or {"text_encoder", "unet", "vae", "tokenizer", "scheduler"}) do want[c] = true end
     local m = {dir = path, single_file = path, device = opts.device or "cpu", precision = opts.precision or "f32",
                config = {_class_name = "StableDiffusionPipeline"}}
-    local lpb = cfgs.unet.layers_per_block
+    local lpb = cfgs.unet.layers_per_block or 2
     local up_attn = {}
     for i, t in ipairs(cfgs.unet.up_block_types) do up_attn[i - 1] = t:match("CrossAttn") ~= nil end
     local ctx = {lpb = lpb, up_attn = up_attn, vae_levels = #cfgs.vae.block_out_channels, text = text}
@@ -482,9 +500,12 @@ function M.load(path, opts)
     if want.scheduler then
         local scfg
         local sp = cdir and join(cdir, "scheduler/scheduler_config.json")
+        local source
         if sp and core.is_file(sp) then
             scfg = core.json_load(sp)
+            source = sp
         else
+            source = opts.original_config
             local P = dig(orig, "model", "params") or {}
             scfg = {_class_name = "PNDMScheduler", beta_start = P.linear_start or 0.00085, beta_end = P.linear_end or 0.012,
                     beta_schedule = "scaled_linear", num_train_timesteps = P.timesteps or 1000,
@@ -498,7 +519,7 @@ function M.load(path, opts)
         if param then scfg.prediction_type = param == "v" and "v_prediction" or "epsilon" end
         if opts.prediction_type then scfg.prediction_type = opts.prediction_type end
         m.scheduler_config, m.scheduler_raw_config = scfg, scfg
-        m.scheduler = schedulers.from_config(scfg)
+        m.scheduler = schedulers.from_config(scfg, nil, nil, source)
     end
     if want.tokenizer then
         local function has_vocab(d)
@@ -550,7 +571,7 @@ function M.save(path, m, opts)
     if text ~= "clip" and text ~= "openclip" then
         error("sd.save_single_file: option 'text_layout' must be clip or openclip, not " .. tostring(text), 2)
     end
-    local ctx = {lpb = m.unet.config.layers_per_block, up_attn = up_attn,
+    local ctx = {lpb = m.unet.config.layers_per_block or 2, up_attn = up_attn,
                  vae_levels = #m.vae.config.block_out_channels, text = text}
     local out = {}
     local packed = {} -- OpenCLIP in_proj name -> {q, k, v}

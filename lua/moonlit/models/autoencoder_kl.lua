@@ -6,6 +6,7 @@ local core = require "moonlit.core"
 local nn = require "moonlit.nn"
 local release = nn.release
 local B = require "moonlit.models.blocks"
+local config_check = require "moonlit.config_check"
 
 local M = {}
 
@@ -152,6 +153,7 @@ local VAE = nn.Module:extend("AutoencoderKL")
 M.AutoencoderKL = VAE
 
 function VAE:init(cfg)
+    config_check.check("AutoencoderKL", cfg)
     self.config = cfg
     self.scaling_factor = cfg.scaling_factor or 0.18215
     local lc = cfg.latent_channels

@@ -5,6 +5,7 @@
 -- loader accepts both forms and files are written with the prefix.
 local core = require "moonlit.core"
 local nn = require "moonlit.nn"
+local config_check = require "moonlit.config_check"
 local release = nn.release
 
 local M = {}
@@ -108,6 +109,7 @@ M.CLIPTextModel = CLIPTextModel
 CLIPTextModel._checkpoint_classes = {"CLIPEncoderLayer"}
 
 function CLIPTextModel:init(cfg)
+    config_check.check("CLIPTextModel", cfg)
     self.config = cfg
     self:add_module("embeddings", Embeddings(cfg))
     self:add_module("encoder", Encoder(cfg))

@@ -4,6 +4,7 @@
 local core = require "moonlit.core"
 local nn = require "moonlit.nn"
 local B = require "moonlit.models.blocks"
+local config_check = require "moonlit.config_check"
 local release = nn.release
 
 local M = {}
@@ -15,21 +16,11 @@ local function per_block(v, n)
     return t
 end
 
-local function check_supported(cfg)
-    local function need(cond, what)
-        if not cond then error("UNet2DConditionModel: unsupported config: " .. what, 3) end
-    end
-    need((cfg.time_embedding_type or "positional") == "positional", "time_embedding_type " .. tostring(cfg.time_embedding_type))
-    need(cfg.class_embed_type == nil, "class_embed_type")
-    need(cfg.addition_embed_type == nil, "addition_embed_type (SDXL-style conditioning)")
-    need((cfg.resnet_time_scale_shift or "default") == "default", "resnet_time_scale_shift")
-    need((cfg.mid_block_type or "UNetMidBlock2DCrossAttn") == "UNetMidBlock2DCrossAttn", "mid_block_type " .. tostring(cfg.mid_block_type))
-    local tl = cfg.transformer_layers_per_block or 1
-    need(tl == 1 or (type(tl) == "table"), "transformer_layers_per_block")
-    if type(tl) == "table" then for _, v in ipairs(tl) do need(v == 1, "transformer_layers_per_block ~= 1") end end
-    need(not cfg.only_cross_attention or cfg.only_cross_attention == false, "only_cross_attention")
-    need(not cfg.dual_cross_attention, "dual_cross_attention")
-end
+-- The config's types, ranges and cross-field rules, and the options SD
+-- 1.x / 2.x do not use (class or addition embeddings, SDXL-style
+-- conditioning, other time embeddings or mid blocks, several transformer
+-- layers per block), are checked by moonlit.config_check before anything
+-- is built.
 
 -- ---- blocks ---------------------------------------------------------------
 
@@ -178,7 +169,7 @@ M.UNet2DConditionModel = UNet
 UNet._checkpoint_classes = {"ResnetBlock2D", "Transformer2DModel"}
 
 function UNet:init(cfg)
-    check_supported(cfg)
+    config_check.check("UNet2DConditionModel", cfg)
     self.config = cfg
     local boc = cfg.block_out_channels
     local nb = #boc

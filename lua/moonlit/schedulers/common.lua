@@ -5,6 +5,7 @@
 -- wherever PyTorch rounds it, so betas, alphas_cumprod and the timesteps
 -- come out bit-identical to diffusers'.
 local core = require "moonlit.core"
+local config_check = require "moonlit.config_check"
 
 local C = {}
 
@@ -24,8 +25,9 @@ end
 
 -- The schedule is a Lua array of num_train_timesteps entries built in a
 -- loop: 1e8 takes minutes and gigabytes, 2^40 never ends.  Trained models
--- use 1000; a million leaves room for any real one.
-C.MAX_TRAIN_TIMESTEPS = 1000000
+-- use 1000; a million leaves room for any real one (the bound the config
+-- schemas of moonlit.config_check use).
+C.MAX_TRAIN_TIMESTEPS = config_check.MAX_TRAIN_TIMESTEPS
 
 function C.check_train_timesteps(name, cfg)
     local n = cfg.num_train_timesteps
@@ -226,25 +228,23 @@ function C.check_off(name, cfg, keys)
     end
 end
 
--- Class helper: a constructor that checks the config and fills the
--- schedule.  cls.predictions lists the prediction types the class takes;
--- cls.check(self) adds the class's own config checks.
+-- Class helper: a constructor cls(cfg, [source]) that checks the config
+-- (with the class's defaults filled in) against the class's schema in
+-- moonlit.config_check, then fills the schedule.  source names the file
+-- in errors ("config" when not given); cls.check(self) may add checks.
 function C.class(name, extra_defaults)
     local cls = {}
     cls.__index = cls
     cls.__name = name
-    cls.predictions = {"epsilon", "v_prediction", "sample"}
-    setmetatable(cls, {__index = Base, __call = function(c, cfg)
+    setmetatable(cls, {__index = Base, __call = function(c, cfg, source)
         local self = setmetatable({}, c)
+        if cfg ~= nil and type(cfg) ~= "table" then
+            error(string.format("%s: %s: expected a config table, got %s", name, source or "config", type(cfg)), 2)
+        end
         self.config = C.defaults(cfg, extra_defaults)
         self.config._class_name = name
         local conf = self.config
-        C.check_choice(name, conf, "prediction_type", c.predictions)
-        C.check_choice(name, conf, "timestep_spacing", {"leading", "trailing", "linspace"})
-        -- dynamic thresholding needs per-sample quantiles; zero-SNR rescaling
-        -- changes the betas: neither is implemented, so both are refused
-        C.check_off(name, conf, {"thresholding", "rescale_betas_zero_snr"})
-        C.check_train_timesteps(name, conf)
+        config_check.check(name, conf, source)
         if c.check then c.check(self) end
         self.num_train_timesteps = conf.num_train_timesteps
         self.betas, self.alphas_cumprod = C.make_schedule(conf, name)

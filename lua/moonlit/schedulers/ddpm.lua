@@ -6,10 +6,9 @@ local C = require "moonlit.schedulers.common"
 local DDPM = C.class("DDPMScheduler", {variance_type = "fixed_small", clip_sample = true,
                                        clip_sample_range = 1.0, thresholding = false})
 
--- the learned variances need a model that predicts them (twice the channels)
-function DDPM:check()
-    C.check_choice(self.__name, self.config, "variance_type", {"fixed_small", "fixed_small_log", "fixed_large"})
-end
+-- variance_type: fixed_small, fixed_small_log or fixed_large (the config's
+-- schema is in moonlit.config_check; the learned variances need a model
+-- that predicts them, twice the channels)
 
 function DDPM:set_timesteps(n)
     n = C.check_steps(self.__name, self.config, n)

@@ -13,18 +13,8 @@ local DPM = C.class("DPMSolverMultistepScheduler", {
 
 local interp = C.interp
 
-function DPM:check()
-    local cfg, name = self.config, self.__name
-    C.check_choice(name, cfg, "algorithm_type", {"dpmsolver++"})
-    C.check_choice(name, cfg, "solver_order", {2})
-    C.check_choice(name, cfg, "solver_type", {"midpoint"})
-    C.check_choice(name, cfg, "final_sigmas_type", {"zero", "sigma_min"})
-    C.check_off(name, cfg, {"use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
-                            "use_flow_sigmas", "variance_type"})
-    if cfg.lambda_min_clipped and cfg.lambda_min_clipped > -math.huge then
-        error(name .. ": lambda_min_clipped is not implemented", 0)
-    end
-end
+-- The config's schema (dpmsolver++, order 2, midpoint; no Karras sigmas,
+-- Lu lambdas, lambda_min_clipped, ...) is in moonlit.config_check.
 
 function DPM:setup()
     self.train_sigmas = C.train_sigmas(self.alphas_cumprod)

@@ -12,17 +12,9 @@ local interp = C.interp
 local function make(name, final_sigma)
     local defaults = {timestep_spacing = "linspace", interpolation_type = "linear"}
     if final_sigma then defaults.final_sigmas_type, defaults.timestep_type = "zero", "discrete" end
+    -- the config's schema (interpolation_type linear, no Karras /
+    -- exponential / beta sigmas, ...) is in moonlit.config_check
     local cls = C.class(name, defaults)
-
-    function cls:check()
-        local cfg = self.config
-        C.check_choice(name, cfg, "interpolation_type", {"linear"})
-        C.check_off(name, cfg, {"use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"})
-        if final_sigma then
-            C.check_choice(name, cfg, "final_sigmas_type", {"zero", "sigma_min"})
-            C.check_choice(name, cfg, "timestep_type", {"discrete"})
-        end
-    end
 
     function cls:setup()
         self.train_sigmas = C.train_sigmas(self.alphas_cumprod)

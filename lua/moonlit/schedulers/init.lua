@@ -33,7 +33,7 @@ local carried = {"num_train_timesteps", "beta_start", "beta_end", "beta_schedule
                  "prediction_type", "timestep_spacing", "steps_offset", "set_alpha_to_one", "clip_sample",
                  "clip_sample_range", "skip_prk_steps", "rescale_betas_zero_snr"}
 
--- from_config(cfg, [name], [overrides]): cfg as read from scheduler_config.json.
+-- from_config(cfg, [name], [overrides], [source]): cfg as read from scheduler_config.json.
 -- The names from_config accepts, for error messages.
 local function known_names()
     local list = {}
@@ -46,8 +46,9 @@ local function known_names()
 end
 
 -- A name that is given must be known: it never falls back to the config's
--- own class (asking for "lms" and silently sampling with PNDM).
-function S.from_config(cfg, name, overrides)
+-- own class (asking for "lms" and silently sampling with PNDM).  source: the
+-- file cfg was read from, named in config errors.
+function S.from_config(cfg, name, overrides, source)
     if name ~= nil and (type(name) ~= "string" or not S.class_name(name)) then
         error("scheduler: unknown scheduler " .. (type(name) == "string" and "'" .. name .. "'" or tostring(name)) ..
               " (accepted: " .. known_names() .. ")", 2)
@@ -55,7 +56,7 @@ function S.from_config(cfg, name, overrides)
     local cls_name = name and S.class_name(name) or cfg._class_name
     local cls = cls_name and S[cls_name]
     if not cls then
-        error("scheduler: unknown scheduler '" .. tostring(cfg._class_name) ..
+        error("scheduler: " .. (source and source .. ": " or "") .. "unknown scheduler '" .. tostring(cfg._class_name) ..
               "' (the config's _class_name; accepted: " .. known_names() .. ")", 2)
     end
     local c = {}
@@ -65,7 +66,7 @@ function S.from_config(cfg, name, overrides)
         for k, v in pairs(cfg) do c[k] = v end
     end
     for k, v in pairs(overrides or {}) do c[k] = v end
-    return cls(c)
+    return cls(c, source)
 end
 
 return S

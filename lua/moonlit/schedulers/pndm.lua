@@ -5,7 +5,7 @@
 local C = require "moonlit.schedulers.common"
 
 local PNDM = C.class("PNDMScheduler", {skip_prk_steps = false, set_alpha_to_one = false})
-PNDM.predictions = {"epsilon", "v_prediction"}
+-- (prediction_type epsilon or v_prediction: see moonlit.config_check)
 
 local ORDER = 4   -- PRK's stages per timestep and PLMS's history length
 

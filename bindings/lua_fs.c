@@ -1,5 +1,5 @@
 /* lua_fs.c — filesystem helpers for the Lua library: mkdir_p, is_dir,
- * is_file, copy_file, list_dir. */
+ * is_file, require_regular_file, copy_file, list_dir. */
 #include "mlua.h"
 #include "fs.h"
 
@@ -9,6 +9,15 @@ static int l_mkdir_p(lua_State *L) {
 }
 static int l_is_dir(lua_State *L) { lua_pushboolean(L, ml_is_dir(luaL_checkstring(L, 1))); return 1; }
 static int l_is_file(lua_State *L) { lua_pushboolean(L, ml_is_file(luaL_checkstring(L, 1))); return 1; }
+/* require_regular_file(path, what): nothing if path is a regular file, else
+ * the error of ml_require_regular_file ("<what> '<path>': it is a FIFO
+ * (named pipe), not a regular file", or why it cannot be opened), so Lua
+ * code can say what is wrong instead of "no such file". */
+static int l_require_regular_file(lua_State *L) {
+    if (ml_require_regular_file(luaL_checkstring(L, 1), luaL_optstring(L, 2, "cannot read")) < 0)
+        return mlua_error(L, NULL);
+    return 0;
+}
 static int l_copy_file(lua_State *L) {
     if (ml_copy_file(luaL_checkstring(L, 1), luaL_checkstring(L, 2)) < 0) return mlua_error(L, NULL);
     return 0;
@@ -26,6 +35,7 @@ static int l_list_dir(lua_State *L) {
 void mlua_open_fs(lua_State *L) {
     static const luaL_Reg f[] = {
         {"mkdir_p", l_mkdir_p}, {"is_dir", l_is_dir}, {"is_file", l_is_file},
+        {"require_regular_file", l_require_regular_file},
         {"copy_file", l_copy_file}, {"list_dir", l_list_dir}, {NULL, NULL},
     };
     luaL_setfuncs(L, f, 0);

@@ -8,6 +8,7 @@
 #define _XOPEN_SOURCE 700
 #include "zip.h"
 #include "error.h"
+#include "fs.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -137,9 +138,16 @@ ml_zip *ml_zip_open(const char *path) {
     z->path = strdup(path);
     if (!z->path) { free(z); return ml_error_null("%s: out of memory", path); }
     struct stat st;
-    z->fd = open(path, O_RDONLY | O_CLOEXEC);
+    /* Refused before open: opening a FIFO for reading waits for a writer
+     * forever.  O_NONBLOCK covers a path swapped for a FIFO between the
+     * check and the open; fstat then refuses it, and the flag is cleared
+     * for the reads of a regular file. */
+    if (ml_require_regular_file(path, "cannot read zip archive") < 0) goto fail;
+    z->fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (z->fd < 0) { ml_error("%s: cannot open: %s", path, strerror(errno)); goto fail; }
     if (fstat(z->fd, &st) < 0 || !S_ISREG(st.st_mode)) { ml_error("%s: not a regular file", path); goto fail; }
+    int fl = fcntl(z->fd, F_GETFL);
+    if (fl >= 0) fcntl(z->fd, F_SETFL, fl & ~O_NONBLOCK);
     z->file_size = (uint64_t)st.st_size;
     uint64_t count = 0, cd_size = 0, cd_off = 0;
     if (read_eocd(z, &count, &cd_size, &cd_off) < 0) goto fail;

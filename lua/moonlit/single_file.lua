@@ -290,7 +290,9 @@ local function parse_yaml(text, path)
 end
 
 local function read_original_config(path)
-    if not core.is_file(path) then error("single_file: original_config: no such file: " .. tostring(path), 0) end
+    -- a FIFO or folder is named as such, not as missing (io.open of a FIFO waits for a writer)
+    local ok, why = pcall(core.require_regular_file, path, "single_file: original_config: cannot read")
+    if not ok then error(why, 0) end
     if has_suffix(path:lower(), ".json") then return core.json_load(path) end
     local f = assert(io.open(path, "rb"))
     local text = f:read("a")
@@ -385,7 +387,11 @@ function M.load(path, opts)
     if precision ~= "f32" and (opts.device or "cpu") == "cpu" then
         error("sd.load_single_file: precision " .. precision .. " needs a CUDA device (the CPU computes in f32)", 2)
     end
-    if not core.is_file(path) then error("sd.load_single_file: no such file: " .. tostring(path), 2) end
+    -- A missing file, a folder and a FIFO each get their own message (a
+    -- FIFO passed to the readers would also have waited for a writer).
+    if type(path) ~= "string" then error("sd.load_single_file: path must be a string, not " .. type(path), 2) end
+    local ok, why = pcall(core.require_regular_file, path, "sd.load_single_file: cannot read")
+    if not ok then error(why, 2) end
     local sd = require "moonlit.sd"
     local w, names, info = read_checkpoint(path)
     if not w[UNET .. "input_blocks.0.0.weight"] or not w[VAE .. "encoder.conv_in.weight"] then

@@ -1,7 +1,8 @@
 /* test_sizes.c — size arithmetic of the tensor core seen from C: the checked
  * helpers of host/checked_math.h, shapes whose byte size overflows, headers
  * that would reach past their storage, narrow bounds that once overflowed,
- * cat/upsample sizes, ml_require_regular_file and the image pixel cap.
+ * cat/upsample sizes, ml_require_regular_file (and the image and zip readers
+ * that call it) and the image pixel cap.
  * Nothing here allocates the sizes it names. */
 #include "check.h"
 #include "checked_math.h"
@@ -9,6 +10,7 @@
 #include "image.h"
 #include "ops.h"
 #include "tensor.h"
+#include "zip.h"
 #include <limits.h>
 #include <stdlib.h>
 #include <string.h>
@@ -133,6 +135,10 @@ static void test_regular_files(void) {
     int h, w;
     CHECK(ml_image_load(fifo, &px, &h, &w) < 0 && has(ml_last_error(), "FIFO"), "image from a FIFO: %s",
           ml_last_error());
+    /* a torch checkpoint is a zip: its reader waited in open() for a writer */
+    CHECK(ml_zip_open(fifo) == NULL && has(ml_last_error(), "FIFO") && has(ml_last_error(), "not a regular file"),
+          "zip from a FIFO: %s", ml_last_error());
+    CHECK(ml_zip_open(dir) == NULL && has(ml_last_error(), "directory"), "zip from a folder: %s", ml_last_error());
     unlink(fifo);
     unlink(file);
     rmdir(dir);

@@ -300,6 +300,18 @@ function T.fifo_and_devices_are_refused(t)
     fails_with(t, function() return core.data_load(fifo, ml.data.ImageTransform{}) end, {"pipe.png", "FIFO"},
                "data_load of a FIFO")
     fails_with(t, function() return ml.data.read_images(dir):take(1) end, {"pipe.png", "FIFO"}, "read_images")
+    -- torch checkpoints: the zip reader waited in open() for a writer, and
+    -- load_single_file called the FIFO missing
+    local ckpt = dir .. "/pipe.ckpt"
+    t:assert(os.execute("mkfifo " .. sh_quote(ckpt)), "mkfifo")
+    fails_with(t, function() return core.ckpt_load(ckpt) end, {"pipe.ckpt", "FIFO", "not a regular file"},
+               "ckpt_load of a FIFO")
+    fails_with(t, function() return ml.sd.load_single_file(ckpt) end,
+               {"sd.load_single_file", "pipe.ckpt", "FIFO", "not a regular file"}, "load_single_file of a FIFO")
+    fails_with(t, function() return ml.sd.load_single_file(dir) end, {"sd.load_single_file", "directory"},
+               "load_single_file of a folder")
+    fails_with(t, function() return ml.sd.load_single_file(dir .. "/none.ckpt") end,
+               {"sd.load_single_file", "none.ckpt", "No such file"}, "load_single_file of a missing file")
     fails_with(t, function() return ml.image.load("/dev/zero") end, {"/dev/zero", "device"}, "image from /dev/zero")
     fails_with(t, function() return core.json_load("/dev/zero") end, {"device"}, "JSON from /dev/zero")
     fails_with(t, function() return ml.image.load(dir) end, {"directory"}, "image from a folder")

@@ -196,7 +196,10 @@ function T.original_config_yaml_and_json(t)
     t:assertEq(pred{original_config = dir .. "/v2.yaml", prediction_type = "epsilon"}, "epsilon", "the option wins")
     util.write_file(dir .. "/bad.yaml", "model:\n  - a\n")
     t:assertError(function() pred{original_config = dir .. "/bad.yaml"} end, "bad.yaml:2: YAML block lists")
-    t:assertError(function() pred{original_config = dir .. "/none.yaml"} end, "original_config: no such file")
+    t:assertError(function() pred{original_config = dir .. "/none.yaml"} end, "original_config: cannot read")
+    t:assertError(function() pred{original_config = dir .. "/none.yaml"} end, "No such file")
+    -- a folder is named as one, not as missing
+    t:assertError(function() pred{original_config = dir} end, "directory, not a regular file")
     util.remove_tree(dir)
 end
 

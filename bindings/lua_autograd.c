@@ -1,6 +1,7 @@
 /* lua_autograd.c — backward, grad mode and gradient hooks for Lua. */
 #include "mlua.h"
 #include "autograd.h"
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -213,7 +214,9 @@ static int t_register_hook(lua_State *L) {
 
 static int t_remove_hook(lua_State *L) {
     ml_tensor *t = mlua_check_tensor(L, 1);
-    ml_remove_hook(t, (int)luaL_checkinteger(L, 2));
+    /* ids are ints from 1: checked before narrowing, or (1 << 32) + 1
+     * would remove hook 1 */
+    ml_remove_hook(t, mlua_check_int(L, 2, "remove_hook: id", 1, INT_MAX));
     return 0;
 }
 

@@ -15,6 +15,8 @@
  *
  * Tensors are made here, on the Lua thread, around the buffers the workers
  * filled (CPU: wrapped without a copy; CUDA: uploaded from pinned memory). */
+#include <limits.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -34,14 +36,17 @@ typedef struct {
     int names_ref;        /* registry ref of the column-name list */
 } loader_box;
 
-/* Integer field k of the table at idx (or def when absent). */
-static lua_Integer int_field(lua_State *L, int idx, const char *k, lua_Integer def) {
+/* Integer field k of the table at idx (or def when absent), in [lo, hi]:
+ * checked before the caller narrows it, so resize = 2^32 + 8 is an error,
+ * not a resize to 8. */
+static lua_Integer int_field(lua_State *L, int idx, const char *k, lua_Integer def, lua_Integer lo,
+                             lua_Integer hi) {
     lua_getfield(L, idx, k);
     lua_Integer v = def;
     if (!lua_isnil(L, -1)) {
-        int ok;
-        v = lua_tointegerx(L, -1, &ok);
-        if (!ok) luaL_error(L, "data loader: %s must be an integer", k);
+        char what[64];
+        snprintf(what, sizeof what, "data loader: %s", k);
+        v = mlua_check_integer(L, -1, what, lo, hi);
     }
     lua_pop(L, 1);
     return v;
@@ -50,9 +55,9 @@ static lua_Integer int_field(lua_State *L, int idx, const char *k, lua_Integer d
 static void check_transform(lua_State *L, int idx, ml_data_transform *t) {
     luaL_checktype(L, idx, LUA_TTABLE);
     memset(t, 0, sizeof *t);
-    t->resize = (int)int_field(L, idx, "resize", 0);
-    t->size = (int)int_field(L, idx, "size", 0);
-    t->seed = (uint64_t)int_field(L, idx, "seed", 0);
+    t->resize = (int)int_field(L, idx, "resize", 0, INT_MIN, INT_MAX);
+    t->size = (int)int_field(L, idx, "size", 0, INT_MIN, INT_MAX);
+    t->seed = (uint64_t)int_field(L, idx, "seed", 0, LUA_MININTEGER, LUA_MAXINTEGER);
     lua_getfield(L, idx, "crop");
     const char *crop = lua_tostring(L, -1);
     if (!crop) t->crop = ML_CROP_NONE;
@@ -117,13 +122,17 @@ static int l_data_loader(lua_State *L) {
         samples[i].path = luaL_checkstring(L, -1);   /* anchored in spec.paths */
         lua_pop(L, 1);
         lua_rawgeti(L, 5, i + 1);
-        samples[i].transform = (int)lua_tointeger(L, -1) - 1;
+        /* 0 is no transform; checked before narrowing (and a non-number is
+         * an error, not 0) */
+        samples[i].transform = (int)mlua_check_integer(L, -1, "data loader: spec.tf entry", 0, INT_MAX) - 1;
         lua_pop(L, 1);
         lua_rawgeti(L, 6, i + 1);
-        samples[i].key = (int64_t)lua_tointeger(L, -1);
+        samples[i].key = (int64_t)mlua_check_integer(L, -1, "data loader: spec.keys entry", LUA_MININTEGER,
+                                                     LUA_MAXINTEGER);
         lua_pop(L, 1);
         lua_rawgeti(L, 7, i + 1);
-        samples[i].max_pixels = (int64_t)lua_tointeger(L, -1);
+        samples[i].max_pixels = (int64_t)mlua_check_integer(L, -1, "data loader: spec.max_pixels entry",
+                                                            LUA_MININTEGER, LUA_MAXINTEGER);
         lua_pop(L, 1);
     }
     for (lua_Integer i = 0; i < ntf; i++) {
@@ -138,9 +147,9 @@ static int l_data_loader(lua_State *L) {
     cfg.samples = samples;
     cfg.transforms = tfs;
     cfg.ntransforms = (int)ntf;
-    cfg.epoch = (uint64_t)int_field(L, 1, "epoch", 1);
-    cfg.threads = (int)int_field(L, 1, "threads", 0);
-    cfg.prefetch = (int)int_field(L, 1, "prefetch", 2);
+    cfg.epoch = (uint64_t)int_field(L, 1, "epoch", 1, LUA_MININTEGER, LUA_MAXINTEGER);
+    cfg.threads = (int)int_field(L, 1, "threads", 0, INT_MIN, INT_MAX);
+    cfg.prefetch = (int)int_field(L, 1, "prefetch", 2, INT_MIN, INT_MAX);
     if (cfg.prefetch < 1 || cfg.prefetch > 1024)
         return luaL_error(L, "iter_batches: prefetch must be 1..1024, got %d", cfg.prefetch);
     if (cfg.threads < 0 || cfg.threads > 256)

@@ -9,6 +9,7 @@
 #include "mlua.h"
 #include "launcher.h"
 #include <errno.h>
+#include <limits.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -83,14 +84,15 @@ static int l_spawn(lua_State *L) {
 
 static int l_poll_readable(lua_State *L) {
     luaL_checktype(L, 1, LUA_TTABLE);
-    int timeout = (int)luaL_checkinteger(L, 2);
+    /* range-checked before narrowing, so 2^32 + 5 is not a 5 ms timeout */
+    int timeout = mlua_check_int(L, 2, "poll_readable: timeout_ms", -1, INT_MAX);
     lua_Integer n = luaL_len(L, 1);
     luaL_argcheck(L, n >= 0 && n <= 4096, 1, "at most 4096 descriptors");
     int *fds = lua_newuserdatauv(L, (size_t)(n > 0 ? n : 1) * sizeof(int), 0);
     unsigned char *ready = lua_newuserdatauv(L, (size_t)(n > 0 ? n : 1), 0);
     for (lua_Integer i = 1; i <= n; i++) {
         lua_geti(L, 1, i);
-        fds[i - 1] = (int)luaL_checkinteger(L, -1);
+        fds[i - 1] = mlua_check_int(L, -1, "poll_readable: descriptor", 0, INT_MAX);
         lua_pop(L, 1);
     }
     if (ml_poll_readable(fds, (int)n, timeout, ready) < 0) return mlua_error(L, NULL);
@@ -102,7 +104,7 @@ static int l_poll_readable(lua_State *L) {
 }
 
 static int l_read_fd(lua_State *L) {
-    int fd = (int)luaL_checkinteger(L, 1);
+    int fd = mlua_check_int(L, 1, "read_fd: descriptor", 0, INT_MAX);
     char buf[65536];
     ssize_t k;
     do k = read(fd, buf, sizeof buf); while (k < 0 && errno == EINTR);
@@ -113,12 +115,13 @@ static int l_read_fd(lua_State *L) {
 }
 
 static int l_close_fd(lua_State *L) {
-    close((int)luaL_checkinteger(L, 1));
+    close(mlua_check_int(L, 1, "close_fd: descriptor", 0, INT_MAX));
     return 0;
 }
 
 static int l_try_wait(lua_State *L) {
-    pid_t pid = (pid_t)luaL_checkinteger(L, 1);
+    /* one child: -1 or 0 would wait for any child or group */
+    pid_t pid = (pid_t)mlua_check_int(L, 1, "try_wait: pid", 1, INT_MAX);
     int code = 0, signo = 0;
     int rc = ml_try_wait(pid, &code, &signo);
     if (rc < 0) return mlua_error(L, NULL);
@@ -135,11 +138,12 @@ static int l_try_wait(lua_State *L) {
 }
 
 static int l_kill_pid(lua_State *L) {
-    pid_t pid = (pid_t)luaL_checkinteger(L, 1);
+    /* from 1 (no process groups), checked before narrowing: (1 << 32) + 1
+     * wrapped to pid 1 */
+    pid_t pid = (pid_t)mlua_check_int(L, 1, "kill_pid: pid", 1, INT_MAX);
     const char *name = luaL_checkstring(L, 2);
     int signo = ml_signal_number(name);
     if (signo < 0) return luaL_error(L, "kill_pid: unknown signal '%s'", name);
-    luaL_argcheck(L, pid > 0, 1, "pid must be > 0 (no process groups)");
     if (kill(pid, signo) < 0) {
         if (errno == ESRCH) { lua_pushboolean(L, 0); return 1; }
         return luaL_error(L, "kill_pid %d %s: %s", (int)pid, name, strerror(errno));

@@ -151,6 +151,41 @@ function T.integer_arguments_are_range_checked(t)
     t:assertNoError(function() ml.manual_seed(math.maxinteger); ml.manual_seed(-1); ml.manual_seed(0) end, "seeds")
 end
 
+function T.hook_ids_pids_and_descriptors_are_range_checked(t)
+    -- remove_hook((1 << 32) + id) was narrowed to id and removed that hook
+    local x = ml.tensor({1, 2}, {requires_grad = true})
+    local calls = 0
+    local id = x:register_hook(function() calls = calls + 1 end)
+    fails_with(t, function() x:remove_hook((1 << 32) + id) end, {"remove_hook", "id", "out of range"},
+               "remove_hook 2^32 + id")
+    fails_with(t, function() x:remove_hook(1.5) end, {"remove_hook", "integer"}, "remove_hook 1.5")
+    x:sum():backward()
+    t:assertEq(calls, 1, "the hook is still registered")
+    x:remove_hook(id)
+    x.grad = nil
+    x:sum():backward()
+    t:assertEq(calls, 1, "removed with its own id")
+    -- (1 << 32) + 1 was pid 1; 2^32 was descriptor 0
+    fails_with(t, function() core.kill_pid((1 << 32) + 1, "TERM") end, {"kill_pid", "pid", "out of range"},
+               "kill_pid 2^32 + 1")
+    fails_with(t, function() core.kill_pid(0, "TERM") end, {"kill_pid", "out of range"}, "kill_pid 0")
+    fails_with(t, function() core.try_wait(-1) end, {"try_wait", "out of range"}, "try_wait -1")
+    fails_with(t, function() core.close_fd(1 << 32) end, {"close_fd", "out of range"}, "close_fd 2^32")
+    fails_with(t, function() core.read_fd(1 << 32) end, {"read_fd", "out of range"}, "read_fd 2^32")
+    fails_with(t, function() core.poll_readable({1 << 32}, 0) end, {"poll_readable", "out of range"},
+               "poll_readable fd 2^32")
+    fails_with(t, function() core.poll_readable({}, (1 << 32) + 5) end, {"poll_readable", "timeout", "out of range"},
+               "poll_readable timeout 2^32 + 5")
+    t:assertEq(core.poll_readable({}, 0), {}, "no descriptors, no wait")
+    -- a data transform's resize 2^32 + 8 acted as 8
+    local img = "tests/fixtures/images/photo.png"
+    fails_with(t, function() return core.data_load(img, {resize = (1 << 32) + 8}) end,
+               {"data loader: resize", "out of range"}, "data transform resize 2^32 + 8")
+    fails_with(t, function() return core.data_load(img, {size = 1.5, crop = "center"}) end,
+               {"data loader: size", "integer"}, "data transform size 1.5")
+    t:assertEq(core.data_load(img, {resize = 8}):size(1), 8, "resize 8 still works")
+end
+
 -- ---- split and chunk ------------------------------------------------------
 
 function T.split_and_chunk_sizes(t)

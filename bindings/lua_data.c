@@ -119,7 +119,7 @@ static int l_data_loader(lua_State *L) {
                                        (int)total, (int)np);
     for (lua_Integer i = 0; i < np; i++) {
         lua_rawgeti(L, 4, i + 1);
-        samples[i].path = luaL_checkstring(L, -1);   /* anchored in spec.paths */
+        samples[i].path = mlua_check_path(L, -1, "data loader: spec.paths entry");   /* anchored in spec.paths */
         lua_pop(L, 1);
         lua_rawgeti(L, 5, i + 1);
         /* 0 is no transform; checked before narrowing (and a non-number is
@@ -236,7 +236,7 @@ static int l_close(lua_State *L) {
 }
 
 static int l_data_load(lua_State *L) {
-    const char *path = luaL_checkstring(L, 1);
+    const char *path = mlua_check_path(L, 1, "data_load: path");
     ml_data_transform tf, *tp = NULL;
     if (!lua_isnoneornil(L, 2)) { check_transform(L, 2, &tf); tp = &tf; }
     uint64_t epoch = (uint64_t)luaL_optinteger(L, 3, 1);

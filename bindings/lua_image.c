@@ -71,7 +71,7 @@ static ml_tensor *finish(ml_tensor *t, ml_dtype dt, ml_device dev) {
 }
 
 static int l_image_load(lua_State *L) {
-    const char *path = luaL_checkstring(L, 1);
+    const char *path = mlua_check_path(L, 1, "image_load: path");
     check_opts(L, 2);
     ml_dtype dt = mlua_opt_dtype(L, 2, ML_F32);
     ml_device dev = mlua_opt_device(L, 2, ml_cpu());
@@ -130,7 +130,7 @@ static void meta_value_string(lua_State *L, const char *key) {
 }
 
 static int l_image_save(lua_State *L) {
-    const char *path = luaL_checkstring(L, 1);
+    const char *path = mlua_check_path(L, 1, "image_save: path");
     ml_tensor *t = mlua_check_tensor(L, 2);
     check_opts(L, 3);
     int64_t hwc[3];
@@ -261,7 +261,7 @@ static int l_image_resize(lua_State *L) {
 }
 
 static int l_image_png_text(lua_State *L) {
-    const char *path = luaL_checkstring(L, 1);
+    const char *path = mlua_check_path(L, 1, "image_png_text: path");
     ml_image_text *kv;
     int n = ml_image_png_text(path, &kv);
     if (n < 0) return mlua_error(L, NULL);

@@ -77,9 +77,9 @@ static int st_close(lua_State *L) {
 
 /* Open per the options at opts_idx (may be 0): a basename or variant means
  * `path` is a model directory. */
-static ml_st_file *open_with_opts(lua_State *L, const char *path, int opts_idx) {
-    const char *variant = mlua_opt_field_string(L, opts_idx, "variant", NULL);
-    const char *basename = mlua_opt_field_string(L, opts_idx, "basename", NULL);
+static ml_st_file *open_with_opts(lua_State *L, const char *op, const char *path, int opts_idx) {
+    const char *variant = mlua_opt_field_path(L, opts_idx, op, "variant", NULL);
+    const char *basename = mlua_opt_field_path(L, opts_idx, op, "basename", NULL);
     if (variant || basename) return ml_st_open_model(path, basename, variant);
     return ml_st_open(path);
 }
@@ -93,17 +93,17 @@ static int push_st(lua_State *L, ml_st_file *f) {
 }
 
 static int l_st_open(lua_State *L) {
-    const char *path = luaL_checkstring(L, 1);
+    const char *path = mlua_check_path(L, 1, "st_open: path");
     if (!lua_isnoneornil(L, 2)) luaL_checktype(L, 2, LUA_TTABLE);
-    ml_st_file *f = open_with_opts(L, path, lua_isnoneornil(L, 2) ? 0 : 2);
+    ml_st_file *f = open_with_opts(L, "st_open", path, lua_isnoneornil(L, 2) ? 0 : 2);
     return push_st(L, f);
 }
 
 static int l_st_open_model(lua_State *L) {
-    const char *dir = luaL_checkstring(L, 1);
-    const char *basename = luaL_optstring(L, 2, NULL);
+    const char *dir = mlua_check_path(L, 1, "st_open_model: dir");
+    const char *basename = mlua_opt_path(L, 2, "st_open_model: basename", NULL);
     if (!lua_isnoneornil(L, 3)) luaL_checktype(L, 3, LUA_TTABLE);
-    const char *variant = mlua_opt_field_string(L, lua_isnoneornil(L, 3) ? 0 : 3, "variant", NULL);
+    const char *variant = mlua_opt_field_path(L, lua_isnoneornil(L, 3) ? 0 : 3, "st_open_model", "variant", NULL);
     return push_st(L, ml_st_open_model(dir, basename, variant));
 }
 
@@ -210,13 +210,13 @@ static int st_tostring(lua_State *L) {
 }
 
 static int l_st_load(lua_State *L) {
-    const char *path = luaL_checkstring(L, 1);
+    const char *path = mlua_check_path(L, 1, "st_load: path");
     int opts = lua_isnoneornil(L, 2) ? 0 : 2;
     if (opts) luaL_checktype(L, 2, LUA_TTABLE);
     int dt = opt_dtype_or_none(L, opts);
     ml_device dev = mlua_opt_device(L, opts, ml_cpu());
     /* The handle sits on the stack so an error half-way still closes it. */
-    push_st(L, open_with_opts(L, path, opts));
+    push_st(L, open_with_opts(L, "st_load", path, opts));
     int hidx = lua_gettop(L);
     ml_st_file *f = check_st(L, hidx);
     int n = ml_st_count(f);
@@ -232,18 +232,6 @@ static int l_st_load(lua_State *L) {
     return 1;
 }
 
-/* s (n bytes) for a message, each NUL byte shown as \0. */
-static const char *push_shown(lua_State *L, const char *s, size_t n) {
-    luaL_Buffer b;
-    luaL_buffinit(L, &b);
-    for (size_t i = 0; i < n; i++) {
-        if (s[i]) luaL_addchar(&b, s[i]);
-        else luaL_addstring(&b, "\\0");
-    }
-    luaL_pushresult(&b);
-    return lua_tostring(L, -1);
-}
-
 /* ml_st_save takes C strings: a name, key or value holding a NUL byte would
  * be cut short there and saved under another name.  Refused here instead,
  * naming it, before anything is written. */
@@ -255,14 +243,14 @@ static void check_no_nul(lua_State *L, const char *path, int idx, const char *wh
         size_t kn;
         const char *k = lua_tolstring(L, key_idx, &kn);
         luaL_error(L, "st_save '%s': %s of '%s' holds a NUL byte (at byte %d): safetensors "
-                   "headers hold NUL-free text", path, what, push_shown(L, k, kn), (int)strlen(s));
+                   "headers hold NUL-free text", path, what, mlua_push_shown(L, k, kn), (int)strlen(s));
     }
     luaL_error(L, "st_save '%s': %s '%s' holds a NUL byte (at byte %d): safetensors headers "
-               "hold NUL-free text", path, what, push_shown(L, s, n), (int)strlen(s));
+               "hold NUL-free text", path, what, mlua_push_shown(L, s, n), (int)strlen(s));
 }
 
 static int l_st_save(lua_State *L) {
-    const char *path = luaL_checkstring(L, 1);
+    const char *path = mlua_check_path(L, 1, "st_save: path");
     luaL_checktype(L, 2, LUA_TTABLE);
     int opts = lua_isnoneornil(L, 3) ? 0 : 3;
     if (opts) luaL_checktype(L, 3, LUA_TTABLE);
@@ -421,7 +409,7 @@ static int l_json_decode(lua_State *L) {
 }
 
 static int l_json_load(lua_State *L) {
-    const char *path = luaL_checkstring(L, 1);
+    const char *path = mlua_check_path(L, 1, "json_load: path");
     int null_idx = null_standin(L, 2);
     if (ml_require_regular_file(path, "cannot read JSON") < 0) return mlua_error(L, NULL);
     json_error_t err;
@@ -772,7 +760,7 @@ static int l_json_encode(lua_State *L) {
 }
 
 static int l_json_save(lua_State *L) {
-    const char *path = luaL_checkstring(L, 1);
+    const char *path = mlua_check_path(L, 1, "json_save: path");
     luaL_checkany(L, 2);
     int opts = lua_isnoneornil(L, 3) ? 0 : 3;
     if (opts) luaL_checktype(L, 3, LUA_TTABLE);
@@ -803,7 +791,7 @@ static int l_json_object(lua_State *L) { return mark_table(L, JSON_OBJECT_MT); }
 
 /* folder_save_begin(dir) -> staging folder to write the new files under */
 static int l_folder_save_begin(lua_State *L) {
-    char *staging = ml_atomic_dir_begin(luaL_checkstring(L, 1));
+    char *staging = ml_atomic_dir_begin(mlua_check_path(L, 1, "folder_save_begin: dir"));
     if (!staging) return mlua_error(L, NULL);
     lua_pushstring(L, staging);
     free(staging);
@@ -812,19 +800,20 @@ static int l_folder_save_begin(lua_State *L) {
 
 /* folder_save_commit(dir, staging): all the new files in, or an error */
 static int l_folder_save_commit(lua_State *L) {
-    if (ml_atomic_dir_commit(luaL_checkstring(L, 1), luaL_checkstring(L, 2)) < 0)
+    if (ml_atomic_dir_commit(mlua_check_path(L, 1, "folder_save_commit: dir"),
+                             mlua_check_path(L, 2, "folder_save_commit: staging")) < 0)
         return mlua_error(L, NULL);
     return 0;
 }
 
 static int l_folder_save_abort(lua_State *L) {
-    ml_atomic_dir_abort(luaL_checkstring(L, 1));
+    ml_atomic_dir_abort(mlua_check_path(L, 1, "folder_save_abort: dir"));
     return 0;
 }
 
 /* folder_save_recover(dir) -> true when it finished an interrupted save */
 static int l_folder_save_recover(lua_State *L) {
-    int rc = ml_atomic_dir_recover(luaL_checkstring(L, 1));
+    int rc = ml_atomic_dir_recover(mlua_check_path(L, 1, "folder_save_recover: dir"));
     if (rc < 0) return mlua_error(L, NULL);
     lua_pushboolean(L, rc == 1);
     return 1;

@@ -31,7 +31,7 @@ static int spawn_args_gc(lua_State *L) {
 }
 
 static int l_spawn(lua_State *L) {
-    const char *path = luaL_checkstring(L, 1);
+    const char *path = mlua_check_path(L, 1, "spawn: program");
     luaL_checktype(L, 2, LUA_TTABLE);
     luaL_checktype(L, 3, LUA_TTABLE);
     lua_Integer argc = luaL_len(L, 2);
@@ -54,7 +54,13 @@ static int l_spawn(lua_State *L) {
     for (lua_Integer i = 1; i <= argc; i++) {
         lua_geti(L, 2, i);
         if (lua_type(L, -1) != LUA_TSTRING) return luaL_error(L, "spawn: argv[%d] is not a string", (int)i);
-        a->argv[i - 1] = (char *)lua_tostring(L, -1);
+        /* exec ends each argument at its first NUL, as open ends a path */
+        size_t al;
+        const char *arg = lua_tolstring(L, -1, &al);
+        if (memchr(arg, 0, al))
+            return luaL_error(L, "spawn: argv[%d] '%s' holds a NUL byte (at byte %d): a program argument cannot "
+                              "contain one", (int)i, mlua_push_shown(L, arg, al), (int)strlen(arg));
+        a->argv[i - 1] = (char *)arg;
         lua_pop(L, 1);
     }
     lua_pushnil(L);
@@ -64,7 +70,10 @@ static int l_spawn(lua_State *L) {
         size_t kl, vl;
         const char *k = lua_tolstring(L, -2, &kl);
         const char *v = lua_tolstring(L, -1, &vl);
-        if (kl == 0 || memchr(k, '=', kl)) return luaL_error(L, "spawn: bad environment variable name '%s'", k);
+        if (kl == 0 || memchr(k, '=', kl) || memchr(k, 0, kl))
+            return luaL_error(L, "spawn: bad environment variable name '%s'", mlua_push_shown(L, k, kl));
+        if (memchr(v, 0, vl))
+            return luaL_error(L, "spawn: environment variable %s holds a NUL byte (at byte %d)", k, (int)strlen(v));
         char *kv = malloc(kl + vl + 2);
         if (!kv) return luaL_error(L, "spawn: out of memory");
         memcpy(kv, k, kl); kv[kl] = '='; memcpy(kv + kl + 1, v, vl); kv[kl + 1 + vl] = 0;

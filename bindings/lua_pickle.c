@@ -17,7 +17,7 @@ static int ckpt_gc(lua_State *L) {
 /* ckpt_load(path) -> {name = tensor}, {names in file order}, {global_step = n|nil}.
  * Tensors come in their stored dtype, on the CPU, owning their memory. */
 static int l_ckpt_load(lua_State *L) {
-    const char *path = luaL_checkstring(L, 1);
+    const char *path = mlua_check_path(L, 1, "ckpt_load: path");
     /* The handle sits on the stack so an error half-way still closes it. */
     ckpt_box *b = lua_newuserdatauv(L, sizeof *b, 0);
     b->c = NULL;

@@ -294,6 +294,44 @@ const char *mlua_opt_field_string(lua_State *L, int idx, const char *key, const 
     return s;
 }
 
+const char *mlua_push_shown(lua_State *L, const char *s, size_t n) {
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    for (size_t i = 0; i < n; i++) {
+        if (s[i]) luaL_addchar(&b, s[i]);
+        else luaL_addstring(&b, "\\0");
+    }
+    luaL_pushresult(&b);
+    return lua_tostring(L, -1);
+}
+
+const char *mlua_check_path(lua_State *L, int idx, const char *what) {
+    size_t n;
+    const char *s;
+    /* an argument keeps Lua's usual "bad argument #1 ... (string expected)" */
+    if (idx > 0) s = luaL_checklstring(L, idx, &n);
+    else if (lua_type(L, idx) == LUA_TSTRING) s = lua_tolstring(L, idx, &n);
+    else return luaL_error(L, "%s must be a string (got %s)", what, luaL_typename(L, idx)), NULL;
+    if (memchr(s, 0, n))
+        luaL_error(L, "%s '%s' holds a NUL byte (at byte %d): a file name cannot contain one (it would be cut "
+                   "short there and name another file)", what, mlua_push_shown(L, s, n), (int)strlen(s));
+    return s;
+}
+
+const char *mlua_opt_path(lua_State *L, int idx, const char *what, const char *def) {
+    if (lua_isnoneornil(L, idx)) return def;
+    return mlua_check_path(L, idx, what);
+}
+
+const char *mlua_opt_field_path(lua_State *L, int idx, const char *op, const char *key, const char *def) {
+    if (!opt_field(L, idx, key)) return def;
+    char what[96];
+    snprintf(what, sizeof what, "%s: option '%s'", op, key);
+    const char *s = mlua_check_path(L, -1, what);
+    lua_pop(L, 1);   /* the options table keeps the string alive */
+    return s;
+}
+
 double mlua_opt_field_number(lua_State *L, int idx, const char *key, double def) {
     if (!opt_field(L, idx, key)) return def;
     if (!lua_isnumber(L, -1)) luaL_error(L, "option '%s' must be a number", key);

@@ -308,7 +308,7 @@ static int tok_index(lua_State *L) {
 }
 
 static int l_tokenizer_load(lua_State *L) {
-    const char *dir = luaL_checkstring(L, 1);
+    const char *dir = mlua_check_path(L, 1, "tokenizer_load: dir");
     tok_box *b = lua_newuserdatauv(L, sizeof *b, 0);
     b->tok = NULL;
     luaL_setmetatable(L, MLUA_TOKENIZER);

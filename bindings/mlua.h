@@ -66,6 +66,18 @@ int mlua_check_shape(lua_State *L, int idx, int64_t *shape);
 const char *mlua_opt_field_string(lua_State *L, int idx, const char *key, const char *def);
 double mlua_opt_field_number(lua_State *L, int idx, const char *key, double def);
 int mlua_opt_field_bool(lua_State *L, int idx, const char *key, int def);
+/* File and folder paths.  C's open/fopen/stat end a name at its first NUL
+ * byte, so "a\0b" would silently name the file "a".  These return the
+ * string at idx (an argument, or a table entry pushed for reading), raising
+ * an error naming `what` ("st_load: path") when it holds a NUL byte or is
+ * not a string.  The opt forms give def for nil/none (or an absent field). */
+const char *mlua_check_path(lua_State *L, int idx, const char *what);
+const char *mlua_opt_path(lua_State *L, int idx, const char *what, const char *def);
+/* Options-table field `key` used as part of a file name (a variant, a
+ * basename); the error names "<op>: option '<key>'". */
+const char *mlua_opt_field_path(lua_State *L, int idx, const char *op, const char *key, const char *def);
+/* Push s (n bytes) with each NUL byte shown as \0, for messages; returns it. */
+const char *mlua_push_shown(lua_State *L, const char *s, size_t n);
 /* dtype/device options: {dtype="f32", device="cuda:0"}. */
 ml_dtype mlua_opt_dtype(lua_State *L, int idx, ml_dtype def);
 ml_device mlua_opt_device(lua_State *L, int idx, ml_device def);

@@ -1,9 +1,9 @@
 -- test_bad_input.lua — inputs that once crashed, hung or gave silently wrong
 -- results, each now a clear error: sizes whose products overflow, integer
 -- arguments that do not fit, split/chunk sizes, files that are not regular
--- files, huge scheduler configs, images declaring huge sizes, in-place
--- writes through views whose elements share memory and tensor keys that
--- name nothing.  Every input is made here; nothing is allocated at the
+-- files, file names holding a NUL byte, huge scheduler configs, images
+-- declaring huge sizes, in-place writes through views whose elements share
+-- memory and tensor keys that name nothing.  Every input is made here; nothing is allocated at the
 -- sizes named.
 local ml = require "moonlit"
 local util = require "testutil"
@@ -351,6 +351,63 @@ function T.fifo_and_devices_are_refused(t)
     fails_with(t, function() return core.json_load("/dev/zero") end, {"device"}, "JSON from /dev/zero")
     fails_with(t, function() return ml.image.load(dir) end, {"directory"}, "image from a folder")
     fails_with(t, function() return core.json_load(dir .. "/missing.json") end, {"missing.json"}, "missing JSON")
+    util.remove_tree(dir)
+end
+
+-- ---- paths holding a NUL byte --------------------------------------------
+
+function T.paths_with_a_nul_byte_are_refused(t)
+    local dir = util.temp_dir()
+    -- each of these names an existing file up to the NUL, which C's open and
+    -- fopen read: "x.json\0junk" loaded x.json instead of failing
+    core.json_save(dir .. "/x.json", {a = 1})
+    core.st_save(dir .. "/w.safetensors", {w = ml.ones(2)})
+    core.image_save(dir .. "/i.png", ml.zeros({2, 2, 3}, {dtype = "u8"}))
+    core.mkdir_p(dir .. "/sub")
+    local function nul(p) return p .. "\0junk" end
+    local function refused(fn, op, what)
+        fails_with(t, fn, {op, "NUL byte", "\\0junk"}, what or op)
+    end
+    refused(function() return core.json_load(nul(dir .. "/x.json")) end, "json_load: path")
+    refused(function() return core.st_load(nul(dir .. "/w.safetensors")) end, "st_load: path")
+    refused(function() return core.st_open(nul(dir .. "/w.safetensors")) end, "st_open: path")
+    refused(function() return core.st_open(dir, {basename = nul("w")}) end, "st_open: option 'basename'")
+    refused(function() return core.st_open_model(dir, "w", {variant = nul("fp16")}) end,
+            "st_open_model: option 'variant'")
+    refused(function() return core.st_open_model(nul(dir), "w") end, "st_open_model: dir")
+    refused(function() return ml.image.load(nul(dir .. "/i.png")) end, "image_load: path")
+    refused(function() return core.image_png_text(nul(dir .. "/i.png")) end, "image_png_text: path")
+    refused(function() return core.data_load(nul(dir .. "/i.png")) end, "data_load: path")
+    refused(function() return core.ckpt_load(nul(dir .. "/x.ckpt")) end, "ckpt_load: path")
+    refused(function() return core.tokenizer_load(nul(dir)) end, "tokenizer_load: dir")
+    refused(function() return core.is_file(nul(dir .. "/x.json")) end, "is_file: path")
+    refused(function() return core.is_dir(nul(dir)) end, "is_dir: path")
+    refused(function() return core.list_dir(nul(dir)) end, "list_dir: path")
+    refused(function() return core.require_regular_file(nul(dir .. "/x.json")) end, "require_regular_file: path")
+    refused(function() return core.spawn(nul("/bin/true"), {"true"}, {}) end, "spawn: program")
+    fails_with(t, function() return core.spawn("/bin/true", {"true", nul("a")}, {}) end, {"argv[2]", "NUL byte"},
+               "spawn argv")
+    -- writes: nothing may appear under the name before the NUL
+    refused(function() core.json_save(nul(dir .. "/y.json"), {a = 1}) end, "json_save: path")
+    refused(function() core.st_save(nul(dir .. "/v.safetensors"), {w = ml.ones(2)}) end, "st_save: path")
+    refused(function() core.image_save(nul(dir .. "/j.png"), ml.zeros({2, 2, 3}, {dtype = "u8"})) end,
+            "image_save: path")
+    refused(function() core.mkdir_p(nul(dir .. "/made")) end, "mkdir_p: path")
+    refused(function() core.copy_file(dir .. "/x.json", nul(dir .. "/copy.json")) end, "copy_file: destination")
+    refused(function() core.copy_file(nul(dir .. "/x.json"), dir .. "/copy.json") end, "copy_file: source")
+    refused(function() core.folder_save_begin(nul(dir .. "/sub")) end, "folder_save_begin: dir")
+    for _, name in ipairs {"y.json", "v.safetensors", "j.png", "made", "copy.json"} do
+        t:assert(not core.is_file(dir .. "/" .. name) and not core.is_dir(dir .. "/" .. name),
+                 name .. " was not written")
+    end
+    -- data loader: a path entry of a dataset
+    fails_with(t, function()
+        return core.data_loader {columns = {"image"}, batch_rows = {1}, paths = {nul(dir .. "/i.png")}, tf = {0},
+                                 keys = {0}, max_pixels = {0}, transforms = {}}
+    end, {"spec.paths entry", "NUL byte"}, "data loader path")
+    -- the same paths without the NUL still work
+    t:assertEq(core.json_load(dir .. "/x.json").a, 1)
+    t:assertEq(core.st_load(dir .. "/w.safetensors").w:totable(), {1, 1})
     util.remove_tree(dir)
 end
 

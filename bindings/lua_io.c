@@ -19,7 +19,8 @@
  * JSON:
  *   json_decode(text [, {null=v}]), json_load(path [, {null=v}]) -> value.
  *     Objects -> tables, arrays -> sequences, integers -> Lua integers,
- *     reals -> floats.  JSON null becomes nil (an object key with null is
+ *     reals -> floats; Python's bare NaN, Infinity and -Infinity (which
+ *     json.dump writes) -> 0/0, math.huge, -math.huge.  JSON null becomes nil (an object key with null is
  *     absent, an array gets a hole) unless opts.null gives a stand-in such
  *     as json_null.  Every decoded array/object carries the json_array /
  *     json_object marker metatable, so an empty one is written back as it
@@ -332,8 +333,9 @@ static int json_box_gc(lua_State *L) {
 }
 
 /* Push j as a Lua value; null_idx is the stack index of the stand-in for
- * null, or 0 for nil. */
-static void push_json(lua_State *L, json_t *j, int null_idx) {
+ * null, or 0 for nil.  marker is ml_json_parse's: strings holding it are
+ * the NaN/Infinity/-Infinity of the text, pushed as numbers. */
+static void push_json(lua_State *L, json_t *j, int null_idx, int marker, const char *what) {
     if (!lua_checkstack(L, 4)) luaL_error(L, "JSON nested too deeply");
     switch (json_typeof(j)) {
     case JSON_OBJECT: {
@@ -343,8 +345,11 @@ static void push_json(lua_State *L, json_t *j, int null_idx) {
         json_t *v;
         /* with the key's length: a key may hold NUL bytes (\u0000) */
         json_object_keylen_foreach(j, k, klen, v) {
+            /* a bare NaN as a key is rewritten like a value; it is not JSON */
+            if (marker && memchr(k, marker, klen))
+                luaL_error(L, "%s: NaN/Infinity cannot be an object key (keys are strings)", what);
             lua_pushlstring(L, k, klen);
-            push_json(L, v, null_idx);
+            push_json(L, v, null_idx, marker, what);
             lua_rawset(L, -3);
         }
         luaL_setmetatable(L, JSON_OBJECT_MT);
@@ -354,13 +359,18 @@ static void push_json(lua_State *L, json_t *j, int null_idx) {
         size_t n = json_array_size(j);
         lua_createtable(L, (int)n, 0);
         for (size_t i = 0; i < n; i++) {
-            push_json(L, json_array_get(j, i), null_idx);
+            push_json(L, json_array_get(j, i), null_idx, marker, what);
             lua_rawseti(L, -2, (lua_Integer)i + 1);
         }
         luaL_setmetatable(L, JSON_ARRAY_MT);
         break;
     }
-    case JSON_STRING: lua_pushlstring(L, json_string_value(j), json_string_length(j)); break;
+    case JSON_STRING: {
+        double d;
+        if (ml_json_nonfinite(json_string_value(j), json_string_length(j), marker, &d)) lua_pushnumber(L, d);
+        else lua_pushlstring(L, json_string_value(j), json_string_length(j));
+        break;
+    }
     case JSON_INTEGER: lua_pushinteger(L, (lua_Integer)json_integer_value(j)); break;
     case JSON_REAL: lua_pushnumber(L, json_real_value(j)); break;
     case JSON_TRUE: lua_pushboolean(L, 1); break;
@@ -384,12 +394,12 @@ static int null_standin(lua_State *L, int opts) {
     return lua_gettop(L);
 }
 
-static int push_decoded(lua_State *L, json_t *j, int null_idx) {
+static int push_decoded(lua_State *L, json_t *j, int null_idx, int marker, const char *what) {
     if (!j) return mlua_error(L, NULL);
     json_box *b = lua_newuserdatauv(L, sizeof *b, 0);
     b->j = j;
     luaL_setmetatable(L, JSON_BOX_MT);
-    push_json(L, j, null_idx);
+    push_json(L, j, null_idx, marker, what);
     return 1;
 }
 
@@ -402,24 +412,17 @@ static int l_json_decode(lua_State *L) {
     size_t len;
     const char *s = luaL_checklstring(L, 1, &len);
     int null_idx = null_standin(L, 2);
-    json_error_t err;
-    json_t *j = json_loadb(s, len, LUA_JSON_FLAGS, &err);
-    if (!j) ml_error("json_decode:%d:%d: %s", err.line, err.column, err.text);
-    return push_decoded(L, j, null_idx);
+    int marker;
+    json_t *j = ml_json_parse(s, len, LUA_JSON_FLAGS, "json_decode", &marker, NULL, NULL);
+    return push_decoded(L, j, null_idx, marker, "json_decode");
 }
 
 static int l_json_load(lua_State *L) {
     const char *path = mlua_check_path(L, 1, "json_load: path");
     int null_idx = null_standin(L, 2);
-    if (ml_require_regular_file(path, "cannot read JSON") < 0) return mlua_error(L, NULL);
-    json_error_t err;
-    json_t *j = json_load_file(path, LUA_JSON_FLAGS, &err);
-    if (!j) {
-        /* jansson reports a file it cannot open with line -1 */
-        if (err.line < 0) ml_error("%s: %s", path, err.text);
-        else ml_error("%s:%d:%d: %s", path, err.line, err.column, err.text);
-    }
-    return push_decoded(L, j, null_idx);
+    int marker;
+    json_t *j = ml_json_parse_file(path, LUA_JSON_FLAGS, &marker, NULL, NULL);
+    return push_decoded(L, j, null_idx, marker, path);
 }
 
 /* ======================================================================== */

@@ -232,6 +232,11 @@ local function write_folder(root, m, opts)
         local cfg = {}
         for k, v in pairs(m.scheduler_raw_config or {}) do cfg[k] = v end
         for k, v in pairs(m.scheduler.config) do cfg[k] = v end
+        -- DPM-Solver's lambda_min_clipped is -Infinity in diffusers' files,
+        -- which json_save (standard JSON only) cannot write; -Infinity is
+        -- also diffusers' default for it, so leaving the key out reads back
+        -- the same in diffusers and here.
+        if cfg.lambda_min_clipped == -math.huge then cfg.lambda_min_clipped = nil end
         cfg._diffusers_version = cfg._diffusers_version or DIFFUSERS_VERSION
         core.json_save(join(root, "scheduler/scheduler_config.json"), cfg, {indent = 2, sort_keys = true})
     end

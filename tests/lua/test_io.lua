@@ -255,6 +255,41 @@ function tests.json_decode_errors(t)
     remove_tree(dir)
 end
 
+-- Python's json writes NaN, Infinity and -Infinity for non-finite floats;
+-- they are read as numbers, only where a value stands, and never out of a
+-- string; the writer still refuses them
+function tests.json_python_nonfinite_numbers(t)
+    local has = util.has
+    local v = core.json_decode('{"a": -Infinity, "b": [NaN, Infinity, 1.5], "s": "NaN", "t": "-Infinity",'
+                               .. ' "u": "say \\"NaN\\", Infinity", "c": "\\u0001NaN"}')
+    t:assertEq(v.a, -math.huge)
+    t:assert(v.b[1] ~= v.b[1] and math.type(v.b[1]) == "float", "NaN is a float NaN")
+    t:assertEq(v.b[2], math.huge)
+    t:assertEq(v.b[3], 1.5)
+    t:assertEq(v.s, "NaN")
+    t:assertEq(v.t, "-Infinity")
+    t:assertEq(v.u, 'say "NaN", Infinity')
+    t:assertEq(v.c, "\1NaN", "a string holding a control character stays a string")
+    t:assertEq(core.json_decode("-Infinity"), -math.huge)
+    -- not Python's spellings, or not where a value stands: errors with the text's own columns
+    local e = error_of(core.json_decode, "[1, NaN, 2 3]")
+    t:assert(has(e, "json_decode:1:12"), tostring(e))
+    for _, bad in ipairs {"[nan]", "[inf]", "[-NaN]", "[NaNa]", "[Infinity1]"} do
+        t:assert(error_of(core.json_decode, bad) ~= nil, bad .. " refused")
+    end
+    e = error_of(core.json_decode, "{NaN: 1}")
+    t:assert(has(e, "object key"), tostring(e))
+    -- from a file, and the writer still refuses them
+    local dir = temp_dir()
+    write_file(dir .. "/c.json", '{"lambda_min_clipped": -Infinity}')
+    t:assertEq(core.json_load(dir .. "/c.json").lambda_min_clipped, -math.huge)
+    e = error_of(core.json_encode, {x = -math.huge})
+    t:assert(has(e, "NaN or infinity"), tostring(e))
+    e = error_of(core.json_save, dir .. "/d.json", {x = 0 / 0})
+    t:assert(has(e, "NaN or infinity"), tostring(e))
+    remove_tree(dir)
+end
+
 function tests.json_load_config(t)
     local c = core.json_load(FIX .. "pipeline/unet/config.json")
     t:assertEq(c._class_name, "UNet2DConditionModel")

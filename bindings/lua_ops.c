@@ -132,8 +132,9 @@ static int l_mul_(lua_State *L) {
 
 static int l_div_(lua_State *L) {
     ml_tensor *d = mlua_check_tensor(L, 1);
-    double s = luaL_checknumber(L, 2);
-    if (ml_div_scalar_(d, s) < 0) return mlua_error(L, NULL);
+    int rc = lua_type(L, 2) == LUA_TNUMBER ? ml_div_scalar_(d, lua_tonumber(L, 2))
+                                           : ml_div_(d, mlua_check_tensor(L, 2));
+    if (rc < 0) return mlua_error(L, NULL);
     lua_settop(L, 1);
     return 1;
 }

@@ -51,7 +51,9 @@ int ml_add_scalar_(ml_tensor *dst, double s);
 int ml_clamp_(ml_tensor *dst, double lo, double hi);
 int ml_sub_(ml_tensor *dst, ml_tensor *src, double alpha);   /* ml_add_ with -alpha */
 int ml_sub_scalar_(ml_tensor *dst, double s);                /* ml_add_scalar_ with -s */
+/* div_ of either kind needs a float destination: it is true division. */
 int ml_div_scalar_(ml_tensor *dst, double s);                /* ml_mul_scalar_ with 1/s */
+int ml_div_(ml_tensor *dst, ml_tensor *src);                 /* dst /= src (broadcast src) */
 /* copy_, fill_ and zero_ as the in-place ops users call: the gate every
  * in-place op passes (ml_inplace_begin: refused on tracked tensors in grad
  * mode, bumps the version), then the plain writes of tensor.h (ml_copy_,

@@ -723,7 +723,27 @@ int ml_clamp_(ml_tensor *dst, double lo, double hi) {
 
 int ml_sub_(ml_tensor *dst, ml_tensor *src, double alpha) { return inplace_add("sub_", dst, src, -alpha); }
 int ml_sub_scalar_(ml_tensor *dst, double s) { return inplace_scalar("sub_", ML_ADD, dst, -s, s); }
-int ml_div_scalar_(ml_tensor *dst, double s) { return inplace_scalar("div_", ML_MUL, dst, 1.0 / s, s); }
+/* Division is true division (ml_div makes integer operands float), so its
+ * result never fits an integer or bool destination, whatever the divisor:
+ * refused as PyTorch does, instead of multiplying by 1/s where that happens
+ * to be whole (div_(0.5) doubled an int tensor). */
+static int div_dst_check(const ml_tensor *dst) {
+    if (!dst) return ml_error("div_: missing operand");
+    if (!ml_dtype_is_float(dst->dtype))
+        return ml_error("div_: result type float32 (true division) cannot be stored in place in a tensor of dtype %s; "
+                        "divide a float copy instead (t:float():div_(x))", ml_dtype_name(dst->dtype));
+    return 0;
+}
+
+int ml_div_scalar_(ml_tensor *dst, double s) {
+    if (div_dst_check(dst) < 0) return -1;
+    return inplace_scalar("div_", ML_MUL, dst, 1.0 / s, s);
+}
+
+int ml_div_(ml_tensor *dst, ml_tensor *src) {
+    if (div_dst_check(dst) < 0) return -1;
+    return inplace_binary("div_", ML_DIV, dst, src);
+}
 
 int ml_inplace_copy_(ml_tensor *dst, const ml_tensor *src) {
     if (!dst || !src) return ml_error("copy_: missing tensor");

@@ -233,6 +233,10 @@ static void test_inplace(void) {
     expect("clamp_ values", d, (double[]){12, 23, 30, 17, 29, 30}, 6, 0);
     CHECK(ml_mul_(d, row) == 0, "mul_");
     expect("mul_ values", d, (double[]){120, 460, 900, 170, 580, 900}, 6, 0);
+    int64_t v1 = d->storage->version;
+    CHECK(ml_div_(d, row) == 0, "div_ by a broadcast tensor");
+    expect("div_ values", d, (double[]){12, 23, 30, 17, 29, 30}, 6, 0);
+    CHECK(d->storage->version == v1 + 1, "div_ bumps version (through the in-place gate)");
 
     /* non-contiguous destination: the transpose of a [3,2] buffer */
     ml_tensor *base = ml_zeros(2, (int64_t[]){3, 2}, ML_F32, ml_cpu());
@@ -254,6 +258,16 @@ static void test_inplace(void) {
     ml_tensor *di = T(ML_I32, 1, (int64_t[]){3}, (double[]){1, 2, 3});
     CHECK(ml_add_(di, row, 1.0) < 0 && strstr(ml_last_error(), "int32"), "float into int rejected: %s", ml_last_error());
     CHECK(ml_mul_scalar_(di, 0.5) < 0, "int *= 0.5 rejected");
+    /* div_ is true division: refused on an integer destination whatever
+     * the divisor (1/0.5 = 2 was a whole factor and doubled it) */
+    ml_tensor *ione = T(ML_I32, 1, (int64_t[]){3}, (double[]){1, 1, 1});
+    CHECK(ml_div_scalar_(di, 0.5) < 0 && strstr(ml_last_error(), "div_") && strstr(ml_last_error(), "int32"),
+          "int div_(0.5) rejected: %s", ml_last_error());
+    CHECK(ml_div_scalar_(di, 1) < 0, "int div_(1) rejected");
+    CHECK(ml_div_(di, ione) < 0 && strstr(ml_last_error(), "dtype int32"), "int div_(int tensor) rejected: %s",
+          ml_last_error());
+    expect("int destination unchanged", di, (double[]){1, 2, 3}, 3, 0);
+    ml_release(ione);
     ml_release(di);
 
     /* leaf requiring grad */

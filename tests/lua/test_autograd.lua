@@ -187,7 +187,8 @@ function tests.in_place_on_leaves_requiring_grad(t)
     local x = ml.tensor({1, 2}, {requires_grad = true})
     for _, f in ipairs {
         function() x:add_(1) end, function() x:mul_(2) end, function() x:sub_(ml.ones(2)) end,
-        function() x:div_(2) end, function() x:clamp_(0, 1) end, function() x:fill_(3) end,
+        function() x:div_(2) end, function() x:div_(ml.ones(2)) end, function() x:clamp_(0, 1) end,
+        function() x:fill_(3) end,
         function() x:zero_() end, function() x:copy_(ml.ones(2)) end,
     } do
         t:assert(has(error_of(f), "leaf tensor that requires grad"))
@@ -271,7 +272,8 @@ function tests.every_in_place_op_is_caught(t)
     local cases = {
         add_ = function(x) x:add_(1) end, add_tensor = function(x) x:add_(ml.ones(3), 2) end,
         sub_ = function(x) x:sub_(1) end, mul_ = function(x) x:mul_(ml.ones(3)) end,
-        div_ = function(x) x:div_(2) end, clamp_ = function(x) x:clamp_(0, 0.5) end,
+        div_ = function(x) x:div_(2) end, div_tensor = function(x) x:div_(ml.full({3}, 2)) end,
+        clamp_ = function(x) x:clamp_(0, 0.5) end,
         fill_ = function(x) x:fill_(7) end, zero_ = function(x) x:zero_() end,
         copy_ = function(x) x:copy_(ml.zeros(3)) end, normal_ = function(x) x:normal_() end,
         uniform_ = function(x) x:uniform_() end,

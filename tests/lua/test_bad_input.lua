@@ -281,7 +281,15 @@ end
 function T.inplace_errors_name_the_op_called_once(t)
     -- sub_ and div_ run as add_ and mul_ of -s and 1/s; the message names what was called, with its scalar
     local i = ml.ones(3):int()
-    fails_with(t, function() i:div_(2) end, {"div_: the result of a int32 tensor and 2 cannot"}, "int div_(2)")
+    -- div_ is true division, so an integer destination is refused whatever the divisor
+    -- (div_(0.5) multiplied by 2 and kept the int32 tensor)
+    for _, d in ipairs {2, 0.5, 1, ml.ones(3), ml.ones(3):int()} do
+        fails_with(t, function() i:div_(d) end, {"div_:", "true division", "dtype int32"}, "int div_")
+    end
+    fails_with(t, function() ml.ones(3):long():div_(2) end, {"div_:", "dtype int64"}, "int64 div_(2)")
+    t:assertEq(i:totable(), {1, 1, 1}, "the int tensor is unchanged")
+    fails_with(t, function() ml.ones(2, 3):div_(ml.ones(4)) end, {"div_", "[4]", "[2, 3]"}, "div_ shape")
+    fails_with(t, function() ml.ones(3):div_("2") end, {"tensor expected"}, "div_ by a string")
     fails_with(t, function() i:sub_(1.5) end, {"sub_: the result of a int32 tensor and 1.5 cannot"}, "int sub_(1.5)")
     fails_with(t, function() i:sub_(ml.ones(3), 2) end, {"sub_: result type float32"}, "int sub_(f32, 2)")
     -- the binding's prefix is not doubled on a host message that starts with the op already

@@ -4,7 +4,7 @@
  * Safetensors:
  *   st_open(path_or_dir [, {variant=, basename=}]) -> SafeTensors handle
  *   st_open_model(dir, basename_or_nil [, {variant=}]) -> handle
- *   st_load(path_or_dir [, {dtype=, device=, variant=, basename=}]) -> {name = tensor}
+ *   st_load(path_or_dir [, {dtype=, device=, variant=, basename=, copy=}]) -> {name = tensor}
  *   st_save(path, {name = tensor}, [{dtype=, metadata={k = "v"}}]) (names,
  *     keys and values with NUL bytes, or a header past ML_ST_MAX_HEADER, are
  *     refused with nothing written)
@@ -12,9 +12,14 @@
  *     {dtype="f32" (or the file's spelling, e.g. "I8", when moonlit lacks
  *     it), st_dtype="F32", shape={2,4,8,8}, nbytes=, file=} (an unknown
  *     name is an error naming the nearest names; has() tests quietly),
- *     handle:get(name, {dtype=, device=}), handle:metadata(), handle:path(),
- *     handle:close() (also __close and __gc; tensors already loaded stay
- *     valid), #handle.
+ *     handle:get(name, {dtype=, device=, copy=}), handle:metadata(),
+ *     handle:path(), handle:close() (also __close and __gc; tensors already
+ *     loaded stay valid), #handle.
+ *   get and st_load read into memory the tensor owns (ml_st_read), so a
+ *   file truncated or rewritten later changes nothing and never faults.
+ *   copy = false asks for ml_st_get's zero-copy view of the file's mapping
+ *   instead: the file must then not change while the tensor lives (a
+ *   truncation makes touching it raise SIGBUS).
  *
  * JSON:
  *   json_decode(text [, {null=v}]), json_load(path [, {null=v}]) -> value.
@@ -178,7 +183,8 @@ static int st_get(lua_State *L) {
     if (opts) luaL_checktype(L, 3, LUA_TTABLE);
     int dt = opt_dtype_or_none(L, opts);
     ml_device dev = mlua_opt_device(L, opts, ml_cpu());
-    int copy = opts && mlua_opt_field_bool(L, opts, "copy", 0);
+    /* owned by default: a view of the mapping faults when the file shrinks */
+    int copy = mlua_opt_field_bool(L, opts, "copy", 1);
     return mlua_push_tensor(L, get_on(f, name, dt, dev, copy));
 }
 
@@ -216,6 +222,7 @@ static int l_st_load(lua_State *L) {
     if (opts) luaL_checktype(L, 2, LUA_TTABLE);
     int dt = opt_dtype_or_none(L, opts);
     ml_device dev = mlua_opt_device(L, opts, ml_cpu());
+    int copy = mlua_opt_field_bool(L, opts, "copy", 1);   /* as get: owned unless copy = false */
     /* The handle sits on the stack so an error half-way still closes it. */
     push_st(L, open_with_opts(L, "st_load", path, opts));
     int hidx = lua_gettop(L);
@@ -224,7 +231,7 @@ static int l_st_load(lua_State *L) {
     lua_createtable(L, 0, n);
     for (int i = 0; i < n; i++) {
         const char *name = ml_st_info_at(f, i)->name;
-        mlua_push_tensor(L, get_on(f, name, dt, dev, 0));
+        mlua_push_tensor(L, get_on(f, name, dt, dev, copy));
         lua_setfield(L, -2, name);
     }
     st_box *b = lua_touserdata(L, hidx);

@@ -1,6 +1,7 @@
 -- test_model_files.lua — model files that cannot hurt a loaded model, and
 -- folder saves that are atomic: weights that own their memory after
--- sd.load (the file truncated or rewritten afterwards changes nothing),
+-- sd.load, st_load and f:get (the file truncated or rewritten afterwards
+-- changes nothing),
 -- errors instead of SIGBUS for a file truncated under an open handle, FIFOs
 -- and devices refused, linear-time metadata parsing, and saves killed with
 -- SIGKILL half-way that leave the folder loading as all old or all new,
@@ -117,6 +118,45 @@ function T.load_state_dict_assign_never_aliases_the_source(t)
     t:assertEq(c["2"].weight:max():item(), 3, "an owned tensor needing no conversion is the parameter")
 end
 
+-- st_load and f:get handed out views of the file's mapping: truncating the
+-- file killed the process with SIGBUS when such a tensor was read, and the
+-- tensor could be written and trained.  They now own their memory; the
+-- mapped view is asked for with copy = false.
+function T.st_load_and_get_are_untouched_by_later_changes_to_the_file(t)
+    local dir = tmpdir()
+    local path = dir .. "/w.safetensors"
+    local a, b = ml.arange(0, 1000):float(), ml.randn(64, 64)
+    core.st_save(path, {a = a, b = b})
+    local loaded = core.st_load(path)
+    local f = core.st_open(path)
+    local got, got16 = f:get("b"), f:get("a", {dtype = "f16"})
+    local mapped = f:get("a", {copy = false})
+    t:assertTensorEq(mapped, a, 0, "copy = false reads the same values while the file is whole")
+    mapped = nil
+    collectgarbage()
+    f:close()
+    write_file(path, "")   -- truncated in place: same inode, no pages left
+    t:assertTensorEq(loaded.a, a, 0, "st_load's a after the truncation")
+    t:assertTensorEq(loaded.b, b, 0, "st_load's b after the truncation")
+    t:assertTensorEq(got, b, 0, "f:get's b after the truncation")
+    t:assertTensorEq(got16:float(), a, 0, "f:get with a dtype")
+    -- owned memory: writable and trainable without touching any file
+    loaded.a:add_(1)
+    t:assertEq(loaded.a[1]:item(), 1.0)
+    got.requires_grad = true
+    got:sum():backward()
+    t:assertTensorEq(got.grad, ml.ones(64, 64), 0, "a gradient for the loaded tensor")
+    -- the same after a rewrite in place with other bytes
+    core.st_save(path, {a = a})
+    local again = core.st_load(path, {copy = true})
+    local size = #read_file(path)
+    local fh = assert(io.open(path, "r+b"))
+    fh:write(string.rep("\255", size))
+    fh:close()
+    t:assertTensorEq(again.a, a, 0, "st_load after the file was overwritten in place")
+    rmrf(dir)
+end
+
 -- ---- reading under an open handle ------------------------------------------
 
 function T.file_truncated_under_an_open_handle_gives_an_error(t)
@@ -126,7 +166,7 @@ function T.file_truncated_under_an_open_handle_gives_an_error(t)
     local f = core.st_open(path)
     t:assertEq(f:get("b"):sum():item(), 4096, "readable while whole")
     write_file(path, read_file(path):sub(1, 200))
-    for _, opts in ipairs {{}, {copy = true}, {dtype = "f16"}} do
+    for _, opts in ipairs {{}, {copy = true}, {copy = false}, {dtype = "f16"}} do
         for _, name in ipairs {"a", "b"} do
             t:assertError(function() return f:get(name, opts) end, "truncated")
             local err = util.error_of(function() return f:get(name, opts) end)

@@ -183,7 +183,7 @@ int ml_check_no_internal_overlap(const char *op, const ml_tensor *t) {
                     "with :clone() or :contiguous() instead", op, b1, b2);
 }
 
-int ml_inplace_begin(const char *op, ml_tensor *dst) {
+int ml_inplace_check(const char *op, const ml_tensor *dst) {
     if (ml_grad_enabled() && dst->requires_grad) {
         if (!dst->grad_fn)
             return ml_error("%s: in-place op on a leaf tensor that requires grad "
@@ -191,7 +191,11 @@ int ml_inplace_begin(const char *op, ml_tensor *dst) {
         return ml_error("%s: in-place op on a tensor that is part of an autograd graph "
                         "(in-place ops are not recorded; use the out-of-place op)", op);
     }
-    if (ml_check_no_internal_overlap(op, dst) < 0) return -1;
+    return ml_check_no_internal_overlap(op, dst);
+}
+
+int ml_inplace_begin(const char *op, ml_tensor *dst) {
+    if (ml_inplace_check(op, dst) < 0) return -1;
     ml_mark_modified(dst);
     return 0;
 }

@@ -115,6 +115,10 @@ int ml_check_no_internal_overlap(const char *op, const ml_tensor *t);
  * overwritten (through any view) makes backward fail instead of using the
  * new values.  Returns 0 or -1. */
 int ml_inplace_begin(const char *op, ml_tensor *dst);
+/* ml_inplace_begin's refusals without the version bump: for a caller that
+ * must fail exactly where the writers fail but does not write (the root
+ * of a broadcast, so that no rank is left waiting for one that refused). */
+int ml_inplace_check(const char *op, const ml_tensor *dst);
 /* Bump the version only: for writes allowed whatever the grad mode
  * (optimizer steps update parameters that require grad). */
 void ml_mark_modified(ml_tensor *t);

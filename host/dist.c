@@ -28,6 +28,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "autograd.h"
 #include "checked_math.h"
 #include "dispatch.h"
 #include "dtype.h"
@@ -962,6 +963,21 @@ static int check_tensor(const char *what, const ml_tensor *t, uint64_t *nbytes) 
     return check_tensor_args(what, t, nbytes);
 }
 
+/* The gate of every other in-place write (ml_inplace_begin: while grad mode
+ * is on a tensor autograd tracks is refused, and the storage version is
+ * bumped so a saved tensor overwritten here fails backward), as this rank's
+ * argument error.  Called after the argument checks and before anything is
+ * sent, on every rank alike (write = false on a broadcast's root, which
+ * reads only), so that all ranks refuse together and none waits for one
+ * that did. */
+static int inplace_gate(const char *what, ml_tensor *t, bool write) {
+    if ((write ? ml_inplace_begin(what, t) : ml_inplace_check(what, t)) == 0) return 0;
+    char msg[600];
+    snprintf(msg, sizeof msg, "%s", ml_last_error());
+    size_t n = strlen(what);
+    return arg_error(what, "%s", strncmp(msg, what, n) == 0 && msg[n] == ':' ? msg + n + 2 : msg);
+}
+
 static uint32_t pack_param(ml_dtype dt, int op, int root) {
     return (uint32_t)dt | (uint32_t)op << 8 | (uint32_t)root << 16;
 }
@@ -1033,6 +1049,7 @@ int ml_dist_all_reduce(ml_tensor *t, ml_dist_op op, ml_dist_work **work) {
     if (check_tensor_args("all_reduce", t, &nbytes) < 0) return -1;
     if (op == ML_DIST_AVG && !ml_dtype_is_float(t->dtype))
         return arg_error("all_reduce", "op avg needs a floating-point tensor (got %s)", ml_dtype_short(t->dtype));
+    if (inplace_gate("all_reduce", t, true) < 0) return -1;
     ml_dist_work *w = NULL;
     if (work) {
         w = calloc(1, sizeof *w);
@@ -1044,7 +1061,6 @@ int ml_dist_all_reduce(ml_tensor *t, ml_dist_op op, ml_dist_work **work) {
         w->tensor = ml_retain(t);
         w->op = op;
         w->nbytes = nbytes;
-        t->storage->version++;
         comm_enqueue(w);
         *work = w;
         return 0;
@@ -1054,13 +1070,11 @@ int ml_dist_all_reduce(ml_tensor *t, ml_dist_op op, ml_dist_work **work) {
 #ifdef ML_WITH_CUDA
     if (G.backend == ML_DIST_BACKEND_NCCL) {
         if (nccl_call("all_reduce", 0, t, t, op, 0, w ? &w->nccl_work : NULL) < 0) { free(w); return -1; }
-        t->storage->version++;
         if (work) *work = w;
         return 0;
     }
 #endif
     if (cpu_reduce("all_reduce", K_ALL_REDUCE, t, op, ml_data(t), nbytes) < 0) { free(w); return -1; }
-    t->storage->version++;
     if (work) *work = w;
     return 0;
 }
@@ -1071,24 +1085,18 @@ int ml_dist_broadcast(ml_tensor *t, int root) {
     if (check_tensor("broadcast", t, &nbytes) < 0) return -1;
     if (root < 0 || root >= G.world_size)
         return arg_error("broadcast", "root must be in 0..%d (got %d)", G.world_size - 1, root);
-#ifdef ML_WITH_CUDA
-    if (G.backend == ML_DIST_BACKEND_NCCL) {
-        if (nccl_call("broadcast", 1, t, t, ML_DIST_SUM, root, NULL) < 0) return -1;
-        t->storage->version++;
-        return 0;
-    }
-#endif
     int n = G.world_size;
+    /* the root's tensor is read, every other rank's written */
+    if (inplace_gate("broadcast", t, n > 1 && G.rank != root) < 0) return -1;
+#ifdef ML_WITH_CUDA
+    if (G.backend == ML_DIST_BACKEND_NCCL) return nccl_call("broadcast", 1, t, t, ML_DIST_SUM, root, NULL);
+#endif
     if (n == 1) return 0;
     uint32_t param = pack_param(t->dtype, 0, root);
     G.seq++;
     msg_hdr want = make_hdr(K_BROADCAST, param, nbytes, G.rank == root ? nbytes : 0);
-    if (G.rank != 0) {
-        if (peer_exchange("broadcast", &want, ml_data(t), ml_data(t), G.rank == root ? 0 : nbytes, NULL, NULL) < 0)
-            return -1;
-        t->storage->version++;
-        return 0;
-    }
+    if (G.rank != 0)
+        return peer_exchange("broadcast", &want, ml_data(t), ml_data(t), G.rank == root ? 0 : nbytes, NULL, NULL);
     char **in = calloc((size_t)n, sizeof *in);
     uint64_t *expect = calloc((size_t)n, sizeof *expect);
     char **reply = calloc((size_t)n, sizeof *reply);
@@ -1100,10 +1108,7 @@ int ml_dist_broadcast(ml_tensor *t, int root) {
     for (int r = 0; r < n; r++) expect[r] = r == root ? nbytes : 0;
     int rc = hub_gather(&want, expect, in, true, NULL);
     if (rc == 0) {
-        if (root != 0) {
-            memcpy(ml_data(t), in[root], (size_t)nbytes);
-            t->storage->version++;
-        }
+        if (root != 0) memcpy(ml_data(t), in[root], (size_t)nbytes);
         for (int r = 1; r < n; r++) {
             reply[r] = ml_data(t);
             expect[r] = r == root ? 0 : nbytes;

@@ -93,6 +93,19 @@ dist.barrier()
 out("num_sum", dist.all_reduce_number(R + 0.25, "sum"))
 out("num_max", dist.all_reduce_number(-R, "max"))
 out("str", dist.broadcast_string(R == 1 and "ckpt/step-7 \0 done" or nil, 1):gsub("%z", "<0>"))
+-- collectives write through the in-place gate: a leaf requiring grad is
+-- refused in grad mode on every rank (the root too), so no rank waits for
+-- one that refused, and the group stays usable
+local p = ml.full({2}, R + 1, {requires_grad = true})
+local okb, eb = pcall(dist.broadcast, p, 0); out("bcast_leaf", tostring(okb) .. " " .. tostring(eb))
+local oka, ea = pcall(dist.all_reduce, p); out("reduce_leaf", tostring(oka) .. " " .. tostring(ea))
+ml.no_grad(function() dist.broadcast(p, 0) end); out("bcast_no_grad", p)
+-- a write into a tensor saved for backward makes that backward fail
+local wq = ml.ones({2}, {requires_grad = true})
+local xs = ml.full({2}, R + 1)
+local yq = (wq * xs):sum()
+dist.all_reduce(xs)
+local okg, eg = pcall(yq.backward, yq); out("saved_written", tostring(okg) .. " " .. tostring(eg))
 -- a rank whose tensor differs in size: every rank gets an error naming it
 local ok, err = pcall(dist.all_reduce, ml.zeros(R == 1 and 3 or 2))
 out("mismatch", tostring(ok) .. " " .. tostring(err))
@@ -143,6 +156,15 @@ local function check_collectives(t, n)
         near_list(t, {tonumber(field(o, "num_sum"))}, {n * (n - 1) / 2 + 0.25 * n}, 1e-12, tag .. " number sum")
         near_list(t, {tonumber(field(o, "num_max"))}, {0}, 0, tag .. " number max")
         t:assertEq(field(o, "str"), "ckpt/step-7 <0> done", tag .. " broadcast_string (with a NUL byte)")
+        for _, k in ipairs {"bcast_leaf", "reduce_leaf"} do
+            local e = field(o, k) or ""
+            t:assert(e:find("^false") and e:find("leaf tensor that requires grad", 1, true)
+                     and e:find(string.format("(rank %d of %d)", r, n), 1, true), tag .. " " .. k .. ": " .. e)
+        end
+        near_list(t, nums(field(o, "bcast_no_grad")), {1, 1}, 0, tag .. " broadcast under no_grad")
+        local sw = field(o, "saved_written") or ""
+        t:assert(sw:find("^false") and sw:find("modified by an inplace operation", 1, true),
+                 tag .. " backward after the saved tensor was reduced: " .. sw)
         local m = field(o, "mismatch") or ""
         t:assert(m:find("^false") and m:find("all_reduce", 1, true) and m:find("rank 1", 1, true)
                  and m:find("same shape", 1, true), tag .. " size mismatch error: " .. m)
@@ -319,6 +341,15 @@ function tests.argument_errors(t)
     t:assert(not ok and err:find("root must be in 0..0", 1, true), tostring(err))
     ok, err = pcall(dist.all_gather, ml.scalar and ml.scalar(1) or ml.tensor(1))
     t:assert(not ok and err:find("all_gather", 1, true), tostring(err))
+    -- in-place like every other write: refused on a leaf requiring grad in
+    -- grad mode (broadcast checked nothing at world size 1), fine under no_grad
+    local leaf = ml.ones({2}, {requires_grad = true})
+    for _, f in ipairs {function() dist.all_reduce(leaf) end, function() dist.broadcast(leaf, 0) end} do
+        ok, err = pcall(f)
+        t:assert(not ok and err:find("(rank 0 of 1): in-place op on a leaf tensor that requires grad", 1, true),
+                 tostring(err))
+    end
+    t:assertNoError(function() ml.no_grad(function() dist.all_reduce(leaf); dist.broadcast(leaf, 0) end) end)
     -- the group is still usable after argument errors; world size 1 is the identity
     dist.all_reduce(m, {op = "avg"})
     t:assertEq(m:totable(), {{1, 2}, {3, 4}})

@@ -10,6 +10,7 @@
 #include "profile.h"
 #include <stdint.h>
 #include <stdio.h>
+#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -258,6 +259,8 @@ int ml_add_hook(ml_tensor *leaf, ml_hook_fn fn, void *ctx, void (*ctx_free)(void
     static int next_id = 1;
     if (!leaf->requires_grad || leaf->grad_fn)
         return ml_error("register_hook: only leaf tensors that require grad take hooks");
+    /* ids are never reused (remove_hook(id) must not take a newer hook) */
+    if (next_id == INT_MAX) return ml_error("register_hook: this process has used up its %d hook ids", INT_MAX);
     ml_hook *h = calloc(1, sizeof *h);
     if (!h) return ml_error("out of memory");
     h->fn = fn; h->ctx = ctx; h->ctx_free = ctx_free; h->id = next_id++;

@@ -8,6 +8,7 @@
  * convolution is a plain GEMM over x itself. */
 #include "conv2d.h"
 #include "matmul.h"
+#include "checked_math.h"
 #include <stdlib.h>
 #include <string.h>
 
@@ -93,8 +94,14 @@ static void col2im(const geom *g, const char *col, int64_t r0, int64_t nr, char 
 
 /* One allocation: the column buffer of `step` rows, then the patch pixel list. */
 static char *col_buffer(const geom *g, int64_t step, int64_t **pix, const char *op) {
-    size_t cb = ((size_t)(step * g->K) * g->es + 63) & ~(size_t)63;
-    char *col = malloc(cb + (size_t)(g->kh * g->kw) * sizeof **pix);
+    /* every product checked: step * K elements can pass size_t where the
+     * output itself was small enough to allocate */
+    size_t cb = 0, pb = 0, total = 0;
+    bool ok = step >= 0 && g->K >= 0 && ml_mul_size((size_t)step, (size_t)g->K, &cb) &&
+              ml_mul_size(cb, (size_t)g->es, &cb) && ml_round_up_size(cb, 64, &cb) &&
+              ml_mul_size((size_t)g->kh, (size_t)g->kw, &pb) && ml_mul_size(pb, sizeof **pix, &pb) &&
+              ml_add_size(cb, pb, &total);
+    char *col = ok ? malloc(total) : NULL;
     if (!col) return ml_error_null("%s: out of CPU memory for a %lld x %lld column buffer", op,
                                    (long long)step, (long long)g->K);
     *pix = (int64_t *)(col + cb);

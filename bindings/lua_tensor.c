@@ -375,9 +375,25 @@ ml_device mlua_opt_device(lua_State *L, int idx, ml_device def) {
 
 /* ---- lifetime ----------------------------------------------------------- */
 
+/* t:free() hands the memory back now; when this box was the storage's only
+ * owner, its bytes leave the pacing debt too: the debt stands for garbage
+ * the collector has yet to find, and memory freed by hand is none.  (Without
+ * this, a generation loop that frees its intermediates, as the models'
+ * forwards do, ran a full collection every few layers: 363 of them, 180 ms,
+ * in a 50-step generation at batch 4 on an H100.) */
+static void debt_credit(size_t *debt, size_t n) { *debt = *debt > n ? *debt - n : 0; }
+
 static int t_free(lua_State *L) {
     mlua_tensor_box *b = luaL_checkudata(L, 1, MLUA_TENSOR);
-    if (b->t) { ml_release(b->t); b->t = NULL; }
+    ml_tensor *t = b->t;
+    if (!t) return 0;
+    if (t->refcount == 1 && t->storage && t->storage->refcount == 1 && !t->storage->release) {
+        int type = t->storage->device.type == ML_CUDA ? ML_CUDA : ML_CPU;
+        debt_credit(&gc_debt[type], t->storage->nbytes);
+        debt_credit(&gc_minor_debt[type], t->storage->nbytes);
+    }
+    ml_release(t);
+    b->t = NULL;
     return 0;
 }
 

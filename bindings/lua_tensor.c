@@ -375,19 +375,23 @@ ml_device mlua_opt_device(lua_State *L, int idx, ml_device def) {
 
 /* ---- lifetime ----------------------------------------------------------- */
 
-/* t:free() hands the memory back now; when this box was the storage's only
- * owner, its bytes leave the pacing debt too: the debt stands for garbage
- * the collector has yet to find, and memory freed by hand is none.  (Without
- * this, a generation loop that frees its intermediates, as the models'
- * forwards do, ran a full collection every few layers: 363 of them, 180 ms,
- * in a 50-step generation at batch 4 on an H100.) */
+/* gc_pacing{credit_freed = true}: t:free() of a box that was its storage's
+ * only owner takes the bytes off the pacing debt too, since the debt stands
+ * for garbage the collector has yet to find and memory freed by hand is
+ * none.  Without it, a generation loop whose model forwards free their
+ * intermediates ran about 7 full collections per denoising step (363,
+ * 180 ms of a 1.09 s 50-step generation at batch 4 on an H100).  Off by
+ * default until measured on a GPU: fewer debt collections leave the
+ * garbage that is not freed by hand (old gradients, say) to the pressure
+ * hook, which may move a training step's peak. */
+static _Thread_local bool gc_credit_freed;
 static void debt_credit(size_t *debt, size_t n) { *debt = *debt > n ? *debt - n : 0; }
 
 static int t_free(lua_State *L) {
     mlua_tensor_box *b = luaL_checkudata(L, 1, MLUA_TENSOR);
     ml_tensor *t = b->t;
     if (!t) return 0;
-    if (t->refcount == 1 && t->storage && t->storage->refcount == 1 && !t->storage->release) {
+    if (gc_credit_freed && t->refcount == 1 && t->storage && t->storage->refcount == 1 && !t->storage->release) {
         int type = t->storage->device.type == ML_CUDA ? ML_CUDA : ML_CPU;
         debt_credit(&gc_debt[type], t->storage->nbytes);
         debt_credit(&gc_minor_debt[type], t->storage->nbytes);
@@ -872,13 +876,14 @@ static double opt_share(lua_State *L, const char *key, double def) {
     return v;
 }
 
-/* gc_pacing([{cpu_share =, cuda_share =, minor_share =, pressure =, pressure_share =}])
+/* gc_pacing([{cpu_share =, cuda_share =, minor_share =, credit_freed =, pressure =, pressure_share =}])
  * -> the settings as they were: a full collection once the fresh tensor
  * bytes of a device type reach that share of its live bytes (0.25 and 0.5
  * by default); whether the CUDA allocator's pressure hook collects for this
  * state (true by default where moonlit has CUDA, always false without);
  * and the share of the allocator's reserve handed out between two calls of
- * the hook (1/8; nil without CUDA). */
+ * the hook (1/8; nil without CUDA); credit_freed (false): whether t:free()
+ * takes its bytes off the fresh count (see t_free). */
 static int l_gc_pacing(lua_State *L) {
     if (!lua_isnoneornil(L, 1)) luaL_checktype(L, 1, LUA_TTABLE);
     bool pressure = false;
@@ -890,6 +895,7 @@ static int l_gc_pacing(lua_State *L) {
     lua_pushnumber(L, gc_share[ML_CUDA]); lua_setfield(L, -2, "cuda_share");
     lua_pushboolean(L, pressure); lua_setfield(L, -2, "pressure");
     lua_pushnumber(L, gc_minor_share); lua_setfield(L, -2, "minor_share");
+    lua_pushboolean(L, gc_credit_freed); lua_setfield(L, -2, "credit_freed");
 #ifdef ML_WITH_CUDA
     double pressure_share = ml_cuda_set_pressure_share(-1);   /* reads it */
     lua_pushnumber(L, pressure_share); lua_setfield(L, -2, "pressure_share");
@@ -907,6 +913,12 @@ static int l_gc_pacing(lua_State *L) {
     lua_pop(L, 1);
     if (want != LUA_TNIL && want != LUA_TBOOLEAN)
         return luaL_error(L, "gc_pacing: pressure must be a boolean (got %s)", lua_typename(L, want));
+    lua_getfield(L, 1, "credit_freed");
+    int cwant = lua_type(L, -1);
+    bool credit = cwant == LUA_TNIL ? gc_credit_freed : lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    if (cwant != LUA_TNIL && cwant != LUA_TBOOLEAN)
+        return luaL_error(L, "gc_pacing: credit_freed must be a boolean (got %s)", lua_typename(L, cwant));
 #ifdef ML_WITH_CUDA
     double ps = mlua_opt_field_number(L, 1, "pressure_share", pressure_share);
     if (!(ps >= 0 && ps <= 1))
@@ -917,6 +929,7 @@ static int l_gc_pacing(lua_State *L) {
     if ((minor > 0) != (gc_minor_share > 0)) lua_gc(L, minor > 0 ? LUA_GCGEN : LUA_GCINC, 0, 0);
     gc_minor_share = minor;
     gc_minor_debt[ML_CPU] = gc_minor_debt[ML_CUDA] = 0;
+    gc_credit_freed = credit;
 #ifdef ML_WITH_CUDA
     if (want == LUA_TBOOLEAN) gc_pressure_register(L, on);
     ml_cuda_set_pressure_share(ps);

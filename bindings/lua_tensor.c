@@ -134,13 +134,19 @@ static bool collect_young(lua_State *L) {
     return true;
 }
 
+/* Whether t's box is its storage's only owner (no view, no retained
+ * tensor, not memory lent by someone else): the bytes pacing counts. */
+static bool owns_storage_alone(const ml_tensor *t) {
+    return t->refcount == 1 && t->storage && t->storage->refcount == 1 && !t->storage->release;
+}
+
 int mlua_push_tensor(lua_State *L, ml_tensor *t) {
     if (!t) return mlua_error(L, NULL);
     mlua_tensor_box *b = lua_newuserdatauv(L, sizeof *b, 1);
     b->t = t;
     luaL_setmetatable(L, MLUA_TENSOR);
     /* only storage this box alone owns: views and retained tensors were counted when created */
-    if (t->refcount == 1 && t->storage && t->storage->refcount == 1 && !t->storage->release) {
+    if (owns_storage_alone(t)) {
         int type = t->storage->device.type == ML_CUDA ? ML_CUDA : ML_CPU;
         gc_debt[type] += t->storage->nbytes;
         gc_minor_debt[type] += t->storage->nbytes;
@@ -391,7 +397,7 @@ static int t_free(lua_State *L) {
     mlua_tensor_box *b = luaL_checkudata(L, 1, MLUA_TENSOR);
     ml_tensor *t = b->t;
     if (!t) return 0;
-    if (gc_credit_freed && t->refcount == 1 && t->storage && t->storage->refcount == 1 && !t->storage->release) {
+    if (gc_credit_freed && owns_storage_alone(t)) {
         int type = t->storage->device.type == ML_CUDA ? ML_CUDA : ML_CPU;
         debt_credit(&gc_debt[type], t->storage->nbytes);
         debt_credit(&gc_minor_debt[type], t->storage->nbytes);

@@ -151,6 +151,21 @@ static int l_set_grad_enabled(lua_State *L) {
     return 1;
 }
 
+/* recompute_casts([on]) -> the previous setting.  On (the default), a node
+ * that saves an autocast conversion of a parameter keeps the parameter and
+ * converts it again in backward (host/autograd.h, ml_node_save). */
+static int l_recompute_casts(lua_State *L) {
+    if (lua_isnoneornil(L, 1)) {
+        bool now = ml_set_recompute_casts(true);
+        ml_set_recompute_casts(now);
+        lua_pushboolean(L, now);
+        return 1;
+    }
+    luaL_checktype(L, 1, LUA_TBOOLEAN);
+    lua_pushboolean(L, ml_set_recompute_casts(lua_toboolean(L, 1)));
+    return 1;
+}
+
 /* Run fn(...) with grad mode set to `on`, restoring it even on error. */
 static int with_grad_mode(lua_State *L, bool on) {
     luaL_checktype(L, 1, LUA_TFUNCTION);
@@ -336,7 +351,8 @@ void mlua_open_autograd(lua_State *L) {
         {"is_grad_enabled", l_is_grad_enabled}, {"set_grad_enabled", l_set_grad_enabled},
         {"no_grad", l_no_grad}, {"enable_grad", l_enable_grad}, {"checkpoint_node", l_checkpoint_node},
         {"set_grad_ready_callback", l_set_grad_ready_callback}, {"grad_ready_error", l_grad_ready_error},
-        {"tensor_key", l_tensor_key}, {"saved_census", l_saved_census}, {NULL, NULL},
+        {"tensor_key", l_tensor_key}, {"saved_census", l_saved_census},
+        {"recompute_casts", l_recompute_casts}, {NULL, NULL},
     };
     static const luaL_Reg methods[] = {
         {"backward", t_backward}, {"register_hook", t_register_hook}, {"remove_hook", t_remove_hook},

@@ -363,6 +363,14 @@ int mlua_opt_field_bool(lua_State *L, int idx, const char *key, int def) {
     return v;
 }
 
+int mlua_opt_field_boolean(lua_State *L, int idx, const char *fn, const char *key, int def) {
+    if (!opt_field(L, idx, key)) return def;
+    int type = lua_type(L, -1), v = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    if (type != LUA_TBOOLEAN) return luaL_error(L, "%s: %s must be a boolean (got %s)", fn, key, lua_typename(L, type));
+    return v;
+}
+
 ml_dtype mlua_opt_dtype(lua_State *L, int idx, ml_dtype def) {
     const char *s = mlua_opt_field_string(L, idx, "dtype", NULL);
     if (!s) return def;
@@ -913,18 +921,8 @@ static int l_gc_pacing(lua_State *L) {
     double minor = mlua_opt_field_number(L, 1, "minor_share", gc_minor_share);
     if (!(minor >= 0 && minor <= 64))
         return luaL_error(L, "gc_pacing: minor_share must be a number from 0 (off) to 64 (got %f)", minor);
-    lua_getfield(L, 1, "pressure");
-    int want = lua_type(L, -1);
-    bool on = lua_toboolean(L, -1);
-    lua_pop(L, 1);
-    if (want != LUA_TNIL && want != LUA_TBOOLEAN)
-        return luaL_error(L, "gc_pacing: pressure must be a boolean (got %s)", lua_typename(L, want));
-    lua_getfield(L, 1, "credit_freed");
-    int cwant = lua_type(L, -1);
-    bool credit = cwant == LUA_TNIL ? gc_credit_freed : lua_toboolean(L, -1);
-    lua_pop(L, 1);
-    if (cwant != LUA_TNIL && cwant != LUA_TBOOLEAN)
-        return luaL_error(L, "gc_pacing: credit_freed must be a boolean (got %s)", lua_typename(L, cwant));
+    int want = mlua_opt_field_boolean(L, 1, "gc_pacing", "pressure", -1);   /* -1: leave the hook as it is */
+    bool credit = mlua_opt_field_boolean(L, 1, "gc_pacing", "credit_freed", gc_credit_freed);
 #ifdef ML_WITH_CUDA
     double ps = mlua_opt_field_number(L, 1, "pressure_share", pressure_share);
     if (!(ps >= 0 && ps <= 1))
@@ -937,10 +935,10 @@ static int l_gc_pacing(lua_State *L) {
     gc_minor_debt[ML_CPU] = gc_minor_debt[ML_CUDA] = 0;
     gc_credit_freed = credit;
 #ifdef ML_WITH_CUDA
-    if (want == LUA_TBOOLEAN) gc_pressure_register(L, on);
+    if (want >= 0) gc_pressure_register(L, want);
     ml_cuda_set_pressure_share(ps);
 #else
-    (void)on;
+    (void)want;
 #endif
     return 1;
 }

@@ -66,6 +66,9 @@ int mlua_check_shape(lua_State *L, int idx, int64_t *shape);
 const char *mlua_opt_field_string(lua_State *L, int idx, const char *key, const char *def);
 double mlua_opt_field_number(lua_State *L, int idx, const char *key, double def);
 int mlua_opt_field_bool(lua_State *L, int idx, const char *key, int def);
+/* The same for an option that must be a boolean when given: anything else
+ * raises "fn: key must be a boolean (got <type>)". */
+int mlua_opt_field_boolean(lua_State *L, int idx, const char *fn, const char *key, int def);
 /* File and folder paths.  C's open/fopen/stat end a name at its first NUL
  * byte, so "a\0b" would silently name the file "a".  These return the
  * string at idx (an argument, or a table entry pushed for reading), raising

@@ -8,6 +8,7 @@
 #include "autograd.h"
 #include "ops.h"
 #include "profile.h"
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <limits.h>
@@ -99,8 +100,124 @@ ml_node *ml_node_begin_custom(const char *name, ml_backward_fn bw, int n_inputs,
     return node_begin(ML_NODE_CUSTOM, name, bw, n_inputs, inputs);
 }
 
+/* ---- saved casts, kept as a recipe ---------------------------------------
+ *
+ * Under autocast without the shadow cache every layer converts its f32
+ * weight to bf16 and its node saves that conversion: SD 1.4's step holds
+ * 1.8 GiB of such copies from forward to backward, for values the f32
+ * parameter (alive anyway) already gives.  So ml_node_save keeps, for a
+ * tensor that is exactly such a conversion, the parameter and the recipe
+ * (dtype, shape); the engine converts again right before the node's
+ * backward and frees the result right after it.  The conversion kernel is
+ * the same, so the bits are the same. */
+typedef struct ml_recast {
+    int slot;                 /* index into saved[] */
+    ml_tensor *src;           /* detached alias of the leaf converted from */
+    int64_t src_version;      /* the leaf's storage version when converted */
+    ml_dtype dtype;           /* what it was converted to */
+    int ndim;                 /* the saved tensor's own shape (a view of the conversion) */
+    int64_t shape[ML_MAX_DIMS];
+    ml_tensor *made;          /* the conversion made again, while backward runs */
+    struct ml_recast *next;
+} ml_recast;
+
+static _Atomic bool g_recompute_casts = true;
+
+bool ml_set_recompute_casts(bool on) { return atomic_exchange(&g_recompute_casts, on); }
+
+/* The to_dtype node of a leaf behind t through plain views (each of which
+ * aliases its input: a view of a contiguous tensor never copies), when t is
+ * that conversion's untouched output seen whole and in order; else NULL. */
+static ml_node *cast_of_leaf(const ml_tensor *t, const ml_tensor *origin) {
+    if (!origin->grad_fn || origin->storage != t->storage || t->offset != 0 || !ml_is_contiguous(t)) return NULL;
+    ml_node *c = origin->grad_fn;
+    for (int hops = 0; c && c->op == ML_OP_view && hops < 8; hops++) c = c->n_inputs == 1 ? c->next[0].fn : NULL;
+    if (!c || c->op != ML_OP_to_dtype || c->f[0] != 1 || !c->next[0].leaf) return NULL;
+    const ml_tensor *leaf = c->next[0].leaf;
+    if ((int64_t)(intptr_t)t->storage != c->i[1] || t->storage->version != c->i[2] ||
+        leaf->storage->version != c->i[0] || ml_numel(leaf) != ml_numel(t) || !ml_is_contiguous(leaf) ||
+        !ml_device_eq(leaf->device, t->device))
+        return NULL;
+    return c;
+}
+
+/* Saves t into slot k as a recipe if it is a cast of a leaf; false when it
+ * is not one (or the recipe cannot be allocated: then t is kept). */
+static bool save_as_recast(ml_node *n, ml_tensor *t, const ml_tensor *origin, int k) {
+    if (!t || !origin || k >= ML_NODE_SAVED_INLINE || !atomic_load(&g_recompute_casts)) return false;
+    ml_node *c = cast_of_leaf(t, origin);
+    if (!c) return false;
+    ml_recast *r = calloc(1, sizeof *r);
+    if (!r) return false;
+    if (!(r->src = ml_detach(c->next[0].leaf))) { free(r); return false; }
+    r->slot = k;
+    r->src_version = c->i[0];
+    r->dtype = t->dtype;
+    r->ndim = t->ndim;
+    memcpy(r->shape, t->shape, sizeof r->shape);
+    r->next = n->recast;
+    n->recast = r;
+    n->saved_version[k] = 0;
+    n->saved[k] = NULL;
+    return true;
+}
+
+/* A recipe whose leaf was written in place since it was converted would
+ * give other values than the forward used: refused before backward runs. */
+static int check_recast_versions(const ml_node *n) {
+    for (const ml_recast *r = n->recast; r; r = r->next) {
+        if (r->src->storage->version == r->src_version) continue;
+        char b[128];
+        return ml_error("backward: one of the variables needed for gradient computation has been modified by "
+                        "an inplace operation: saved tensor %d of '%s' is the %s conversion of a parameter "
+                        "(shape %s), which is at version %lld; expected version %lld (modify parameters "
+                        "after backward, or keep conversions as memory with core.recompute_casts(false))",
+                        r->slot + 1, n->name, ml_dtype_short(r->dtype), ml_shape_str(r->src, b, sizeof b),
+                        (long long)r->src->storage->version, (long long)r->src_version);
+    }
+    return 0;
+}
+
+/* Convert every recipe of n into its saved slot, for n's backward. */
+static int recast_make(ml_node *n) {
+    for (ml_recast *r = n->recast; r; r = r->next) {
+        ml_tensor *c = ml_empty(r->src->ndim, r->src->shape, r->dtype, r->src->device);
+        if (!c || ml_copy_(c, r->src) < 0) { ml_release(c); return -1; }
+        r->made = ml_from_storage(c->storage, 0, r->ndim, r->shape, NULL, r->dtype);
+        ml_release(c);
+        if (!r->made) return -1;
+        n->saved[r->slot] = r->made;
+    }
+    return 0;
+}
+
+/* Free what recast_make made: the slots are recipes again. */
+static void recast_drop_made(ml_node *n) {
+    for (ml_recast *r = n->recast; r; r = r->next) {
+        if (r->made) { ml_release(r->made); r->made = NULL; }
+        n->saved[r->slot] = NULL;
+    }
+}
+
+static void recast_free(ml_node *n) {
+    recast_drop_made(n);
+    while (n->recast) {
+        ml_recast *r = n->recast;
+        n->recast = r->next;
+        ml_release(r->src);
+        free(r);
+    }
+}
+
+void ml_node_save_input(ml_node *n, ml_tensor *t, const ml_tensor *input) {
+    if (n == &g_unrecorded || n->broken) return;
+    if (save_as_recast(n, t, input, n->n_saved)) { n->n_saved++; return; }
+    ml_node_save(n, t);
+}
+
 void ml_node_save(ml_node *n, ml_tensor *t) {
     if (n == &g_unrecorded || n->broken) return;
+    if (save_as_recast(n, t, t, n->n_saved)) { n->n_saved++; return; }
     if (n->n_saved == n->cap_saved) {
         int nc = n->cap_saved * 2;
         bool inline_now = n->saved == n->saved_buf;
@@ -208,6 +325,7 @@ static void drop_saved(ml_node *n) {
         f(n->ctx);
         n->ctx = NULL;
     }
+    recast_free(n);
     for (int i = 0; i < n->n_saved; i++) { ml_release(n->saved[i]); n->saved[i] = NULL; }
     n->n_saved = 0;
     if (n->saved != n->saved_buf) {
@@ -531,7 +649,7 @@ int ml_backward(ml_tensor *root, ml_tensor *grad, bool retain_graph) {
         }
         /* Checked before any node runs, so no leaf gets a gradient from a
          * backward that then fails this way. */
-        if (check_saved_versions(n) < 0) goto reset;
+        if (check_saved_versions(n) < 0 || check_recast_versions(n) < 0) goto reset;
         for (int i = 0; i < n->n_inputs; i++) {
             ml_node *c = n->next[i].fn;
             if (c) {
@@ -576,7 +694,8 @@ int ml_backward(ml_tensor *root, ml_tensor *grad, bool retain_graph) {
                 snprintf(scope, sizeof scope, "backward of %s", n->name);
                 outer = ml_profile_set_scope(ml_profile_intern(scope));
             }
-            int brc = n->backward(n, gout, gin);
+            int brc = recast_make(n) < 0 ? -1 : n->backward(n, gout, gin);
+            recast_drop_made(n);
             if (ml_profile_on) ml_profile_set_scope(outer);
             if (brc < 0) {
                 char msg[1024];

@@ -67,6 +67,10 @@ struct ml_node {
      * freed), so what ctx holds goes with them. */
     void *ctx;
     void (*ctx_free)(void *ctx);
+    /* Saved casts of parameters kept as a recipe instead of memory (see
+     * ml_node_save): their saved[k] is NULL between backwards and is made
+     * again, bit for bit, while the node's backward runs. */
+    struct ml_recast *recast;
     bool released;                   /* saved tensors already freed */
     /* engine scratch */
     int deps;
@@ -90,8 +94,24 @@ ml_node *ml_node_begin(ml_op op, ml_backward_fn bw, int n_inputs, ml_tensor *con
  * node prints `name`, which must outlive it (a string literal). */
 ml_node *ml_node_begin_custom(const char *name, ml_backward_fn bw, int n_inputs, ml_tensor *const *inputs);
 /* Save a tensor for backward (stored as a detached alias, with its
- * storage's version).  Out of memory marks the node broken (see above). */
+ * storage's version).  Out of memory marks the node broken (see above).
+ *
+ * One kind of tensor is not kept: the untouched output of a recorded
+ * dtype conversion of a leaf (an f32 parameter converted to bf16 by
+ * autocast, possibly seen through views), while the recompute-casts switch
+ * is on.  The node keeps the parameter (which lives anyway) and converts
+ * it again right before its backward, so the conversion's memory is not
+ * held from forward to backward; the bits are the same.  The parameter
+ * must then not be written in place between forward and backward:
+ * backward refuses, as it does for any saved tensor written since. */
 void ml_node_save(ml_node *n, ml_tensor *t);
+/* ml_node_save of t, the op's `input` as the kernel takes it (detached,
+ * made contiguous: ml_kernel_input): when t is input's own memory, the
+ * test above looks at input's history. */
+void ml_node_save_input(ml_node *n, ml_tensor *t, const ml_tensor *input);
+/* The recompute-casts switch (on by default); returns the previous value.
+ * Off, saved conversions are kept as memory, as any saved tensor. */
+bool ml_set_recompute_casts(bool on);
 /* Attach node as out's grad_fn (takes the node reference); out becomes a
  * non-leaf requiring grad. */
 void ml_node_finish(ml_node *n, ml_tensor *out);

@@ -258,7 +258,7 @@ ml_tensor *ml_linear(ml_tensor *x, ml_tensor *w, ml_tensor *b) {
     ml_node *n = ml_node_begin(ML_OP_linear, linear_backward, 3, ins);
     if (n) {
         ml_node_save(n, x2);
-        ml_node_save(n, wc);
+        ml_node_save_input(n, wc, w);
         ml_node_finish(n, out);
     }
     ml_release(x2); ml_release(wc);

@@ -102,7 +102,7 @@ ml_tensor *ml_conv2d_ex(ml_tensor *x, ml_tensor *w, ml_tensor *b, int stride_h, 
     ml_node *n = ml_node_begin(ML_OP_conv2d, conv2d_backward, 3, ins);
     if (n) {
         ml_node_save(n, xc);
-        ml_node_save(n, wc);
+        ml_node_save_input(n, wc, w);
         int64_t pv[6] = {stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right};
         memcpy(n->i, pv, sizeof pv);
         ml_node_finish(n, out);
@@ -179,7 +179,7 @@ ml_tensor *ml_group_norm(ml_tensor *x, int groups, ml_tensor *w, ml_tensor *b, d
         ml_tensor *ins[3] = {x, w, b};
         ml_node *n = ml_node_begin(ML_OP_group_norm, group_norm_backward, 3, ins);
         if (n) {
-            ml_node_save(n, x3); ml_node_save(n, wc); ml_node_save(n, bc);
+            ml_node_save(n, x3); ml_node_save_input(n, wc, w); ml_node_save_input(n, bc, b);
             ml_node_save(n, mean); ml_node_save(n, rstd);
             n->i[0] = groups; n->i[1] = fuse_silu;
             ml_node_finish(n, out);
@@ -239,7 +239,7 @@ ml_tensor *ml_layer_norm(ml_tensor *x, ml_tensor *w, ml_tensor *b, double eps) {
         ml_tensor *ins[3] = {x, w, b};
         ml_node *n = ml_node_begin(ML_OP_layer_norm, layer_norm_backward, 3, ins);
         if (n) {
-            ml_node_save(n, x2); ml_node_save(n, wc); ml_node_save(n, mean); ml_node_save(n, rstd);
+            ml_node_save(n, x2); ml_node_save_input(n, wc, w); ml_node_save(n, mean); ml_node_save(n, rstd);
             ml_node_finish(n, out);
         }
     } else {

@@ -341,7 +341,20 @@ static ml_tensor *convert_recorded(ml_tensor *t, ml_dtype dt, ml_device dev, ml_
     if (!o) return NULL;
     if (ml_dtype_is_float(dt)) {
         ml_node *n = ml_node_begin(op, to_backward, 1, &t);
-        if (n) ml_node_finish(n, o);
+        if (n) {
+            /* What ml_node_save needs to recognise this conversion's output
+             * and remake it in backward (autograd.c, saved casts): the
+             * leaf's storage version converted from, and the output's
+             * storage (identity only, never dereferenced from here) with
+             * its version.  f[0] = 1 says they are set. */
+            if (op == ML_OP_to_dtype && n->next[0].leaf) {
+                n->f[0] = 1;
+                n->i[0] = t->storage->version;
+                n->i[1] = (int64_t)(intptr_t)o->storage;
+                n->i[2] = o->storage->version;
+            }
+            ml_node_finish(n, o);
+        }
     }
     return o;
 }

@@ -389,6 +389,13 @@ local function opt(o, k, d) if o == nil or o[k] == nil then return d end return 
 -- saved tensor written in place (the ordinary loop, forward, backward,
 -- step, never meets this).
 --
+-- Without the cache (nn.autocast_cache(false)), each layer converts its
+-- weights at every call; the node that saves such a conversion keeps the
+-- parameter instead and converts it again in backward
+-- (core.recompute_casts, on by default), so those copies are not held from
+-- forward to backward either; a parameter written in place between forward
+-- and backward is then refused by backward, as a shadow written in place is.
+--
 -- Which tensors: the parameters of modules (registered with
 -- register_parameter, or put in place by Module:to or load_state_dict),
 -- trainable or frozen.  Inputs and other tensors are converted each call.
@@ -409,7 +416,8 @@ local FLOAT_DTYPES = {f32 = 4, f64 = 8, f16 = 2, bf16 = 2}   -- the floating dty
 local is_parameter = setmetatable({}, {__mode = "k"})   -- tensor -> true: a module's parameter
 local shadows = setmetatable({}, {__mode = "k"})        -- parameter -> {[dtype] = {tensor =, version =}}
 local cache_enabled = true
-local storage_version, cast_as = core.storage_version, core.cast_as
+local storage_version, cast_as, no_grad = core.storage_version, core.cast_as, core.no_grad
+local function convert(p, dtype) return p:to(dtype) end
 
 -- Marks t (a tensor or nil) as a module parameter: nn.cast may shadow it.
 function nn._mark_parameter(t)
@@ -422,12 +430,15 @@ local function cast_parameter(p, dtype)
     local entry = per and per[dtype]
     local version = storage_version(p)
     if entry and entry.version == version then return cast_as(p, entry.tensor) end
-    local c = p:to(dtype)
+    -- Converted outside the graph and handed out through cast_as like a
+    -- kept shadow, so every use of the cache records the same node: a plain
+    -- recorded conversion of a parameter is what autograd recomputes in
+    -- backward instead of saving (core.recompute_casts), which would cost
+    -- a conversion for memory the cache keeps anyway.
+    local c = no_grad(convert, p, dtype)
     if not per then per = {}; shadows[p] = per end
-    -- c:detach() shares c's memory: keeping it costs no copy, and the
-    -- shadow is exactly what this conversion produced.
-    per[dtype] = {tensor = c:detach(), version = version}
-    return c
+    per[dtype] = {tensor = c, version = version}
+    return cast_as(p, c)
 end
 
 -- t in the autocast dtype (t itself outside autocast, or when nil / not float)

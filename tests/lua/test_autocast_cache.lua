@@ -20,9 +20,15 @@ local function convnet()
     return nn.Sequential(nn.Conv2d(3, 8, 3, {padding = 1}), nn.GroupNorm(2, 8), nn.SiLU(), nn.Conv2d(8, 4, 1))
 end
 
+-- Off, the saved conversions are kept as memory too (core.recompute_casts
+-- off): the copy counts below and the in-place write between forward and
+-- backward are those of the plain path; tests/lua/test_recompute_casts.lua
+-- covers the recomputed one.
 local function with_cache(on, fn, ...)
     local prev = nn.autocast_cache(on)
+    local prev_recompute = core.recompute_casts(on)
     local res = table.pack(pcall(fn, ...))
+    core.recompute_casts(prev_recompute)
     nn.autocast_cache(prev)
     if not res[1] then error(res[2], 0) end
     return table.unpack(res, 2, res.n)

@@ -15,9 +15,13 @@
  * value above bf16's largest finite may round to infinity, as it must.
  *
  * Bits (AdamW with bf16 param or moments): element i of the step uses block
- * i of the Philox stream (seed, offset) of kernels/philox.h — lane 0 for the
- * parameter, lane 1 for exp_avg, lane 2 for exp_avg_sq — taking the upper
- * 16 bits of the lane.  A step thus consumes numel blocks. */
+ * i/2 of the Philox stream (seed, offset) of kernels/philox.h — lane 0 for
+ * the parameter, lane 1 for exp_avg, lane 2 for exp_avg_sq — taking the
+ * upper 16 bits of the lane for even i and the lower 16 bits for odd i
+ * (ml_adamw_sr_lane).  A step thus consumes ceil(numel / 2) blocks.  Why
+ * two elements per block: the rounding needs 16 bits per value, and the
+ * 10 rounds of Philox are most of the bf16-sr step's arithmetic, which
+ * made it bound by the GPU's integer pipes rather than by memory. */
 #ifndef ML_BF16_SR_H
 #define ML_BF16_SR_H
 
@@ -30,5 +34,10 @@ ML_HD uint16_t ml_f32_to_bf16_sr(float f, uint32_t lane) {
     if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
     return (uint16_t)((u + (lane >> 16)) >> 16);
 }
+
+/* The draw of element i from lane x of its block (block i/2): the lane's
+ * upper half for even i, its lower half for odd i, placed where
+ * ml_f32_to_bf16_sr reads it (the upper 16 bits). */
+ML_HD uint32_t ml_adamw_sr_lane(uint32_t x, uint64_t i) { return (i & 1) ? x << 16 : x; }
 
 #endif

@@ -142,10 +142,11 @@ static inline void ml_adamw_bias(const ml_adamw_hparams *h, int64_t step, bool f
     *bc2_sqrt = ml_adamw_round(sqrt(bc2), f32);
 }
 
-/* Philox blocks a parameter's step consumes: numel for a bf16-sr step (a
- * bf16 param or bf16 moments), none otherwise. */
+/* Philox blocks a parameter's step consumes: one per two elements for a
+ * bf16-sr step (a bf16 param or bf16 moments; kernels/bf16_sr.h), none
+ * otherwise. */
 static inline uint64_t ml_adamw_blocks(ml_dtype param, ml_dtype state, int64_t numel) {
-    return param == ML_BF16 || state == ML_BF16 ? (uint64_t)numel : 0;
+    return param == ML_BF16 || state == ML_BF16 ? (uint64_t)numel / 2 + (uint64_t)(numel & 1) : 0;
 }
 
 /* Lanes combine: + for finite norm types, a max that keeps NaN for inf. */

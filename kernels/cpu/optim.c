@@ -100,18 +100,18 @@ static void adamw_sr(const ml_adamw_tensor *t, const ml_adamw_hparams *h, const 
     ml_dtype tp = t->param_dtype, tg = t->grad_dtype, ts = t->state_dtype;
     void *pp = t->param, *pm = t->exp_avg, *pv = t->exp_avg_sq;
     const void *pg = t->grad;
+    uint32_t x[4] = {0, 0, 0, 0};
     for (int64_t i = 0; i < t->numel; i++) {
-        uint32_t x[4];
-        ml_philox_block(h->seed, t->offset, (uint64_t)i, x);
+        if (!(i & 1)) ml_philox_block(h->seed, t->offset, (uint64_t)i >> 1, x);   /* a block per two elements */
         float pi = ld(pp, tp, i), gi = ld(pg, tg, i), mi = ld(pm, ts, i), vi = ld(pv, ts, i);
         if (scale) gi = rescale(gi, tg, s);
         if (do_decay) pi = pi * decay;
         mi = small_w ? mi + w1 * (gi - mi) : gi - (gi - mi) * w1c;
         vi = vi * beta2 + w2 * gi * gi;
         float denom = sqrt(vi) / bc2_sqrt + epsv;
-        st_sr(pp, tp, i, pi + neg_step * (mi / denom), x[0]);
-        st_sr(pm, ts, i, mi, x[1]);
-        st_sr(pv, ts, i, vi, x[2]);
+        st_sr(pp, tp, i, pi + neg_step * (mi / denom), ml_adamw_sr_lane(x[0], (uint64_t)i));
+        st_sr(pm, ts, i, mi, ml_adamw_sr_lane(x[1], (uint64_t)i));
+        st_sr(pv, ts, i, vi, ml_adamw_sr_lane(x[2], (uint64_t)i));
     }
 }
 

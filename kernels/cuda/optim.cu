@@ -53,6 +53,7 @@ namespace {
 constexpr int kLanes = ML_OPTIM_LANES;
 constexpr int64_t kChunk = ML_OPTIM_CHUNK;
 static_assert(kLanes == 256, "the tree folds assume 256 lanes (kernels/optim.h)");
+static_assert(kChunk % 2 == 0, "a bf16-sr chunk starts on a Philox block (two elements)");
 
 __device__ __forceinline__ float r_add(float a, float b) { return __fadd_rn(a, b); }
 __device__ __forceinline__ float r_sub(float a, float b) { return __fsub_rn(a, b); }
@@ -229,21 +230,36 @@ __global__ void __launch_bounds__(kLanes)
     S *__restrict__ v = (S *)it.v;
     const C neg_step = (C)it.neg_step, bc2_sqrt = (C)it.bc2_sqrt;
     const float s = grad_scale ? *grad_scale : 1.0f;
-    for (int64_t i = start + threadIdx.x; i < end; i += kLanes) {
-        uint32_t x[4] = {0, 0, 0, 0};
-        if (kSR) ml_philox_block(seed, it.offset, (uint64_t)i, x);
+    // Element i's step; lp, lm, lv: its draws for the param and the two
+    // moments (bf16-sr), unused otherwise.
+    auto step = [&](int64_t i, uint32_t lp, uint32_t lm, uint32_t lv) {
         C pi = (C)ml_ld(p[i]), gi = grad_scale ? (C)scaled(g[i], s) : (C)ml_ld(g[i]);
         C mi = (C)ml_ld(m[i]), vi = (C)ml_ld(v[i]);
         if (c.do_decay) pi = r_mul(pi, c.decay);
         mi = c.small_w ? r_add(mi, r_mul(c.w1, r_sub(gi, mi))) : r_sub(gi, r_mul(r_sub(gi, mi), c.w1c));
         vi = r_add(r_mul(vi, c.beta2), r_mul(r_mul(c.w2, gi), gi));
         C denom = r_add(r_div(r_sqrt(vi), bc2_sqrt), c.eps);
-        store(p, i, r_add(pi, r_mul(neg_step, r_div(mi, denom))), x[0]);
-        store(m, i, mi, x[1]);
-        store(v, i, vi, x[2]);
+        store(p, i, r_add(pi, r_mul(neg_step, r_div(mi, denom))), lp);
+        store(m, i, mi, lm);
+        store(v, i, vi, lv);
         // From the stored param (a bf16 param was rounded stochastically):
         // the shadow is the cast of what the step left.
         if (it.shadow) store_shadow(it.shadow, it.shadow_dtype, i, ml_ld(p[i]));
+    };
+    if (kSR) {
+        // A thread takes the two elements of one Philox block (block i/2,
+        // kernels/bf16_sr.h); chunks start at multiples of kChunk, so i is
+        // even here.
+        for (int64_t i = start + 2 * (int64_t)threadIdx.x; i < end; i += 2 * kLanes) {
+            uint32_t x[4];
+            ml_philox_block(seed, it.offset, (uint64_t)i >> 1, x);
+            step(i, x[0], x[1], x[2]);
+            if (i + 1 < end)
+                step(i + 1, ml_adamw_sr_lane(x[0], (uint64_t)i + 1), ml_adamw_sr_lane(x[1], (uint64_t)i + 1),
+                     ml_adamw_sr_lane(x[2], (uint64_t)i + 1));
+        }
+    } else {
+        for (int64_t i = start + threadIdx.x; i < end; i += kLanes) step(i, 0, 0, 0);
     }
 }
 

@@ -44,6 +44,9 @@ p:option("gc_sweep", {type = "integer", default = 0,
 p:option("autocast_cache", {type = "boolean", default = true,
                             help = "keep bf16 shadows of the f32 parameters across steps (bf16-mixed; false: convert "
                                 .. "them in each forward and free each once its backward has passed)"})
+p:option("recompute_casts", {type = "boolean", default = true,
+                             help = "without the cache: convert the saved weights again in backward instead of "
+                                 .. "keeping their conversions from forward (core.recompute_casts)"})
 p:option("saved_census", {type = "integer", default = 0,
                           help = "print the N ops whose saved tensors hold the most memory at the end of forward"})
 local o = p:parse(arg or {})
@@ -68,6 +71,7 @@ local m = ml.sd.from_configs(o.configs, {seed = 0, device = dev,
                                          dtype = o.precision == "bf16-sr" and "bf16" or "f32"})
 m.precision = o.precision
 if not o.autocast_cache then ml.nn.autocast_cache(false) end
+core.recompute_casts(o.recompute_casts)
 local function compute(fn, ...) return ml.sd.autocast(m, fn, ...) end
 say("init %.1f s on %s (%s): unet %.1fM, vae %.1fM, text %.1fM parameters", now() - t0, dev, o.precision,
     m.unet:num_parameters() / 1e6, m.vae:num_parameters() / 1e6, m.text_encoder:num_parameters() / 1e6)

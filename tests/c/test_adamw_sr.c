@@ -148,8 +148,43 @@ static void test_errors(void) {
     ml_release(gb);
 }
 
+/* Which draw rounds which element: the f32 step's result, rounded with the
+ * lane half kernels/bf16_sr.h assigns (block i/2 of (seed, offset); upper
+ * half for even i, lower for odd), must be the bf16-sr step's bits, for an
+ * odd count (the last block's second half unused) and a nonzero offset. */
+static void test_draw_assignment(void) {
+    enum { N = 7 };
+    const uint64_t seed = 0xabcdef, offset = 5;
+    ml_tensor *pf = filled(N, ML_F32, 0), *g = filled(N, ML_F32, 0);
+    float *pp = ml_data(pf), *gg = ml_data(g);
+    for (int i = 0; i < N; i++) {
+        pp[i] = 1.0f + 0.001f * (float)i;
+        gg[i] = 0.01f * (float)(i + 1);
+    }
+    ml_tensor *pb = ml_to_dtype(pf, ML_BF16), *pb_f32 = ml_to_dtype(pb, ML_F32);   /* the bf16 start, in f32 */
+    ml_tensor *mf = filled(N, ML_F32, 0), *vf = filled(N, ML_F32, 0), *mb = filled(N, ML_F32, 0),
+              *vb = filled(N, ML_F32, 0);
+    int rc = ml_adamw_step_(pb_f32, g, mf, vf, 1e-3, 0.9, 0.999, 1e-8, 0, 1, 0, 0);
+    rc |= ml_adamw_step_(pb, g, mb, vb, 1e-3, 0.9, 0.999, 1e-8, 0, 1, seed, offset);
+    CHECK(rc == 0, "steps: %s", ml_last_error());
+    CHECK(ml_adamw_random_blocks(pb, mb, vb) == (N + 1) / 2, "a block per two elements");
+    const float *want_f32 = ml_data(pb_f32);
+    const uint16_t *got = ml_data(pb);
+    for (int i = 0; i < N; i++) {
+        uint32_t x[4];
+        ml_philox_block(seed, offset, (uint64_t)i / 2, x);
+        uint32_t lane = i % 2 ? x[0] << 16 : x[0];
+        uint16_t want = ml_f32_to_bf16_sr(want_f32[i], lane);
+        CHECK(got[i] == want, "element %d: bits 0x%04x, want 0x%04x (block %d, %s half of lane 0)", i, got[i], want,
+              i / 2, i % 2 ? "lower" : "upper");
+    }
+    ml_release(pf); ml_release(g); ml_release(pb); ml_release(pb_f32);
+    ml_release(mf); ml_release(vf); ml_release(mb); ml_release(vb);
+}
+
 int main(void) {
     test_rounding_rule();
+    test_draw_assignment();
     test_f32_unchanged();
     drift_case(ML_F32, ML_F32);
     drift_case(ML_BF16, ML_BF16);

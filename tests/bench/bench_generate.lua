@@ -23,15 +23,15 @@ p:option("device", {type = "string", default = "cuda", help = "cpu, cuda or cuda
 p:option("profile", {type = "integer", default = 0,
                      help = "after timing, profile one denoising step at the first batch size: wall time against "
                          .. "the GPU time of its kernels (a step that waits on the host shows a gap), top N kernels"})
-p:option("gc_credit_freed", {type = "boolean", default = false,
-                             help = "gc_pacing{credit_freed = true}: bytes freed by hand (nn.release) do not bring "
-                                 .. "the next collection closer"})
+p:option("gc_credit_freed", {type = "boolean", default = true,
+                             help = "gc_pacing{credit_freed}: bytes freed by hand (nn.release) do not bring "
+                                 .. "the next collection closer (false: the older rule, to compare)"})
 p:option("gc_minor_share", {type = "number", default = 0,
                             help = "young collections between the full ones at this share of the live tensor bytes "
                                 .. "(core.gc_pacing's minor_share; 0: off)"})
 local o = p:parse(arg or {})
 if o.gc_minor_share > 0 then core.gc_pacing {minor_share = o.gc_minor_share} end
-if o.gc_credit_freed then core.gc_pacing {credit_freed = true} end
+core.gc_pacing {credit_freed = o.gc_credit_freed}
 local dev = o.device
 local on_gpu = dev:sub(1, 4) == "cuda"
 local function sync() if on_gpu then core.cuda_synchronize(0) end end

@@ -230,7 +230,7 @@ if o.gc_sweep > 0 and on_gpu then
         {"young 1/64", {minor_share = 1 / 64}},
         {"full before backward", {}, {gc_before_backward = true}},
         {"young 1/32 + full before bwd", {minor_share = 1 / 32}, {gc_before_backward = true}},
-        {"credit freed", {credit_freed = true}},
+        {"no credit for freed", {credit_freed = false}},
         {"exact (full at fwd end)", {cuda_share = 1 / 64}, {collect = true}},
     }
     say("  collector pacing sweep (%d steps each, after one):", o.gc_sweep)

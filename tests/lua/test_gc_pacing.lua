@@ -35,7 +35,7 @@ end
 
 -- gc_pacing{credit_freed = true}: memory freed by hand (t:free(), as
 -- nn.release does in the models' forwards) is not garbage and leaves the
--- debt; off by default, when the freeing loop collects as one that does
+-- debt (on by default); off, the freeing loop collects as one that does
 -- not free.  With 44 MB live, a
 -- quarter is 11 MB: 4 MB temporaries left to the collector run one about
 -- every fourth (the live count includes the garbage), and the same loop
@@ -58,15 +58,17 @@ function tests.freed_tensors_leave_the_debt(t)
     collectgarbage("collect")
     local x = ml.full({1000 * 1000}, 0.5)
     local keep = ml.zeros({10 * 1000 * 1000})
-    t:assertEq(core.gc_pacing().credit_freed, false, "off by default")
-    local n_off, wrong_off = freeing_loop(x)
+    t:assertEq(core.gc_pacing().credit_freed, true, "on by default")
+    local was = core.gc_pacing {credit_freed = false}
+    t:assertEq(was.credit_freed, true, "the old setting returned")
+    t:assertEq(core.gc_pacing().credit_freed, false, "setting read back")
+    local ok0, n_off, wrong_off = pcall(freeing_loop, x)
+    core.gc_pacing {credit_freed = true}
+    if not ok0 then error(n_off) end
     t:assertEq(wrong_off, 0, "sums")
     t:assert(n_off >= 15, "without the credit, freed temporaries still bring collections (" .. n_off .. ")")
-    local was = core.gc_pacing {credit_freed = true}
-    t:assertEq(was.credit_freed, false, "the old setting returned")
-    t:assertEq(core.gc_pacing().credit_freed, true, "setting read back")
     local ok, freed, wrong = pcall(freeing_loop, x)
-    if not ok then core.gc_pacing(was) error(freed) end
+    if not ok then error(freed) end
     t:assertEq(wrong, 0, "sums")
     -- at most the one the debt left by the loop before brings
     t:assert(freed <= 1, "collections when every temporary is freed by hand: " .. freed)
@@ -82,7 +84,7 @@ function tests.freed_tensors_leave_the_debt(t)
     t:assert(core.gc_pacing_stats().steps - before >= 15,
              "freeing only views still leaves the owners to the collector")
     core.gc_pacing(was)
-    t:assertEq(core.gc_pacing().credit_freed, false, "off again")
+    t:assertEq(core.gc_pacing().credit_freed, true, "on again")
     t:assertEq(keep:numel(), 1e7, "the live tensor")
 end
 

@@ -20,6 +20,27 @@ __global__ void convert_contig(D *__restrict__ dst, const S *__restrict__ src, i
         dst[i] = ml_cvt<D, S>(src[i]);
 }
 
+// The same with V elements per load and store (16 bytes of the wider
+// type): a conversion moves 6 bytes per bf16 -> f32 element, and one
+// 2-byte load per thread ran it at a third of the card's bandwidth (the
+// weight gradients' bf16 -> f32 conversions of a bf16-mixed step, 882
+// calls, 5.6 ms on an H100).  Each element converts as above: same bits.
+template <typename T, int V> struct alignas(sizeof(T) * V) cvt_vec { T v[V]; };
+
+template <int V, typename D, typename S>
+__global__ void convert_contig_vec(D *__restrict__ dst, const S *__restrict__ src, int64_t n) {
+    int64_t t = blockIdx.x * (int64_t)blockDim.x + threadIdx.x, step = (int64_t)gridDim.x * blockDim.x;
+    int64_t nv = n / V;
+    for (int64_t i = t; i < nv; i += step) {
+        cvt_vec<S, V> a = reinterpret_cast<const cvt_vec<S, V> *>(src)[i];
+        cvt_vec<D, V> r;
+#pragma unroll
+        for (int k = 0; k < V; k++) r.v[k] = ml_cvt<D, S>(a.v[k]);
+        reinterpret_cast<cvt_vec<D, V> *>(dst)[i] = r;
+    }
+    for (int64_t i = nv * V + t; i < n; i += step) dst[i] = ml_cvt<D, S>(src[i]);
+}
+
 template <typename D, typename S, typename Idx>
 __global__ void convert_strided(D *dst, const S *src, ml_indexer<2> ix, Idx n) {
     for (Idx i = blockIdx.x * (Idx)blockDim.x + threadIdx.x; i < n; i += (Idx)gridDim.x * blockDim.x) {
@@ -192,8 +213,16 @@ int copy_disjoint(ml_ktensor *dst, const ml_ktensor *src, cudaStream_t s) {
         typedef decltype(dtag) D;
         return ml_dispatch_all(src->dtype, [&](auto stag) -> int {
             typedef decltype(stag) S;
+            constexpr int V = (int)(16 / (sizeof(D) > sizeof(S) ? sizeof(D) : sizeof(S)));
+            D *d = ml_ptr<D>(dst);
+            const S *sp = ml_ptr<S>(src);
+            if (contig && V > 1 && (uintptr_t)d % (sizeof(D) * V) == 0 && (uintptr_t)sp % (sizeof(S) * V) == 0) {
+                convert_contig_vec<V, D, S><<<ml_grid_for((n + V - 1) / V, kThreads, dev), kThreads, 0, s>>>(d, sp, n);
+                ML_CUDA_LAUNCHED("convert_contig_vec");
+                return 0;
+            }
             if (contig)
-                convert_contig<D, S><<<grid, kThreads, 0, s>>>(ml_ptr<D>(dst), ml_ptr<S>(src), n);
+                convert_contig<D, S><<<grid, kThreads, 0, s>>>(d, sp, n);
             else if (ml_fits_u32(n))
                 convert_strided<D, S, uint32_t><<<grid, kThreads, 0, s>>>(
                     ml_ptr<D>(dst), ml_ptr<S>(src), ix, (uint32_t)n);

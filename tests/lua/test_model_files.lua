@@ -198,16 +198,20 @@ function T.metadata_with_100k_keys_parses_in_linear_time(t)
     local meta = {}
     for i = 1, 100000 do meta["key" .. i] = "v" .. i end
     core.st_save(path, {x = ml.ones(2)}, {metadata = meta})
-    local t0 = os.clock()
+    -- Wall time, not os.clock(): the process's CPU time also counts the
+    -- threads earlier tests of the suite left running (data loader
+    -- workers), which once took this over its bound in CI.
+    local t0 = core.now()
     local f = core.st_open(path)
     local md = f:metadata()
-    local dt = os.clock() - t0
+    local dt = core.now() - t0
     local n = 0
     for _ in pairs(md) do n = n + 1 end
     t:assertEq(n, 100000, "every key read")
     t:assertEq(md.key77777, "v77777")
-    -- It took 19 s when every key was looked up in a list; linear is ~0.1 s.
-    t:assert(dt < 1.0, string.format("100k metadata keys read in %.2f s", dt))
+    -- It took 19 s when every key was looked up in a list; linear is ~0.1 s
+    -- (the bound leaves room for a loaded machine).
+    t:assert(dt < 3.0, string.format("100k metadata keys read in %.2f s", dt))
     f:close()
     rmrf(dir)
 end

@@ -156,9 +156,7 @@ static int l_set_grad_enabled(lua_State *L) {
  * converts it again in backward (host/autograd.h, ml_node_save). */
 static int l_recompute_casts(lua_State *L) {
     if (lua_isnoneornil(L, 1)) {
-        bool now = ml_set_recompute_casts(true);
-        ml_set_recompute_casts(now);
-        lua_pushboolean(L, now);
+        lua_pushboolean(L, ml_recompute_casts());
         return 1;
     }
     luaL_checktype(L, 1, LUA_TBOOLEAN);

@@ -139,6 +139,8 @@ static bool collect_young(lua_State *L) {
 static bool owns_storage_alone(const ml_tensor *t) {
     return t->refcount == 1 && t->storage && t->storage->refcount == 1 && !t->storage->release;
 }
+/* The pacing debt a storage counts in: CUDA's, or the CPU's for the rest. */
+static int debt_type(const ml_storage *s) { return s->device.type == ML_CUDA ? ML_CUDA : ML_CPU; }
 
 int mlua_push_tensor(lua_State *L, ml_tensor *t) {
     if (!t) return mlua_error(L, NULL);
@@ -147,7 +149,7 @@ int mlua_push_tensor(lua_State *L, ml_tensor *t) {
     luaL_setmetatable(L, MLUA_TENSOR);
     /* only storage this box alone owns: views and retained tensors were counted when created */
     if (owns_storage_alone(t)) {
-        int type = t->storage->device.type == ML_CUDA ? ML_CUDA : ML_CPU;
+        int type = debt_type(t->storage);
         gc_debt[type] += t->storage->nbytes;
         gc_minor_debt[type] += t->storage->nbytes;
         if (gc_debt[type] >= GC_DEBT_MIN) {
@@ -408,7 +410,7 @@ static int t_free(lua_State *L) {
     ml_tensor *t = b->t;
     if (!t) return 0;
     if (gc_credit_freed && owns_storage_alone(t)) {
-        int type = t->storage->device.type == ML_CUDA ? ML_CUDA : ML_CPU;
+        int type = debt_type(t->storage);
         debt_credit(&gc_debt[type], t->storage->nbytes);
         debt_credit(&gc_minor_debt[type], t->storage->nbytes);
     }

@@ -124,6 +124,7 @@ typedef struct ml_recast {
 static _Atomic bool g_recompute_casts = true;
 
 bool ml_set_recompute_casts(bool on) { return atomic_exchange(&g_recompute_casts, on); }
+bool ml_recompute_casts(void) { return atomic_load(&g_recompute_casts); }
 
 /* The to_dtype node of a leaf behind t through plain views (each of which
  * aliases its input: a view of a contiguous tensor never copies), when t is
@@ -135,8 +136,7 @@ static ml_node *cast_of_leaf(const ml_tensor *t, const ml_tensor *origin) {
     if (!c || c->op != ML_OP_to_dtype || c->f[0] != 1 || !c->next[0].leaf) return NULL;
     const ml_tensor *leaf = c->next[0].leaf;
     if ((int64_t)(intptr_t)t->storage != c->i[1] || t->storage->version != c->i[2] ||
-        leaf->storage->version != c->i[0] || ml_numel(leaf) != ml_numel(t) || !ml_is_contiguous(leaf) ||
-        !ml_device_eq(leaf->device, t->device))
+        leaf->storage->version != c->i[0] || ml_numel(leaf) != ml_numel(t) || !ml_is_contiguous(leaf))
         return NULL;
     return c;
 }
@@ -144,7 +144,7 @@ static ml_node *cast_of_leaf(const ml_tensor *t, const ml_tensor *origin) {
 /* Saves t into slot k as a recipe if it is a cast of a leaf; false when it
  * is not one (or the recipe cannot be allocated: then t is kept). */
 static bool save_as_recast(ml_node *n, ml_tensor *t, const ml_tensor *origin, int k) {
-    if (!t || !origin || k >= ML_NODE_SAVED_INLINE || !atomic_load(&g_recompute_casts)) return false;
+    if (!t || !origin || k >= ML_NODE_SAVED_INLINE || !ml_recompute_casts()) return false;
     ml_node *c = cast_of_leaf(t, origin);
     if (!c) return false;
     ml_recast *r = calloc(1, sizeof *r);
@@ -178,11 +178,12 @@ static int check_recast_versions(const ml_node *n) {
     return 0;
 }
 
-/* Convert every recipe of n into its saved slot, for n's backward. */
+/* Convert every recipe of n into its saved slot, for n's backward (grad
+ * mode is off there, so the conversion records nothing). */
 static int recast_make(ml_node *n) {
     for (ml_recast *r = n->recast; r; r = r->next) {
-        ml_tensor *c = ml_empty(r->src->ndim, r->src->shape, r->dtype, r->src->device);
-        if (!c || ml_copy_(c, r->src) < 0) { ml_release(c); return -1; }
+        ml_tensor *c = ml_to_dtype(r->src, r->dtype);
+        if (!c) return -1;
         r->made = ml_from_storage(c->storage, 0, r->ndim, r->shape, NULL, r->dtype);
         ml_release(c);
         if (!r->made) return -1;

@@ -112,6 +112,7 @@ void ml_node_save_input(ml_node *n, ml_tensor *t, const ml_tensor *input);
 /* The recompute-casts switch (on by default); returns the previous value.
  * Off, saved conversions are kept as memory, as any saved tensor. */
 bool ml_set_recompute_casts(bool on);
+bool ml_recompute_casts(void);
 /* Attach node as out's grad_fn (takes the node reference); out becomes a
  * non-leaf requiring grad. */
 void ml_node_finish(ml_node *n, ml_tensor *out);

@@ -10,15 +10,8 @@ local core = ml.core
 
 local T = {}
 
--- A model with every layer kind that casts its parameters.
-local function mlp()
-    ml.manual_seed(5)
-    return nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.SiLU(), nn.Linear(8, 3))
-end
-local function convnet()
-    ml.manual_seed(3)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, {padding = 1}), nn.GroupNorm(2, 8), nn.SiLU(), nn.Conv2d(8, 4, 1))
-end
+local U = require "testutil"
+local mlp, convnet = U.cast_mlp, U.cast_convnet
 
 -- Off, the saved conversions are kept as memory too (core.recompute_casts
 -- off): the copy counts below and the in-place write between forward and
@@ -34,38 +27,10 @@ local function with_cache(on, fn, ...)
     return table.unpack(res, 2, res.n)
 end
 
--- Three AdamW steps under autocast("f64"); returns each step's output and
--- gradients, and the final parameters.
-local function train(make, x, cache)
-    return with_cache(cache, function()
-        local m = make()
-        local opt = ml.optim.AdamW(m:parameters(), {lr = 1e-2})
-        local outs, grads = {}, {}
-        for s = 1, 3 do
-            opt:zero_grad()
-            local y = nn.autocast("f64", function() return m(x) end)
-            ;(y ^ 2):mean():backward()
-            outs[s] = y:detach():clone()
-            grads[s] = {}
-            for i, p in ipairs(m:parameters()) do grads[s][i] = p.grad:clone() end
-            opt:step()
-        end
-        return outs, grads, m:parameters()
-    end)
-end
+local function train(make, x, cache) return with_cache(cache, U.autocast_train, make, x) end
 
 local function assert_runs_equal(t, make, x)
-    local o1, g1, p1 = train(make, x, false)
-    local o2, g2, p2 = train(make, x, true)
-    for s = 1, 3 do
-        t:assertEq(o2[s].dtype, "f64")
-        t:assertTensorEq(o2[s], o1[s], 0, "step " .. s .. " output")
-        for i = 1, #g1[s] do
-            t:assertEq(g2[s][i].dtype, "f32", "gradients in the parameter's dtype")
-            t:assertTensorEq(g2[s][i], g1[s][i], 0, "step " .. s .. " grad " .. i)
-        end
-    end
-    for i = 1, #p1 do t:assertTensorEq(p2[i], p1[i], 0, "final param " .. i) end
+    U.assert_same_training(t, train(make, x, false), train(make, x, true))
 end
 
 function T.training_with_the_cache_is_bit_identical(t)

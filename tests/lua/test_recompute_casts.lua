@@ -12,16 +12,8 @@ local core = ml.core
 
 local T = {}
 
--- Linear and LayerNorm; convolutions 3x3 (cuDNN's path on a GPU) and 1x1
--- (a GEMM over a view of the converted weight) and GroupNorm.
-local function mlp()
-    ml.manual_seed(5)
-    return nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.SiLU(), nn.Linear(8, 3))
-end
-local function convnet()
-    ml.manual_seed(3)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, {padding = 1}), nn.GroupNorm(2, 8), nn.SiLU(), nn.Conv2d(8, 4, 1))
-end
+local U = require "testutil"
+local mlp, convnet = U.cast_mlp, U.cast_convnet
 
 -- fn() with the shadow cache off and recompute_casts set to `on`.
 local function with_mode(on, fn)
@@ -34,31 +26,7 @@ local function with_mode(on, fn)
     return table.unpack(res, 2, res.n)
 end
 
--- Three AdamW steps under autocast("f64"): each step's output and gradients,
--- the final parameters, and the bytes the graph held at the first step's end
--- of forward.
-local function train(make, x, on)
-    return with_mode(on, function()
-        local m = make()
-        local opt = ml.optim.AdamW(m:parameters(), {lr = 1e-2})
-        local outs, grads, held = {}, {}, nil
-        for s = 1, 3 do
-            opt:zero_grad()
-            local y = nn.autocast("f64", function() return m(x) end)
-            local loss = (y ^ 2):mean()
-            if s == 1 then
-                held = 0
-                for _, e in ipairs(core.saved_census(loss)) do held = held + e.bytes end
-            end
-            loss:backward()
-            outs[s] = y:detach():clone()
-            grads[s] = {}
-            for i, p in ipairs(m:parameters()) do grads[s][i] = p.grad:clone() end
-            opt:step()
-        end
-        return outs, grads, m:parameters(), held
-    end)
-end
+local function train(make, x, on) return with_mode(on, function() return U.autocast_train(make, x) end) end
 
 -- The bytes of the f64 conversions the layers save: every weight (linear,
 -- conv2d and both norms save theirs) and the GroupNorm's bias (its fused
@@ -72,20 +40,12 @@ local function saved_weight_bytes(m)
 end
 
 local function assert_bit_identical(t, make, x, extra_bytes)
-    local o1, g1, p1, held_off = train(make, x, false)
-    local o2, g2, p2, held_on = train(make, x, true)
-    for s = 1, 3 do
-        t:assertTensorEq(o2[s], o1[s], 0, "step " .. s .. " output")
-        for i = 1, #g1[s] do
-            t:assertEq(g2[s][i].dtype, "f32", "gradients in the parameter's dtype")
-            t:assertTensorEq(g2[s][i], g1[s][i], 0, "step " .. s .. " grad " .. i)
-        end
-    end
-    for i = 1, #p1 do t:assertTensorEq(p2[i], p1[i], 0, "final param " .. i) end
+    local off, on = train(make, x, false), train(make, x, true)
+    U.assert_same_training(t, off, on)
     local m = make()
     local expect = saved_weight_bytes(m) + (extra_bytes or 0)
     t:assert(expect > 0, "the model has weights")
-    t:assertEq(held_off - held_on, expect, "the graph no longer holds the weights' conversions")
+    t:assertEq(off.held - on.held, expect, "the graph no longer holds the weights' conversions")
 end
 
 function T.recomputing_saved_casts_is_bit_identical_and_holds_less(t)

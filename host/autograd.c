@@ -255,6 +255,23 @@ bool ml_node_needs_grad(const ml_node *n, int i) {
     return i < n->n_inputs && (n->next[i].fn || n->next[i].leaf);
 }
 
+ml_dtype ml_grad_dtype_hint(const ml_node *n, int i, ml_dtype dflt) {
+    if (i >= n->n_inputs) return dflt;
+    const ml_node *c = n->next[i].fn;
+    /* deps counts the edges into c whose gradient has not arrived yet
+     * (engine scratch, see ml_backward): 1 with nothing summed means this
+     * edge is c's only remaining one, so c receives this gradient alone and
+     * never has to add it to one of another dtype. */
+    if (!c || (c->op != ML_OP_to_dtype && c->op != ML_OP_cast_as) || c->deps != 1 || c->grad_acc ||
+        n->next[i].dtype != dflt)
+        return dflt;
+    ml_dtype wide = c->next[0].dtype;
+    if (!ml_dtype_is_float(wide) || !ml_dtype_is_float(dflt) || ml_dtype_size(wide) <= ml_dtype_size(dflt) ||
+        !ml_device_eq(c->next[0].device, n->next[i].device))
+        return dflt;
+    return wide;
+}
+
 /* ---- in-place writes ---------------------------------------------------- */
 
 void ml_mark_modified(ml_tensor *t) { t->storage->version++; }

@@ -117,6 +117,17 @@ bool ml_recompute_casts(void);
  * non-leaf requiring grad. */
 void ml_node_finish(ml_node *n, ml_tensor *out);
 bool ml_node_needs_grad(const ml_node *n, int i);
+/* The dtype a backward may write node input i's gradient in instead of
+ * `dflt` (the input's own dtype), or dflt.  Only inside a backward
+ * function.  It is the wider float dtype of the tensor the input was
+ * converted from, when that input is the output of a recorded dtype
+ * conversion (to_dtype, or cast_as: autocast's f32 parameter seen in bf16)
+ * that nothing else in this backward still sends a gradient to.  That
+ * conversion's backward then passes the gradient on as is (to_backward),
+ * so a kernel that computes in the wider type anyway (a GEMM accumulating
+ * in f32) writes the parameter's gradient once, unrounded, instead of
+ * rounding it to bf16 for a conversion kernel to widen again. */
+ml_dtype ml_grad_dtype_hint(const ml_node *n, int i, ml_dtype dflt);
 void ml_node_release(ml_node *n);
 /* True if any of the tensors requires grad and grad mode is on. */
 bool ml_any_requires_grad(int n, ml_tensor *const *ts);

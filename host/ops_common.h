@@ -70,14 +70,19 @@ static inline ml_tensor *ml_kernel_input(ml_tensor *t, int *rc) {
     return c;
 }
 
-/* A new uninitialised gradient of `shape` with like's dtype and device when
- * node input i needs one, else NULL (*rc as for ml_kernel_input). */
-static inline ml_tensor *ml_grad_buffer(ml_node *n, int i, int ndim, const int64_t *shape,
-                                        const ml_tensor *like, int *rc) {
+/* A new uninitialised gradient of `shape` (of dtype on device, or with
+ * like's dtype and device) when node input i needs one, else NULL (*rc as
+ * for ml_kernel_input). */
+static inline ml_tensor *ml_grad_buffer_as(ml_node *n, int i, int ndim, const int64_t *shape, ml_dtype dtype,
+                                           ml_device device, int *rc) {
     if (*rc < 0 || !ml_node_needs_grad(n, i)) return NULL;
-    ml_tensor *g = ml_empty(ndim, shape, like->dtype, like->device);
+    ml_tensor *g = ml_empty(ndim, shape, dtype, device);
     if (!g) *rc = -1;
     return g;
+}
+static inline ml_tensor *ml_grad_buffer(ml_node *n, int i, int ndim, const int64_t *shape,
+                                        const ml_tensor *like, int *rc) {
+    return ml_grad_buffer_as(n, i, ndim, shape, like->dtype, like->device, rc);
 }
 
 #endif

@@ -209,6 +209,17 @@ ml_tensor *ml_matmul(ml_tensor *a, ml_tensor *b) {
 
 /* ---- linear ------------------------------------------------------------- */
 
+/* The dtype linear's backward writes input i's gradient in: f32 for a
+ * half-precision product on the GPU whose input is autocast's conversion
+ * of an f32 tensor (ml_grad_dtype_hint: cuBLASLt accumulates in f32 and
+ * writes that, so the f32 parameter's gradient is never rounded to half
+ * and widened again by a conversion kernel); else g's dtype. */
+static ml_dtype linear_grad_dtype(const ml_node *n, int i, const ml_tensor *g) {
+    bool half = g->dtype == ML_BF16 || g->dtype == ML_F16;
+    if (!half || g->device.type != ML_CUDA) return g->dtype;
+    return ml_grad_dtype_hint(n, i, g->dtype) == ML_F32 ? ML_F32 : g->dtype;
+}
+
 /* saved: x as [M, K], w [O, K]. */
 static int linear_backward(ml_node *n, ml_tensor *g, ml_tensor **gin) {
     ml_tensor *x2 = n->saved[0], *w = n->saved[1];
@@ -216,9 +227,9 @@ static int linear_backward(ml_node *n, ml_tensor *g, ml_tensor **gin) {
     int rc = 0;
     ml_tensor *gc = ml_kernel_input(g, &rc);
     ml_tensor *g2 = gc ? ml_header_as(gc, 2, gs) : NULL;
-    ml_tensor *dx = ml_grad_buffer(n, 0, 2, x2->shape, g, &rc);
-    ml_tensor *dw = ml_grad_buffer(n, 1, 2, w->shape, g, &rc);
-    ml_tensor *db = ml_grad_buffer(n, 2, 1, &O, g, &rc);
+    ml_tensor *dx = ml_grad_buffer_as(n, 0, 2, x2->shape, linear_grad_dtype(n, 0, g), g->device, &rc);
+    ml_tensor *dw = ml_grad_buffer_as(n, 1, 2, w->shape, linear_grad_dtype(n, 1, g), g->device, &rc);
+    ml_tensor *db = ml_grad_buffer_as(n, 2, 1, &O, linear_grad_dtype(n, 2, g), g->device, &rc);
     if (rc == 0 && !g2) rc = -1;
     if (rc == 0) rc = ML_RUN(g->device, ml_linear_backward, ML_KT(dx), ML_KT(dw), ML_KT(db), ML_KT(g2), ML_KT(x2), ML_KT(w));
     if (rc == 0 && dx && !(gin[0] = ml_header_as(dx, n->next[0].ndim, n->next[0].shape))) rc = -1;

@@ -331,7 +331,13 @@ static ml_tensor *raw_convert(ml_tensor *t, ml_dtype dt, ml_device dev) {
     return o;
 }
 
+/* A gradient already in the input's dtype and on its device is passed on
+ * as is: the consumer wrote it so (ml_grad_dtype_hint). */
 static int to_backward(ml_node *n, ml_tensor *g, ml_tensor **gin) {
+    if (g->dtype == n->next[0].dtype && ml_device_eq(g->device, n->next[0].device)) {
+        gin[0] = ml_retain(g);
+        return 0;
+    }
     gin[0] = raw_convert(g, n->next[0].dtype, n->next[0].device);
     return gin[0] ? 0 : -1;
 }

@@ -33,7 +33,12 @@ ML_KERNEL(ml_matmul_backward, (ml_ktensor *da, ml_ktensor *db, const ml_ktensor 
 
 /* out [M, O] = x [M, K] @ w [O, K]^T + b [O] (b may be NULL). */
 ML_KERNEL(ml_linear_forward, (ml_ktensor *out, const ml_ktensor *x, const ml_ktensor *w, const ml_ktensor *b));
-/* dx [M, K] = dout w;  dw [O, K] = dout^T x;  db [O] = column sums of dout. */
+/* dx [M, K] = dout w;  dw [O, K] = dout^T x;  db [O] = column sums of dout.
+ * Each gradient has dout's dtype, except that on the GPU any of them may
+ * be float32 when dout is float16/bfloat16: written from the f32
+ * accumulator, never rounded to the half type (the host asks for this
+ * where the gradient is bound for an f32 parameter).  The CPU refuses a
+ * gradient whose dtype differs from dout's. */
 ML_KERNEL(ml_linear_backward, (ml_ktensor *dx, ml_ktensor *dw, ml_ktensor *db, const ml_ktensor *dout,
                                const ml_ktensor *x, const ml_ktensor *w));
 

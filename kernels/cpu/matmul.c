@@ -134,6 +134,11 @@ int ml_linear_backward_cpu(ml_ktensor *dx, ml_ktensor *dw, ml_ktensor *db, const
                            const ml_ktensor *x, const ml_ktensor *w) {
     ml_dtype dt = dout->dtype;
     int64_t M = dout->shape[0], O = dout->shape[1], K = x->shape[1];
+    const ml_ktensor *gs[3] = {dx, dw, db};
+    for (int i = 0; i < 3; i++)
+        if (gs[i] && gs[i]->dtype != dt)
+            return ml_error("linear backward: the CPU writes gradients in the output gradient's dtype %s, not %s",
+                            ml_dtype_short(dt), ml_dtype_short(gs[i]->dtype));
     if (dx && ml_gemm_cpu(dt, false, false, M, K, O, 1, dout->data, O, w->data, K, 0, dx->data, K) < 0)
         return -1;
     if (dw && ml_gemm_cpu(dt, true, false, O, K, M, 1, dout->data, O, x->data, K, 0, dw->data, K) < 0)

@@ -457,11 +457,12 @@ extern "C" int ml_linear_backward_cuda(ml_ktensor *dx, ml_ktensor *dw, ml_ktenso
     int dev = dout->device.index;
     ml_dtype dt = dout->dtype;
     int64_t M = dout->shape[0], O = dout->shape[1], K = x->shape[1];
-    if (dx && gemm(dev, dt, dt, false, false, M, K, O, 1, dout->data, O, 0, w->data, K, 0, 0, dx->data, K,
+    // Each gradient is written in its own dtype (dout's, or f32: matmul.h).
+    if (dx && gemm(dev, dt, dx->dtype, false, false, M, K, O, 1, dout->data, O, 0, w->data, K, 0, 0, dx->data, K,
                    0, 1, nullptr) < 0)
         return -1;
-    if (dw && gemm(dev, dt, dt, true, false, O, K, M, 1, dout->data, O, 0, x->data, K, 0, 0, dw->data, K,
+    if (dw && gemm(dev, dt, dw->dtype, true, false, O, K, M, 1, dout->data, O, 0, x->data, K, 0, 0, dw->data, K,
                    0, 1, nullptr) < 0)
         return -1;
-    return db ? colsum(dev, dt, dt, db->data, dout->data, M, O, false) : 0;
+    return db ? colsum(dev, dt, db->dtype, db->data, dout->data, M, O, false) : 0;
 }

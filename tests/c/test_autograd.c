@@ -5,7 +5,7 @@
  * elements share memory); recording and accumulation failures (forced
  * with the failure-injection hook) and nodes saving many tensors; plus
  * gradient checks of the view ops, whose backward runs through sum_to_shape
- * and copies. */
+ * and copies; and the wider-dtype gradient offer (ml_grad_dtype_hint). */
 #include "check.h"
 #include "gradcheck.h"
 #include "ops.h"
@@ -647,6 +647,109 @@ static void test_view_gradchecks(void) {
     }
 }
 
+/* ---- gradients written in the wider dtype (ml_grad_dtype_hint) ------------ */
+
+/* "triple": out = 3 x.  Its backward writes the gradient in the dtype the
+ * hint offers and records what it was offered and the storage it wrote. */
+static ml_dtype hints_seen[4];
+static int n_hints;
+static const ml_storage *written[4];
+
+static int triple_backward(ml_node *n, ml_tensor *gout, ml_tensor **gin) {
+    ml_dtype dt = ml_grad_dtype_hint(n, 0, gout->dtype);
+    ml_tensor *g = ml_mul_scalar(gout, 3);
+    if (!g) return -1;
+    gin[0] = dt == gout->dtype ? g : ml_to_dtype(g, dt);
+    if (gin[0] != g) ml_release(g);
+    if (!gin[0]) return -1;
+    if (n_hints < 4) { written[n_hints] = gin[0]->storage; hints_seen[n_hints++] = dt; }
+    return 0;
+}
+
+static ml_tensor *triple(ml_tensor *x) {
+    bool prev = ml_set_grad_enabled(false);
+    ml_tensor *out = ml_mul_scalar(x, 3);
+    ml_set_grad_enabled(prev);
+    ml_node *n = ml_node_begin_custom("triple", triple_backward, 1, &x);
+    if (n) ml_node_finish(n, out);
+    return out;
+}
+
+/* sum of the given tensors' sums, then backward; 0 / -1 */
+static int backward_of_sums(int k, ml_tensor **ys) {
+    ml_tensor *total = NULL;
+    for (int i = 0; i < k; i++) {
+        ml_tensor *s = ml_sum(ys[i], 0, NULL, false);
+        ml_tensor *t = total ? ml_add(total, s) : ml_retain(s);
+        ml_release(s); ml_release(total);
+        total = t;
+    }
+    int rc = ml_backward(total, NULL, false);
+    ml_release(total);
+    return rc;
+}
+
+/* a plain (untracked) copy of t in dtype dt */
+static ml_tensor *plain_copy(ml_tensor *t, ml_dtype dt) {
+    ml_tensor *d = ml_detach(t), *c = ml_to_dtype(d, dt);
+    ml_release(d);
+    return c;
+}
+
+static void test_grad_dtype_hint(void) {
+    const double v[4] = {1, -2, 0.5, 4}, three[4] = {3, 3, 3, 3}, six[4] = {6, 6, 6, 6};
+    /* An f64 leaf seen in f32 by one consumer: offered f64, and the f64
+     * gradient it wrote becomes the leaf's grad as is (no conversion). */
+    ml_tensor *p = leaf(4, v), *c = ml_to_dtype(p, ML_F32), *y = triple(c);
+    n_hints = 0;
+    CHECK(backward_of_sums(1, &y) == 0, "hint: backward: %s", ml_last_error());
+    CHECK(n_hints == 1 && hints_seen[0] == ML_F64, "hint: a conversion's only consumer is offered the wider f64");
+    CHECK(p->grad && p->grad->dtype == ML_F64 && p->grad->storage == written[0],
+          "hint: the gradient written in f64 is the leaf's grad itself (the conversion passed it on)");
+    expect("hint: gradient values", p->grad, three, 4, 0);
+    ml_release(y); ml_release(c);
+
+    /* The same through cast_as (autocast's kept shadow). */
+    ml_release(p->grad); p->grad = NULL;
+    ml_tensor *shadow = plain_copy(p, ML_F32);
+    c = ml_cast_as(p, shadow);
+    y = triple(c);
+    n_hints = 0;
+    CHECK(backward_of_sums(1, &y) == 0 && n_hints == 1 && hints_seen[0] == ML_F64,
+          "hint: cast_as's only consumer is offered f64");
+    expect("hint: cast_as gradient values", p->grad, three, 4, 0);
+    ml_release(y); ml_release(c);
+
+    /* Two consumers of one conversion: neither is offered f64 (the second
+     * would have its gradient summed with the first's f32 one). */
+    ml_release(p->grad); p->grad = NULL;
+    c = ml_to_dtype(p, ML_F32);
+    ml_tensor *ys[2] = {triple(c), triple(c)};
+    n_hints = 0;
+    CHECK(backward_of_sums(2, ys) == 0 && n_hints == 2 && hints_seen[0] == ML_F32 && hints_seen[1] == ML_F32,
+          "hint: a conversion with two consumers offers its own dtype to both");
+    expect("hint: two consumers' gradient", p->grad, six, 4, 0);
+    CHECK(p->grad && p->grad->dtype == ML_F64, "hint: two consumers: the leaf's grad is f64");
+    ml_release(ys[0]); ml_release(ys[1]); ml_release(c);
+
+    /* No conversion, or a narrower source: the input's own dtype. */
+    ml_release(p->grad); p->grad = NULL;
+    y = triple(p);
+    n_hints = 0;
+    CHECK(backward_of_sums(1, &y) == 0 && n_hints == 1 && hints_seen[0] == ML_F64,
+          "hint: a leaf consumed directly: its own dtype");
+    ml_release(y);
+    ml_tensor *q = plain_copy(p, ML_F32);
+    q->requires_grad = true;
+    c = ml_to_dtype(q, ML_F64);
+    y = triple(c);
+    n_hints = 0;
+    CHECK(backward_of_sums(1, &y) == 0 && n_hints == 1 && hints_seen[0] == ML_F64 && q->grad &&
+          q->grad->dtype == ML_F32, "hint: a widening conversion offers nothing wider; the f32 leaf gets f32");
+    expect("hint: widened leaf's gradient", q->grad, three, 4, 0);
+    ml_release(y); ml_release(c); ml_release(q); ml_release(shadow); ml_release(p);
+}
+
 int main(void) {
     test_accumulation_and_retain();
     test_no_grad_detach_errors();
@@ -662,5 +765,6 @@ int main(void) {
     test_recording_errors();
     test_injected_failures();
     test_view_gradchecks();
+    test_grad_dtype_hint();
     return check_summary();
 }

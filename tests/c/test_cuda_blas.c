@@ -3,12 +3,15 @@
  * float64 CPU reference: every transpose combination with alpha and beta,
  * strided batches with a shared operand, the bias epilogue (and the fill +
  * beta = 1 path where cuBLASLt has none), empty products, unaligned
- * pointers, f64, f16 and bf16; column sums with and without accumulation.
+ * pointers, f64, f16 and bf16; column sums with and without accumulation;
+ * linear in bf16 over f32 parameters (autocast), whose weight and bias
+ * gradients come out of the GEMM and column sum in f32, unrounded.
  * Without CUDA or a GPU only the error paths run. */
 #include "check.h"
 #include "tensor.h"
 #include "device.h"
 #include "matmul.h"
+#include "ops.h"
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -192,6 +195,50 @@ static void test_errors(void) {
 #endif
 }
 
+/* bf16-mixed linear: f32 leaf weight and bias converted to bf16 (autocast)
+ * and used once.  Their gradients must be the f32 accumulator's values
+ * (ml_grad_dtype_hint): within 1e-5 of the float64 products of the same
+ * bf16 values, where a gradient rounded to bf16 and widened would be off
+ * by up to 2^-9 of its value. */
+static void test_linear_grads_in_f32(void) {
+    enum { M = 96, K = 48, O = 40 };
+    int64_t xs[2] = {M, K}, ws[2] = {O, K}, gs[2] = {M, O}, bs = O;
+    double *xv = values(M * K, 11, ML_BF16, false), *gv = values(M * O, 12, ML_BF16, false);
+    double *wv = values(O * K, 13, ML_F32, false), *bv = values(O, 14, ML_F32, false);
+    ml_tensor *x = upload(xv, M * K, ML_BF16), *g = upload(gv, M * O, ML_BF16);
+    ml_tensor *w = upload(wv, O * K, ML_F32), *b = upload(bv, O, ML_F32);
+    ml_tensor *x2 = ml_view(x, 2, xs), *g2 = ml_view(g, 2, gs), *w2 = ml_view(w, 2, ws), *b1 = ml_view(b, 1, &bs);
+    w2->requires_grad = b1->requires_grad = true;
+    ml_tensor *wc = ml_to_dtype(w2, ML_BF16), *bc = ml_to_dtype(b1, ML_BF16);
+    ml_tensor *y = wc && bc ? ml_linear(x2, wc, bc) : NULL;
+    CHECK(y && ml_backward(y, g2, false) == 0, "bf16 linear over f32 parameters: %s", ml_last_error());
+    CHECK(w2->grad && w2->grad->dtype == ML_F32 && b1->grad && b1->grad->dtype == ML_F32,
+          "bf16 linear: the f32 parameters' gradients are f32");
+    if (w2->grad && b1->grad) {
+        double *dw = download(w2->grad), *db = download(b1->grad), worst_w = 0, worst_b = 0;
+        /* Errors relative to the sum of the terms' magnitudes (what f32
+         * summation error scales with): ~1e-7 here; a bf16 rounding of the
+         * result is ~1e-4 of it. */
+        for (int o = 0; o < O; o++) {
+            double sb = 0, ab = 0;
+            for (int i = 0; i < M; i++) { sb += gv[i * O + o]; ab += fabs(gv[i * O + o]); }
+            worst_b = fmax(worst_b, fabs(db[o] - sb) / ab);
+            for (int k = 0; k < K; k++) {
+                double s = 0, a = 0;
+                for (int i = 0; i < M; i++) { s += gv[i * O + o] * xv[i * K + k]; a += fabs(gv[i * O + o] * xv[i * K + k]); }
+                worst_w = fmax(worst_w, fabs(dw[o * K + k] - s) / a);
+            }
+        }
+        CHECK(worst_w <= 1e-5, "bf16 linear: dweight unrounded (max relative error %.3g, tol 1e-5)", worst_w);
+        CHECK(worst_b <= 1e-5, "bf16 linear: dbias unrounded (max relative error %.3g, tol 1e-5)", worst_b);
+        free(dw); free(db);
+    }
+    free(xv); free(gv); free(wv); free(bv);
+    ml_release(y); ml_release(wc); ml_release(bc);
+    ml_release(x2); ml_release(g2); ml_release(w2); ml_release(b1);
+    ml_release(x); ml_release(g); ml_release(w); ml_release(b);
+}
+
 int main(void) {
     test_errors();
 #ifdef ML_WITH_CUDA
@@ -202,6 +249,7 @@ int main(void) {
     test_errors_gpu();
     test_gemm();
     test_colsum();
+    test_linear_grads_in_f32();
     CHECK(ml_cuda_synchronize(-1) == 0, "final synchronize: %s", ml_last_error());
 #endif
     return check_summary();

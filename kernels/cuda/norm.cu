@@ -56,10 +56,8 @@
 //                        on [B*4096, 320]).  Else 3 kernels: dx, partial,
 //                        finish (x and dy read twice).
 // The VAE's group norms at 512x512 (1M values per group) exceed the shared
-// memory and take the multi-kernel paths.  The one-kernel paths are opt-in
-// for now: MOONLIT_NORM_FUSED=1 (read once per process) turns them on;
-// without it the multi-kernel paths and the plain layer norm kernels run
-// everywhere (they have not yet run on a GPU).
+// memory and take the multi-kernel paths.  Which one-kernel paths run by
+// default, and MOONLIT_NORM_FUSED's say over it: fused_on() below.
 //
 // Every split and every reduction order depends only on the shapes and
 // the GPU model: no atomics (the grid barrier's own counter aside), the
@@ -1051,14 +1049,22 @@ template <typename T> bool rows_vec_ok(int64_t C, std::initializer_list<const vo
     return true;
 }
 
-// The one-kernel paths run only with MOONLIT_NORM_FUSED=1 (read once) until
-// they have passed the GPU check on a GPU; otherwise the multi-kernel paths.
-bool fused_on() {
-    static const bool on = [] {
+// Which one-kernel (cooperative) paths run, from MOONLIT_NORM_FUSED, read
+// once.  Unset: GroupNorm's, forward and backward (on an H100 they beat
+// the multi-kernel paths at every SD 1.4 shape, 1.3-1.6x at 64x64x320 in
+// bf16; docs/PERFORMANCE.md).  "1": LayerNorm's as well (its backward wins
+// at 16k rows but loses below 4k, its forward is no faster).  "0": none.
+enum norm_family { kGroupNorm, kLayerNorm };
+bool fused_on(norm_family f) {
+    static const int mode = [] {
         const char *e = getenv("MOONLIT_NORM_FUSED");
-        return e && strcmp(e, "1") == 0;
+        if (!e || !*e) return 1;
+        if (strcmp(e, "0") == 0) return 0;
+        if (strcmp(e, "1") == 0) return 2;
+        fprintf(stderr, "moonlit: MOONLIT_NORM_FUSED=%s is neither 0 nor 1; using the default (GroupNorm fused)\n", e);
+        return 1;
     }();
-    return on;
+    return f == kGroupNorm ? mode >= 1 : mode == 2;
 }
 
 constexpr int kDevCache = 64;   // devices whose attributes are cached (more are asked each time)
@@ -1110,8 +1116,8 @@ template <auto K> int coop_per_sm(int dev, size_t smem) {
 
 // Whether a cooperative launch of `blocks` blocks of K can run on dev:
 // fused paths on, the device able, every block resident at once.
-template <auto K> bool coop_fits(int64_t blocks, size_t smem, int dev) {
-    if (!fused_on() || blocks < 1 || dev_attr(cudaDevAttrCooperativeLaunch, dev, g_coop) != 1) return false;
+template <auto K> bool coop_fits(int64_t blocks, size_t smem, int dev, norm_family f) {
+    if (!fused_on(f) || blocks < 1 || dev_attr(cudaDevAttrCooperativeLaunch, dev, g_coop) != 1) return false;
     return (int64_t)coop_per_sm<K>(dev, smem) * ml_cuda_sm_count(dev) >= blocks;
 }
 
@@ -1119,8 +1125,9 @@ template <auto K> bool coop_fits(int64_t blocks, size_t smem, int dev) {
 // run so here (nothing launched, no error left behind: take the
 // multi-kernel path); -1: a launch error, reported.
 template <auto K, typename P>
-int coop_launch(dim3 grid, dim3 block, size_t smem, cudaStream_t s, int dev, const P &p, const char *name) {
-    if (!coop_fits<K>((int64_t)grid.x * grid.y * grid.z, smem, dev)) return 0;
+int coop_launch(dim3 grid, dim3 block, size_t smem, cudaStream_t s, int dev, const P &p, const char *name,
+                norm_family f) {
+    if (!coop_fits<K>((int64_t)grid.x * grid.y * grid.z, smem, dev, f)) return 0;
     void *args[] = {const_cast<P *>(&p)};
     cudaError_t e = cudaLaunchCooperativeKernel((const void *)K, grid, block, args, smem, s);
     if (e == cudaSuccess) return 1;
@@ -1162,8 +1169,10 @@ extern "C" int ml_group_norm_forward_cuda(ml_ktensor *out, ml_ktensor *mean, ml_
                                    d, S, chunk, eps, rows_vec_ok<T>(d.C, {xp, yp})};
             dim3 grid((unsigned)ctiles, (unsigned)S, (unsigned)d.N), block(kCX, kRY);
             size_t smem = (size_t)(chunk * kCX) * sizeof(T);
-            int rc = fuse_silu ? coop_launch<gn_fwd_fused<T, F, SS, true>>(grid, block, smem, s, dev, p, "gn_fwd_fused")
-                               : coop_launch<gn_fwd_fused<T, F, SS, false>>(grid, block, smem, s, dev, p, "gn_fwd_fused");
+            int rc = fuse_silu ? coop_launch<gn_fwd_fused<T, F, SS, true>>(grid, block, smem, s, dev, p,
+                                                                              "gn_fwd_fused", kGroupNorm)
+                               : coop_launch<gn_fwd_fused<T, F, SS, false>>(grid, block, smem, s, dev, p,
+                                                                               "gn_fwd_fused", kGroupNorm);
             if (rc != 0) return rc < 0 ? -1 : 0;
         }
         ml_cuda_workspace ws(dev, {nws * sizeof(double), nws * sizeof(double), nss * sizeof(F)});
@@ -1226,8 +1235,10 @@ extern "C" int ml_group_norm_backward_cuda(ml_ktensor *dx, ml_ktensor *dw, ml_kt
                                    d, S, chunk, 0.0, rows_vec_ok<T>(d.C, {xp, gp, dxp})};
             dim3 grid((unsigned)ctiles, (unsigned)S, (unsigned)d.N), block(kCX, kRY);
             size_t smem = 2 * (size_t)(chunk * kCX) * sizeof(T);
-            int rc = fuse_silu ? coop_launch<gn_bwd_fused<T, B, SS, true>>(grid, block, smem, s, dev, p, "gn_bwd_fused")
-                               : coop_launch<gn_bwd_fused<T, B, SS, false>>(grid, block, smem, s, dev, p, "gn_bwd_fused");
+            int rc = fuse_silu ? coop_launch<gn_bwd_fused<T, B, SS, true>>(grid, block, smem, s, dev, p,
+                                                                              "gn_bwd_fused", kGroupNorm)
+                               : coop_launch<gn_bwd_fused<T, B, SS, false>>(grid, block, smem, s, dev, p,
+                                                                               "gn_bwd_fused", kGroupNorm);
             if (rc != 0) return rc < 0 ? -1 : 0;
         }
         ml_cuda_workspace ws(dev, {nws * D8, nws * D8, nc * D8, nc * D8, ncoef * D8, 2 * nc * sizeof(B)});
@@ -1283,7 +1294,7 @@ extern "C" int ml_layer_norm_forward_cuda(ml_ktensor *out, ml_ktensor *mean, ml_
         typedef typename ntypes<T>::fwd F;
         typedef typename ntypes<T>::stat SS;
         const T *xp = ml_ptr<T>(x), *wp = opt_ptr<T>(w), *bp = opt_ptr<T>(b);
-        with_row_shape(C, fused_on(), [&](auto gtag, auto ktag) {
+        with_row_shape(C, fused_on(kLayerNorm), [&](auto gtag, auto ktag) {
             constexpr int G = decltype(gtag)::value, K = decltype(ktag)::value;
             unsigned grid = G == 32 ? warp_grid(M) : (unsigned)M;
             ln_fwd<G, K, T, F, SS><<<grid, kBlock, 0, s>>>(xp, wp, bp, ml_ptr<T>(out), ml_ptr<SS>(mean),
@@ -1318,23 +1329,23 @@ extern "C" int ml_layer_norm_backward_cuda(ml_ktensor *dx, ml_ktensor *dw, ml_kt
                 if (R < 8) R = 8;
                 int64_t nb = (M + R - 1) / R;
                 size_t smem = ln_fused_smem(R, C, sizeof(T));
-                bool fits = C > 1024 ? coop_fits<ln_bwd_fused<kBlock, T, B, SS>>(nb, smem, dev)
-                                     : coop_fits<ln_bwd_fused<32, T, B, SS>>(nb, smem, dev);
+                bool fits = C > 1024 ? coop_fits<ln_bwd_fused<kBlock, T, B, SS>>(nb, smem, dev, kLayerNorm)
+                                     : coop_fits<ln_bwd_fused<32, T, B, SS>>(nb, smem, dev, kLayerNorm);
                 if (!fits) continue;
                 ml_cuda_workspace ws(dev, {(size_t)(nb * C) * sizeof(double), (size_t)(nb * C) * sizeof(double)});
                 if (!ws.ok()) return -1;
                 ln_fused_args<T, SS> p{gp, xp, wp, mp, rp, dxp, dw ? ml_ptr<T>(dw) : nullptr, db ? ml_ptr<T>(db) : nullptr,
                                        ws.part<double>(0), ws.part<double>(1), M, C, R, rows_vec_ok<T>(C, {xp, gp})};
                 int rc = C > 1024 ? coop_launch<ln_bwd_fused<kBlock, T, B, SS>>(dim3((unsigned)nb), dim3(kBlock), smem, s,
-                                                                                  dev, p, "ln_bwd_fused")
+                                                                                  dev, p, "ln_bwd_fused", kLayerNorm)
                                   : coop_launch<ln_bwd_fused<32, T, B, SS>>(dim3((unsigned)nb), dim3(kBlock), smem, s,
-                                                                             dev, p, "ln_bwd_fused");
+                                                                             dev, p, "ln_bwd_fused", kLayerNorm);
                 if (rc != 0) return rc < 0 ? -1 : 0;
                 break;
             }
         }
         if (dxp) {
-            with_row_shape(C, fused_on(), [&](auto gtag, auto ktag) {
+            with_row_shape(C, fused_on(kLayerNorm), [&](auto gtag, auto ktag) {
                 constexpr int G = decltype(gtag)::value, K = decltype(ktag)::value;
                 unsigned grid = G == 32 ? warp_grid(M) : (unsigned)M;
                 ln_bwd_dx<G, K, T, B, SS><<<grid, kBlock, 0, s>>>(gp, xp, wp, mp, rp, dxp, M, C);

@@ -69,6 +69,10 @@ function M.parser()
     p:option("autocast_cache", {type = "boolean", default = true,
                                 help = "bf16-mixed: keep bf16 copies of the weights across steps (false: convert them "
                                     .. "each forward and again in backward, 1.8 GiB less at SD 1.4's peak, a few % slower)"})
+    p:option("cache_latents", {type = "boolean", default = false,
+                               help = "encode each training image once before training and sample its latents from the "
+                                   .. "kept posterior every step (needs --center_crop, no --random_flip): no VAE "
+                                   .. "encoder in the step"})
     p:option("adam_weight_decay", {type = "number", default = 1e-2, help = "AdamW weight decay"})
     p:option("checkpointing_steps", {type = "integer", default = 500, help = "save a resumable checkpoint every N steps (0: never)"})
     p:option("checkpoints_total_limit", {type = "integer", help = "keep only the N newest checkpoints"})
@@ -100,6 +104,12 @@ function M.check_args(a)
     if a.resolution < 8 or a.resolution % 8 ~= 0 then bad("--resolution must be a positive multiple of 8") end
     if a.num_class_images < 0 then bad("--num_class_images must be >= 0") end
     if a.lr < 0 then bad("--lr must be >= 0") end
+    if a.cache_latents and not a.center_crop then
+        bad("--cache_latents needs --center_crop: a random crop gives an image other pixels, so other latents, each epoch")
+    end
+    if a.cache_latents and a.random_flip then
+        bad("--cache_latents cannot be used with --random_flip: a flipped image has other latents than the cached ones")
+    end
     if a.checkpoints_total_limit and a.checkpoints_total_limit < 1 then bad("--checkpoints_total_limit must be >= 1") end
     if a.validation_steps < 1 then bad("--validation_steps must be >= 1") end
     if a.num_validation_images < 1 then bad("--num_validation_images must be >= 1") end
@@ -180,6 +190,9 @@ end
 
 -- ---- the dataset ---------------------------------------------------------------------
 
+-- The column holding the cache key of an image column's images (--cache_latents).
+local function key_col(image_col) return (image_col:gsub("_image$", "_key")) end
+
 -- As the reference builds it: images resized (shorter side) and cropped to
 -- the resolution, normalised to [-1, 1]; prompts tokenized once; instance
 -- images repeated to the class-image count and zipped 1:1 with the class
@@ -196,9 +209,16 @@ function M.build_dataset(a, tokenizer)
         local tf = D.ImageTransform{resize = a.resolution, size = a.resolution,
                                     crop = a.center_crop and "center" or "random",
                                     hflip = a.random_flip and 0.5 or 0, normalize = true, seed = seed}
-        return D.read_images(dir)
-            :map_batches(tf, {column = "image", output = image_col})
-            :drop_columns{"image", "path"}
+        local ds = D.read_images(dir):map_batches(tf, {column = "image", output = image_col})
+        if a.cache_latents then
+            -- the image's row in its folder, which its cached latents are filed under
+            ds = ds:add_column(key_col(image_col), function(batch)
+                local out = {}
+                for i, ref in ipairs(batch[image_col]) do out[i] = ref.key end
+                return out
+            end)
+        end
+        return ds:drop_columns{"image", "path"}
             :add_column(ids_col, function(batch)
                 local out = {}
                 for i = 1, #batch[image_col] do out[i] = ids end
@@ -209,23 +229,73 @@ function M.build_dataset(a, tokenizer)
     local cls = prepared(a.class_images_dir, "class_image", "class_prompt_ids", class_ids, a.seed + 1)
     local ni, nc = inst:count(), cls:count()
     local n = math.max(ni, nc)
+    local sources = {{name = "instance", dataset = inst, image_col = "instance_image"},
+                     {name = "class", dataset = cls, image_col = "class_image"}}
     inst = inst:repeat_n((n + ni - 1) // ni):limit(n)
     cls = cls:repeat_n((n + nc - 1) // nc):limit(n)
-    return inst:zip(cls):random_shuffle(a.seed), {instance = ni, class = nc, pairs = n}
+    local ds = inst:zip(cls):random_shuffle(a.seed)
+    -- with cached latents the steps need no pixels, so the loader decodes none
+    if a.cache_latents then ds = ds:drop_columns{"instance_image", "class_image"} end
+    return ds, {instance = ni, class = nc, pairs = n, sources = sources}
+end
+
+-- ---- cached latents ---------------------------------------------------------------
+
+-- --cache_latents (kohya's scripts have the same option): every training
+-- image is encoded once, before training, and each step samples its latents
+-- from the kept posterior (mean and clamped log-variance) with fresh noise,
+-- as encoding the image again would: the encoder is deterministic, and with
+-- a center crop and no flip so are the pixels.  The encoder then runs once
+-- per image instead of once per image per step (at 512x512 a quarter of a
+-- bf16 step's time).  Batches of the cache pass differ from the training
+-- batches, so values can differ from a fresh encode in the last bits.
+
+-- {[key column] = {[key] = moments [h, w, 2C]}} for the sources of build_dataset.
+function M.cache_latents(m, a, sources, device, log)
+    local vae = m.vae
+    local dt = vae.encoder.conv_in.weight.dtype
+    local cache = {}
+    for _, src in ipairs(sources) do
+        local kc, per, total, done, shown = key_col(src.image_col), {}, src.dataset:count(), 0, 0
+        for batch in src.dataset:iter_batches{batch_size = a.sample_batch_size, device = device, epoch = 1} do
+            local g = ml.no_grad(ml.sd.autocast, m, function() return vae:encode(batch[src.image_col]:to(dt)) end)
+            local moments = ml.cat({g.mean, g.logvar}, 4)
+            for i, key in ipairs(batch[kc]) do per[key] = moments:select(1, i):clone() end
+            done = done + #batch[kc]
+            -- about ten lines however many images
+            if done == total or done - shown >= math.max(1, total // 10) then
+                log(string.format("caching latents: %s images %d/%d", src.name, done, total))
+                shown = done
+            end
+        end
+        cache[kc] = per
+    end
+    return cache
+end
+
+-- The posterior of a batch's images (instance half first), from the cache.
+function M.cached_posterior(cache, batch)
+    local rows = {}
+    for _, kc in ipairs {"instance_key", "class_key"} do
+        for _, key in ipairs(batch[kc]) do rows[#rows + 1] = cache[kc][key] end
+    end
+    return require("moonlit.models.autoencoder_kl").DiagonalGaussian.new(ml.stack(rows, 1))
 end
 
 -- ---- the loss ---------------------------------------------------------------------------
 
 -- One forward pass as the reference writes it.  images: [2B, H, W, 3] in
 -- [-1, 1] (instance half first), ids: [2B, 77].  o.noise, o.timesteps and
--- o.vae_eps replace the random draws (tests feed a fixture's).
+-- o.vae_eps replace the random draws (tests feed a fixture's);
+-- o.posterior replaces the VAE's encoding of images (--cache_latents).
 function M.loss(m, images, ids, a, o)
     o = o or {}
     local compute = function(fn, ...) return ml.sd.autocast(m, fn, ...) end
     local vae, unet, te, sched = m.vae, m.unet, m.text_encoder, m.noise_scheduler
     local wdt = unet.conv_in.weight.dtype
     local latents = ml.no_grad(compute, function()
-        return vae:encode(images:to(vae.encoder.conv_in.weight.dtype)):sample(o.vae_eps) * vae.scaling_factor
+        local posterior = o.posterior or vae:encode(images:to(vae.encoder.conv_in.weight.dtype))
+        return posterior:sample(o.vae_eps) * vae.scaling_factor
     end):float()
     local dev = latents.device
     local b = latents:size(1)
@@ -291,7 +361,7 @@ local function steps_per_epoch(batches, a)
     return (batches + a.gradient_accumulation_steps - 1) // a.gradient_accumulation_steps
 end
 
-function M.train_fn(m, a)
+function M.train_fn(m, a, sources)
     return function(cfg, ctx)
         local unet, te, vae = m.unet, m.text_encoder, m.vae
         vae:requires_grad_(false); vae:eval()
@@ -326,6 +396,12 @@ function M.train_fn(m, a)
                                   ctx.dist.backend(), #ddp.buckets, tostring(os.getenv("NCCL_NVLS_ENABLE"))))
         end
         local opt = ml.optim.AdamW(params, {lr = a.lr, weight_decay = a.adam_weight_decay})
+        local cache
+        if a.cache_latents then
+            local t0 = ml.now()
+            cache = M.cache_latents(m, a, sources, ctx.device, function(s) ctx:log(s) end)
+            ctx:log(string.format("caching latents: done in %.1f s", ml.now() - t0))
+        end
         local shard = ctx:dataset_shard("train")
         -- every rank takes plan.batches batches an epoch, even when the
         -- pairs do not divide by the world size (see ctx:shard_plan)
@@ -381,9 +457,9 @@ function M.train_fn(m, a)
                 end
                 if ddp then ddp:set_sync(micro + 1 == a.gradient_accumulation_steps or bi == batches) end
                 if batch then
-                    local images = ml.cat({batch.instance_image, batch.class_image}, 1)
+                    local images = not cache and ml.cat({batch.instance_image, batch.class_image}, 1) or nil
                     local ids = ml.cat({batch.instance_prompt_ids, batch.class_prompt_ids}, 1)
-                    local loss = M.loss(m, images, ids, a)
+                    local loss = M.loss(m, images, ids, a, {posterior = cache and M.cached_posterior(cache, batch)})
                     local scale = plan.weight[bi] / a.gradient_accumulation_steps
                     local scaled = scale ~= 1 and loss * scale or loss
                     scaled:backward()
@@ -503,7 +579,7 @@ function M.main(argv)
     local ds, counts = M.build_dataset(a, m.tokenizer)
     log(string.format("data: %d instance image(s), %d class image(s) -> %d pairs", counts.instance, counts.class, counts.pairs))
     t0 = ml.now()
-    local res = ml.train.run(M.train_fn(m, a), {config = a, datasets = {train = ds}, num_workers = a.num_workers,
+    local res = ml.train.run(M.train_fn(m, a, counts.sources), {config = a, datasets = {train = ds}, num_workers = a.num_workers,
                                                 output_dir = a.output_dir, device = a.device, summary = false})
     local train_s = ml.now() - t0
     phases[#phases + 1] = {string.format("training (%d steps)", res.steps), train_s}

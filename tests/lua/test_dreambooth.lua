@@ -187,6 +187,57 @@ function tests.gradient_checkpointing_trains_the_same_weights(t)
     U.remove_tree(dir)
 end
 
+-- --cache_latents: the images are encoded once before training and every
+-- step samples from the kept posterior, drawing the same noise in the same
+-- order as the plain run.  Only the cache pass's batches differ from the
+-- training batches (3 images against 1+1), which can move the encoder's
+-- outputs in the last bits: on this fixture the first two steps' losses
+-- are bit for bit the plain run's and the third is 1e-7 apart.  So the
+-- losses must agree to 1e-6, and the weights, where AdamW's first steps
+-- (dividing by |g|) amplify last-bit differences of near-zero gradients,
+-- to 3% of the 3 steps' largest possible move (3 x lr).
+function tests.cached_latents_train_the_same_weights(t)
+    local dir = U.temp_dir()
+    write_images(dir .. "/inst", 2, 1, 80)
+    local extra = {"--max_train_steps", "3", "--num_epochs", "100", "--train_batch_size", "1", "--center_crop"}
+    local plain = run_main(base_args(dir, extra))
+    local args = base_args(dir, extra)
+    for i, v in ipairs(args) do if v == dir .. "/out" then args[i] = dir .. "/out2" end end
+    args[#args + 1] = "--cache_latents"
+    local cached, out = run_main(args)
+    t:assert(U.has(out, "caching latents: class images 3/3") and U.has(out, "caching latents: instance images 2/2"),
+             "the cache pass reports its progress: " .. out)
+    local function losses(path)
+        local r = {}
+        for line in io.lines(path) do r[#r + 1] = ml.core.json_decode(line).loss end
+        return r
+    end
+    local lp, lc = losses(dir .. "/out/metrics.jsonl"), losses(dir .. "/out2/metrics.jsonl")
+    t:assertEq(#lc, 3, "steps of the cached run")
+    for i = 1, #lp do
+        t:assert(lc[i] and math.abs(lc[i] - lp[i]) <= 1e-6 * math.abs(lp[i]),
+                 string.format("step %d loss: cached %.9g, plain %.9g", i, lc[i] or 0 / 0, lp[i]))
+    end
+    local du, dt = param_diff(plain.model.unet, cached.model.unet), param_diff(plain.model.text_encoder, cached.model.text_encoder)
+    local bound = 0.03 * 3 * 1e-3
+    t:assert(du < bound and dt < bound, string.format("weights after 3 steps: UNet %.3g, text encoder %.3g apart (bound %.3g)",
+                                                      du, dt, bound))
+    -- the cache holds what encoding gives: one image's kept mean against a fresh encode of it
+    local M = recipe()
+    local m = ml.sd.load(MODEL)
+    local a = M.check_args(M.parser():parse(base_args(dir, {"--center_crop", "--cache_latents"})))
+    local _, counts = M.build_dataset(a, m.tokenizer)
+    local cache = M.cache_latents(m, a, counts.sources, "cpu", function() end)
+    local batch = counts.sources[1].dataset:iter_batches{batch_size = 1, epoch = 1}()
+    local fresh = ml.no_grad(function() return m.vae:encode(batch.instance_image) end)
+    local kept = cache.instance_key[batch.instance_key[1]]
+    t:assert(kept ~= nil, "the cache has the first instance image")
+    local c = kept:size(3) // 2
+    local d = (kept:narrow(3, 1, c) - fresh.mean:select(1, 1)):abs():max():item()
+    t:assert(d <= 1e-5, string.format("cached mean vs a fresh encode: %.3g apart", d))
+    U.remove_tree(dir)
+end
+
 function tests.bad_inputs_are_clear_errors(t)
     local dir = U.temp_dir()
     local function err_of(extra, replace)
@@ -226,6 +277,11 @@ function tests.bad_inputs_are_clear_errors(t)
     -- bf16 on the CPU
     e = err_of({"--precision", "bf16-mixed"})
     t:assert(U.has(e, "needs a GPU"), "bf16 on CPU refused: " .. e)
+    -- cached latents with pixels that change each epoch
+    e = err_of({"--cache_latents"})
+    t:assert(U.has(e, "--cache_latents needs --center_crop"), "cache without a center crop refused: " .. e)
+    e = err_of({"--cache_latents", "--center_crop", "--random_flip"})
+    t:assert(U.has(e, "--cache_latents cannot be used with --random_flip"), "cache with flips refused: " .. e)
     U.remove_tree(dir)
 end
 

@@ -47,6 +47,9 @@ p:option("autocast_cache", {type = "boolean", default = true,
 p:option("recompute_casts", {type = "boolean", default = true,
                              help = "without the cache: convert the saved weights again in backward instead of "
                                  .. "keeping their conversions from forward (core.recompute_casts)"})
+p:option("cache_latents", {type = "boolean", default = false,
+                           help = "as dreambooth.lua --cache_latents: the images encoded once, each step samples "
+                               .. "their kept posterior (the step without the VAE encoder)"})
 p:option("saved_census", {type = "integer", default = 0,
                           help = "print the N ops whose saved tensors hold the most memory at the end of forward"})
 local o = p:parse(arg or {})
@@ -106,6 +109,9 @@ local images = ml.rand({B, o.size, o.size, 3}, {device = dev}) * 2 - 1
 if o.precision == "bf16-sr" then images = images:bf16() end
 local ids = ml.randint(0, 49407, {B, 77}, {device = dev})
 
+-- --cache_latents: the images' posterior, encoded once
+local posterior = o.cache_latents and ml.no_grad(compute, function() return m.vae:encode(images) end) or nil
+
 local function prior_preserving_loss(pred, target, weight)
     local h = pred:size(1) // 2
     return ml.F.mse_loss(pred:narrow(1, 1, h):float(), target:narrow(1, 1, h):float()) +
@@ -127,7 +133,7 @@ local function step(phases, probe)
     end
     local a = phases and (sync() or now())
     opt:zero_grad()
-    local latents = ml.no_grad(compute, function() return m.vae:encode(images):sample() * 0.18215 end)
+    local latents = ml.no_grad(compute, function() return (posterior or m.vae:encode(images)):sample() * 0.18215 end)
     a = mark("vae_encode", a)
     local noise = ml.randn(latents:size(), {device = dev, dtype = latents.dtype})
     local t = ml.randint(0, 1000, {B}, {device = dev})

@@ -262,6 +262,16 @@ static int l_hash_below(lua_State *L) {
     return 1;
 }
 
+/* data_flip_drawn(seed, epoch, key, hflip) -> whether the loader flips that image */
+static int l_flip_drawn(lua_State *L) {
+    uint64_t seed = (uint64_t)luaL_checkinteger(L, 1), epoch = (uint64_t)luaL_checkinteger(L, 2);
+    int64_t key = (int64_t)luaL_checkinteger(L, 3);
+    double p = luaL_checknumber(L, 4);
+    if (!(p >= 0 && p <= 1)) return luaL_argerror(L, 4, "hflip is a probability in [0, 1]");
+    lua_pushboolean(L, ml_data_flip_drawn(seed, epoch, key, p));
+    return 1;
+}
+
 static int l_live_threads(lua_State *L) {
     lua_pushinteger(L, ml_data_live_threads());
     return 1;
@@ -282,7 +292,8 @@ void mlua_open_data(lua_State *L) {
     lua_pop(L, 1);
     static const luaL_Reg f[] = {
         {"data_loader", l_data_loader}, {"data_load", l_data_load},
-        {"data_hash_below", l_hash_below}, {"data_live_threads", l_live_threads}, {NULL, NULL},
+        {"data_hash_below", l_hash_below}, {"data_flip_drawn", l_flip_drawn},
+        {"data_live_threads", l_live_threads}, {NULL, NULL},
     };
     luaL_setfuncs(L, f, 0);
 }

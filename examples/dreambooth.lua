@@ -70,9 +70,9 @@ function M.parser()
                                 help = "bf16-mixed: keep bf16 copies of the weights across steps (false: convert them "
                                     .. "each forward and again in backward, 1.8 GiB less at SD 1.4's peak, a few % slower)"})
     p:option("cache_latents", {type = "boolean", default = false,
-                               help = "encode each training image once before training and sample its latents from the "
-                                   .. "kept posterior every step (needs --center_crop, no --random_flip): no VAE "
-                                   .. "encoder in the step"})
+                               help = "encode each training image once (twice with --random_flip) before training and "
+                                   .. "sample its latents from the kept posterior every step (needs --center_crop): no "
+                                   .. "VAE encoder in the step"})
     p:option("adam_weight_decay", {type = "number", default = 1e-2, help = "AdamW weight decay"})
     p:option("checkpointing_steps", {type = "integer", default = 500, help = "save a resumable checkpoint every N steps (0: never)"})
     p:option("checkpoints_total_limit", {type = "integer", help = "keep only the N newest checkpoints"})
@@ -106,9 +106,6 @@ function M.check_args(a)
     if a.lr < 0 then bad("--lr must be >= 0") end
     if a.cache_latents and not a.center_crop then
         bad("--cache_latents needs --center_crop: a random crop gives an image other pixels, so other latents, each epoch")
-    end
-    if a.cache_latents and a.random_flip then
-        bad("--cache_latents cannot be used with --random_flip: a flipped image has other latents than the cached ones")
     end
     if a.checkpoints_total_limit and a.checkpoints_total_limit < 1 then bad("--checkpoints_total_limit must be >= 1") end
     if a.validation_steps < 1 then bad("--validation_steps must be >= 1") end
@@ -205,18 +202,33 @@ function M.build_dataset(a, tokenizer)
         return tokenizer:encode_batch({prompt}, {padding = "max_length", max_length = 77, truncation = true}):select(1, 1)
     end
     local instance_ids, class_ids = ids_of(a.instance_prompt), ids_of(a.class_prompt)
-    local function prepared(dir, image_col, ids_col, ids, seed)
+    -- the folder's images under the transform, flipped with probability hflip;
+    -- with --cache_latents each row also holds its image's cache key (its
+    -- row in the folder)
+    local function images(dir, image_col, seed, hflip)
         local tf = D.ImageTransform{resize = a.resolution, size = a.resolution,
                                     crop = a.center_crop and "center" or "random",
-                                    hflip = a.random_flip and 0.5 or 0, normalize = true, seed = seed}
+                                    hflip = hflip, normalize = true, seed = seed}
         local ds = D.read_images(dir):map_batches(tf, {column = "image", output = image_col})
+        if not a.cache_latents then return ds end
+        return ds:add_column(key_col(image_col), function(batch)
+            local out = {}
+            for i, ref in ipairs(batch[image_col]) do out[i] = ref.key end
+            return out
+        end)
+    end
+    local sources = {}
+    local function prepared(dir, image_col, ids_col, ids, seed)
+        local ds = images(dir, image_col, seed, a.random_flip and 0.5 or 0)
         if a.cache_latents then
-            -- the image's row in its folder, which its cached latents are filed under
-            ds = ds:add_column(key_col(image_col), function(batch)
-                local out = {}
-                for i, ref in ipairs(batch[image_col]) do out[i] = ref.key end
-                return out
-            end)
+            -- what the cache encodes: each image as is and, with --random_flip,
+            -- mirrored; and the training transform's flip draw, to pick one
+            local first = ds:rows(1)[1]
+            sources[#sources + 1] = {name = image_col:match("^(%a+)_"), image_col = image_col,
+                                     dataset = images(dir, image_col, seed, 0),
+                                     mirrored = a.random_flip and images(dir, image_col, seed, 1) or nil,
+                                     flip_seed = first and first[image_col].transform.seed,
+                                     flip_p = a.random_flip and 0.5 or 0}
         end
         return ds:drop_columns{"image", "path"}
             :add_column(ids_col, function(batch)
@@ -229,8 +241,6 @@ function M.build_dataset(a, tokenizer)
     local cls = prepared(a.class_images_dir, "class_image", "class_prompt_ids", class_ids, a.seed + 1)
     local ni, nc = inst:count(), cls:count()
     local n = math.max(ni, nc)
-    local sources = {{name = "instance", dataset = inst, image_col = "instance_image"},
-                     {name = "class", dataset = cls, image_col = "class_image"}}
     inst = inst:repeat_n((n + ni - 1) // ni):limit(n)
     cls = cls:repeat_n((n + nc - 1) // nc):limit(n)
     local ds = inst:zip(cls):random_shuffle(a.seed)
@@ -245,39 +255,56 @@ end
 -- image is encoded once, before training, and each step samples its latents
 -- from the kept posterior (mean and clamped log-variance) with fresh noise,
 -- as encoding the image again would: the encoder is deterministic, and with
--- a center crop and no flip so are the pixels.  The encoder then runs once
--- per image instead of once per image per step (at 512x512 a quarter of a
--- bf16 step's time).  Batches of the cache pass differ from the training
+-- a center crop so are the pixels.  With --random_flip each image is
+-- encoded as is and mirrored (as kohya's scripts do), and each step takes
+-- the one the loader's own flip draw for that image and epoch picks
+-- (ml.data.flip_drawn).  The encoder then runs once or twice per image
+-- instead of once per image per step (at 512x512 a quarter of a bf16
+-- step's time).  Batches of the cache pass differ from the training
 -- batches, so values can differ from a fresh encode in the last bits.
 
--- {[key column] = {[key] = moments [h, w, 2C]}} for the sources of build_dataset.
+-- {[key column] = {moments = {[key] = [h, w, 2C]}, mirrored = same or nil,
+-- flip_seed, flip_p}} for the sources of build_dataset.
 function M.cache_latents(m, a, sources, device, log)
     local vae = m.vae
     local dt = vae.encoder.conv_in.weight.dtype
     local cache = {}
     for _, src in ipairs(sources) do
-        local kc, per, total, done, shown = key_col(src.image_col), {}, src.dataset:count(), 0, 0
-        for batch in src.dataset:iter_batches{batch_size = a.sample_batch_size, device = device, epoch = 1} do
-            local g = ml.no_grad(ml.sd.autocast, m, function() return vae:encode(batch[src.image_col]:to(dt)) end)
-            local moments = ml.cat({g.mean, g.logvar}, 4)
-            for i, key in ipairs(batch[kc]) do per[key] = moments:select(1, i):clone() end
-            done = done + #batch[kc]
-            -- about ten lines however many images
-            if done == total or done - shown >= math.max(1, total // 10) then
-                log(string.format("caching latents: %s images %d/%d", src.name, done, total))
-                shown = done
+        local kc = key_col(src.image_col)
+        local entry = {flip_seed = src.flip_seed, flip_p = src.flip_p}
+        for _, pass in ipairs {{"moments", src.dataset, ""}, {"mirrored", src.mirrored, " (mirrored)"}} do
+            local field, ds, label = pass[1], pass[2], pass[3]
+            if ds then
+                local per, total, done, shown = {}, ds:count(), 0, 0
+                for batch in ds:iter_batches{batch_size = a.sample_batch_size, device = device, epoch = 1} do
+                    local g = ml.no_grad(ml.sd.autocast, m, function() return vae:encode(batch[src.image_col]:to(dt)) end)
+                    local moments = ml.cat({g.mean, g.logvar}, 4)
+                    for i, key in ipairs(batch[kc]) do per[key] = moments:select(1, i):clone() end
+                    done = done + #batch[kc]
+                    -- about ten lines however many images
+                    if done == total or done - shown >= math.max(1, total // 10) then
+                        log(string.format("caching latents: %s images%s %d/%d", src.name, label, done, total))
+                        shown = done
+                    end
+                end
+                entry[field] = per
             end
         end
-        cache[kc] = per
+        cache[kc] = entry
     end
     return cache
 end
 
--- The posterior of a batch's images (instance half first), from the cache.
-function M.cached_posterior(cache, batch)
+-- The posterior of a batch's images (instance half first) in that epoch,
+-- from the cache.
+function M.cached_posterior(cache, batch, epoch)
     local rows = {}
     for _, kc in ipairs {"instance_key", "class_key"} do
-        for _, key in ipairs(batch[kc]) do rows[#rows + 1] = cache[kc][key] end
+        local c = cache[kc]
+        for _, key in ipairs(batch[kc]) do
+            local flipped = c.mirrored and ml.data.flip_drawn(c.flip_seed, epoch, key, c.flip_p)
+            rows[#rows + 1] = (flipped and c.mirrored or c.moments)[key]
+        end
     end
     return require("moonlit.models.autoencoder_kl").DiagonalGaussian.new(ml.stack(rows, 1))
 end
@@ -459,7 +486,7 @@ function M.train_fn(m, a, sources)
                 if batch then
                     local images = not cache and ml.cat({batch.instance_image, batch.class_image}, 1) or nil
                     local ids = ml.cat({batch.instance_prompt_ids, batch.class_prompt_ids}, 1)
-                    local loss = M.loss(m, images, ids, a, {posterior = cache and M.cached_posterior(cache, batch)})
+                    local loss = M.loss(m, images, ids, a, {posterior = cache and M.cached_posterior(cache, batch, epoch)})
                     local scale = plan.weight[bi] / a.gradient_accumulation_steps
                     local scaled = scale ~= 1 and loss * scale or loss
                     scaled:backward()

@@ -43,14 +43,20 @@ uint64_t ml_data_hash(uint64_t seed, uint64_t epoch, uint64_t index, uint64_t st
     return mix64(mix64(mix64(mix64(seed) ^ epoch) ^ index) ^ stream);
 }
 
+/* Streams of the draws of one sample. */
+enum { DRAW_CROP_Y = 1, DRAW_CROP_X = 2, DRAW_FLIP = 3 };
+
+bool ml_data_flip_drawn(uint64_t seed, uint64_t epoch, int64_t key, double hflip) {
+    if (!(hflip > 0)) return false;
+    double u = (double)(ml_data_hash(seed, epoch, (uint64_t)key, DRAW_FLIP) >> 11) * 0x1.0p-53;
+    return u < hflip;
+}
+
 uint64_t ml_data_hash_below(uint64_t seed, uint64_t epoch, uint64_t index, uint64_t stream, uint64_t n) {
     /* Multiply-high maps the 64-bit hash onto [0, n) without the modulo's
      * bias toward small values (negligible here, but free to avoid). */
     return (uint64_t)(((unsigned __int128)ml_data_hash(seed, epoch, index, stream) * n) >> 64);
 }
-
-/* Streams of the draws of one sample. */
-enum { DRAW_CROP_Y = 1, DRAW_CROP_X = 2, DRAW_FLIP = 3 };
 
 /* ---- one sample ---------------------------------------------------------- */
 
@@ -197,11 +203,7 @@ static int run_sample(const char *path, const ml_data_transform *tf, uint64_t ep
             left = (int)ml_data_hash_below(tf->seed, epoch, (uint64_t)key, DRAW_CROP_X, (uint64_t)(rw - ow + 1));
         }
     }
-    bool flip = false;
-    if (tf && tf->hflip > 0) {
-        double u = (double)(ml_data_hash(tf->seed, epoch, (uint64_t)key, DRAW_FLIP) >> 11) * 0x1.0p-53;
-        flip = u < tf->hflip;
-    }
+    bool flip = tf && ml_data_flip_drawn(tf->seed, epoch, key, tf->hflip);
     bool norm = tf && tf->normalize;
     float *out = dst;
     if (!out) {

@@ -115,6 +115,10 @@ int ml_data_live_threads(void);
 uint64_t ml_data_hash(uint64_t seed, uint64_t epoch, uint64_t index, uint64_t stream);
 /* A draw in [0, n) from that hash (n >= 1). */
 uint64_t ml_data_hash_below(uint64_t seed, uint64_t epoch, uint64_t index, uint64_t stream, uint64_t n);
+/* Whether a transform of this seed with flip probability hflip flips the
+ * image of this key in this epoch: the loader's own draw, so a consumer
+ * that does not decode the image (cached latents) can know it. */
+bool ml_data_flip_drawn(uint64_t seed, uint64_t epoch, int64_t key, double hflip);
 
 /* One sample, synchronously, on the calling thread (ds:take): *out gets a
  * malloc'd [h, w, 3] f32 buffer (free()).  tf may be NULL. */

@@ -365,6 +365,14 @@ function Dataset:shard(rank, world_size)
     end, self._what .. ":shard")
 end
 
+-- flip_drawn(seed, epoch, key, hflip): whether an ImageTransform whose
+-- image refs carry this seed (ref.transform.seed) flips the image of this
+-- key (ref.key) in that epoch: the loader's own draw, for consumers that do
+-- not decode the image (cached latents).
+function M.flip_drawn(seed, epoch, key, hflip)
+    return core.data_flip_drawn(seed, epoch, key, hflip)
+end
+
 -- The rows of one epoch (image refs, no pixels); for inspection and tests.
 function Dataset:rows(epoch)
     return self._rows(check_int(epoch or 1, "rows: epoch", 1))

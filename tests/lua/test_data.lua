@@ -228,6 +228,40 @@ function tests.flip_and_normalize(t)
     t:assert(min(plain) >= 0 and plain:max():item() <= 1, "ToTensor range")
 end
 
+-- flip_drawn says, without decoding, which images the loader flips: over
+-- three epochs of center crops with hflip = 0.5, each delivered image is
+-- the unflipped one mirrored exactly when flip_drawn says so.
+function tests.flip_drawn_is_the_loaders_draw(t)
+    local dir = image_dir(6, {{40, 30}, {30, 45}, {24, 24}, {33, 50}})
+    local function ds_of(hflip)
+        return ml.data.read_images(dir)
+            :map_batches(ml.data.ImageTransform{resize = 16, crop = "center", size = 16, hflip = hflip, seed = 3},
+                         {column = "image", output = "pixels"})
+            :drop_columns{"image"}
+    end
+    local plain = collect(ds_of(0), {batch_size = 6})[1].pixels
+    local rev = {}
+    for i = 1, 16 do rev[i] = 17 - i end
+    local mirrored = ml.index_select(plain, 3, ml.tensor(rev, {dtype = "i64"}))
+    local ds = ds_of(0.5)
+    local rows = ds:rows(1)
+    local seen = {[true] = 0, [false] = 0}
+    for epoch = 1, 3 do
+        local got = collect(ds, {batch_size = 6, epoch = epoch})[1].pixels
+        for i = 1, 6 do
+            local ref = rows[i].pixels
+            local f = ml.data.flip_drawn(ref.transform.seed, epoch, ref.key, ref.transform.hflip)
+            seen[f] = seen[f] + 1
+            t:assertTensorEq(got:select(1, i), (f and mirrored or plain):select(1, i), 0,
+                             string.format("epoch %d image %d (%s)", epoch, i, f and "flipped" or "not flipped"))
+        end
+    end
+    t:assert(seen[true] > 0 and seen[false] > 0, string.format("both cases met (%d flipped, %d not)", seen[true], seen[false]))
+    t:assert(not ml.data.flip_drawn(1, 1, 0, 0) and ml.data.flip_drawn(1, 1, 0, 1), "hflip 0 never flips, 1 always")
+    t:assertError(function() ml.data.flip_drawn(1, 1, 0, 1.5) end, "hflip is a probability")
+    util.remove_tree(dir)
+end
+
 -- ---- the DreamBooth shape -------------------------------------------------------
 
 function tests.repeat_zip_limit_recipe(t)

@@ -230,11 +230,56 @@ function tests.cached_latents_train_the_same_weights(t)
     local cache = M.cache_latents(m, a, counts.sources, "cpu", function() end)
     local batch = counts.sources[1].dataset:iter_batches{batch_size = 1, epoch = 1}()
     local fresh = ml.no_grad(function() return m.vae:encode(batch.instance_image) end)
-    local kept = cache.instance_key[batch.instance_key[1]]
+    local kept = cache.instance_key.moments[batch.instance_key[1]]
     t:assert(kept ~= nil, "the cache has the first instance image")
     local c = kept:size(3) // 2
     local d = (kept:narrow(3, 1, c) - fresh.mean:select(1, 1)):abs():max():item()
     t:assert(d <= 1e-5, string.format("cached mean vs a fresh encode: %.3g apart", d))
+    U.remove_tree(dir)
+end
+
+-- --cache_latents --random_flip: each image is cached as is and mirrored,
+-- and each step takes the one the loader would have flipped to.  Over two
+-- epochs (3 pairs, batch 1, 6 steps) the losses follow the plain run with
+-- flips (bound as above), and both orientations were used.
+function tests.cached_latents_follow_the_flips(t)
+    local dir = U.temp_dir()
+    write_images(dir .. "/inst", 2, 1, 64)
+    local extra = {"--max_train_steps", "6", "--num_epochs", "100", "--train_batch_size", "1", "--center_crop",
+                   "--random_flip"}
+    run_main(base_args(dir, extra))
+    local args = base_args(dir, extra)
+    for i, v in ipairs(args) do if v == dir .. "/out" then args[i] = dir .. "/out2" end end
+    args[#args + 1] = "--cache_latents"
+    local _, out = run_main(args)
+    t:assert(U.has(out, "caching latents: class images (mirrored) 3/3"), "the mirrored pass ran: " .. out)
+    local function losses(path)
+        local r = {}
+        for line in io.lines(path) do r[#r + 1] = ml.core.json_decode(line).loss end
+        return r
+    end
+    local lp, lc = losses(dir .. "/out/metrics.jsonl"), losses(dir .. "/out2/metrics.jsonl")
+    t:assertEq(#lc, 6, "steps of the cached run")
+    for i = 1, #lp do
+        t:assert(lc[i] and math.abs(lc[i] - lp[i]) <= 1e-6 * math.abs(lp[i]),
+                 string.format("step %d loss: cached %.9g, plain %.9g", i, lc[i] or 0 / 0, lp[i]))
+    end
+    -- both orientations were drawn in those two epochs
+    local M = recipe()
+    local a = M.check_args(M.parser():parse(base_args(dir, extra)))
+    local m = ml.sd.load(MODEL)
+    a.cache_latents = true
+    local _, counts = M.build_dataset(a, m.tokenizer)
+    local seen = {[true] = 0, [false] = 0}
+    for _, src in ipairs(counts.sources) do
+        for _, row in ipairs(src.dataset:rows(1)) do
+            for epoch = 1, 2 do
+                local f = ml.data.flip_drawn(src.flip_seed, epoch, row[src.image_col].key, src.flip_p)
+                seen[f] = seen[f] + 1
+            end
+        end
+    end
+    t:assert(seen[true] > 0 and seen[false] > 0, string.format("flipped %d, not %d", seen[true], seen[false]))
     U.remove_tree(dir)
 end
 
@@ -280,8 +325,6 @@ function tests.bad_inputs_are_clear_errors(t)
     -- cached latents with pixels that change each epoch
     e = err_of({"--cache_latents"})
     t:assert(U.has(e, "--cache_latents needs --center_crop"), "cache without a center crop refused: " .. e)
-    e = err_of({"--cache_latents", "--center_crop", "--random_flip"})
-    t:assert(U.has(e, "--cache_latents cannot be used with --random_flip"), "cache with flips refused: " .. e)
     U.remove_tree(dir)
 end
 

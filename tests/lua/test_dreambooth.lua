@@ -187,6 +187,29 @@ function tests.gradient_checkpointing_trains_the_same_weights(t)
     U.remove_tree(dir)
 end
 
+-- The plain run of `extra` in dir/out and the same with --cache_latents in
+-- dir/out2; checks the cached run's per-step losses against the plain
+-- run's (relative 1e-6) and returns both results and the cached run's output.
+local function plain_and_cached(t, dir, extra, steps)
+    local plain = run_main(base_args(dir, extra))
+    local args = base_args(dir, extra)
+    for i, v in ipairs(args) do if v == dir .. "/out" then args[i] = dir .. "/out2" end end
+    args[#args + 1] = "--cache_latents"
+    local cached, out = run_main(args)
+    local function losses(path)
+        local r = {}
+        for line in io.lines(path) do r[#r + 1] = ml.core.json_decode(line).loss end
+        return r
+    end
+    local lp, lc = losses(dir .. "/out/metrics.jsonl"), losses(dir .. "/out2/metrics.jsonl")
+    t:assertEq(#lc, steps, "steps of the cached run")
+    for i = 1, #lp do
+        t:assert(lc[i] and math.abs(lc[i] - lp[i]) <= 1e-6 * math.abs(lp[i]),
+                 string.format("step %d loss: cached %.9g, plain %.9g", i, lc[i] or 0 / 0, lp[i]))
+    end
+    return plain, cached, out
+end
+
 -- --cache_latents: the images are encoded once before training and every
 -- step samples from the kept posterior, drawing the same noise in the same
 -- order as the plain run.  Only the cache pass's batches differ from the
@@ -200,24 +223,9 @@ function tests.cached_latents_train_the_same_weights(t)
     local dir = U.temp_dir()
     write_images(dir .. "/inst", 2, 1, 80)
     local extra = {"--max_train_steps", "3", "--num_epochs", "100", "--train_batch_size", "1", "--center_crop"}
-    local plain = run_main(base_args(dir, extra))
-    local args = base_args(dir, extra)
-    for i, v in ipairs(args) do if v == dir .. "/out" then args[i] = dir .. "/out2" end end
-    args[#args + 1] = "--cache_latents"
-    local cached, out = run_main(args)
+    local plain, cached, out = plain_and_cached(t, dir, extra, 3)
     t:assert(U.has(out, "caching latents: class images 3/3") and U.has(out, "caching latents: instance images 2/2"),
              "the cache pass reports its progress: " .. out)
-    local function losses(path)
-        local r = {}
-        for line in io.lines(path) do r[#r + 1] = ml.core.json_decode(line).loss end
-        return r
-    end
-    local lp, lc = losses(dir .. "/out/metrics.jsonl"), losses(dir .. "/out2/metrics.jsonl")
-    t:assertEq(#lc, 3, "steps of the cached run")
-    for i = 1, #lp do
-        t:assert(lc[i] and math.abs(lc[i] - lp[i]) <= 1e-6 * math.abs(lp[i]),
-                 string.format("step %d loss: cached %.9g, plain %.9g", i, lc[i] or 0 / 0, lp[i]))
-    end
     local du, dt = param_diff(plain.model.unet, cached.model.unet), param_diff(plain.model.text_encoder, cached.model.text_encoder)
     local bound = 0.03 * 3 * 1e-3
     t:assert(du < bound and dt < bound, string.format("weights after 3 steps: UNet %.3g, text encoder %.3g apart (bound %.3g)",
@@ -247,23 +255,8 @@ function tests.cached_latents_follow_the_flips(t)
     write_images(dir .. "/inst", 2, 1, 64)
     local extra = {"--max_train_steps", "6", "--num_epochs", "100", "--train_batch_size", "1", "--center_crop",
                    "--random_flip"}
-    run_main(base_args(dir, extra))
-    local args = base_args(dir, extra)
-    for i, v in ipairs(args) do if v == dir .. "/out" then args[i] = dir .. "/out2" end end
-    args[#args + 1] = "--cache_latents"
-    local _, out = run_main(args)
+    local _, _, out = plain_and_cached(t, dir, extra, 6)
     t:assert(U.has(out, "caching latents: class images (mirrored) 3/3"), "the mirrored pass ran: " .. out)
-    local function losses(path)
-        local r = {}
-        for line in io.lines(path) do r[#r + 1] = ml.core.json_decode(line).loss end
-        return r
-    end
-    local lp, lc = losses(dir .. "/out/metrics.jsonl"), losses(dir .. "/out2/metrics.jsonl")
-    t:assertEq(#lc, 6, "steps of the cached run")
-    for i = 1, #lp do
-        t:assert(lc[i] and math.abs(lc[i] - lp[i]) <= 1e-6 * math.abs(lp[i]),
-                 string.format("step %d loss: cached %.9g, plain %.9g", i, lc[i] or 0 / 0, lp[i]))
-    end
     -- both orientations were drawn in those two epochs
     local M = recipe()
     local a = M.check_args(M.parser():parse(base_args(dir, extra)))

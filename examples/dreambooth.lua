@@ -224,11 +224,11 @@ function M.build_dataset(a, tokenizer)
             -- what the cache encodes: each image as is and, with --random_flip,
             -- mirrored; and the training transform's flip draw, to pick one
             local first = ds:rows(1)[1]
+            local tf = first and first[image_col].transform
             sources[#sources + 1] = {name = image_col:match("^(%a+)_"), image_col = image_col,
                                      dataset = images(dir, image_col, seed, 0),
                                      mirrored = a.random_flip and images(dir, image_col, seed, 1) or nil,
-                                     flip_seed = first and first[image_col].transform.seed,
-                                     flip_p = a.random_flip and 0.5 or 0}
+                                     flip_seed = tf and tf.seed, flip_p = tf and tf.hflip or 0}
         end
         return ds:drop_columns{"image", "path"}
             :add_column(ids_col, function(batch)

@@ -1051,8 +1051,8 @@ template <typename T> bool rows_vec_ok(int64_t C, std::initializer_list<const vo
 
 // Which one-kernel (cooperative) paths run, from MOONLIT_NORM_FUSED, read
 // once.  Unset: GroupNorm's, forward and backward (on an H100 they beat
-// the multi-kernel paths at every SD 1.4 shape, 1.3-1.6x at 64x64x320 in
-// bf16; docs/PERFORMANCE.md).  "1": LayerNorm's as well (its backward wins
+// the multi-kernel paths at every SD 1.4 shape, 1.2-1.8x in bf16;
+// docs/PERFORMANCE.md).  "1": LayerNorm's as well (its backward wins
 // at 16k rows but loses below 4k, its forward is no faster).  "0": none.
 enum norm_family { kGroupNorm, kLayerNorm };
 bool fused_on(norm_family f) {
